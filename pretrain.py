@@ -1,0 +1,452 @@
+"""Pretrain or continue pretraining a causal language model.
+
+    python pretrain.py CONFIG.yaml [--any_field value ...]
+
+The YAML sets any field of ModelArguments, DataArguments and PretrainingArguments (a
+transformers.TrainingArguments); command line flags override it. The run, top to bottom:
+arguments -> tokenizer -> model -> data (data_utils) -> Trainer -> evaluate, save, report.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer,
+                          TrainerCallback, TrainingArguments, default_data_collator, set_seed)
+from transformers.trainer_utils import get_last_checkpoint
+
+import data_utils
+from data_utils import DataError, atomic_write_text, closest_key_hint
+
+logger = logging.getLogger("pretrain")
+
+
+# --------------------------------------------------------------------------------------------
+# 1. Arguments
+# --------------------------------------------------------------------------------------------
+@dataclass
+class ModelArguments:
+    model_name_or_path: str | None = field(default=None, metadata={
+        "help": "Continue pretraining from this local directory or hub id. Unset: train from `model_config`."})
+    model_config: str | None = field(default=None, metadata={
+        "help": "Architecture JSON for training from scratch, e.g. configs/model/tiny.json."})
+    model_revision: str = field(default="main", metadata={"help": "Hub branch, tag or commit."})
+    tokenizer_name_or_path: str | None = field(default=None, metadata={
+        "help": "Tokenizer directory or hub id. Unset: the model's own, or (from scratch) a SentencePiece "
+                "BPE trained on the training sources and cached."})
+    tokenizer_vocab_size: int = field(default=8000, metadata={"help": "Vocabulary of a trained tokenizer."})
+    tokenizer_model_type: str = field(default="bpe", metadata={"help": "bpe or unigram (SentencePiece)."})
+    tokenizer_character_coverage: float = field(default=0.9995, metadata={
+        "help": "Share of characters covered by pieces; the rest fall back to bytes."})
+    torch_dtype: str = field(default="float32", metadata={
+        "help": "Dtype of the weights (float32 master weights; mixed precision comes from `mixed_precision`)."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub. Off: safe."})
+
+
+@dataclass
+class DataArguments:
+    sources: str | None = field(default=None, metadata={
+        "help": "List of sources (see README): in YAML a list of mappings; on the command line a YAML/JSON "
+                "string such as '[{path: data/}]'. Parsed into data_utils.SourceConfig entries."})
+    block_size: int = field(default=512, metadata={"help": "Tokens per training sequence."})
+    eval_fraction: float = field(default=0.02, metadata={
+        "help": "Share of each source's documents held out for evaluation (per-source `eval_fraction` or "
+                "`eval_path` win)."})
+    add_bos: str = field(default="auto", metadata={
+        "help": "BOS policy: auto (prepend BOS iff the tokenizer adds one itself) | always | never. "
+                "EOS always ends every document."})
+    cache_dir: str = field(default="cache", metadata={"help": "Token stores and trained tokenizers."})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "Tokenizer processes. Unset: min(8, CPU count)."})
+
+    def __post_init__(self):
+        if isinstance(self.sources, str):
+            try:
+                self.sources = yaml.safe_load(self.sources)
+            except yaml.YAMLError as e:
+                raise DataError(f"`sources` is not valid YAML/JSON: {e}") from None
+        if self.block_size < 2:
+            raise DataError(f"block_size must be at least 2, got {self.block_size}.")
+
+
+@dataclass
+class PretrainingArguments(TrainingArguments):
+    """TrainingArguments with pretraining defaults, mixed precision chosen by the hardware, and samples."""
+
+    output_dir: str | None = field(default="outputs/pretrain", metadata={"help": "Where everything is saved."})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=0.05, metadata={"help": "Warmup steps, or a fraction of all steps if < 1."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "Peak learning rate."})
+    weight_decay: float = field(default=0.1, metadata={"help": "AdamW weight decay."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    logging_steps: float = field(default=10, metadata={"help": "Log every N steps."})
+    eval_strategy: str = field(default="steps", metadata={"help": "no | steps | epoch"})
+    eval_steps: float | None = field(default=100, metadata={"help": "Evaluate every N steps."})
+    eval_on_start: bool = field(default=True, metadata={"help": "Evaluate before the first step (baseline)."})
+    save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most N checkpoints."})
+    report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard | none | wandb ..."})
+    ddp_timeout: int = field(default=7200, metadata={"help": "Collective timeout in seconds."})
+    mixed_precision: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | no"})
+    sample_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "Prompts continued by the trained model at the end (written to samples.json)."})
+    sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample prompt."})
+
+    def __post_init__(self):
+        if self.mixed_precision == "auto":
+            has_bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+            self.mixed_precision = "bf16" if has_bf16 else "no"
+        if self.mixed_precision not in ("bf16", "fp16", "no"):
+            raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got `{self.mixed_precision}`.")
+        self.sample_prompts = [p for p in self.sample_prompts if p.strip()]  # `--sample_prompts ""`: none
+        if self.use_cpu or not torch.cuda.is_available():
+            self.dataloader_pin_memory = False  # nothing to pin to
+        self.bf16 = self.bf16 or self.mixed_precision == "bf16"
+        self.fp16 = self.fp16 or self.mixed_precision == "fp16"
+        super().__post_init__()
+
+
+class ConfigError(ValueError):
+    """A config file or command-line setting that cannot be used; the message says which and why."""
+
+
+class ConfigArgumentParser(HfArgumentParser):
+    def error(self, message):  # argparse would print usage and exit; raise one clear message instead
+        raise ConfigError(f"invalid setting: {message} (from the config file or the command line).")
+
+
+def load_config(path: str, valid_keys: set[str]) -> dict:
+    if not Path(path).is_file():
+        raise ConfigError(f"config file `{path}` does not exist.")
+    try:
+        config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file `{path}` is not valid YAML: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"config file `{path}` must be a mapping of `key: value`, got {type(config).__name__}.")
+    for key in config:
+        if key not in valid_keys:
+            raise ConfigError(f"{path}: unknown key `{key}`.{closest_key_hint(str(key), valid_keys)}")
+    return config
+
+
+def config_to_argv(config: dict, parser: ConfigArgumentParser) -> list[str]:
+    """YAML values -> command-line tokens, so YAML and CLI go through the same type checks."""
+    argv = []
+    for key, value in config.items():
+        if value is None:
+            continue
+        action = parser._option_string_actions[f"--{key}"]
+        if isinstance(value, bool):
+            argv += [f"--{key}", str(value).lower()]
+        elif isinstance(value, list) and action.nargs in ("+", "*") and all(not isinstance(v, (list, dict)) for v in value):
+            argv += [f"--{key}", *map(str, value)]
+        elif isinstance(value, (list, dict)):
+            argv += [f"--{key}", json.dumps(value, ensure_ascii=False)]
+        else:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, PretrainingArguments]:
+    parser = ConfigArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
+    valid = {a.dest for a in parser._actions if a.dest != "help"}
+    config = {}
+    if argv and not argv[0].startswith("-"):
+        config, argv = load_config(argv[0], valid), argv[1:]
+    options = set(parser._option_string_actions)
+    for token in argv:
+        if token.startswith("--") and token.split("=", 1)[0] not in options:
+            key = token[2:].split("=", 1)[0].replace("-", "_")
+            raise ConfigError(f"unknown command-line option `--{key}`.{closest_key_hint(key, valid)}")
+    try:
+        return parser.parse_args_into_dataclasses(args=config_to_argv(config, parser) + argv,
+                                                  look_for_args_file=False)
+    except (ValueError, TypeError) as e:
+        if isinstance(e, (ConfigError, DataError)):
+            raise
+        raise ConfigError(f"invalid setting: {e}") from None
+
+
+# --------------------------------------------------------------------------------------------
+# 2. Tokenizer and 3. model
+# --------------------------------------------------------------------------------------------
+def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments):
+    source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
+    if source is None:
+        with training_args.main_process_first(local=False, desc="train tokenizer"):
+            source = str(data_utils.train_sentencepiece_tokenizer(
+                data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size,
+                model_args.tokenizer_model_type, model_args.tokenizer_character_coverage))
+        logger.info("tokenizer: SentencePiece %s trained on the sources, cached at %s",
+                    model_args.tokenizer_model_type, source)
+    tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.model_revision,
+                                              trust_remote_code=model_args.trust_remote_code)
+    if tokenizer.pad_token is None:  # pretraining never pads; generation and collators want one
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    dtype = getattr(torch, model_args.torch_dtype)
+    if model_args.model_name_or_path:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
+            attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code)
+        rows = model.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
+            logger.warning("tokenizer has %d tokens but the embedding matrix %d rows: resized embeddings to %d "
+                           "rows (new rows start at the mean of the old ones)", len(tokenizer), rows,
+                           model.get_input_embeddings().weight.shape[0])
+    else:
+        if not model_args.model_config:
+            raise ConfigError("set `model_name_or_path` (continue pretraining) or `model_config` (from scratch, "
+                              "e.g. configs/model/tiny.json).")
+        try:
+            spec = json.loads(Path(model_args.model_config).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"model_config `{model_args.model_config}` cannot be read as JSON: {e}") from None
+        model_type = spec.pop("model_type", None)
+        if not model_type:
+            raise ConfigError(f"model_config `{model_args.model_config}` has no `model_type` (llama, qwen2, ...).")
+        vocab = math.ceil(len(tokenizer) / 64) * 64  # rows padded to a multiple of 64 for fast matmuls
+        if spec.get("vocab_size") != vocab:
+            logger.info("vocab_size %s in %s set to %d to fit the tokenizer (%d tokens)",
+                        spec.get("vocab_size"), model_args.model_config, vocab, len(tokenizer))
+        spec.update(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                    pad_token_id=tokenizer.pad_token_id)
+        config = AutoConfig.for_model(model_type, **spec)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                 attn_implementation=model_args.attn_implementation)
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and block_size > max_positions:
+        raise ConfigError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_positions}. "
+                          f"Lower `block_size`.")
+    model.config.use_cache = False  # training: packed position_ids are only isolated without the cache
+    return model
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Trainer: perplexity and throughput in every log, a loss curve on disk
+# --------------------------------------------------------------------------------------------
+class PretrainTrainer(Trainer):
+    """Adds `*_ppl` next to every eval loss, an overall eval loss over all sources, and tokens/s."""
+
+    def __init__(self, *args, tokens_per_step: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.tokens_per_step = tokens_per_step
+        self._last_log = (0, time.perf_counter())
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        sets = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(sets, dict) and len(sets) > 1:  # token-weighted mean over the sources
+            sizes = {name: len(ds) for name, ds in sets.items()}
+            loss = sum(metrics[f"{metric_key_prefix}_{n}_loss"] * s for n, s in sizes.items()) / sum(sizes.values())
+            overall = {f"{metric_key_prefix}_loss": loss}
+            self.log(overall)
+            metrics.update(overall)
+        return metrics
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        for key, value in list(logs.items()):
+            if key.startswith("eval") and key.endswith("_loss"):
+                logs[f"{key[:-len('_loss')]}_ppl"] = math.exp(min(value, 30.0))
+        if "loss" in logs:
+            step, now = self.state.global_step, time.perf_counter()
+            last_step, last_time = self._last_log
+            if step > last_step:
+                logs["tokens_per_second"] = round((step - last_step) * self.tokens_per_step / (now - last_time), 1)
+            logs["tokens_seen"] = step * self.tokens_per_step
+            self._last_log = (step, now)
+        super().log(logs, start_time)
+
+
+class LossCurveCallback(TrainerCallback):
+    """Writes output_dir/loss.png (train loss and eval perplexity over steps) at each eval and at the end."""
+
+    def __init__(self, output_dir: str):
+        self.path = Path(output_dir) / "loss.png"
+
+    def on_evaluate(self, args, state, control, **kwargs):
+        if state.is_world_process_zero:
+            plot_loss_curve(state.log_history, self.path)
+
+    on_train_end = on_evaluate
+
+
+def plot_loss_curve(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+    if train:
+        ax_loss.plot(*zip(*train), label="train loss")
+    ax_loss.set(xlabel="step", ylabel="loss", title="train loss")
+    names = sorted({k for h in history for k in h if k.startswith("eval") and k.endswith("_ppl")})
+    for name in names:
+        points = [(h["step"], h[name]) for h in history if name in h]
+        ax_ppl.plot(*zip(*points), marker="o", label=name)
+    ax_ppl.set(xlabel="step", ylabel="perplexity", title="eval perplexity", yscale="log")
+    for ax in (ax_loss, ax_ppl):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# 6. Outputs
+# --------------------------------------------------------------------------------------------
+@torch.no_grad()
+def generate_samples(model, tokenizer, prompts: list[str], bos_id: int | None, max_new_tokens: int) -> list[dict]:
+    model.eval()
+    device = next(model.parameters()).device
+    samples = []
+    for prompt in prompts:
+        ids = ([bos_id] if bos_id is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
+                             repetition_penalty=1.2, pad_token_id=tokenizer.pad_token_id)
+        samples.append({"prompt": prompt, "continuation": tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)})
+        logger.info("sample: %s|%s", prompt, samples[-1]["continuation"])
+    return samples
+
+
+def loss_and_ppl(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith("eval") and k.endswith(("_loss", "_ppl"))}
+
+
+def eval_at_step(history: list[dict], step: int) -> dict:
+    """Eval losses and perplexities logged at `step` (0: the baseline before training)."""
+    found = {}
+    for h in history:
+        if h.get("step") == step:
+            found.update(loss_and_ppl(h))
+    return found
+
+
+def resolve_resume(training_args: PretrainingArguments) -> str | None:
+    resume = training_args.resume_from_checkpoint
+    if resume == "auto":
+        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        logger.info("resume_from_checkpoint auto: %s", last or "no checkpoint in output_dir, starting fresh")
+        return last
+    if resume and not os.path.isdir(resume):
+        raise ConfigError(f"resume_from_checkpoint `{resume}` is not a directory. Give a checkpoint-* directory "
+                          "or `auto` (the latest in output_dir).")
+    if not resume and os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
+        logger.warning("output_dir %s holds checkpoints; this run starts fresh. Pass "
+                       "`--resume_from_checkpoint auto` to continue the last one.", training_args.output_dir)
+    return resume
+
+
+def setup_logging(training_args: PretrainingArguments) -> None:
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        level=logging.INFO if training_args.should_log else logging.WARNING, force=True)
+    data_utils.logger.setLevel(logger.getEffectiveLevel())
+
+
+def load_data(data_args: DataArguments, training_args: PretrainingArguments, tokenizer) -> data_utils.PreparedData:
+    """Phase 4: token stores built by the main process first; the other ranks then hit the cache."""
+    with training_args.main_process_first(local=False, desc="prepare data"):
+        data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed)
+    cached = all(s["cache"] == "hit" for s in data.report["sources"].values())
+    logger.info("data ready in %.2f s (%s): %d train blocks of %d tokens, eval sources: %s",
+                data.report["seconds"], "cache hit" if cached else "tokenized", len(data.train),
+                data_args.block_size, ", ".join(data.eval) or "none")
+    return data
+
+
+def prepare_only(argv: list[str]) -> dict:
+    """`python data_utils.py prepare CONFIG`: build the token stores and print the data report."""
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    data = load_data(data_args, training_args, load_tokenizer(model_args, data_args, training_args))
+    print(json.dumps(data.report, ensure_ascii=False, indent=1))
+    return data.report
+
+
+def train(argv: list[str]) -> dict:
+    model_args, data_args, training_args = parse_args(argv)
+    setup_logging(training_args)
+    set_seed(training_args.seed)
+    tokenizer = load_tokenizer(model_args, data_args, training_args)
+    model = build_model(model_args, tokenizer, data_args.block_size)
+    data = load_data(data_args, training_args, tokenizer)
+    out = Path(training_args.output_dir)
+    if training_args.should_save:
+        atomic_write_text(out / "data_report.json", json.dumps(data.report, ensure_ascii=False, indent=1))
+    if not data.eval and training_args.eval_strategy != "no":
+        logger.warning("no eval split (eval_fraction 0 and no eval_path): evaluation is off")
+        training_args.eval_strategy, training_args.eval_on_start = "no", False
+    tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+                       * training_args.world_size * data_args.block_size)
+    n_params = sum(p.numel() for p in model.parameters())
+    logger.info("model: %.2fM parameters, %d tokens per optimizer step", n_params / 1e6, tokens_per_step)
+
+    trainer = PretrainTrainer(
+        model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
+        data_collator=default_data_collator, processing_class=tokenizer,
+        callbacks=[LossCurveCallback(training_args.output_dir)], tokens_per_step=tokens_per_step)
+    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    final_eval = trainer.evaluate() if data.eval else {}
+
+    model.config.use_cache = True  # the saved model is for inference
+    trainer.save_model(training_args.output_dir)  # safetensors + config + tokenizer
+    history = trainer.state.log_history
+    metrics = {
+        "train": {
+            "loss": result.training_loss,
+            "final_logged_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
+            "steps": trainer.state.global_step,
+            "tokens": trainer.state.global_step * tokens_per_step,
+            "runtime_seconds": result.metrics.get("train_runtime"),
+            "tokens_per_second": round(trainer.state.global_step * tokens_per_step
+                                       / max(result.metrics.get("train_runtime", 0), 1e-9), 1),
+        },
+        "eval": {"before_training": eval_at_step(history, 0), "final": loss_and_ppl(final_eval)},
+        "model": {"parameters": n_params, "vocab_size": model.config.vocab_size, "block_size": data_args.block_size},
+    }
+    if trainer.is_world_process_zero():
+        if training_args.sample_prompts:
+            metrics["samples"] = generate_samples(model, tokenizer, training_args.sample_prompts,
+                                                  data.report["bos"], training_args.sample_max_new_tokens)
+        atomic_write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=1))
+        plot_loss_curve(history, out / "loss.png")
+        logger.info("saved model, tokenizer, metrics.json and loss.png to %s", out)
+    return metrics
+
+
+def main(argv: list[str], job=train) -> int:
+    try:
+        job(argv)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,72 @@
+"""YAML + command-line arguments: every field settable, CLI wins, mistakes named precisely."""
+import pytest
+import yaml
+
+import pretrain
+from pretrain import ConfigError
+
+
+def write_config(tmp_path, **fields):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(fields, allow_unicode=True), encoding="utf-8")
+    return str(path)
+
+
+def test_yaml_sets_fields_of_all_three_dataclasses(tmp_path):
+    config = write_config(tmp_path, model_config="configs/model/tiny.json", block_size=64, learning_rate=1.0e-3,
+                          output_dir=str(tmp_path / "out"), sources=[{"path": "data/", "name": "all"}],
+                          sample_prompts=["a", "b"], use_cpu=True)
+    model_args, data_args, training_args = pretrain.parse_args([config])
+    assert model_args.model_config == "configs/model/tiny.json"
+    assert data_args.block_size == 64
+    assert data_args.sources == [{"path": "data/", "name": "all"}]
+    assert training_args.learning_rate == 1e-3
+    assert training_args.sample_prompts == ["a", "b"]
+    assert training_args.lr_scheduler_type.value == "cosine"  # pretraining default
+
+
+def test_command_line_overrides_yaml(tmp_path):
+    config = write_config(tmp_path, block_size=64, learning_rate=1.0e-3, output_dir=str(tmp_path / "out"))
+    _, data_args, training_args = pretrain.parse_args(
+        [config, "--block_size", "32", "--learning_rate=5e-4", "--sources", "[{path: data/x.txt}]"])
+    assert data_args.block_size == 32
+    assert training_args.learning_rate == 5e-4
+    assert data_args.sources == [{"path": "data/x.txt"}]
+
+
+def test_misspelt_yaml_key_names_the_closest_valid_key(tmp_path):
+    config = write_config(tmp_path, blok_size=64)
+    with pytest.raises(ConfigError, match=r"unknown key `blok_size`.*Did you mean `block_size`"):
+        pretrain.parse_args([config])
+
+
+def test_misspelt_cli_option_names_the_closest_valid_key(tmp_path):
+    with pytest.raises(ConfigError, match=r"--learnig_rate.*Did you mean `learning_rate`"):
+        pretrain.parse_args([write_config(tmp_path), "--learnig_rate", "1e-3"])
+
+
+@pytest.mark.parametrize("field,value", [("block_size", "many"), ("learning_rate", "fast"), ("use_cpu", "maybe")])
+def test_wrong_value_type_is_a_clear_error(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=field):
+        pretrain.parse_args([write_config(tmp_path, **{field: value})])
+
+
+def test_missing_and_broken_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        pretrain.parse_args([str(tmp_path / "nope.yaml")])
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("block_size: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        pretrain.parse_args([str(broken)])
+
+
+def test_every_shipped_config_parses():
+    from pathlib import Path
+
+    root = Path(pretrain.__file__).parent
+    configs = sorted((root / "configs").glob("*.yaml"))
+    assert configs
+    for config in configs:
+        model_args, data_args, _ = pretrain.parse_args([str(config)])
+        assert data_args.sources, config
+        assert model_args.model_config is None or (root / model_args.model_config).is_file()

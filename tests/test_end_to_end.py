@@ -1,0 +1,162 @@
+"""End to end: pretrain.py from scratch, continue from the saved model, resume from a checkpoint,
+and bad input stopping before training. Each run is a real subprocess with a micro model."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import ROOT, make_jsonl_corpus, make_text_corpus
+
+
+def run_pretrain(args, cwd=ROOT, script="pretrain.py", check=True):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", CUDA_VISIBLE_DEVICES="")
+    cmd = ["bash", str(ROOT / script)] if script.endswith(".sh") else [sys.executable, str(ROOT / script)]
+    proc = subprocess.run(cmd + [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    base = tmp_path_factory.mktemp("corpus")
+    return make_text_corpus(base, repeat=30), make_jsonl_corpus(base, repeat=30)
+
+
+def write_config(path: Path, corpus, micro_model_config, output_dir, **extra) -> Path:
+    text, jsonl = corpus
+    config = {
+        "model_config": str(micro_model_config), "tokenizer_vocab_size": 600,
+        "sources": [{"name": "notes", "path": str(text)}, {"name": "records", "path": str(jsonl)}],
+        "block_size": 32, "eval_fraction": 0.1, "cache_dir": str(path.parent / "cache"),
+        "output_dir": str(output_dir), "max_steps": 12, "per_device_train_batch_size": 4,
+        "learning_rate": 3.0e-3, "logging_steps": 1, "eval_steps": 6, "save_steps": 6,
+        "seed": 7, "sample_prompts": ["高血压是"], "sample_max_new_tokens": 8,
+    }
+    config.update(extra)
+    path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, corpus, micro_model_config):
+    """One from-scratch run shared by the tests below."""
+    base = tmp_path_factory.mktemp("scratch")
+    config = write_config(base / "run.yaml", corpus, micro_model_config, base / "out")
+    proc = run_pretrain([config])
+    return base, config, base / "out", proc
+
+
+def test_from_scratch_outputs_load_and_perplexity_falls(trained):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, out, proc = trained
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
+                 "metrics.json", "data_report.json", "loss.png"):
+        assert (out / name).is_file(), name
+    assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
+    assert not list(out.glob("*.bin")) or list(out.glob("*.bin")) == [out / "training_args.bin"]
+    metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
+    before, after = metrics["eval"]["before_training"], metrics["eval"]["final"]
+    for name in ("notes", "records"):
+        assert after[f"eval_{name}_ppl"] < before[f"eval_{name}_ppl"], name
+    assert after["eval_ppl"] < 0.7 * before["eval_ppl"]
+    assert metrics["train"]["steps"] == 12
+    assert metrics["train"]["tokens"] == 12 * 4 * 32
+    assert metrics["train"]["tokens_per_second"] > 0
+    assert metrics["samples"][0]["prompt"] == "高血压是"
+
+    tokenizer = AutoTokenizer.from_pretrained(out)  # offline: HF_HUB_OFFLINE=1
+    model = AutoModelForCausalLM.from_pretrained(out)
+    ids = tokenizer("高血压是一种常见病。", return_tensors="pt")["input_ids"]
+    assert model(ids).logits.shape == (1, ids.shape[1], model.config.vocab_size)
+    assert tokenizer.decode(ids[0]) == "高血压是一种常见病。"
+
+
+def test_second_run_is_a_data_cache_hit(trained, micro_model_config, corpus):
+    base, config, _, _ = trained
+    proc = run_pretrain([config, "--output_dir", base / "again", "--max_steps", 1, "--eval_strategy", "no",
+                         "--eval_on_start", "false", "--sample_prompts", ""])
+    log = proc.stderr + proc.stdout
+    assert "tokenizer: cache hit" in log
+    assert "(cache hit)" in log and "tokenizing" not in log
+
+
+def test_continue_pretraining_from_the_saved_model(trained, tmp_path):
+    base, config, out, _ = trained
+    from transformers import AutoModelForCausalLM
+
+    run_pretrain([config, "--model_name_or_path", out, "--output_dir", tmp_path / "cont", "--max_steps", 4,
+                  "--learning_rate", "1e-3"])
+    metrics = json.loads((tmp_path / "cont" / "metrics.json").read_text())
+    first = json.loads((out / "metrics.json").read_text())
+    # it starts where the first run ended, not from scratch
+    assert metrics["eval"]["before_training"]["eval_loss"] == pytest.approx(first["eval"]["final"]["eval_loss"],
+                                                                          rel=1e-3)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "cont")
+    assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(out).config.vocab_size
+
+
+def test_resume_from_checkpoint_continues_the_same_run(trained, tmp_path):
+    base, config, out, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-6", resumed / "checkpoint-6")
+    run_pretrain([config, "--output_dir", resumed, "--resume_from_checkpoint", "auto"])
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    state_resumed = json.loads((resumed / "checkpoint-12" / "trainer_state.json").read_text())
+    losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    losses_resumed = {h["step"]: h["loss"] for h in state_resumed["log_history"] if "loss" in h}
+    for step in range(7, 13):  # steps trained after the resume match the uninterrupted run
+        assert losses_resumed[step] == pytest.approx(losses[step], rel=1e-4), step
+
+
+def test_run_pretrain_sh_passes_config_and_overrides(trained, tmp_path):
+    _, config, _, _ = trained
+    run_pretrain([config, "--output_dir", tmp_path / "sh", "--max_steps", 2, "--eval_strategy", "no",
+                  "--eval_on_start", "false"], script="run_pretrain.sh")
+    assert (tmp_path / "sh" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "sh" / "metrics.json").read_text())["train"]["steps"] == 2
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing_path", "does not exist"),
+    ("empty_file", "is empty"),
+    ("bad_json", "line 2 is not valid JSON"),
+    ("missing_field", "has no field `text`; its fields are `question`, `answer`"),
+    ("unknown_key", "unknown key `blok_size`.*Did you mean `block_size`"),
+    ("wrong_type", "block_size.*invalid int value"),
+    ("block_too_long", "exceeds the model's max_position_embeddings"),
+])
+def test_bad_input_stops_before_training_with_one_clear_message(tmp_path, corpus, micro_model_config, case,
+                                                                 message):
+    import re
+
+    extra = {}
+    if case == "missing_path":
+        extra["sources"] = [{"path": str(tmp_path / "nope.txt")}]
+    elif case == "empty_file":
+        (tmp_path / "empty.txt").write_text("")
+        extra["sources"] = [{"path": str(tmp_path / "empty.txt")}]
+    elif case in ("bad_json", "missing_field"):
+        line = '{"text": "坏' if case == "bad_json" else '{"question": "问", "answer": "答"}'
+        (tmp_path / "bad.jsonl").write_text('{"text": "好的一行"}\n' + line + "\n", encoding="utf-8")
+        extra["sources"] = [{"path": str(tmp_path / "bad.jsonl")}]
+    elif case == "unknown_key":
+        extra["blok_size"] = 32
+    elif case == "wrong_type":
+        extra["block_size"] = "long"
+    elif case == "block_too_long":
+        extra["block_size"] = 4096
+    config = write_config(tmp_path / "run.yaml", corpus, micro_model_config, tmp_path / "out", **extra)
+    proc = run_pretrain([config], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.search(message, errors[0]), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "model.safetensors").exists()
