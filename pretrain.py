@@ -182,18 +182,19 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
 # 2. Tokenizer and 3. model
 # --------------------------------------------------------------------------------------------
 def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments):
+    start = time.perf_counter()
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     if source is None:
         with training_args.main_process_first(local=False, desc="train tokenizer"):
             source = str(data_utils.train_sentencepiece_tokenizer(
                 data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size,
                 model_args.tokenizer_model_type, model_args.tokenizer_character_coverage))
-        logger.info("tokenizer: SentencePiece %s trained on the sources, cached at %s",
-                    model_args.tokenizer_model_type, source)
+        logger.info("tokenizer: %s (SentencePiece %s, trained on the sources)", source, model_args.tokenizer_model_type)
     tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.model_revision,
                                               trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:  # pretraining never pads; generation and collators want one
         tokenizer.pad_token = tokenizer.eos_token
+    logger.info("tokenizer ready in %.2f s: %d tokens", time.perf_counter() - start, len(tokenizer))
     return tokenizer
 
 
@@ -367,11 +368,12 @@ def setup_logging(training_args: PretrainingArguments) -> None:
 
 def load_data(data_args: DataArguments, training_args: PretrainingArguments, tokenizer) -> data_utils.PreparedData:
     """Phase 4: token stores built by the main process first; the other ranks then hit the cache."""
+    start = time.perf_counter()
     with training_args.main_process_first(local=False, desc="prepare data"):
         data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed)
     cached = all(s["cache"] == "hit" for s in data.report["sources"].values())
     logger.info("data ready in %.2f s (%s): %d train blocks of %d tokens, eval sources: %s",
-                data.report["seconds"], "cache hit" if cached else "tokenized", len(data.train),
+                time.perf_counter() - start, "cache hit" if cached else "tokenized", len(data.train),
                 data_args.block_size, ", ".join(data.eval) or "none")
     return data
 
