@@ -14,8 +14,11 @@ The module is also a command line tool:
 """
 from __future__ import annotations
 
+import codecs
+import csv
 import dataclasses
 import difflib
+import functools
 import glob as globlib
 import hashlib
 import itertools
@@ -23,7 +26,9 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
+import string
 import sys
 import tempfile
 import time
@@ -36,10 +41,10 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 1  # bump when the on-disk layout or the text formatting rules change
+STORE_VERSION = 2  # bump when the on-disk layout or the text formatting rules change
 CHUNK_LINES = 2048  # records per unit of work sent to a tokenizer process
 POOL_MIN_BYTES = 8 << 20  # below this, starting worker processes costs more than it saves
-DATA_EXTENSIONS = (".txt", ".text", ".jsonl", ".json")
+DATA_EXTENSIONS = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
 class DataError(ValueError):
@@ -61,14 +66,19 @@ class SourceConfig:
 
     path: str | list[str]  # file, directory or glob (or a list of them)
     name: str = ""  # used in logs, eval metric names (eval_<name>_ppl) and reports
-    format: str = "auto"  # auto (by content) | text | jsonl | json (a JSON array of objects)
-    encoding: str = "utf-8"  # a BOM is accepted and removed
-    text_field: str = "text"  # json/jsonl: the field that holds the document text
+    format: str = "auto"  # auto (by content) | text | jsonl | json | csv | tsv | parquet
+    encoding: str = "auto"  # auto (utf-8, else gb18030) | utf-8 | utf-8-sig | gbk | gb18030 | ...
+    text_field: str = "text"  # structured records without a template: the field that holds the text
+    template: str | dict | None = None  # qa_concat | qa_instruction | dialog | record | format (see README)
+    columns: list[str] | None = None  # csv/tsv without a header row: the column names
+    min_chars: int = 1  # texts shorter than this (after cleaning) are dropped and counted
+    collapse_spaces: bool = True  # runs of spaces/tabs -> one space
+    keep_newlines: bool = True  # False: line breaks inside a document become spaces
     eval_fraction: float | None = None  # held-out share of documents; None: DataArguments.eval_fraction
     eval_path: str | list[str] | None = None  # explicit eval files instead of a held-out fraction
-    on_bad_record: str = "error"  # error: stop with a message | skip: count, report and go on
+    on_error: str = "raise"  # raise: stop with a message | skip: count, report and go on
 
-    FORMATS = ("auto", "text", "jsonl", "json")
+    FORMATS = ("auto", "text", "jsonl", "json", "csv", "tsv", "parquet")
 
     @classmethod
     def from_dict(cls, raw: Any, index: int) -> "SourceConfig":
@@ -90,18 +100,25 @@ class SourceConfig:
         if not spec.name:
             first = spec.path if isinstance(spec.path, str) else spec.path[0]
             spec.name = Path(first.rstrip("/*")).stem or f"source{index}"
+        where = f"{where} ({spec.name})"
         if spec.format not in cls.FORMATS:
-            raise DataError(f"{where} ({spec.name}): format `{spec.format}` is not one of {', '.join(cls.FORMATS)}.")
-        if spec.on_bad_record not in ("error", "skip"):
-            raise DataError(f"{where} ({spec.name}): on_bad_record must be `error` or `skip`.")
+            raise DataError(f"{where}: format `{spec.format}` is not one of {', '.join(cls.FORMATS)}.")
+        if spec.on_error not in ("raise", "skip"):
+            raise DataError(f"{where}: on_error must be `raise` or `skip`, got `{spec.on_error}`.")
         if spec.eval_fraction is not None and not 0 <= spec.eval_fraction < 1:
-            raise DataError(f"{where} ({spec.name}): eval_fraction must be in [0, 1), got {spec.eval_fraction}.")
+            raise DataError(f"{where}: eval_fraction must be in [0, 1), got {spec.eval_fraction}.")
+        if spec.encoding != "auto":
+            try:
+                codecs.lookup(spec.encoding)
+            except LookupError:
+                raise DataError(f"{where}: unknown encoding `{spec.encoding}`. Use auto, utf-8, gb18030, ...") from None
+        make_renderer(spec.template, spec.text_field, where)  # validate the template now, not mid-run
         return spec
 
     def text_settings(self) -> dict:
         """The settings that decide which text a record becomes (part of the cache key)."""
-        return {"format": self.format, "encoding": self.encoding, "text_field": self.text_field,
-                "on_bad_record": self.on_bad_record}
+        return {k: v for k, v in dataclasses.asdict(self).items()
+                if k not in ("path", "name", "eval_fraction", "eval_path")}
 
 
 def parse_sources(raw_sources: Any) -> list[SourceConfig]:
@@ -147,152 +164,444 @@ def resolve_files(patterns: str | list[str], source_name: str) -> list[Path]:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading and formatting: raw records -> clean training texts
+# Templates: one structured record -> one training text
 # --------------------------------------------------------------------------------------------
-def detect_format(path: Path, declared: str) -> str:
-    """`auto` looks at the content, not the extension: `[` -> JSON array, `{` line -> jsonl, else text."""
+class RecordError(DataError):
+    """A record that cannot become a text. `reason` names the count it lands in under `on_error: skip`."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+    def __reduce__(self):  # picklable across worker processes
+        return type(self), (str(self), self.reason)
+
+
+def _fields_present(obj: dict) -> str:
+    return ", ".join(f"`{k}`" for k in list(obj)[:20]) or "none"
+
+
+def _require(obj: dict, field_name: str, option: str) -> Any:
+    if field_name not in obj:
+        raise RecordError(f"has no field `{field_name}`; its fields are {_fields_present(obj)}. Set `{option}` "
+                          "in the source's template (or `text_field`) to the field that holds it.", "missing_field")
+    return obj[field_name]
+
+
+def _require_text(obj: dict, field_name: str, option: str) -> str:
+    value = _require(obj, field_name, option)
+    if not isinstance(value, str):
+        raise RecordError(f"field `{field_name}` is a {type(value).__name__} ({str(value)[:40]!r}), not a string.",
+                          "not_a_string")
+    return value
+
+
+SENTENCE_END = "。！？；.!?;…"
+_CONTROL = "".join(chr(c) for c in range(32) if chr(c) not in "\n\t") + "\x7f"
+
+
+def render_value(value: Any, list_separator: str = ",", unit: str = "") -> str:
+    """A field value as text: str stripped; lists flattened and joined; dicts as key：value pairs;
+    numbers with an optional unit; bools as 是/否; None and empty values as '' (the field is skipped)."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "是" if value else "否"
+    if isinstance(value, (int, float)):
+        text = str(int(value)) if isinstance(value, float) and value.is_integer() else str(value)
+        return text + unit
+    if isinstance(value, str):
+        return value.strip().strip(_CONTROL).strip()
+    if isinstance(value, (list, tuple)):
+        items = (render_value(v, list_separator) for v in value)
+        return list_separator.join(item for item in items if item)
+    if isinstance(value, dict):
+        pairs = ((render_value(k), render_value(v, list_separator)) for k, v in value.items())
+        return "，".join(f"{k}：{v}" for k, v in pairs if k and v)
+    return str(value).strip()
+
+
+# Labels for the multi-field medical record schema (QASystemOnMedicalKG / nlp-guild medical-data).
+MEDICAL_RECORD_LABELS = {
+    "name": "名称", "desc": "描述", "category": "类别", "prevent": "预防", "cause": "病因", "symptom": "症状",
+    "yibao_status": "医保", "get_prob": "患病比例", "easy_get": "易感人群", "get_way": "传播途径",
+    "acompany": "并发症", "cure_department": "就诊科室", "cure_way": "治疗方式", "cure_lasttime": "治疗周期",
+    "cured_prob": "治愈率", "common_drug": "常用药品", "cost_money": "治疗费用", "check": "检查项目",
+    "do_eat": "宜吃", "not_eat": "忌吃", "recommand_eat": "推荐食谱", "recommand_drug": "推荐药品",
+    "drug_detail": "药品明细",
+}
+
+TEMPLATE_DEFAULTS: dict[str, dict[str, Any]] = {
+    "qa_concat": {"question_field": "question", "answer_field": "answer", "question_label": "[QUESTION]",
+                  "answer_label": "[ANSWER]", "separator": " "},
+    "qa_instruction": {"instruction_field": "instruction", "input_field": "input", "output_field": "output",
+                       "instruction_prefix": "", "instruction_label": "Instruction: ", "input_label": "Input: ",
+                       "output_label": "Output: ", "separator": "\n"},
+    "dialog": {"messages_field": "auto", "role_labels": {"system": "[System]", "user": "[User]",
+                                                         "assistant": "[Assistant]"}, "separator": "\n"},
+    "record": {"fields": None, "labels": {}, "prefixes": {}, "units": {}, "skip_fields": ["_id"],
+               "list_separator": ",", "field_separator": "。", "label_separator": "："},
+    "format": {"format": None},
+}
+ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "model": "assistant",
+                "chatgpt": "assistant", "bot": "assistant", "system": "system"}
+
+
+def make_renderer(template: str | dict | None, text_field: str, where: str):
+    """The function record(dict) -> text for a source, built from its `template` setting."""
+    if template is None:
+        return lambda obj: _require_text(obj, text_field, "text_field")
+    options = {"type": template} if isinstance(template, str) else dict(template)
+    kind = options.pop("type", None)
+    if kind not in TEMPLATE_DEFAULTS:
+        raise DataError(f"{where}: template type `{kind}` is not one of {', '.join(TEMPLATE_DEFAULTS)}."
+                        f"{closest_key_hint(str(kind), TEMPLATE_DEFAULTS)}")
+    defaults = TEMPLATE_DEFAULTS[kind]
+    for key in options:
+        if key not in defaults:
+            raise DataError(f"{where}: template `{kind}` has no option `{key}`.{closest_key_hint(key, defaults)} "
+                            f"Options: {', '.join(defaults)}.")
+    opts = {**defaults, **options}
+    if kind == "record":
+        opts["labels"] = {**MEDICAL_RECORD_LABELS, **opts["labels"]}
+    if kind == "format":
+        if not isinstance(opts["format"], str):
+            raise DataError(f"{where}: template `format` needs `format: \"{{title}}\\n{{content}}\"`.")
+        for _, name, spec, _ in string.Formatter().parse(opts["format"]):
+            if name is not None and not re.fullmatch(r"[^.\[\]{}!:]+", name):
+                raise DataError(f"{where}: format field `{{{name}}}` must be a plain field name (no attributes, "
+                                "indexes or empty braces).")
+    return functools.partial(RENDERERS[kind], opts)
+
+
+def _render_qa_concat(o: dict, obj: dict) -> str:
+    question = render_value(_require(obj, o["question_field"], "question_field"))
+    answer = render_value(_require(obj, o["answer_field"], "answer_field"))
+    return f"{o['question_label']} {question}{o['separator']}{o['answer_label']} {answer}"
+
+
+def _render_qa_instruction(o: dict, obj: dict) -> str:
+    instruction = render_value(_require(obj, o["instruction_field"], "instruction_field"))
+    output = render_value(_require(obj, o["output_field"], "output_field"))
+    parts = [f"{o['instruction_label']}{o['instruction_prefix']}{instruction}"]
+    extra = render_value(obj.get(o["input_field"]))
+    if extra:
+        parts.append(f"{o['input_label']}{extra}")
+    parts.append(f"{o['output_label']}{output}")
+    return o["separator"].join(parts)
+
+
+def _render_dialog(o: dict, obj: dict) -> str:
+    field_name = o["messages_field"]
+    if field_name == "auto":
+        field_name = next((f for f in ("conversations", "messages") if f in obj), "conversations")
+    turns = _require(obj, field_name, "messages_field")
+    if not isinstance(turns, list):
+        raise RecordError(f"field `{field_name}` is a {type(turns).__name__}, not a list of turns.", "bad_dialog")
+    lines = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RecordError(f"turn {i} of `{field_name}` is a {type(turn).__name__}, not an object.", "bad_dialog")
+        role = turn.get("from", turn.get("role"))
+        content = render_value(turn.get("value", turn.get("content")))
+        label = o["role_labels"].get(role) or o["role_labels"].get(ROLE_ALIASES.get(str(role).lower(), ""))
+        if label is None:
+            raise RecordError(f"turn {i} has role `{role}`, which `role_labels` does not name. Add it, e.g. "
+                              f"role_labels: {{{role}: '[{role}]'}}.", "unknown_role")
+        if content:
+            lines.append(f"{label} {content}")
+    return o["separator"].join(lines)
+
+
+def _render_record(o: dict, obj: dict) -> str:
+    names = o["fields"] or [k for k in obj if k not in o["skip_fields"]]
+    parts = []
+    for name in names:
+        text = render_value(obj.get(name), o["list_separator"], str(o["units"].get(name, "")))
+        if not text:
+            continue  # missing or empty: skipped (counted by the caller)
+        lead = o["prefixes"].get(name)
+        part = f"{lead}{text}" if lead is not None else f"{o['labels'].get(name, name)}{o['label_separator']}{text}"
+        if parts and not parts[-1].endswith(tuple(SENTENCE_END)):
+            parts[-1] += o["field_separator"]
+        parts.append(part)
+    return "".join(parts)
+
+
+def _render_format(o: dict, obj: dict) -> str:
+    values = {}
+    for _, name, _, _ in string.Formatter().parse(o["format"]):
+        if name is not None:
+            values[name] = render_value(_require(obj, name, "format"))
+    return o["format"].format_map(values)
+
+
+RENDERERS = {"qa_concat": _render_qa_concat, "qa_instruction": _render_qa_instruction, "dialog": _render_dialog,
+             "record": _render_record, "format": _render_format}
+
+
+def record_missing_fields(template: str | dict | None, obj: dict) -> list[str]:
+    """The configured record fields this record lacks or leaves empty (counted, not errors)."""
+    if not isinstance(template, dict) or template.get("type") != "record" or not template.get("fields"):
+        return []
+    return [f for f in template["fields"] if not render_value(obj.get(f))]
+
+
+# --------------------------------------------------------------------------------------------
+# Reading: bytes -> records, format and encoding detected by content
+# --------------------------------------------------------------------------------------------
+def detect_encoding(path: Path, declared: str) -> str:
+    """`auto`: utf-8 (BOM or not) if the first MB decodes as utf-8, else gb18030 (a superset of GBK)."""
+    if declared != "auto":
+        return declared
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    for candidate in ("utf-8", "gb18030"):
+        try:
+            codecs.getincrementaldecoder(candidate)().decode(head, final=False)
+            return candidate
+        except UnicodeDecodeError:
+            continue
+    raise DataError(f"file `{path}`: the first MB is neither UTF-8 nor GB18030 text. If it is text, set "
+                    "`encoding:` for this source (e.g. big5, utf-16); if it is binary, remove it.")
+
+
+def detect_format(path: Path, declared: str, encoding: str) -> str:
+    """`auto` looks at the content, not the extension: parquet magic, `[` -> JSON array, a `{...}` line
+    -> jsonl, lines with a constant number of tabs (or commas) -> tsv (csv), else plain text."""
     if declared != "auto":
         return declared
     with open(path, "rb") as f:
         head = f.read(1 << 16)
-    head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
-    if head.startswith(b"["):
+    if head.startswith(b"PAR1"):
+        return "parquet"
+    if b"\x00" in head[:4096] and encoding.startswith("utf-8"):
+        raise DataError(f"file `{path}` looks binary (NUL bytes), not text/json/csv/parquet. Remove it from the "
+                        "source or set `format:` if it is UTF-16 text.")
+    text = codecs.getincrementaldecoder(encoding)(errors="replace").decode(head).removeprefix("\ufeff")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
         return "json"
-    if head.startswith(b"{"):
-        first_line = head.split(b"\n", 1)[0]
+    lines = [line for line in text.splitlines() if line.strip()][:51]
+    if len(head) == 1 << 16 and len(lines) > 1:
+        lines = lines[:-1]  # the file goes on: the last line may be cut off mid-way
+    if stripped.startswith("{"):
         try:
-            if isinstance(json.loads(first_line), dict):
+            if isinstance(json.loads(lines[0]), dict):
                 return "jsonl"
         except ValueError:
             pass
         raise DataError(f"file `{path}` starts with `{{` but its first line is not a JSON object: "
                         "a pretty-printed JSON object is not a supported layout. Write one JSON object "
                         "per line (jsonl), a JSON array, or set `format: text` for this source.")
+    if len(lines) >= 2:
+        for fmt, sep in (("tsv", "\t"), ("csv", ",")):
+            counts = {line.count(sep) for line in lines}
+            if len(counts) == 1 and counts.pop() >= 1:
+                return fmt
     return "text"
 
 
 @dataclass
 class Chunk:
-    """A unit of work: consecutive records of one file (raw bytes lines, or parsed JSON-array items)."""
+    """A unit of work: consecutive records of one file."""
 
     file_index: int
     path: str
     fmt: str
-    first_record: int  # 1-based line number (text/jsonl) or 0-based array index (json)
-    records: list
+    encoding: str
+    first_record: int  # 1-based line number (text/jsonl) or record number (json/csv/parquet, 1-based)
+    records: list  # bytes lines (text/jsonl) or parsed records with their numbers (others)
     nbytes: int  # input bytes this chunk covers (progress bar)
+
+
+def _chunks_of(items: list, file_index: int, path: Path, fmt: str, encoding: str, size: int) -> Iterator[Chunk]:
+    for start in range(0, len(items), CHUNK_LINES):
+        part = items[start:start + CHUNK_LINES]
+        yield Chunk(file_index, str(path), fmt, encoding, start + 1, part, size * len(part) // max(1, len(items)))
+
+
+def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list[tuple[int, dict]]:
+    """csv/tsv rows as (line number, {column: value}); the header row names the columns unless
+    `columns` is given (then every row is data)."""
+    rows = []
+    with open(path, encoding=encoding, newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
+        names = spec.columns
+        try:
+            for row in reader:
+                if names is None:
+                    names = [c.strip().removeprefix("\ufeff") for c in row]
+                    continue
+                if not any(cell.strip() for cell in row):
+                    rows.append((reader.line_num, None))
+                    continue
+                if len(row) != len(names):
+                    rows.append((reader.line_num, RecordError(
+                        f"has {len(row)} columns but the header has {len(names)} ({', '.join(names)}). Quote "
+                        "fields that contain the delimiter, or set `columns:`.", "bad_row")))
+                    continue
+                rows.append((reader.line_num, dict(zip(names, row))))
+        except UnicodeDecodeError as e:
+            raise DataError(_decode_error_message(spec, str(path), reader.line_num + 1, encoding, e)) from None
+        except csv.Error as e:
+            raise DataError(f"source `{spec.name}`: `{path}` line {reader.line_num}: {e}.") from None
+    return rows
 
 
 def read_chunks(files: list[Path], spec: SourceConfig) -> Iterator[Chunk]:
     for file_index, path in enumerate(files):
-        fmt = detect_format(path, spec.format)
+        encoding = detect_encoding(path, spec.encoding)
+        fmt = detect_format(path, spec.format, encoding)
+        size = path.stat().st_size
+        if fmt in ("text", "jsonl"):
+            with open(path, "rb") as f:
+                line_no = 1
+                while lines := list(itertools.islice(f, CHUNK_LINES)):
+                    yield Chunk(file_index, str(path), fmt, encoding, line_no, lines, sum(map(len, lines)))
+                    line_no += len(lines)
+            continue
         if fmt == "json":
-            raw = path.read_bytes()
             try:
-                items = json.loads(raw.decode(spec.encoding).removeprefix("\ufeff"))
+                items = json.loads(path.read_bytes().decode(encoding).removeprefix("\ufeff"))
             except UnicodeDecodeError as e:
-                raise DataError(_decode_error_message(spec, str(path), None, e)) from None
+                raise DataError(_decode_error_message(spec, str(path), None, encoding, e)) from None
             except ValueError as e:
                 raise DataError(f"source `{spec.name}`: file `{path}` is not a valid JSON array "
                                 f"({e}). If it holds one object per line, set `format: jsonl`.") from None
             if not isinstance(items, list):
                 raise DataError(f"source `{spec.name}`: file `{path}` holds a JSON {type(items).__name__}, "
                                 "expected an array of objects (or use jsonl, one object per line).")
-            for start in range(0, len(items), CHUNK_LINES):
-                part = items[start:start + CHUNK_LINES]
-                yield Chunk(file_index, str(path), fmt, start, part, len(raw) * len(part) // max(1, len(items)))
-            continue
-        with open(path, "rb") as f:
-            line_no = 1
-            while True:
-                lines = list(itertools.islice(f, CHUNK_LINES))
-                if not lines:
-                    break
-                yield Chunk(file_index, str(path), fmt, line_no, lines, sum(map(len, lines)))
-                line_no += len(lines)
+            records = list(enumerate(items, 1))
+        elif fmt in ("csv", "tsv"):
+            records = _read_table(path, fmt, encoding, spec)
+        else:  # parquet
+            import pyarrow.parquet as pq
+
+            try:
+                table = pq.read_table(path)
+            except Exception as e:  # pyarrow raises several types for a damaged file
+                raise DataError(f"source `{spec.name}`: `{path}` is not a readable parquet file ({e}).") from None
+            records = list(enumerate(table.to_pylist(), 1))
+        yield from _chunks_of(records, file_index, path, fmt, encoding, size)
 
 
-def _decode_error_message(spec: SourceConfig, path: str, line_no: int | None, err: UnicodeDecodeError) -> str:
+def _decode_error_message(spec: SourceConfig, path: str, line_no: int | None, encoding: str,
+                          err: UnicodeDecodeError) -> str:
     where = f"line {line_no}" if line_no is not None else f"byte {err.start}"
-    return (f"source `{spec.name}`: file `{path}` {where} is not valid {spec.encoding} "
-            f"(byte 0x{err.object[err.start]:02x} at offset {err.start}). If the file is GBK/GB18030 "
-            f"encoded, set `encoding: gb18030` for this source; otherwise re-save it as UTF-8.")
+    detected = " (detected from the first MB)" if spec.encoding == "auto" else ""
+    other = "gb18030" if encoding.replace("-", "").lower().startswith("utf8") else "utf-8"
+    return (f"source `{spec.name}`: file `{path}` {where} is not valid {encoding}{detected} "
+            f"(byte 0x{err.object[err.start]:02x}). Set `encoding: {other}` (or the file's real encoding) "
+            "for this source, or re-save the file as UTF-8.")
 
 
-def clean_text(text: str) -> str:
-    """Normalise line endings and strip surrounding whitespace; inner whitespace is kept."""
+_SPACES = re.compile(r"[ \t\f\v]+")
+_BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
+
+
+def clean_text(text: str, spec: SourceConfig) -> str:
+    """Normalise line endings, strip, collapse runs of spaces (optionally line breaks too)."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
+    if not spec.keep_newlines:
+        text = text.replace("\n", " ")
+    if spec.collapse_spaces:
+        text = _SPACES.sub(" ", text)
+        if "\n" in text:
+            text = _BLANK_LINES.sub("\n\n", "\n".join(line.strip() for line in text.split("\n")))
     return text.strip()
 
 
-def _record_text(spec: SourceConfig, chunk: Chunk, index: int, record: Any) -> str | None:
-    """One record -> its text, or None for a blank line. Raises DataError naming file, line and field."""
-    if chunk.fmt == "json":
-        where, obj = f"record {chunk.first_record + index} (0-based) of `{chunk.path}`", record
-    else:
-        line_no = chunk.first_record + index
-        where = f"`{chunk.path}` line {line_no}"
-        try:
-            line = record.decode(spec.encoding)
-        except UnicodeDecodeError as e:
-            raise DataError(_decode_error_message(spec, chunk.path, line_no, e)) from None
-        if line_no == 1:
-            line = line.removeprefix("\ufeff")
-        if not line.strip():
-            return None
-        if chunk.fmt == "text":
-            return line
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise DataError(f"source `{spec.name}`: {where} is not valid JSON ({e}). Fix or remove the "
-                            "line, or set `on_bad_record: skip` for this source.") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"source `{spec.name}`: {where} is a JSON {type(obj).__name__}, not an object. "
-                        "Each record must be an object such as {\"text\": \"...\"}.")
-    if spec.text_field not in obj:
-        fields = ", ".join(f"`{k}`" for k in list(obj)[:20]) or "none"
-        raise DataError(f"source `{spec.name}`: {where} has no field `{spec.text_field}`; its fields are "
-                        f"{fields}. Set `text_field:` for this source to the field that holds the text.")
-    value = obj[spec.text_field]
-    if not isinstance(value, str):
-        raise DataError(f"source `{spec.name}`: {where} field `{spec.text_field}` is a "
-                        f"{type(value).__name__} ({str(value)[:40]!r}), not a string. Fix the record or set "
-                        "`on_bad_record: skip` for this source.")
-    return value
+def _parse_record(spec: SourceConfig, chunk: Chunk, index: int) -> tuple[int, str | dict | None]:
+    """(record number, a text line | a record | a RecordError | None for a blank line). Raises DataError
+    for what no skip policy can fix (bytes that are not in the source's encoding)."""
+    record = chunk.records[index]
+    if chunk.fmt not in ("text", "jsonl"):
+        return record  # (number, record | RecordError for a malformed csv row)
+    number = chunk.first_record + index
+    try:
+        line = record.decode(chunk.encoding)
+    except UnicodeDecodeError as e:
+        raise DataError(_decode_error_message(spec, chunk.path, number, chunk.encoding, e)) from None
+    if number == 1:
+        line = line.removeprefix("\ufeff")
+    line = line.rstrip("\r\n")
+    if not line.strip():
+        return number, None
+    if chunk.fmt == "text":
+        return number, line
+    try:
+        return number, json.loads(line)
+    except ValueError as e:
+        col = getattr(e, "colno", 1)
+        snippet = line[max(0, col - 30):col + 30]
+        return number, RecordError(f"is not valid JSON ({getattr(e, 'msg', e)} at column {col}, near {snippet!r}). "
+                                   "Fix or remove the line, or set `on_error: skip` for this source.", "invalid_json")
+
+
+def _count(counts: dict, key: str, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
 
 
 def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int], dict[str, int]]:
-    """Records -> (texts, their line/record numbers, counts). Blank and empty records are counted."""
-    texts, record_ids, counts = [], [], {"records": 0, "blank_lines": 0, "empty_texts": 0}
-    for i, record in enumerate(chunk.records):
+    """Records -> (clean texts, their line/record numbers, counts). Every record that does not become
+    a text is counted by reason; bad records raise unless the source says `on_error: skip`."""
+    render = make_renderer(spec.template, spec.text_field, f"source `{spec.name}`")
+    texts, record_ids, counts = [], [], {}
+    unit = "record" if chunk.fmt in ("json", "parquet") else "line"
+    for i in range(len(chunk.records)):
+        number, obj = _parse_record(spec, chunk, i)
+        if obj is None:
+            _count(counts, "blank_lines")
+            continue
+        _count(counts, "records")
         try:
-            text = _record_text(spec, chunk, i, record)
-        except DataError as e:
-            if spec.on_bad_record != "skip":
-                raise
-            counts["skipped_bad_records"] = counts.get("skipped_bad_records", 0) + 1
-            if counts["skipped_bad_records"] <= 3:
-                logger.warning("skipped: %s", e)
+            if isinstance(obj, RecordError):
+                raise obj
+            if isinstance(obj, str):
+                if spec.template is not None:
+                    raise RecordError("is plain text, but a template needs structured records (jsonl, json, csv, "
+                                      "parquet). Remove `template` or fix `format`.", "not_an_object")
+                text = obj
+            elif not isinstance(obj, dict):
+                raise RecordError(f"is a JSON {type(obj).__name__}, not an object. Each record must be an object "
+                                  "such as {\"text\": \"...\"}.", "not_an_object")
+            else:
+                text = render(obj)
+                for missing in record_missing_fields(spec.template, obj):
+                    _count(counts, f"missing_field:{missing}")
+        except RecordError as e:
+            if spec.on_error != "skip":
+                raise RecordError(f"source `{spec.name}`: `{chunk.path}` {unit} {number} {e}", e.reason) from None
+            _count(counts, f"skipped:{e.reason}")
+            if counts[f"skipped:{e.reason}"] <= 3:
+                logger.warning("source `%s`: skipped `%s` %s %d: %s", spec.name, chunk.path, unit, number, e)
             continue
-        if text is None:
-            counts["blank_lines"] += 1
-            continue
-        counts["records"] += 1
-        text = clean_text(text)
+        text = clean_text(text, spec)
         if not text:
-            counts["empty_texts"] += 1
+            _count(counts, "dropped:empty")
             continue
+        if len(text) < spec.min_chars:
+            _count(counts, "dropped:min_chars")
+            continue
+        if "\ufffd" in text:
+            _count(counts, "texts_with_U+FFFD")
         texts.append(text)
-        record_ids.append(chunk.first_record + i)
+        record_ids.append(number)
     return texts, record_ids, counts
+
+
+def iter_records(spec: SourceConfig, files: list[Path] | None = None) -> Iterator[tuple[str, int, str]]:
+    """(file, line/record number, text) for every text of one source, in order."""
+    for chunk in read_chunks(files or resolve_files(spec.path, spec.name), spec):
+        texts, numbers, _ = format_chunk(spec, chunk)
+        yield from zip(itertools.repeat(chunk.path), numbers, texts)
 
 
 def iter_texts(spec: SourceConfig, files: list[Path] | None = None) -> Iterator[str]:
     """All training texts of one source, in order (used to train a tokenizer)."""
-    for chunk in read_chunks(files or resolve_files(spec.path, spec.name), spec):
-        yield from format_chunk(spec, chunk)[0]
+    return (text for _, _, text in iter_records(spec, files))
 
 
 # --------------------------------------------------------------------------------------------
@@ -360,14 +669,29 @@ def _encode(info: TokenizerInfo, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
-def tokenize_chunk(spec: SourceConfig, info: TokenizerInfo, chunk: Chunk):
-    """Worker: format, clean and tokenize one chunk. Returns flat tokens, doc lengths, record ids, counts."""
+DOC_ARRAYS = {"doc_files": np.int32, "doc_records": np.int64, "doc_hashes": np.uint64, "doc_chars": np.int64}
+
+
+def text_hash(text: str) -> int:
+    """64-bit content hash of a cleaned text, for exact dedup across sources and splits."""
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
+
+
+def tokenize_chunk(spec: SourceConfig, info: TokenizerInfo, chunk: Chunk) -> dict:
+    """Worker: format, clean and tokenize one chunk -> flat tokens, per-document arrays, counts."""
     texts, record_ids, counts = format_chunk(spec, chunk)
     prefix = [info.bos_id] if info.bos_id is not None else []
     docs = [prefix + ids + [info.eos_id] for ids in _encode(info, texts)] if texts else []
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    flat = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32, count=int(lengths.sum()))
-    return chunk.file_index, flat, lengths, np.asarray(record_ids, dtype=np.int64), counts, chunk.nbytes
+    return {
+        "tokens": np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32, count=int(lengths.sum())),
+        "lengths": lengths,
+        "doc_files": np.full(len(docs), chunk.file_index, dtype=np.int32),
+        "doc_records": np.asarray(record_ids, dtype=np.int64),
+        "doc_hashes": np.fromiter(map(text_hash, texts), dtype=np.uint64, count=len(texts)),
+        "doc_chars": np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
+        "counts": counts, "nbytes": chunk.nbytes, "file": (chunk.file_index, chunk.fmt, chunk.encoding),
+    }
 
 
 class FileDigests:
@@ -411,17 +735,19 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 class TokenStore:
-    """A source's documents as one flat memory-mapped token array plus document offsets.
+    """A source's documents as one flat memory-mapped token array plus per-document arrays.
 
     Layout of a store directory: tokens.bin (uint16 when the vocab fits, else uint32), offsets.npy
-    (int64, n_docs + 1), doc_files.npy / doc_records.npy (where each document came from), meta.json
-    (written last; a directory without it is never used).
+    (int64, n_docs + 1), doc_files / doc_records (where each document came from), doc_hashes (for
+    dedup), doc_chars (.npy each), meta.json (written last; a directory without it is never used).
     """
 
     def __init__(self, directory: Path):
         self.dir = directory
         self.meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
         self.offsets = np.load(directory / "offsets.npy")
+        for name in DOC_ARRAYS:
+            setattr(self, name, np.load(directory / f"{name}.npy"))
         n_tokens = int(self.offsets[-1])
         dtype = np.dtype(self.meta["dtype"])
         self.tokens = (np.memmap(directory / "tokens.bin", dtype=dtype, mode="r", shape=(n_tokens,))
@@ -443,7 +769,8 @@ class TokenStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         counts: dict[str, int] = {}
-        lengths, doc_files, doc_records = [], [], []
+        arrays: dict[str, list] = {name: [] for name in ("lengths", *DOC_ARRAYS)}
+        file_info: dict[int, tuple] = {}
         total_bytes = sum(f.stat().st_size for f in files)
         start = time.time()
         work = ((spec, info, chunk) for chunk in read_chunks(files, spec))
@@ -456,14 +783,14 @@ class TokenStore:
             results = pool.imap(_tokenize_star, work, chunksize=1) if pool else map(_tokenize_star, work)
             with open(tmp / "tokens.bin", "wb") as out, \
                     tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {spec.name}") as bar:
-                for file_index, flat, doc_lengths, record_ids, chunk_counts, nbytes in results:
-                    flat.astype(dtype, copy=False).tofile(out)
-                    lengths.append(doc_lengths)
-                    doc_files.append(np.full(len(doc_lengths), file_index, dtype=np.int32))
-                    doc_records.append(record_ids)
-                    for k, v in chunk_counts.items():
-                        counts[k] = counts.get(k, 0) + v
-                    bar.update(nbytes)
+                for part in results:
+                    part["tokens"].astype(dtype, copy=False).tofile(out)
+                    for name in arrays:
+                        arrays[name].append(part[name])
+                    for k, v in part["counts"].items():
+                        _count(counts, k, v)
+                    file_info[part["file"][0]] = part["file"][1:]
+                    bar.update(part["nbytes"])
                 out.flush()
                 os.fsync(out.fileno())
         except BaseException:
@@ -472,14 +799,16 @@ class TokenStore:
         finally:
             if pool:
                 pool.terminate()
-        doc_lengths = np.concatenate(lengths) if lengths else np.zeros(0, dtype=np.int64)
-        offsets = np.concatenate([[0], np.cumsum(doc_lengths)]).astype(np.int64)
+        lengths = np.concatenate(arrays["lengths"]) if arrays["lengths"] else np.zeros(0, np.int64)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         np.save(tmp / "offsets.npy", offsets)
-        np.save(tmp / "doc_files.npy", np.concatenate(doc_files) if doc_files else np.zeros(0, np.int32))
-        np.save(tmp / "doc_records.npy", np.concatenate(doc_records) if doc_records else np.zeros(0, np.int64))
+        for name, dt in DOC_ARRAYS.items():
+            np.save(tmp / f"{name}.npy", np.concatenate(arrays[name]) if arrays[name] else np.zeros(0, dt))
         meta = {
             "version": STORE_VERSION, "source": spec.name, "dtype": np.dtype(dtype).name,
-            "files": [str(f) for f in files], "n_docs": int(len(doc_lengths)), "n_tokens": int(offsets[-1]),
+            "files": [{"path": str(f), "format": file_info.get(i, ("?", "?"))[0],
+                       "encoding": file_info.get(i, ("?", "?"))[1]} for i, f in enumerate(files)],
+            "n_docs": int(len(lengths)), "n_tokens": int(offsets[-1]),
             "counts": counts, "seconds": round(time.time() - start, 3), "key": key_material,
         }
         atomic_write_text(tmp / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
@@ -583,6 +912,15 @@ def split_documents(n_docs: int, eval_fraction: float, seed: int, name: str) -> 
     return np.flatnonzero(~eval_mask), np.flatnonzero(eval_mask)
 
 
+def first_occurrences(hashes: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, int, int]:
+    """Exact dedup: ids of the first copy of each text that is not in `seen` (earlier sources).
+    Returns (ids in original order, duplicates within, duplicates of earlier sources)."""
+    _, first = np.unique(hashes, return_index=True)
+    first.sort()
+    fresh = ~np.isin(hashes[first], seen)
+    return first[fresh], len(hashes) - len(first), int((~fresh).sum())
+
+
 @dataclass
 class PreparedData:
     train: Any  # a map-style dataset of {"input_ids", "labels"} blocks
@@ -590,32 +928,67 @@ class PreparedData:
     report: dict = field(default_factory=dict)
 
 
+def _grouped_counts(counts: dict[str, int]) -> dict:
+    """Flat store counts ('skipped:invalid_json': 2, ...) -> {'skipped': {'invalid_json': 2}, ...}."""
+    grouped: dict[str, Any] = {}
+    for key, value in sorted(counts.items()):
+        group, _, reason = key.partition(":")
+        if reason:
+            grouped.setdefault({"missing_field": "missing_fields"}.get(group, group), {})[reason] = value
+        else:
+            grouped[key] = value
+    return grouped
+
+
 def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> PreparedData:
-    """Sources -> token stores (cached) -> train blocks of all sources + eval blocks per source."""
+    """Sources -> token stores (cached) -> dedup -> split by document -> train blocks of all sources
+    + eval blocks per source, and the data report."""
     start = time.time()
     specs = parse_sources(data_args.sources)
     info = TokenizerInfo.from_tokenizer(tokenizer, data_args.add_bos)
     cache_dir = Path(data_args.cache_dir)
     digests = FileDigests(cache_dir)
     num_proc = data_args.preprocessing_num_workers or min(8, os.cpu_count() or 1)
-    train_parts, evals, report_sources = [], {}, {}
+    dedup = getattr(data_args, "dedup", True)
+    seen = np.zeros(0, dtype=np.uint64)
+    plans = []  # (spec, files, store, hit, train_ids, eval store, eval_ids, duplicates)
     for spec in specs:
         files = resolve_files(spec.path, spec.name)
         store, hit = load_or_build_store(spec, files, info, cache_dir, num_proc, digests)
-        fraction = data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction
+        ids, within, across = (first_occurrences(store.doc_hashes, seen) if dedup
+                               else (np.arange(store.n_docs), 0, 0))
+        if len(ids) == 0:
+            raise DataError(f"source `{spec.name}`: all {store.n_docs} documents duplicate documents of earlier "
+                            "sources. Remove the source or set `dedup: false`.")
+        seen = np.concatenate([seen, store.doc_hashes[ids]])
+        duplicates = {"within_source": within, "across_sources": across, "eval_of_train": 0}
+        eval_store, eval_ids = None, np.zeros(0, dtype=np.int64)
         if spec.eval_path:
-            eval_files = resolve_files(spec.eval_path, spec.name)
-            eval_store, eval_hit = load_or_build_store(spec, eval_files, info, cache_dir, num_proc, digests)
-            train = PackedBlocks(store, np.arange(store.n_docs), block_size)
-            held_out = PackedBlocks(eval_store, np.arange(eval_store.n_docs), block_size)
-            hit = hit and eval_hit
+            eval_store, eval_hit = load_or_build_store(spec, resolve_files(spec.eval_path, spec.name), info,
+                                                       cache_dir, num_proc, digests)
+            hit, train_ids = hit and eval_hit, ids
         else:
-            train_ids, eval_ids = split_documents(store.n_docs, fraction, seed, spec.name)
-            train = PackedBlocks(store, train_ids, block_size)
-            held_out = PackedBlocks(store, eval_ids, block_size) if len(eval_ids) else None
+            fraction = data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction
+            train_pos, eval_pos = split_documents(len(ids), fraction, seed, spec.name)
+            train_ids, eval_ids = ids[train_pos], ids[eval_pos]
+            eval_store = store if len(eval_ids) else None
+        plans.append([spec, files, store, hit, train_ids, eval_store, eval_ids, duplicates])
+    train_hashes = np.concatenate([p[2].doc_hashes[p[4]] for p in plans])
+    for plan in plans:  # explicit eval files: drop what the model trains on
+        spec, _, store, _, _, eval_store, _, duplicates = plan
+        if spec.eval_path:
+            ids, _, of_train = (first_occurrences(eval_store.doc_hashes, train_hashes) if dedup
+                                else (np.arange(eval_store.n_docs), 0, 0))
+            plan[6], duplicates["eval_of_train"] = ids, of_train
+
+    train_parts, evals, report_sources = [], {}, {}
+    total_train_tokens = 0
+    for spec, files, store, hit, train_ids, eval_store, eval_ids, duplicates in plans:
+        train = PackedBlocks(store, train_ids, block_size)
         if len(train) == 0:
             raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens make no block of "
                             f"block_size {block_size}. Add data or lower `block_size`.")
+        held_out = PackedBlocks(eval_store, eval_ids, block_size) if eval_store is not None else None
         if held_out is not None:
             if len(held_out) == 0:
                 raise DataError(f"source `{spec.name}`: its eval split has {held_out.n_tokens} tokens, fewer than "
@@ -623,27 +996,68 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
                                 "`block_size`.")
             evals[spec.name] = held_out
         train_parts.append(train)
+        total_train_tokens += len(train) * block_size
+        kept_chars = int(store.doc_chars[train_ids].sum()) + (
+            int(eval_store.doc_chars[eval_ids].sum()) if held_out is not None else 0)
+        documents = len(train_ids) + (len(eval_ids) if held_out is not None else 0)
+        tokens = train.n_tokens + (held_out.n_tokens if held_out is not None else 0)
         report_sources[spec.name] = {
-            "files": [str(f) for f in files], "cache": "hit" if hit else "built", "store": str(store.dir),
-            "documents": store.n_docs, "tokens": int(store.offsets[-1]), "counts": store.meta["counts"],
-            "train_documents": len(train.doc_ids), "train_tokens": train.n_tokens, "train_blocks": len(train),
+            "files": store.meta["files"], "cache": "hit" if hit else "built", "store": str(store.dir),
+            **_grouped_counts(store.meta["counts"]), "duplicates_removed": duplicates,
+            "documents": documents, "characters": kept_chars, "tokens": tokens,
+            "mean_tokens_per_document": round(tokens / max(documents, 1), 1),
+            "train_documents": len(train_ids), "train_tokens": train.n_tokens, "train_blocks": len(train),
             "unused_tail_tokens": train.unused_tail_tokens,
             "eval_documents": len(held_out.doc_ids) if held_out else 0,
             "eval_blocks": len(held_out) if held_out else 0,
         }
-        logger.info("source `%s`: %s, %d docs, %d tokens -> %d train blocks, %d eval blocks",
-                    spec.name, "cache hit" if hit else "tokenized", store.n_docs, store.offsets[-1],
-                    len(train), report_sources[spec.name]["eval_blocks"])
+        logger.info("source `%s`: %s, %d docs (%d duplicates removed), %d tokens -> %d train blocks, %d eval blocks",
+                    spec.name, "cache hit" if hit else "tokenized", documents,
+                    sum(duplicates.values()), tokens, len(train), report_sources[spec.name]["eval_blocks"])
+    for name, part in zip(report_sources, train_parts):
+        report_sources[name]["share_of_training_tokens"] = round(len(part) * block_size / total_train_tokens, 4)
     digests.save()
     from torch.utils.data import ConcatDataset
 
     train_set = train_parts[0] if len(train_parts) == 1 else ConcatDataset(train_parts)
     report = {
         "block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
-        "train_blocks": len(train_set), "train_tokens": len(train_set) * block_size,
+        "dedup": dedup, "train_blocks": len(train_set), "train_tokens": len(train_set) * block_size,
         "seconds": round(time.time() - start, 3), "sources": report_sources,
     }
     return PreparedData(train_set, evals, report)
+
+
+def data_report_markdown(report: dict) -> str:
+    """A readable version of data_report.json: one table row per source, then what was dropped."""
+    lines = ["# Data report", "",
+             f"{report['train_blocks']} training blocks of {report['block_size']} tokens "
+             f"({report['train_tokens']:,} tokens); exact dedup {'on' if report['dedup'] else 'off'}.", "",
+             "| source | records | documents | characters | tokens | tokens/doc | train share | eval docs | "
+             "duplicates removed | skipped | cache |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for name, s in report["sources"].items():
+        lines.append(f"| {name} | {s.get('records', 0):,} | {s['documents']:,} | {s['characters']:,} | "
+                     f"{s['tokens']:,} | {s['mean_tokens_per_document']} | {s['share_of_training_tokens']:.1%} | "
+                     f"{s['eval_documents']:,} | {sum(s['duplicates_removed'].values()):,} | "
+                     f"{sum(s.get('skipped', {}).values()):,} | {s['cache']} |")
+    lines += ["", "## Per source", ""]
+    for name, s in report["sources"].items():
+        files = ", ".join(f"`{f['path']}` ({f['format']}, {f['encoding']})" for f in s["files"])
+        lines.append(f"- **{name}**: {files}")
+        for group in ("skipped", "dropped", "missing_fields", "duplicates_removed"):
+            if any(s.get(group, {}).values()):
+                lines.append(f"  - {group.replace('_', ' ')}: " +
+                             ", ".join(f"{k} {v:,}" for k, v in s[group].items() if v))
+        for key in ("blank_lines", "texts_with_U+FFFD", "unused_tail_tokens"):
+            if s.get(key):
+                lines.append(f"  - {key.replace('_', ' ')}: {s[key]:,}")
+    return "\n".join(lines) + "\n"
+
+
+def write_data_report(report: dict, output_dir: str | Path) -> None:
+    atomic_write_text(Path(output_dir) / "data_report.json", json.dumps(report, ensure_ascii=False, indent=1))
+    atomic_write_text(Path(output_dir) / "data_report.md", data_report_markdown(report))
 
 
 # --------------------------------------------------------------------------------------------

@@ -67,6 +67,8 @@ class DataArguments:
     cache_dir: str = field(default="cache", metadata={"help": "Token stores and trained tokenizers."})
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "Tokenizer processes. Unset: min(8, CPU count)."})
+    dedup: bool = field(default=True, metadata={
+        "help": "Exact dedup of texts within and across sources and between train and eval."})
 
     def __post_init__(self):
         if isinstance(self.sources, str):
@@ -375,6 +377,8 @@ def load_data(data_args: DataArguments, training_args: PretrainingArguments, tok
     logger.info("data ready in %.2f s (%s): %d train blocks of %d tokens, eval sources: %s",
                 time.perf_counter() - start, "cache hit" if cached else "tokenized", len(data.train),
                 data_args.block_size, ", ".join(data.eval) or "none")
+    if training_args.should_save:
+        data_utils.write_data_report(data.report, training_args.output_dir)
     return data
 
 
@@ -395,8 +399,6 @@ def train(argv: list[str]) -> dict:
     model = build_model(model_args, tokenizer, data_args.block_size)
     data = load_data(data_args, training_args, tokenizer)
     out = Path(training_args.output_dir)
-    if training_args.should_save:
-        atomic_write_text(out / "data_report.json", json.dumps(data.report, ensure_ascii=False, indent=1))
     if not data.eval and training_args.eval_strategy != "no":
         logger.warning("no eval split (eval_fraction 0 and no eval_path): evaluation is off")
         training_args.eval_strategy, training_args.eval_on_start = "no", False

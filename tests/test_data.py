@@ -99,17 +99,25 @@ def test_text_that_is_not_a_string_is_an_error(tmp_path, value):
 def test_skip_policy_counts_what_it_skipped(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"text": "一"}\nnot json\n{"other": 1}\n{"text": "二"}\n', encoding="utf-8")
-    spec = SourceConfig.from_dict({"path": str(path), "on_bad_record": "skip"}, 0)
+    spec = SourceConfig.from_dict({"path": str(path), "on_error": "skip"}, 0)
     texts, _, counts = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
     assert texts == ["一", "二"]
-    assert counts["skipped_bad_records"] == 2
+    assert counts["skipped:invalid_json"] == 1 and counts["skipped:missing_field"] == 1
+    assert counts["records"] == 4
 
 
 def test_invalid_utf8_suggests_the_encoding_option(tmp_path):
     path = tmp_path / "gbk.txt"
     path.write_bytes("正常一行\n".encode() + "高血压".encode("gbk") + b"\n")
     with pytest.raises(DataError, match=r"line 2 is not valid utf-8.*encoding: gb18030"):
-        texts_of({"path": str(path)})
+        texts_of({"path": str(path), "encoding": "utf-8"})
+
+
+def test_gbk_file_is_detected_and_decoded(tmp_path):
+    path = tmp_path / "gbk.txt"
+    path.write_bytes("高血压是常见病\r\n糖尿病需要控制血糖\r\n".encode("gbk"))
+    assert data_utils.detect_encoding(path, "auto") == "gb18030"
+    assert texts_of({"path": str(path)}) == ["高血压是常见病", "糖尿病需要控制血糖"]
 
 
 def test_unknown_source_key_suggests_the_closest(tmp_path):
@@ -204,9 +212,9 @@ def test_any_changed_input_rebuilds(tmp_path, tokenizer, tokenizer_dir):
     assert changed_file.report["sources"]["c"]["cache"] == "built"
     assert changed_file.train.store.dir != store_dir
     assert changed_file.train.store.n_docs == first.train.store.n_docs + 1
-    # the formatting (which field is the text)
-    changed_field = build(tmp_path, tokenizer, [{"path": str(path), "name": "c", "text_field": "title",
-                                                 "on_bad_record": "skip"}])
+    # the formatting (a template)
+    changed_field = build(tmp_path, tokenizer, [{"path": str(path), "name": "c",
+                                                 "template": {"type": "format", "format": "病例：{text}"}}])
     assert changed_field.train.store.dir not in (store_dir, changed_file.train.store.dir)
     # the tokenizer
     other = AutoTokenizer.from_pretrained(tokenizer_dir)
