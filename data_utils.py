@@ -9,8 +9,8 @@ so changing `block_size`, `eval_fraction` or the seed re-packs in milliseconds w
 re-tokenizing, while any change to a file's content, the formatting or the tokenizer builds a new
 store.
 
-The module is also a command line tool:
-    python data_utils.py prepare CONFIG.yaml [--any_field value ...]   # build the stores only
+The module is also a command line tool (`python data_utils.py` prints its usage): preview
+rendered texts, convert sources to one jsonl, prepare the token stores ahead of training.
 """
 from __future__ import annotations
 
@@ -356,6 +356,8 @@ def detect_encoding(path: Path, declared: str) -> str:
         return declared
     with open(path, "rb") as f:
         head = f.read(1 << 20)
+    if head.startswith(b"PAR1"):
+        return "utf-8"  # parquet: binary, strings inside are utf-8
     for candidate in ("utf-8", "gb18030"):
         try:
             codecs.getincrementaldecoder(candidate)().decode(head, final=False)
@@ -396,8 +398,11 @@ def detect_format(path: Path, declared: str, encoding: str) -> str:
                         "per line (jsonl), a JSON array, or set `format: text` for this source.")
     if len(lines) >= 2:
         for fmt, sep in (("tsv", "\t"), ("csv", ",")):
-            counts = {line.count(sep) for line in lines}
-            if len(counts) == 1 and counts.pop() >= 1:
+            try:
+                widths = {len(row) for row in csv.reader(lines, delimiter=sep)}
+            except csv.Error:
+                continue
+            if len(widths) == 1 and widths.pop() >= 2:
                 return fmt
     return "text"
 
@@ -540,6 +545,11 @@ def _parse_record(spec: SourceConfig, chunk: Chunk, index: int) -> tuple[int, st
                                    "Fix or remove the line, or set `on_error: skip` for this source.", "invalid_json")
 
 
+def record_unit(fmt: str) -> str:
+    """How a record is numbered in messages: by line in line-based formats, else by position."""
+    return "record" if fmt in ("json", "parquet") else "line"
+
+
 def _count(counts: dict, key: str, n: int = 1) -> None:
     counts[key] = counts.get(key, 0) + n
 
@@ -549,7 +559,7 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
     a text is counted by reason; bad records raise unless the source says `on_error: skip`."""
     render = make_renderer(spec.template, spec.text_field, f"source `{spec.name}`")
     texts, record_ids, counts = [], [], {}
-    unit = "record" if chunk.fmt in ("json", "parquet") else "line"
+    unit = record_unit(chunk.fmt)
     for i in range(len(chunk.records)):
         number, obj = _parse_record(spec, chunk, i)
         if obj is None:
@@ -592,16 +602,17 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
     return texts, record_ids, counts
 
 
-def iter_records(spec: SourceConfig, files: list[Path] | None = None) -> Iterator[tuple[str, int, str]]:
-    """(file, line/record number, text) for every text of one source, in order."""
+def iter_records(spec: SourceConfig, files: list[Path] | None = None) -> Iterator[tuple[str, str]]:
+    """('FILE line N' or 'FILE record N', text) for every text of one source, in order."""
     for chunk in read_chunks(files or resolve_files(spec.path, spec.name), spec):
         texts, numbers, _ = format_chunk(spec, chunk)
-        yield from zip(itertools.repeat(chunk.path), numbers, texts)
+        unit = record_unit(chunk.fmt)
+        yield from ((f"{chunk.path} {unit} {number}", text) for number, text in zip(numbers, texts))
 
 
 def iter_texts(spec: SourceConfig, files: list[Path] | None = None) -> Iterator[str]:
     """All training texts of one source, in order (used to train a tokenizer)."""
-    return (text for _, _, text in iter_records(spec, files))
+    return (text for _, text in iter_records(spec, files))
 
 
 # --------------------------------------------------------------------------------------------
@@ -1140,14 +1151,91 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
 # --------------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------------
+def preview(sources: Any, tokenizer, source_name: str | None, n: int) -> None:
+    """Print the first `n` training texts of each (or one) source, exactly as the model reads them."""
+    specs = parse_sources(sources)
+    if source_name is not None:
+        specs = [s for s in specs if s.name == source_name]
+        if not specs:
+            names = [s.name for s in parse_sources(sources)]
+            raise DataError(f"no source named `{source_name}`.{closest_key_hint(source_name, names)} "
+                            f"Sources: {', '.join(names)}.")
+    for spec in specs:
+        print(f"=== source `{spec.name}` ===")
+        for where, text in itertools.islice(iter_records(spec), n):
+            n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
+            print(f"--- {where} · {len(text)} characters · {n_tokens} tokens (+EOS)")
+            print(text)
+        print()
+
+
+def convert(sources: Any, out: str, dedup: bool = True) -> dict[str, int]:
+    """Write every source's formatted, cleaned (and deduplicated) texts to one jsonl file."""
+    seen: set[int] = set()
+    written: dict[str, int] = {}
+    out_path = Path(out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for spec in parse_sources(sources):
+                written[spec.name] = 0
+                for text in iter_texts(spec):
+                    h = text_hash(text)
+                    if dedup and h in seen:
+                        continue
+                    seen.add(h)
+                    f.write(json.dumps({"text": text, "source": spec.name}, ensure_ascii=False) + "\n")
+                    written[spec.name] += 1
+        os.replace(tmp, out_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return written
+
+
+USAGE = """usage:
+  python data_utils.py preview CONFIG.yaml [--source NAME] [-n N] [--field value ...]
+      print the first N rendered training texts of each source with their token counts
+  python data_utils.py convert CONFIG.yaml --out FILE.jsonl [--field value ...]
+      write all formatted, cleaned, deduplicated texts as jsonl with a `text` field
+  python data_utils.py prepare CONFIG.yaml [--field value ...]
+      build the token stores and the data report (e.g. on a CPU node before the GPU job)"""
+
+
 def main(argv: list[str]) -> int:
-    if not argv or argv[0] not in ("prepare",):
-        print(__doc__.split("The module is also")[1].strip(), file=sys.stderr)
-        return 2
+    import argparse
+
     import pretrain
 
-    return pretrain.main(argv[1:], job=pretrain.prepare_only)
+    if not argv or argv[0] not in ("preview", "convert", "prepare"):
+        print(USAGE, file=sys.stderr)
+        return 2
+    command, rest = argv[0], argv[1:]
+    cli = argparse.ArgumentParser(prog=f"data_utils.py {command}", add_help=False)
+    cli.add_argument("--source")
+    cli.add_argument("-n", type=int, default=3)
+    cli.add_argument("--out", required=command == "convert")
+    own, overrides = cli.parse_known_args(rest)
+
+    def job(args: list[str]) -> None:
+        if command == "prepare":
+            pretrain.prepare_only(args)
+            return
+        model_args, data_args, training_args = pretrain.parse_args(args)
+        pretrain.setup_logging(training_args)
+        if command == "preview":
+            tokenizer = pretrain.load_tokenizer(model_args, data_args, training_args)
+            preview(data_args.sources, tokenizer, own.source, own.n)
+        else:
+            counts = convert(data_args.sources, own.out, data_args.dedup)
+            print(f"wrote {sum(counts.values())} texts to {own.out}: " +
+                  ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+    return pretrain.main(overrides, job=job)
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    import data_utils  # run the imported module, so its exception classes are the ones pretrain catches
+
+    sys.exit(data_utils.main(sys.argv[1:]))

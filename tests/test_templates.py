@@ -1,0 +1,185 @@
+"""Templates, value rules, cleaning, format/encoding detection and the preview/convert CLI."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+import data_utils
+from data_utils import DataError, RecordError, SourceConfig, make_renderer, render_value
+from conftest import ROOT
+
+
+def render(template, record, text_field="text"):
+    return make_renderer(template, text_field, "test")(record)
+
+
+# ------------------------------------------------------------------------------ value rules
+@pytest.mark.parametrize("value,expected", [
+    ("  高血压 \x00\t", "高血压"),
+    (["内科", ["呼吸内科", ["胸外科"]], "", None], "内科,呼吸内科,胸外科"),
+    ({"成人": "每日一次", "儿童": "遵医嘱"}, "成人：每日一次，儿童：遵医嘱"),
+    (3, "3"), (0.5, "0.5"), (2.0, "2"),
+    (True, "是"), (False, "否"),
+    (None, ""), ("", ""), ([], ""), ({}, ""),
+])
+def test_value_rules(value, expected):
+    assert render_value(value) == expected
+
+
+def test_numbers_take_a_unit():
+    assert render_value(7, unit="天") == "7天"
+
+
+# ------------------------------------------------------------------------------ templates
+def test_record_worked_example():
+    record = {"_id": {"$oid": "5bb578b6831b973a137e3ee6"}, "name": "肺泡蛋白质沉积症",
+              "desc": "肺泡蛋白质沉积症是一种罕见疾病。", "category": ["疾病百科", "内科", "呼吸内科"]}
+    text = render({"type": "record", "fields": ["name", "desc", "category"]}, record)
+    assert text == "名称：肺泡蛋白质沉积症。描述：肺泡蛋白质沉积症是一种罕见疾病。类别：疾病百科,内科,呼吸内科"
+
+
+def test_record_rules_skip_empty_values_and_never_write_none():
+    record = {"name": "感冒", "desc": None, "symptom": [], "cure_way": ["药物治疗", "支持性治疗"],
+              "cured_prob": 0.95, "yibao_status": True, "cure_lasttime": 7, "check": {}, "cause": "  "}
+    template = {"type": "record", "fields": ["name", "desc", "symptom", "cause", "cure_way", "cured_prob",
+                                             "yibao_status", "cure_lasttime", "check", "get_way"],
+                "units": {"cure_lasttime": "天"}, "prefixes": {"cure_way": "常用的治疗方式有"},
+                "labels": {"cured_prob": "治愈概率"}}
+    text = render(template, record)
+    assert text == "名称：感冒。常用的治疗方式有药物治疗,支持性治疗。治愈概率：0.95。医保：是。治疗周期：7天"
+    for bad in ("None", "[]", "{}", "。。"):
+        assert bad not in text
+    assert data_utils.record_missing_fields(template, record) == ["desc", "symptom", "cause", "check", "get_way"]
+
+
+def test_record_without_field_list_uses_record_order_and_skips_id():
+    text = render("record", {"_id": 1, "b": "二", "a": "一。"})
+    assert text == "b：二。a：一。"
+
+
+def test_qa_concat_with_chinese_keys():
+    template = {"type": "qa_concat", "question_field": "问", "answer_field": "答"}
+    assert render(template, {"问": "什么是高血压？", "答": "高血压是……"}) == "[QUESTION] 什么是高血压？ [ANSWER] 高血压是……"
+
+
+def test_qa_instruction_with_and_without_input():
+    template = {"type": "qa_instruction", "instruction_field": "question", "output_field": "answer",
+                "instruction_prefix": "请回答以下问题："}
+    assert render(template, {"question": "什么是高血压？", "answer": "高血压是……"}) == \
+        "Instruction: 请回答以下问题：什么是高血压？\nOutput: 高血压是……"
+    assert render("qa_instruction", {"instruction": "翻译", "input": "fever", "output": "发热"}) == \
+        "Instruction: 翻译\nInput: fever\nOutput: 发热"
+
+
+def test_dialog_sharegpt_and_messages():
+    sharegpt = {"conversations": [{"from": "human", "value": "头痛怎么办？"}, {"from": "gpt", "value": "多休息。"}]}
+    assert render("dialog", sharegpt) == "[User] 头痛怎么办？\n[Assistant] 多休息。"
+    messages = {"messages": [{"role": "system", "content": "你是医生"}, {"role": "user", "content": "咳嗽"},
+                             {"role": "assistant", "content": "多喝水"}]}
+    custom = {"type": "dialog", "role_labels": {"user": "患者：", "assistant": "医生：", "system": "系统："}}
+    assert render(custom, messages) == "系统： 你是医生\n患者： 咳嗽\n医生： 多喝水"
+    with pytest.raises(RecordError, match="role `nurse`"):
+        render("dialog", {"messages": [{"role": "nurse", "content": "x"}]})
+
+
+def test_format_template_and_its_guards():
+    assert render({"type": "format", "format": "{title}\n{content}"}, {"title": "标题", "content": "正文"}) == "标题\n正文"
+    with pytest.raises(RecordError, match="no field `content`; its fields are `title`"):
+        render({"type": "format", "format": "{title}\n{content}"}, {"title": "标题"})
+    with pytest.raises(DataError, match="plain field name"):
+        render({"type": "format", "format": "{title.__class__}"}, {"title": "x"})
+
+
+def test_template_config_mistakes_are_named():
+    with pytest.raises(DataError, match=r"no option `question_feild`.*`question_field`"):
+        SourceConfig.from_dict({"path": "x", "template": {"type": "qa_concat", "question_feild": "q"}}, 0)
+    with pytest.raises(DataError, match=r"template type `recrod`.*`record`"):
+        SourceConfig.from_dict({"path": "x", "template": "recrod"}, 0)
+
+
+# ------------------------------------------------------------------------------ cleaning
+def test_cleaning_rules():
+    spec = SourceConfig.from_dict({"path": "x"}, 0)
+    assert data_utils.clean_text("  a  b\t\tc \r\n\r\n\r\n  d  ", spec) == "a b c\n\nd"
+    flat = SourceConfig.from_dict({"path": "x", "keep_newlines": False}, 0)
+    assert data_utils.clean_text("第一行\n第二行", flat) == "第一行 第二行"
+    raw = SourceConfig.from_dict({"path": "x", "collapse_spaces": False}, 0)
+    assert data_utils.clean_text("a  b", raw) == "a  b"
+
+
+def test_min_chars_and_replacement_characters_are_counted(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("短\n这一行足够长了\n坏字符\ufffd也足够长\n", encoding="utf-8")
+    spec = SourceConfig.from_dict({"path": str(path), "min_chars": 5}, 0)
+    texts, _, counts = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
+    assert texts == ["这一行足够长了", "坏字符\ufffd也足够长"]
+    assert counts["dropped:min_chars"] == 1 and counts["texts_with_U+FFFD"] == 1
+
+
+# ------------------------------------------------------------------------------ formats
+def test_formats_are_detected_by_content(tmp_path):
+    cases = {
+        "a.dat": ("line one\nline two\n", "text"),
+        "b.txt": ('{"text": "x"}\n{"text": "y"}\n', "jsonl"),
+        "c.txt": ('[{"text": "x"}]', "json"),
+        "d.txt": ("标题一\t8\n标题二\t5\n标题三\t2\n", "tsv"),
+        "e.txt": ("text,label\n甲,1\n乙,2\n", "csv"),
+    }
+    for name, (content, fmt) in cases.items():
+        (tmp_path / name).write_text(content, encoding="utf-8")
+        assert data_utils.detect_format(tmp_path / name, "auto", "utf-8") == fmt, name
+
+
+def test_csv_with_header_and_tsv_with_columns(tmp_path):
+    (tmp_path / "a.csv").write_text('text,label\n"含有,逗号的文本",1\n第二条,2\n', encoding="utf-8")
+    assert data_utils.iter_texts(SourceConfig.from_dict({"path": str(tmp_path / "a.csv")}, 0)).__next__() == \
+        "含有,逗号的文本"
+    (tmp_path / "b.tsv").write_text("新闻标题一\t8\n新闻标题二\t5\n", encoding="utf-8")
+    spec = SourceConfig.from_dict({"path": str(tmp_path / "b.tsv"), "columns": ["title", "label"],
+                                   "text_field": "title"}, 0)
+    assert list(data_utils.iter_texts(spec)) == ["新闻标题一", "新闻标题二"]
+
+
+def test_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"content": ["一段文本", "另一段"], "n": [1, 2]}), tmp_path / "x.parquet")
+    spec = SourceConfig.from_dict({"path": str(tmp_path / "x.parquet"), "text_field": "content"}, 0)
+    assert list(data_utils.iter_texts(spec)) == ["一段文本", "另一段"]
+
+
+def test_bad_json_names_line_column_and_snippet(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"text": "好"}\n{"text": "坏", oops}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"line 2 is not valid JSON \(.* at column 15, near '.*oops"):
+        list(data_utils.iter_texts(SourceConfig.from_dict({"path": str(path)}, 0)))
+
+
+# ------------------------------------------------------------------------------ CLI
+def test_preview_and_convert_cli(tmp_path, tokenizer_dir):
+    import yaml
+
+    data = tmp_path / "qa.jsonl"
+    data.write_text("\n".join(json.dumps({"问": f"问题{i}？", "答": f"回答{i}。"}, ensure_ascii=False)
+                              for i in [1, 2, 2, 3]) + "\n", encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({
+        "tokenizer_name_or_path": str(tokenizer_dir), "output_dir": str(tmp_path / "out"),
+        "sources": [{"name": "medqa", "path": str(data),
+                     "template": {"type": "qa_concat", "question_field": "问", "answer_field": "答"}}]},
+        allow_unicode=True), encoding="utf-8")
+    run = [sys.executable, str(ROOT / "data_utils.py")]
+    shown = subprocess.run(run + ["preview", str(config), "-n", "2"], capture_output=True, text=True, cwd=ROOT)
+    assert shown.returncode == 0, shown.stderr
+    assert "[QUESTION] 问题1？ [ANSWER] 回答1。" in shown.stdout
+    assert f"{data} line 2 · 29 characters" in shown.stdout and "tokens" in shown.stdout
+    out = tmp_path / "all.jsonl"
+    done = subprocess.run(run + ["convert", str(config), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["text"] for r in rows] == [f"[QUESTION] 问题{i}？ [ANSWER] 回答{i}。" for i in (1, 2, 3)]  # deduped
+    missing = subprocess.run(run + ["preview", str(config), "--source", "medqq"], capture_output=True, text=True,
+                             cwd=ROOT)
+    assert missing.returncode == 2 and "no source named `medqq`. Did you mean `medqa`?" in missing.stderr
