@@ -254,7 +254,7 @@ class PretrainTrainer(Trainer):
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         sets = self.eval_dataset if eval_dataset is None else eval_dataset
-        if isinstance(sets, dict) and len(sets) > 1:  # token-weighted mean over the sources
+        if isinstance(sets, dict):  # token-weighted mean over the sources (also with one, for stable keys)
             sizes = {name: len(ds) for name, ds in sets.items()}
             loss = sum(metrics[f"{metric_key_prefix}_{n}_loss"] * s for n, s in sizes.items()) / sum(sizes.values())
             overall = {f"{metric_key_prefix}_loss": loss}

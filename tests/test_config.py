@@ -60,13 +60,17 @@ def test_missing_and_broken_config_files(tmp_path):
         pretrain.parse_args([str(broken)])
 
 
-def test_every_shipped_config_parses():
+def test_every_shipped_config_parses_and_its_data_renders(tmp_path, tokenizer, monkeypatch):
     from pathlib import Path
 
+    import data_utils
+
     root = Path(pretrain.__file__).parent
-    configs = sorted((root / "configs").glob("*.yaml"))
-    assert configs
+    monkeypatch.chdir(root)
+    configs = sorted((root / "configs").rglob("*.yaml"))
+    assert len(configs) >= 6
     for config in configs:
-        model_args, data_args, _ = pretrain.parse_args([str(config)])
-        assert data_args.sources, config
+        model_args, data_args, _ = pretrain.parse_args([str(config), "--cache_dir", str(tmp_path / "cache")])
         assert model_args.model_config is None or (root / model_args.model_config).is_file()
+        data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, seed=0)
+        assert len(data.train) > 0 and data.eval, config
