@@ -15,6 +15,7 @@ rendered texts, convert sources to one jsonl, prepare the token stores ahead of 
 from __future__ import annotations
 
 import codecs
+import contextlib
 import csv
 import dataclasses
 import difflib
@@ -64,8 +65,18 @@ def closest_key_hint(key: str, valid: list[str] | set[str]) -> str:
 class SourceConfig:
     """One entry of `sources:` in the YAML. Fields that change the produced text enter the cache key."""
 
-    path: str | list[str]  # file, directory or glob (or a list of them)
+    path: str | list[str] | None = None  # file, directory or glob (or a list of them)
+    hub: str | None = None  # instead of `path`: a hub dataset id, or a local directory in hub layout
+    hub_config: str | None = None  # hub: the dataset's config name
+    split: str = "train"  # hub: the split to train on
+    eval_split: str | None = None  # hub: a split to evaluate on instead of a held-out fraction
+    revision: str | None = None  # hub: branch, tag or commit
+    data_files: Any = None  # hub: passed to datasets.load_dataset
+    streaming: bool = False  # hub: read as a stream (see build_streaming_train)
     name: str = ""  # used in logs, eval metric names (eval_<name>_ppl) and reports
+    weight: float | None = None  # share of training TOKENS; unset on every source: natural sizes
+    group: str | None = None  # wikitext_articles: rebuild whole articles from one-paragraph-per-line text
+    watch_forgetting: bool = False  # warn when this source's eval perplexity rises over its baseline
     format: str = "auto"  # auto (by content) | text | jsonl | json | csv | tsv | parquet
     encoding: str = "auto"  # auto (utf-8, else gb18030) | utf-8 | utf-8-sig | gbk | gb18030 | ...
     text_field: str = "text"  # structured records without a template: the field that holds the text
@@ -94,13 +105,22 @@ class SourceConfig:
                     f"{where}: unknown key `{key}`.{closest_key_hint(key, valid)} "
                     f"Valid keys: {', '.join(sorted(valid))}."
                 )
-        if not raw.get("path"):
-            raise DataError(f"{where}: `path` is required (a file, a directory or a glob).")
+        if bool(raw.get("path")) == bool(raw.get("hub")):
+            raise DataError(f"{where}: set either `path` (a file, a directory or a glob) or `hub` (a dataset id).")
         spec = cls(**raw)
         if not spec.name:
-            first = spec.path if isinstance(spec.path, str) else spec.path[0]
-            spec.name = Path(first.rstrip("/*")).stem or f"source{index}"
+            first = spec.hub or (spec.path if isinstance(spec.path, str) else spec.path[0])
+            spec.name = re.sub(r"\W+", "_", Path(first.rstrip("/*")).stem if spec.path else first).strip("_")
+            spec.name = spec.name or f"source{index}"
         where = f"{where} ({spec.name})"
+        if spec.weight is not None and not (isinstance(spec.weight, (int, float)) and spec.weight > 0):
+            raise DataError(f"{where}: weight must be a number above 0 (a share of training tokens), got "
+                            f"{spec.weight!r}. Remove the source instead of giving it weight 0.")
+        if spec.group not in (None, "wikitext_articles"):
+            raise DataError(f"{where}: group `{spec.group}` is not known; the one grouping is `wikitext_articles`.")
+        if spec.hub is None and any((spec.hub_config, spec.eval_split, spec.revision, spec.data_files,
+                                     spec.streaming)):
+            raise DataError(f"{where}: hub_config, eval_split, revision, data_files and streaming need `hub:`.")
         if spec.format not in cls.FORMATS:
             raise DataError(f"{where}: format `{spec.format}` is not one of {', '.join(cls.FORMATS)}.")
         if spec.on_error not in ("raise", "skip"):
@@ -118,7 +138,8 @@ class SourceConfig:
     def text_settings(self) -> dict:
         """The settings that decide which text a record becomes (part of the cache key)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("path", "name", "eval_fraction", "eval_path")}
+                if k not in ("path", "name", "eval_fraction", "eval_path", "eval_split", "weight", "streaming",
+                             "watch_forgetting")}
 
 
 def parse_sources(raw_sources: Any) -> list[SourceConfig]:
@@ -131,6 +152,11 @@ def parse_sources(raw_sources: Any) -> list[SourceConfig]:
     for name in names:
         if names.count(name) > 1:
             raise DataError(f"Two sources are named `{name}`: give each source a unique `name:`.")
+    weighted = [s.name for s in specs if s.weight is not None]
+    if weighted and len(weighted) != len(specs):
+        missing = [s.name for s in specs if s.weight is None]
+        raise DataError(f"sources {', '.join(weighted)} have a `weight` but {', '.join(missing)} do not: give every "
+                        "source a weight (shares of training tokens), or none (natural sizes).")
     return specs
 
 
@@ -161,6 +187,117 @@ def resolve_files(patterns: str | list[str], source_name: str) -> list[Path]:
         if f.stat().st_size == 0:
             raise DataError(f"source `{source_name}`: file `{f}` is empty. Remove it or fill it.")
     return files
+
+
+# --------------------------------------------------------------------------------------------
+# Hub sources (Hugging Face `datasets`): a hub id or a local directory in hub layout
+# --------------------------------------------------------------------------------------------
+def hub_endpoint() -> str:
+    return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+
+
+def hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Can a TCP connection to the hub endpoint (HF_ENDPOINT) be opened? Answers within `timeout`,
+    where the hub client itself retries for tens of seconds before giving up."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(hub_endpoint())
+    try:
+        socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
+                                 timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def offline_hub():
+    """Run `datasets`/`huggingface_hub` in offline mode (local cache only) for the duration."""
+    import datasets
+    import huggingface_hub.constants as hub_constants
+
+    saved = datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
+
+
+def unreachable_message(name: str, error: Exception | str) -> str:
+    return (f"hub dataset `{name}` cannot be loaded: the hub ({hub_endpoint()}) is unreachable or offline and "
+            f"the dataset is not in the local cache ({error}). Fixes: (1) set HF_ENDPOINT to a reachable mirror, "
+            f"e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first where there is network: "
+            f"`hf download --repo-type dataset {name} --local-dir DIR`, then set `hub: DIR`; (3) point `path:` "
+            "at a local copy of its files.")
+
+
+def local_hub_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = None):
+    """`datasets.load_dataset` for a hub source; fails within seconds, with the fixes, when offline.
+
+    A local directory gets a `datasets` cache of its own, keyed by its files' sizes and times:
+    `datasets` keys local directories by name and config only, so two directories called `medical`
+    (or one whose files changed) would otherwise share one stale Arrow cache."""
+    import datasets
+
+    local = Path(os.path.expanduser(spec.hub)).is_dir()
+    name = os.path.expanduser(spec.hub) if local else spec.hub
+    offline = not local and (hub_offline() or not hub_reachable())
+    hub_cache = None
+    if local and cache_dir is not None:
+        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local_hub_files(Path(name))]
+        hub_cache = str(cache_dir / "hub_datasets" / hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
+    logger.info("source `%s`: loading hub dataset %s (config %s, split %s)%s", spec.name, name, spec.hub_config,
+                split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)" if offline else "")
+    try:
+        with offline_hub() if offline else contextlib.nullcontext():
+            return datasets.load_dataset(name, spec.hub_config, split=split, revision=spec.revision,
+                                         data_files=spec.data_files, streaming=spec.streaming, cache_dir=hub_cache)
+    except ValueError as e:  # unknown config or split: datasets lists the valid ones
+        raise DataError(f"source `{spec.name}`: hub dataset `{name}`: {e}. Fix `hub_config` / `split`.") from None
+    except (ConnectionError, OSError) as e:
+        if not local:
+            raise DataError(unreachable_message(name, e)) from None
+        raise DataError(f"source `{spec.name}`: local hub directory `{name}` cannot be read: {e}") from None
+
+
+@dataclass
+class SourceInput:
+    """What a source reads: local files, or a hub dataset (map-style or streaming)."""
+
+    files: list[Path] = field(default_factory=list)
+    dataset: Any = None
+    label: str = ""
+
+    @classmethod
+    def open(cls, spec: SourceConfig, eval_input: bool = False, cache_dir: Path | None = None) -> "SourceInput":
+        if spec.hub:
+            split = spec.eval_split if eval_input else spec.split
+            local = Path(os.path.expanduser(spec.hub))
+            return cls(files=local_hub_files(local) if local.is_dir() else [],
+                       dataset=load_hub_dataset(spec, split, cache_dir),
+                       label=f"hub:{spec.hub}/{spec.hub_config or ''}/{split}")
+        files = resolve_files(spec.eval_path if eval_input else spec.path, spec.name)
+        return cls(files=files, label=", ".join(map(str, files)))
+
+    def identity(self, digests: "FileDigests") -> list:
+        """What the token store key hashes: file contents, or the dataset's fingerprint."""
+        if self.dataset is not None and not self.files:  # a hub id: datasets keys it by revision
+            return [self.label, getattr(self.dataset, "_fingerprint", None)]
+        return [self.label if self.dataset is not None else "", *(digests(f) for f in self.files)]
+
+    def size(self) -> int:
+        return len(self.dataset) if self.dataset is not None else sum(f.stat().st_size for f in self.files)
 
 
 # --------------------------------------------------------------------------------------------
@@ -454,8 +591,57 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
     return rows
 
 
-def read_chunks(files: list[Path], spec: SourceConfig) -> Iterator[Chunk]:
-    for file_index, path in enumerate(files):
+WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
+
+
+def group_wikitext_articles(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+    """WikiText's one-paragraph-per-line layout -> whole articles: each ` = Title = ` line starts a
+    document holding the title, its ` = = Section = = ` headings and paragraphs (blank lines dropped)."""
+    start, parts = 0, []
+    for number, line in lines:
+        line = line.rstrip("\r\n")
+        if WIKITEXT_TITLE.match(line):
+            if parts:
+                yield start, "\n".join(parts)
+            start, parts = number, []
+        if line.strip():
+            parts.append(line.strip())
+    if parts:
+        yield start, "\n".join(parts)
+
+
+def _text_lines(chunks: Iterator[Chunk], spec: SourceConfig) -> Iterator[tuple[int, str]]:
+    """(number, text) of every line-like record of these chunks: decoded text lines, or hub rows' text field."""
+    for chunk in chunks:
+        for i in range(len(chunk.records)):
+            number, obj = _parse_record(spec, chunk, i)
+            if isinstance(obj, dict):
+                obj = _require_text(obj, spec.text_field, "text_field")
+            yield number, obj or ""
+
+
+def read_chunks(inputs: "SourceInput | list[Path]", spec: SourceConfig) -> Iterator[Chunk]:
+    """Chunks of records from a source's input; with `group`, chunks of whole grouped documents."""
+    if isinstance(inputs, list):
+        inputs = SourceInput(files=inputs)
+    chunks = _read_raw_chunks(inputs, spec)
+    if spec.group != "wikitext_articles":
+        yield from chunks
+        return
+    articles = group_wikitext_articles(_text_lines(chunks, spec))
+    while part := list(itertools.islice(articles, CHUNK_LINES)):
+        yield Chunk(0, inputs.label, "article", "utf-8", part[0][0], part, sum(len(t) for _, t in part))
+
+
+def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk]:
+    if inputs.dataset is not None:
+        rows = iter(inputs.dataset)
+        number = 1
+        while batch := list(itertools.islice(rows, CHUNK_LINES)):
+            yield Chunk(0, inputs.label, "hub", "utf-8", number, list(enumerate(batch, number)), len(batch))
+            number += len(batch)
+        return
+    for file_index, path in enumerate(inputs.files):
         encoding = detect_encoding(path, spec.encoding)
         fmt = detect_format(path, spec.format, encoding)
         size = path.stat().st_size
@@ -547,7 +733,7 @@ def _parse_record(spec: SourceConfig, chunk: Chunk, index: int) -> tuple[int, st
 
 def record_unit(fmt: str) -> str:
     """How a record is numbered in messages: by line in line-based formats, else by position."""
-    return "record" if fmt in ("json", "parquet") else "line"
+    return "record" if fmt in ("json", "parquet", "hub") else "line"
 
 
 def _count(counts: dict, key: str, n: int = 1) -> None:
@@ -602,17 +788,17 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
     return texts, record_ids, counts
 
 
-def iter_records(spec: SourceConfig, files: list[Path] | None = None) -> Iterator[tuple[str, str]]:
+def iter_records(spec: SourceConfig, inputs: "SourceInput | None" = None) -> Iterator[tuple[str, str]]:
     """('FILE line N' or 'FILE record N', text) for every text of one source, in order."""
-    for chunk in read_chunks(files or resolve_files(spec.path, spec.name), spec):
+    for chunk in read_chunks(inputs or SourceInput.open(spec), spec):
         texts, numbers, _ = format_chunk(spec, chunk)
         unit = record_unit(chunk.fmt)
         yield from ((f"{chunk.path} {unit} {number}", text) for number, text in zip(numbers, texts))
 
 
-def iter_texts(spec: SourceConfig, files: list[Path] | None = None) -> Iterator[str]:
+def iter_texts(spec: SourceConfig, inputs: "SourceInput | None" = None) -> Iterator[str]:
     """All training texts of one source, in order (used to train a tokenizer)."""
-    return (text for _, text in iter_records(spec, files))
+    return (text for _, text in iter_records(spec, inputs))
 
 
 # --------------------------------------------------------------------------------------------
@@ -772,9 +958,9 @@ class TokenStore:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     @staticmethod
-    def build(directory: Path, spec: SourceConfig, files: list[Path], info: TokenizerInfo,
+    def build(directory: Path, spec: SourceConfig, inputs: SourceInput, info: TokenizerInfo,
               num_proc: int, key_material: dict) -> None:
-        """Tokenize every record of `files` into a new store at `directory`, atomically."""
+        """Tokenize every record of the source's input into a new store at `directory`, atomically."""
         dtype = np.uint16 if info.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
         tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -782,10 +968,11 @@ class TokenStore:
         counts: dict[str, int] = {}
         arrays: dict[str, list] = {name: [] for name in ("lengths", *DOC_ARRAYS)}
         file_info: dict[int, tuple] = {}
-        total_bytes = sum(f.stat().st_size for f in files)
+        total = inputs.size()
         start = time.time()
-        work = ((spec, info, chunk) for chunk in read_chunks(files, spec))
-        use_pool = num_proc > 1 and info.backend_json is not None and total_bytes >= POOL_MIN_BYTES
+        work = ((spec, info, chunk) for chunk in read_chunks(inputs, spec))
+        use_pool = (num_proc > 1 and info.backend_json is not None and not inputs.dataset
+                    and total >= POOL_MIN_BYTES)
         pool = (multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (info,))
                 if use_pool else None)
         from tqdm.auto import tqdm
@@ -793,7 +980,8 @@ class TokenStore:
         try:
             results = pool.imap(_tokenize_star, work, chunksize=1) if pool else map(_tokenize_star, work)
             with open(tmp / "tokens.bin", "wb") as out, \
-                    tqdm(total=total_bytes, unit="B", unit_scale=True, desc=f"tokenize {spec.name}") as bar:
+                    tqdm(total=total, unit="rec" if inputs.dataset else "B", unit_scale=True,
+                         desc=f"tokenize {spec.name}") as bar:
                 for part in results:
                     part["tokens"].astype(dtype, copy=False).tofile(out)
                     for name in arrays:
@@ -817,8 +1005,9 @@ class TokenStore:
             np.save(tmp / f"{name}.npy", np.concatenate(arrays[name]) if arrays[name] else np.zeros(0, dt))
         meta = {
             "version": STORE_VERSION, "source": spec.name, "dtype": np.dtype(dtype).name,
-            "files": [{"path": str(f), "format": file_info.get(i, ("?", "?"))[0],
-                       "encoding": file_info.get(i, ("?", "?"))[1]} for i, f in enumerate(files)],
+            "files": [{"path": inputs.label, "format": "hub", "encoding": "-"}] if inputs.dataset is not None
+            else [{"path": str(f), "format": file_info.get(i, ("?", "?"))[0],
+                   "encoding": file_info.get(i, ("?", "?"))[1]} for i, f in enumerate(inputs.files)],
             "n_docs": int(len(lengths)), "n_tokens": int(offsets[-1]),
             "counts": counts, "seconds": round(time.time() - start, 3), "key": key_material,
         }
@@ -835,11 +1024,11 @@ def _tokenize_star(args):
     return tokenize_chunk(*args)
 
 
-def store_key(spec: SourceConfig, files: list[Path], info: TokenizerInfo, digests: FileDigests) -> tuple[str, dict]:
+def store_key(spec: SourceConfig, inputs: SourceInput, info: TokenizerInfo, digests: FileDigests) -> tuple[str, dict]:
     material = {
         "version": STORE_VERSION,
         "text": spec.text_settings(),
-        "files": [digests(f) for f in files],
+        "input": inputs.identity(digests),
         "tokenizer": info.fingerprint,
         "bos": info.bos_id,
         "eos": info.eos_id,
@@ -848,18 +1037,18 @@ def store_key(spec: SourceConfig, files: list[Path], info: TokenizerInfo, digest
     return digest, material
 
 
-def load_or_build_store(spec: SourceConfig, files: list[Path], info: TokenizerInfo, cache_dir: Path,
+def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: TokenizerInfo, cache_dir: Path,
                         num_proc: int, digests: FileDigests) -> tuple[TokenStore, bool]:
-    """The store for these files and settings; returns (store, cache_hit)."""
-    key, material = store_key(spec, files, info, digests)
+    """The store for this input and these settings; returns (store, cache_hit)."""
+    key, material = store_key(spec, inputs, info, digests)
     directory = cache_dir / "token_stores" / f"{spec.name}-{key}"
     hit = (directory / "meta.json").exists()
     if not hit:
-        logger.info("source `%s`: tokenizing %d file(s) into %s", spec.name, len(files), directory)
-        TokenStore.build(directory, spec, files, info, num_proc, material)
+        logger.info("source `%s`: tokenizing %s into %s", spec.name, inputs.label, directory)
+        TokenStore.build(directory, spec, inputs, info, num_proc, material)
     store = TokenStore(directory)
     if store.n_docs == 0:
-        raise DataError(f"source `{spec.name}`: no text left in {', '.join(map(str, files))} "
+        raise DataError(f"source `{spec.name}`: no text left in {inputs.label} "
                         f"(counts: {store.meta['counts']}). Check `text_field` and the files' content.")
     return store, hit
 
@@ -923,6 +1112,55 @@ def split_documents(n_docs: int, eval_fraction: float, seed: int, name: str) -> 
     return np.flatnonzero(~eval_mask), np.flatnonzero(eval_mask)
 
 
+class MixedBlocks:
+    """The training blocks of all sources in one seeded order, each source holding its weight's
+    share of the blocks, which is its share of the tokens (every block has `block_size` tokens).
+
+    A source whose share needs more blocks than it has is repeated (its `epochs` > 1), a larger one
+    is subsampled. Sources are interleaved evenly (stratified keys), so every prefix of the order,
+    which is what a sequential sampler reads, holds each source's share to within a block or two.
+    """
+
+    def __init__(self, parts: dict[str, "PackedBlocks"], weights: dict[str, float] | None, seed: int):
+        self.names = list(parts)
+        self.parts = [parts[n] for n in self.names]
+        available = np.array([len(p) for p in self.parts], dtype=np.int64)
+        total = int(available.sum())
+        if weights is None:
+            counts = available.copy()
+        else:
+            share = np.array([weights[n] for n in self.names], dtype=np.float64)
+            exact = share / share.sum() * total
+            counts = np.floor(exact).astype(np.int64)
+            counts[np.argsort(counts - exact)[:total - counts.sum()]] += 1  # largest remainders
+            counts = np.maximum(counts, 1)
+        rng = np.random.default_rng([seed, 0x6D6978])
+        sources, blocks, keys = [], [], []
+        for i, (have, want) in enumerate(zip(available, counts)):
+            repeats, rest = divmod(int(want), int(have))
+            ids = np.concatenate([np.tile(np.arange(have), repeats), rng.choice(have, rest, replace=False)])
+            sources.append(np.full(want, i, dtype=np.int32))
+            blocks.append(rng.permutation(ids))
+            keys.append((np.arange(want) + rng.random(want)) / want)
+        order = np.argsort(np.concatenate(keys), kind="stable")
+        self.source_ids = np.concatenate(sources)[order]
+        self.block_ids = np.concatenate(blocks)[order]
+        self.counts, self.available = counts, available
+        self.epochs = counts / available
+
+    def __len__(self) -> int:
+        return len(self.source_ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.parts[self.source_ids[index]][int(self.block_ids[index])]
+
+    def shares(self, consumed: int) -> dict[str, float]:
+        """Each source's share of the first `consumed` blocks read (passes over the order wrap)."""
+        passes, rest = divmod(max(consumed, 0), len(self))
+        seen = passes * self.counts + np.bincount(self.source_ids[:rest], minlength=len(self.names))
+        return {n: float(c) / max(consumed, 1) for n, c in zip(self.names, seen)}
+
+
 def first_occurrences(hashes: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Exact dedup: ids of the first copy of each text that is not in `seen` (earlier sources).
     Returns (ids in original order, duplicates within, duplicates of earlier sources)."""
@@ -964,8 +1202,8 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
     seen = np.zeros(0, dtype=np.uint64)
     plans = []  # (spec, files, store, hit, train_ids, eval store, eval_ids, duplicates)
     for spec in specs:
-        files = resolve_files(spec.path, spec.name)
-        store, hit = load_or_build_store(spec, files, info, cache_dir, num_proc, digests)
+        store, hit = load_or_build_store(spec, SourceInput.open(spec, cache_dir=cache_dir), info, cache_dir,
+                                         num_proc, digests)
         ids, within, across = (first_occurrences(store.doc_hashes, seen) if dedup
                                else (np.arange(store.n_docs), 0, 0))
         if len(ids) == 0:
@@ -974,8 +1212,8 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
         seen = np.concatenate([seen, store.doc_hashes[ids]])
         duplicates = {"within_source": within, "across_sources": across, "eval_of_train": 0}
         eval_store, eval_ids = None, np.zeros(0, dtype=np.int64)
-        if spec.eval_path:
-            eval_store, eval_hit = load_or_build_store(spec, resolve_files(spec.eval_path, spec.name), info,
+        if spec.eval_path or spec.eval_split:
+            eval_store, eval_hit = load_or_build_store(spec, SourceInput.open(spec, True, cache_dir), info,
                                                        cache_dir, num_proc, digests)
             hit, train_ids = hit and eval_hit, ids
         else:
@@ -983,18 +1221,17 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
             train_pos, eval_pos = split_documents(len(ids), fraction, seed, spec.name)
             train_ids, eval_ids = ids[train_pos], ids[eval_pos]
             eval_store = store if len(eval_ids) else None
-        plans.append([spec, files, store, hit, train_ids, eval_store, eval_ids, duplicates])
-    train_hashes = np.concatenate([p[2].doc_hashes[p[4]] for p in plans])
-    for plan in plans:  # explicit eval files: drop what the model trains on
-        spec, _, store, _, _, eval_store, _, duplicates = plan
-        if spec.eval_path:
+        plans.append([spec, store, hit, train_ids, eval_store, eval_ids, duplicates])
+    train_hashes = np.concatenate([p[1].doc_hashes[p[3]] for p in plans])
+    for plan in plans:  # explicit eval data: drop what the model trains on
+        spec, store, _, _, eval_store, _, duplicates = plan
+        if spec.eval_path or spec.eval_split:
             ids, _, of_train = (first_occurrences(eval_store.doc_hashes, train_hashes) if dedup
                                 else (np.arange(eval_store.n_docs), 0, 0))
-            plan[6], duplicates["eval_of_train"] = ids, of_train
+            plan[5], duplicates["eval_of_train"] = ids, of_train
 
-    train_parts, evals, report_sources = [], {}, {}
-    total_train_tokens = 0
-    for spec, files, store, hit, train_ids, eval_store, eval_ids, duplicates in plans:
+    train_parts, evals, report_sources = {}, {}, {}
+    for spec, store, hit, train_ids, eval_store, eval_ids, duplicates in plans:
         train = PackedBlocks(store, train_ids, block_size)
         if len(train) == 0:
             raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens make no block of "
@@ -1006,8 +1243,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
                                 f"one block of {block_size}. Raise `eval_fraction`, give `eval_path`, or lower "
                                 "`block_size`.")
             evals[spec.name] = held_out
-        train_parts.append(train)
-        total_train_tokens += len(train) * block_size
+        train_parts[spec.name] = train
         kept_chars = int(store.doc_chars[train_ids].sum()) + (
             int(eval_store.doc_chars[eval_ids].sum()) if held_out is not None else 0)
         documents = len(train_ids) + (len(eval_ids) if held_out is not None else 0)
@@ -1025,15 +1261,23 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
         logger.info("source `%s`: %s, %d docs (%d duplicates removed), %d tokens -> %d train blocks, %d eval blocks",
                     spec.name, "cache hit" if hit else "tokenized", documents,
                     sum(duplicates.values()), tokens, len(train), report_sources[spec.name]["eval_blocks"])
-    for name, part in zip(report_sources, train_parts):
-        report_sources[name]["share_of_training_tokens"] = round(len(part) * block_size / total_train_tokens, 4)
     digests.save()
-    from torch.utils.data import ConcatDataset
-
-    train_set = train_parts[0] if len(train_parts) == 1 else ConcatDataset(train_parts)
+    weights = {s.name: s.weight for s in specs} if specs[0].weight is not None else None
+    train_set = MixedBlocks(train_parts, weights, seed)
+    max_epochs = getattr(data_args, "max_source_epochs", 4.0)
+    for i, name in enumerate(train_set.names):
+        report_sources[name].update(
+            weight=weights[name] if weights else None, mixture_blocks=int(train_set.counts[i]),
+            share_of_training_tokens=round(float(train_set.counts[i]) / len(train_set), 4),
+            epochs_per_mixture=round(float(train_set.epochs[i]), 3))
+        if train_set.epochs[i] > max_epochs:
+            logger.warning("source `%s`: its weight repeats its %d blocks %.1f times per pass over the mixture "
+                           "(more than max_source_epochs %s): the model may memorise it. Lower its weight or add "
+                           "data.", name, train_set.available[i], train_set.epochs[i], max_epochs)
     report = {
         "block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
         "dedup": dedup, "train_blocks": len(train_set), "train_tokens": len(train_set) * block_size,
+        "mixture": "token weights" if weights else "natural sizes",
         "seconds": round(time.time() - start, 3), "sources": report_sources,
     }
     return PreparedData(train_set, evals, report)
@@ -1089,11 +1333,11 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
 
     specs = parse_sources(sources)
     digests = FileDigests(Path(cache_dir))
-    files_per_spec = [(spec, resolve_files(spec.path, spec.name)) for spec in specs]
+    inputs_per_spec = [(spec, SourceInput.open(spec, cache_dir=Path(cache_dir))) for spec in specs]
     settings = {"vocab_size": vocab_size, "model_type": model_type, "character_coverage": character_coverage,
                 "max_chars": max_chars, "sentencepiece": spm.__version__, "version": STORE_VERSION}
     material = {"settings": settings, "sources": [
-        {"text": spec.text_settings(), "files": [digests(f) for f in files]} for spec, files in files_per_spec]}
+        {"text": spec.text_settings(), "input": inputs.identity(digests)} for spec, inputs in inputs_per_spec]}
     digests.save()
     key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
     out_dir = Path(cache_dir) / "tokenizers" / f"sp-{model_type}-{vocab_size}-{key}"
@@ -1106,7 +1350,7 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
     try:
         corpus, written = tmp / "corpus.txt", 0
         with open(corpus, "w", encoding="utf-8") as f:
-            for text in itertools.chain.from_iterable(iter_texts(s, fs) for s, fs in files_per_spec):
+            for text in itertools.chain.from_iterable(iter_texts(s, fs) for s, fs in inputs_per_spec):
                 f.write(text + "\n")  # SentencePiece reads one sentence per line
                 written += len(text)
                 if written >= max_chars:

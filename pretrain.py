@@ -69,6 +69,13 @@ class DataArguments:
         "help": "Tokenizer processes. Unset: min(8, CPU count)."})
     dedup: bool = field(default=True, metadata={
         "help": "Exact dedup of texts within and across sources and between train and eval."})
+    max_source_epochs: float = field(default=4.0, metadata={
+        "help": "Warn when a source's weight repeats its data more often than this per pass over the mixture."})
+    max_train_tokens: int | None = field(default=None, metadata={
+        "help": "Token budget: sets max_steps to ceil(budget / tokens per step)."})
+    forgetting_threshold_pct: float = field(default=10.0, metadata={
+        "help": "Warn when a `watch_forgetting` source's eval perplexity rises this many percent over its "
+                "step-0 baseline."})
 
     def __post_init__(self):
         if isinstance(self.sources, str):
@@ -97,6 +104,8 @@ class PretrainingArguments(TrainingArguments):
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most N checkpoints."})
     report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard | none | wandb ..."})
+    train_sampling_strategy: str = field(default="sequential", metadata={
+        "help": "sequential: read the seeded, evenly mixed block order of data_utils.MixedBlocks as is."})
     ddp_timeout: int = field(default=7200, metadata={"help": "Collective timeout in seconds."})
     mixed_precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | no"})
@@ -273,6 +282,10 @@ class PretrainTrainer(Trainer):
                 logs["tokens_per_second"] = round((step - last_step) * self.tokens_per_step / (now - last_time), 1)
             logs["tokens_seen"] = step * self.tokens_per_step
             self._last_log = (step, now)
+            if isinstance(self.train_dataset, data_utils.MixedBlocks):  # the achieved mixture so far
+                consumed = step * self.tokens_per_step // self.train_dataset.parts[0].block_size
+                for name, share in self.train_dataset.shares(consumed).items():
+                    logs[f"mix_{name}"] = round(share, 4)
         super().log(logs, start_time)
 
 
@@ -287,6 +300,27 @@ class LossCurveCallback(TrainerCallback):
             plot_loss_curve(state.log_history, self.path)
 
     on_train_end = on_evaluate
+
+
+class ForgettingCallback(TrainerCallback):
+    """Warns when a watched source's eval perplexity rises more than `threshold_pct` over its first
+    (step-0) value: the sign that domain training is costing general ability."""
+
+    def __init__(self, sources: list[str], threshold_pct: float):
+        self.sources, self.threshold_pct, self.baseline = sources, threshold_pct, {}
+        self.changes: dict[str, float] = {}
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        for name in self.sources:
+            ppl = (metrics or {}).get(f"eval_{name}_ppl")
+            if ppl is None:
+                continue
+            base = self.baseline.setdefault(name, ppl)
+            self.changes[name] = round(100 * (ppl / base - 1), 2)
+            if self.changes[name] > self.threshold_pct and state.is_world_process_zero:
+                logger.warning("forgetting: eval_%s_ppl %.2f is %.1f%% above its baseline %.2f (threshold %s%%) at "
+                               "step %d. Raise this source's weight (replay) or lower the learning rate.", name,
+                               ppl, self.changes[name], base, self.threshold_pct, state.global_step)
 
 
 def plot_loss_curve(history: list[dict], path: Path) -> None:
@@ -404,13 +438,18 @@ def train(argv: list[str]) -> dict:
         training_args.eval_strategy, training_args.eval_on_start = "no", False
     tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                        * training_args.world_size * data_args.block_size)
+    if data_args.max_train_tokens:
+        training_args.max_steps = math.ceil(data_args.max_train_tokens / tokens_per_step)
+        logger.info("token budget %d: max_steps %d", data_args.max_train_tokens, training_args.max_steps)
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %d tokens per optimizer step", n_params / 1e6, tokens_per_step)
 
+    watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting and s.name in data.eval]
+    forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=default_data_collator, processing_class=tokenizer,
-        callbacks=[LossCurveCallback(training_args.output_dir)], tokens_per_step=tokens_per_step)
+        callbacks=[LossCurveCallback(training_args.output_dir), forgetting], tokens_per_step=tokens_per_step)
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     final_eval = trainer.evaluate() if data.eval else {}
 
@@ -427,7 +466,10 @@ def train(argv: list[str]) -> dict:
             "tokens_per_second": round(trainer.state.global_step * tokens_per_step
                                        / max(result.metrics.get("train_runtime", 0), 1e-9), 1),
         },
-        "eval": {"before_training": eval_at_step(history, 0), "final": loss_and_ppl(final_eval)},
+        "eval": {"before_training": eval_at_step(history, 0), "final": loss_and_ppl(final_eval),
+                 "ppl_change_pct_over_baseline": forgetting.changes},
+        "mixture": {"planned": {n: s["share_of_training_tokens"] for n, s in data.report["sources"].items()},
+                    "achieved": data.train.shares(trainer.state.global_step * tokens_per_step // data_args.block_size)},
         "model": {"parameters": n_params, "vocab_size": model.config.vocab_size, "block_size": data_args.block_size},
     }
     if trainer.is_world_process_zero():

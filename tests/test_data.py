@@ -138,22 +138,22 @@ def test_store_keeps_every_token_in_order_with_eos_after_each_document(tmp_path,
     expected = []
     for doc in docs:
         expected += tokenizer(doc, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    store = data.train.store
+    store = data.train.parts[0].store
     assert store.tokens.dtype == np.uint16  # the vocabulary fits
     assert store.tokens.tolist() == expected
     assert store.n_docs == len(docs)
     assert all(store.doc(i)[-1] == tokenizer.eos_token_id for i in range(store.n_docs))
     # packing: blocks are consecutive windows over the stream, no padding, only the tail is unused
-    blocks = np.concatenate([data.train[i]["input_ids"].numpy() for i in range(len(data.train))])
-    assert blocks.tolist() == expected[:len(data.train) * 16]
-    assert data.train.unused_tail_tokens == len(expected) % 16 < 16
-    assert all(data.train[i]["input_ids"].shape == (16,) for i in range(len(data.train)))
+    blocks = np.concatenate([data.train.parts[0][i]["input_ids"].numpy() for i in range(len(data.train.parts[0]))])
+    assert blocks.tolist() == expected[:len(data.train.parts[0]) * 16]
+    assert data.train.parts[0].unused_tail_tokens == len(expected) % 16 < 16
+    assert all(data.train.parts[0][i]["input_ids"].shape == (16,) for i in range(len(data.train.parts[0])))
 
 
 def test_bos_policy(tmp_path, tokenizer):
     path = make_text_corpus(tmp_path / "d", repeat=1)
     data = build(tmp_path, tokenizer, [{"path": str(path)}], add_bos="always")
-    store = data.train.store
+    store = data.train.parts[0].store
     assert all(store.doc(i)[0] == tokenizer.bos_token_id for i in range(store.n_docs))
     # auto follows the tokenizer: the trained SentencePiece tokenizer does not add BOS itself
     assert data_utils.resolve_bos(tokenizer, "auto") is None
@@ -162,10 +162,10 @@ def test_bos_policy(tmp_path, tokenizer):
 def test_eval_split_is_by_document_and_disjoint(tmp_path, tokenizer):
     path = make_text_corpus(tmp_path / "d", repeat=10)
     data = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}], eval_fraction=0.2)
-    train_ids, eval_ids = set(data.train.doc_ids.tolist()), set(data.eval["c"].doc_ids.tolist())
+    train_ids, eval_ids = set(data.train.parts[0].doc_ids.tolist()), set(data.eval["c"].doc_ids.tolist())
     assert not train_ids & eval_ids
-    assert len(train_ids | eval_ids) == data.train.store.n_docs
-    assert len(eval_ids) == round(0.2 * data.train.store.n_docs)
+    assert len(train_ids | eval_ids) == data.train.parts[0].store.n_docs
+    assert len(eval_ids) == round(0.2 * data.train.parts[0].store.n_docs)
     again = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}], eval_fraction=0.2)
     assert again.eval["c"].doc_ids.tolist() == data.eval["c"].doc_ids.tolist()  # seeded
 
@@ -174,8 +174,8 @@ def test_explicit_eval_files(tmp_path, tokenizer):
     train = make_text_corpus(tmp_path / "t", repeat=4)
     held = make_jsonl_corpus(tmp_path / "e", repeat=4)
     data = build(tmp_path, tokenizer, [{"path": str(train), "eval_path": str(held), "name": "c"}])
-    assert data.train.store.n_docs == 4 * len(ZH_LINES) == len(data.train.doc_ids)
-    assert data.eval["c"].store.dir != data.train.store.dir
+    assert data.train.parts[0].store.n_docs == 4 * len(ZH_LINES) == len(data.train.parts[0].doc_ids)
+    assert data.eval["c"].store.dir != data.train.parts[0].store.dir
 
 
 def test_eval_split_smaller_than_a_block_is_an_error(tmp_path, tokenizer):
@@ -195,7 +195,7 @@ def test_second_run_is_a_cache_hit_without_tokenization(tmp_path, tokenizer, mon
     monkeypatch.setattr(data_utils.TokenStore, "build", no_tokenizing)
     second = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}])
     assert second.report["sources"]["c"]["cache"] == "hit"
-    assert second.train.store.dir == first.train.store.dir
+    assert second.train.parts[0].store.dir == first.train.parts[0].store.dir
 
 
 def test_any_changed_input_rebuilds(tmp_path, tokenizer, tokenizer_dir):
@@ -204,18 +204,18 @@ def test_any_changed_input_rebuilds(tmp_path, tokenizer, tokenizer_dir):
     path = make_jsonl_corpus(tmp_path / "d", repeat=3)
     base = [{"path": str(path), "name": "c"}]
     first = build(tmp_path, tokenizer, base)
-    store_dir = first.train.store.dir
+    store_dir = first.train.parts[0].store.dir
     # a file's content
     with open(path, "a", encoding="utf-8") as f:
         f.write(json.dumps({"text": "新增的一条记录"}, ensure_ascii=False) + "\n")
     changed_file = build(tmp_path, tokenizer, base)
     assert changed_file.report["sources"]["c"]["cache"] == "built"
-    assert changed_file.train.store.dir != store_dir
-    assert changed_file.train.store.n_docs == first.train.store.n_docs + 1
+    assert changed_file.train.parts[0].store.dir != store_dir
+    assert changed_file.train.parts[0].store.n_docs == first.train.parts[0].store.n_docs + 1
     # the formatting (a template)
     changed_field = build(tmp_path, tokenizer, [{"path": str(path), "name": "c",
                                                  "template": {"type": "format", "format": "病例：{text}"}}])
-    assert changed_field.train.store.dir not in (store_dir, changed_file.train.store.dir)
+    assert changed_field.train.parts[0].store.dir not in (store_dir, changed_file.train.parts[0].store.dir)
     # the tokenizer
     other = AutoTokenizer.from_pretrained(tokenizer_dir)
     other.add_tokens(["高血压"])
@@ -224,7 +224,7 @@ def test_any_changed_input_rebuilds(tmp_path, tokenizer, tokenizer_dir):
     # the block size re-packs the same store: new blocks, no new tokenization
     repacked = build(tmp_path, tokenizer, base, block_size=8)
     assert repacked.report["sources"]["c"]["cache"] == "hit"
-    assert len(repacked.train) == changed_file.train.n_tokens // 8 != len(changed_file.train)
+    assert len(repacked.train.parts[0]) == changed_file.train.parts[0].n_tokens // 8 != len(changed_file.train.parts[0])
 
 
 def test_interrupted_build_is_never_taken_as_complete(tmp_path, tokenizer, monkeypatch):
@@ -248,8 +248,8 @@ def test_parallel_workers_give_the_same_store(tmp_path, tokenizer, monkeypatch):
     monkeypatch.setattr(data_utils, "CHUNK_LINES", 16)
     serial = build(tmp_path / "a", tokenizer, [{"path": str(path)}], preprocessing_num_workers=1)
     parallel = build(tmp_path / "b", tokenizer, [{"path": str(path)}], preprocessing_num_workers=2)
-    assert parallel.train.store.tokens.tolist() == serial.train.store.tokens.tolist()
-    assert parallel.train.store.offsets.tolist() == serial.train.store.offsets.tolist()
+    assert parallel.train.parts[0].store.tokens.tolist() == serial.train.parts[0].store.tokens.tolist()
+    assert parallel.train.parts[0].store.offsets.tolist() == serial.train.parts[0].store.offsets.tolist()
 
 
 def test_several_sources_are_all_trained_on(tmp_path, tokenizer):
@@ -257,6 +257,7 @@ def test_several_sources_are_all_trained_on(tmp_path, tokenizer):
     b = make_jsonl_corpus(tmp_path / "b", repeat=3)
     data = build(tmp_path, tokenizer, [{"path": str(a), "name": "a"}, {"path": str(b), "name": "b"}])
     report = data.report["sources"]
-    assert len(data.train) == report["a"]["train_blocks"] + report["b"]["train_blocks"]
+    assert len(data.train) == report["a"]["train_blocks"] + report["b"]["train_blocks"]  # natural sizes
+    assert set(data.train.source_ids.tolist()) == {0, 1}
     with pytest.raises(DataError, match="Two sources are named `a`"):
         build(tmp_path, tokenizer, [{"path": str(a), "name": "a"}, {"path": str(b), "name": "a"}])

@@ -1,0 +1,160 @@
+"""Token-weighted mixing, hub sources through a local fixture in hub layout, offline failures,
+wikitext article grouping."""
+import json
+import logging
+import os
+import time
+import types
+
+import numpy as np
+import pytest
+
+import data_utils
+from data_utils import DataError
+from conftest import ROOT, ZH_LINES, make_jsonl_corpus, make_text_corpus
+
+
+def data_args(tmp_path, sources, **overrides):
+    fields = dict(sources=sources, block_size=4, eval_fraction=0.0, add_bos="never", dedup=True,
+                  cache_dir=str(tmp_path / "cache"), preprocessing_num_workers=1, max_source_epochs=4.0)
+    fields.update(overrides)
+    return types.SimpleNamespace(**fields)
+
+
+def build(tmp_path, tokenizer, sources, **overrides):
+    args = data_args(tmp_path, sources, **overrides)
+    return data_utils.build_datasets(args, tokenizer, args.block_size, seed=3)
+
+
+def make_hub_fixture(root, rows=None, eval_rows=None):
+    """A dataset directory in hub layout: parquet files per config/split and a README with `configs:`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = rows or [f"{line}（第{i}段）" for i in range(12) for line in ZH_LINES]
+    eval_rows = eval_rows or [f"验证集第{i}条：{ZH_LINES[i % len(ZH_LINES)]}" for i in range(10)]
+    (root / "pretrain").mkdir(parents=True)
+    pq.write_table(pa.table({"text": rows}), root / "pretrain" / "train-00000-of-00001.parquet")
+    pq.write_table(pa.table({"text": eval_rows}), root / "pretrain" / "validation-00000-of-00001.parquet")
+    (root / "README.md").write_text(
+        "---\nconfigs:\n- config_name: pretrain\n  data_files:\n  - split: train\n    path: pretrain/train-*.parquet\n"
+        "  - split: validation\n    path: pretrain/validation-*.parquet\n---\n# fixture\n", encoding="utf-8")
+    return root
+
+
+# ------------------------------------------------------------------------------ mixing
+def test_achieved_token_shares_follow_the_weights(tmp_path, tokenizer):
+    big = make_text_corpus(tmp_path / "big", repeat=60)
+    small = make_jsonl_corpus(tmp_path / "small", repeat=12)
+    data = build(tmp_path, tokenizer, [{"name": "general", "path": str(big), "weight": 0.3},
+                                       {"name": "medical", "path": str(small), "weight": 0.7}])
+    mixed = data.train
+    assert len(mixed) >= 2000
+    for consumed in (200, 2000, len(mixed)):
+        shares = mixed.shares(consumed)
+        assert shares["medical"] == pytest.approx(0.7, abs=0.02), consumed
+        assert shares["general"] == pytest.approx(0.3, abs=0.02), consumed
+    # what the model reads: every item is a full block of its source, no padding
+    counted = np.bincount(mixed.source_ids[:2000], minlength=2) / 2000
+    assert counted[1] == pytest.approx(0.7, abs=0.02)
+    assert all(mixed[i]["input_ids"].shape == (4,) for i in range(50))
+    report = data.report["sources"]
+    assert report["medical"]["epochs_per_mixture"] > 1 > report["general"]["epochs_per_mixture"]  # repeat / subsample
+    again = build(tmp_path, tokenizer, [{"name": "general", "path": str(big), "weight": 0.3},
+                                        {"name": "medical", "path": str(small), "weight": 0.7}])
+    assert again.train.block_ids.tolist() == mixed.block_ids.tolist()  # seeded
+
+
+def test_heavy_repetition_warns(tmp_path, tokenizer, caplog):
+    big = make_text_corpus(tmp_path / "big", repeat=60)
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("极少量的医学文本，重复很多次。\n", encoding="utf-8")
+    with caplog.at_level(logging.WARNING, logger="data_utils"):
+        build(tmp_path, tokenizer, [{"name": "general", "path": str(big), "weight": 0.5},
+                                    {"name": "tiny", "path": str(tiny), "weight": 0.5}])
+    assert "source `tiny`" in caplog.text and "max_source_epochs" in caplog.text
+
+
+@pytest.mark.parametrize("weights,message", [
+    ((0, 1), "weight must be a number above 0"),
+    ((-1, 1), "weight must be a number above 0"),
+    ((0.5, None), "have a `weight` but b do not"),
+])
+def test_bad_weights_are_clear_errors(tmp_path, weights, message):
+    sources = [{"name": n, "path": "x", **({"weight": w} if w is not None else {})} for n, w in zip("ab", weights)]
+    with pytest.raises(DataError, match=message):
+        data_utils.parse_sources(sources)
+
+
+# ------------------------------------------------------------------------------ hub sources
+def test_hub_layout_directory_goes_through_load_dataset(tmp_path, tokenizer):
+    hub = make_hub_fixture(tmp_path / "medical")
+    data = build(tmp_path, tokenizer, [{"name": "med", "hub": str(hub), "hub_config": "pretrain",
+                                        "eval_split": "validation"}], block_size=16)
+    report = data.report["sources"]["med"]
+    assert report["records"] == 12 * len(ZH_LINES) == report["train_documents"]
+    assert report["eval_documents"] == 10 and report["documents"] == 12 * len(ZH_LINES) + 10
+    assert report["files"][0]["format"] == "hub"
+    assert data.eval["med"].store.n_docs == 10
+    again = build(tmp_path, tokenizer, [{"name": "med", "hub": str(hub), "hub_config": "pretrain",
+                                         "eval_split": "validation"}], block_size=16)
+    assert again.report["sources"]["med"]["cache"] == "hit"
+
+
+@pytest.mark.parametrize("override,message", [
+    ({"hub_config": "pretrainx"}, r"BuilderConfig 'pretrainx' not found.*Available: \['pretrain'\]"),
+    ({"split": "test"}, r"Unknown split \"test\""),
+])
+def test_unknown_config_or_split(tmp_path, tokenizer, override, message):
+    hub = make_hub_fixture(tmp_path / "medical")
+    source = {"name": "med", "hub": str(hub), "hub_config": "pretrain", **override}
+    with pytest.raises(DataError, match=message):
+        build(tmp_path, tokenizer, [source])
+
+
+@pytest.mark.parametrize("env", [{"HF_HUB_OFFLINE": "1"}, {"HF_ENDPOINT": "http://127.0.0.1:9"}],
+                         ids=["offline", "unreachable-endpoint"])
+def test_unreachable_hub_fails_fast_with_the_three_fixes(tmp_path, tokenizer, monkeypatch, env):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    start = time.time()
+    with pytest.raises(DataError) as err:
+        build(tmp_path, tokenizer, [{"name": "med", "hub": "nobody/no-such-dataset", "hub_config": "pretrain"}])
+    assert time.time() - start < 5
+    message = str(err.value)
+    assert "nobody/no-such-dataset" in message
+    assert "HF_ENDPOINT" in message and "hf download --repo-type dataset nobody/no-such-dataset" in message
+    assert "`path:`" in message
+
+
+# ------------------------------------------------------------------------------ wikitext
+def test_wikitext_lines_become_whole_articles(tmp_path, tokenizer):
+    text = (" \n = Alpha = \n \n Alpha is a letter . \n \n = = History = = \n \n It is old . \n"
+            " = Beta = \n \n Beta follows alpha . \n")
+    path = tmp_path / "wiki.txt"
+    path.write_text(text, encoding="utf-8")
+    spec = data_utils.SourceConfig.from_dict({"path": str(path), "group": "wikitext_articles", "format": "text"}, 0)
+    assert list(data_utils.iter_texts(spec)) == [
+        "= Alpha =\nAlpha is a letter .\n= = History = =\nIt is old .", "= Beta =\nBeta follows alpha ."]
+
+
+def test_wikitext_grouping_on_the_real_file(tmp_path):
+    valid = ROOT.parent / "shared" / "corpora" / "wikitext2_tokens" / "valid.txt"
+    if not valid.exists():
+        pytest.skip("../shared/corpora is not present")
+    spec = data_utils.SourceConfig.from_dict({"path": str(valid), "group": "wikitext_articles",
+                                              "format": "text"}, 0)
+    articles = list(data_utils.iter_texts(spec))
+    assert len(articles) == 60  # the file's 60 top-level headings
+    assert all(a.startswith("= ") and "\n" in a for a in articles)
+
+
+def test_two_local_hub_directories_with_one_name_do_not_share_a_cache(tmp_path, tokenizer):
+    """`datasets` keys local directories by name and config only; the toolkit keys them by content."""
+    first = make_hub_fixture(tmp_path / "a" / "medical", rows=[f"第一份数据，第{i}条。" for i in range(30)])
+    second = make_hub_fixture(tmp_path / "b" / "medical", rows=[f"第二份数据的记录{i}号。" for i in range(40)])
+    one = build(tmp_path, tokenizer, [{"name": "m", "hub": str(first), "hub_config": "pretrain"}])
+    two = build(tmp_path, tokenizer, [{"name": "m", "hub": str(second), "hub_config": "pretrain"}])
+    assert one.report["sources"]["m"]["records"] == 30
+    assert two.report["sources"]["m"]["records"] == 40
