@@ -229,12 +229,58 @@ def offline_hub():
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
+PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
+HF_URL = re.compile(r"hf://datasets/([^/@]+/[^/@]+)(?:@[^/]+)?/(.+)")
+
+
+def hub_repo_id(hub: str, data_files: Any) -> str:
+    """The dataset repository a hub source reads: the id itself, or the repo of `hf://` data files."""
+    if hub not in PACKAGED_BUILDERS:
+        return hub
+    urls = data_files if isinstance(data_files, list) else list(data_files.values()) if isinstance(
+        data_files, dict) else [data_files]
+    for url in itertools.chain.from_iterable(u if isinstance(u, list) else [u] for u in urls):
+        match = HF_URL.match(str(url))
+        if match:
+            return match.group(1)
+    return hub
+
+
+def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[Any, list[str]]:
+    """Point hub sources at local snapshots where `hub_local_dir/OWNER/NAME` exists (what
+    `hf download --repo-type dataset OWNER/NAME --local-dir hub_local_dir/OWNER/NAME` makes), `hf://`
+    data files at the files inside it. Returns the sources and a line per substitution."""
+    if not hub_local_dir or not isinstance(raw_sources, list):
+        return raw_sources, []
+    root, done, out = Path(os.path.expanduser(hub_local_dir)), [], []
+    for raw in raw_sources:
+        hub = raw.get("hub") if isinstance(raw, dict) else None
+        local = root / hub_repo_id(hub, raw.get("data_files")) if hub else None
+        if local is None or not local.is_dir() or Path(hub).is_dir():
+            out.append(raw)
+            continue
+        raw = dict(raw)
+        if hub in PACKAGED_BUILDERS:
+            def to_local(url):
+                match = HF_URL.match(str(url))
+                return str(local / match.group(2)) if match else url
+            files = raw["data_files"]
+            raw["data_files"] = ({k: [to_local(u) for u in v] if isinstance(v, list) else to_local(v)
+                                  for k, v in files.items()} if isinstance(files, dict)
+                                 else [to_local(u) for u in files] if isinstance(files, list) else to_local(files))
+        else:
+            raw["hub"] = str(local)
+        done.append(f"{hub_repo_id(hub, raw.get('data_files'))} -> {local}")
+        out.append(raw)
+    return out, done
+
+
 def unreachable_message(name: str, error: Exception | str) -> str:
     return (f"hub dataset `{name}` cannot be loaded: the hub ({hub_endpoint()}) is unreachable or offline and "
             f"the dataset is not in the local cache ({error}). Fixes: (1) set HF_ENDPOINT to a reachable mirror, "
             f"e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first where there is network: "
-            f"`hf download --repo-type dataset {name} --local-dir DIR`, then set `hub: DIR`; (3) point `path:` "
-            "at a local copy of its files.")
+            f"`hf download --repo-type dataset {name} --local-dir data/hub/{name}` (found there automatically "
+            f"through `hub_local_dir`); (3) point `path:` at a local copy of its files.")
 
 
 def local_hub_files(directory: Path) -> list[Path]:
@@ -267,7 +313,7 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
         raise DataError(f"source `{spec.name}`: hub dataset `{name}`: {e}. Fix `hub_config` / `split`.") from None
     except (ConnectionError, OSError) as e:
         if not local:
-            raise DataError(unreachable_message(name, e)) from None
+            raise DataError(unreachable_message(hub_repo_id(name, spec.data_files), e)) from None
         raise DataError(f"source `{spec.name}`: local hub directory `{name}` cannot be read: {e}") from None
 
 
@@ -1161,6 +1207,111 @@ class MixedBlocks:
         return {n: float(c) / max(consumed, 1) for n, c in zip(self.names, seen)}
 
 
+class StreamedSource:
+    """A streaming source's training blocks, tokenized and packed on the fly: the same documents,
+    tokens and block boundaries as its token store would give (dedup within the stream only), with
+    nothing materialised but a hash per document seen."""
+
+    def __init__(self, spec: SourceConfig, info: TokenizerInfo, block_size: int, dedup: bool,
+                 cache_dir: Path | None = None):
+        self.spec, self.info, self.block_size, self.dedup, self.cache_dir = spec, info, block_size, dedup, cache_dir
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        prefix = [self.info.bos_id] if self.info.bos_id is not None else []
+        seen: set[int] = set()
+        pending = np.zeros(0, dtype=np.uint32)
+        for chunk in read_chunks(SourceInput.open(self.spec, cache_dir=self.cache_dir), self.spec):
+            texts, _, _ = format_chunk(self.spec, chunk)
+            if self.dedup:
+                fresh = []
+                for text in texts:
+                    h = text_hash(text)
+                    if h not in seen:
+                        seen.add(h)
+                        fresh.append(text)
+                texts = fresh
+            if not texts:
+                continue
+            docs = [prefix + ids + [self.info.eos_id] for ids in _encode(self.info, texts)]
+            pending = np.concatenate([pending, np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32)])
+            n_blocks = len(pending) // self.block_size
+            for i in range(n_blocks):
+                yield pending[i * self.block_size:(i + 1) * self.block_size]
+            pending = pending[n_blocks * self.block_size:]
+
+
+class ShuffledBlocks:
+    """A map-style source inside a streaming mixture: its blocks in a new seeded order each pass."""
+
+    def __init__(self, blocks: "PackedBlocks", seed: int):
+        self.blocks, self.seed, self.passes = blocks, seed, 0
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        order = np.random.default_rng([self.seed, self.passes]).permutation(len(self.blocks))
+        self.passes += 1
+        return (self.blocks.block_tokens(int(i)) for i in order)
+
+
+class StreamingMixture:
+    """Blocks from several sources, at least one streaming, mixed by token weight on the fly.
+
+    Each next block comes from the source furthest below its share of the blocks produced so far
+    (deficit round robin), so the mixture holds the weights to within a block at every point with
+    no randomness in the choice; a source that runs out starts its next pass, with a warning past
+    `max_epochs` passes."""
+
+    def __init__(self, sources: dict[str, Any], weights: dict[str, float], max_epochs: float):
+        self.names = list(sources)
+        self.sources = [sources[n] for n in self.names]
+        share = np.array([weights[n] for n in self.names], dtype=np.float64)
+        self.share = share / share.sum()
+        self.max_epochs = max_epochs
+        self.produced = np.zeros(len(self.names), dtype=np.int64)
+
+    def __iter__(self) -> Iterator[dict]:
+        import torch
+
+        iters = [iter(s) for s in self.sources]
+        passes = np.ones(len(self.sources), dtype=np.int64)
+        self.produced[:] = 0
+        while True:
+            i = int(np.argmax(self.share * (self.produced.sum() + 1) - self.produced))
+            block = next(iters[i], None)
+            if block is None:
+                passes[i] += 1
+                if passes[i] == int(self.max_epochs) + 1:
+                    logger.warning("source `%s` started pass %d over its data (more than max_source_epochs %s): "
+                                   "lower its weight or add data.", self.names[i], passes[i], self.max_epochs)
+                iters[i] = iter(self.sources[i])
+                block = next(iters[i], None)
+                if block is None:
+                    raise DataError(f"source `{self.names[i]}` yields no block of the block size.")
+            self.produced[i] += 1
+            ids = torch.from_numpy(np.asarray(block, dtype=np.int64))
+            yield {"input_ids": ids, "labels": ids.clone()}
+
+    def shares(self, consumed: int = 0) -> dict[str, float]:
+        """Each source's share of the blocks produced so far (read ahead by the data loader)."""
+        total = max(int(self.produced.sum()), 1)
+        return {n: float(c) / total for n, c in zip(self.names, self.produced)}
+
+    def as_torch_dataset(self):
+        """This mixture as a torch IterableDataset (torch's DataLoader treats only those as streams).
+        torch is imported here, not when data_utils is, so tokenizer worker processes start fast."""
+        import torch
+
+        mixture = self
+
+        class MixtureStream(torch.utils.data.IterableDataset):
+            def __iter__(self):
+                return iter(mixture)
+
+            def shares(self, consumed: int = 0) -> dict[str, float]:
+                return mixture.shares(consumed)
+
+        return MixtureStream()
+
+
 def first_occurrences(hashes: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, int, int]:
     """Exact dedup: ids of the first copy of each text that is not in `seen` (earlier sources).
     Returns (ids in original order, duplicates within, duplicates of earlier sources)."""
@@ -1200,8 +1351,14 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
     num_proc = data_args.preprocessing_num_workers or min(8, os.cpu_count() or 1)
     dedup = getattr(data_args, "dedup", True)
     seen = np.zeros(0, dtype=np.uint64)
-    plans = []  # (spec, files, store, hit, train_ids, eval store, eval_ids, duplicates)
+    plans = []  # (spec, store, hit, train_ids, eval store, eval_ids, duplicates)
+    streamed = [s for s in specs if s.streaming]
+    if streamed and specs[0].weight is None:
+        raise DataError("a streaming source has no length to take a natural share from: give every source a "
+                        "`weight` (its share of training tokens).")
     for spec in specs:
+        if spec.streaming:
+            continue
         store, hit = load_or_build_store(spec, SourceInput.open(spec, cache_dir=cache_dir), info, cache_dir,
                                          num_proc, digests)
         ids, within, across = (first_occurrences(store.doc_hashes, seen) if dedup
@@ -1222,7 +1379,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
             train_ids, eval_ids = ids[train_pos], ids[eval_pos]
             eval_store = store if len(eval_ids) else None
         plans.append([spec, store, hit, train_ids, eval_store, eval_ids, duplicates])
-    train_hashes = np.concatenate([p[1].doc_hashes[p[3]] for p in plans])
+    train_hashes = np.concatenate([np.zeros(0, np.uint64)] + [p[1].doc_hashes[p[3]] for p in plans])
     for plan in plans:  # explicit eval data: drop what the model trains on
         spec, store, _, _, eval_store, _, duplicates = plan
         if spec.eval_path or spec.eval_split:
@@ -1261,10 +1418,33 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
         logger.info("source `%s`: %s, %d docs (%d duplicates removed), %d tokens -> %d train blocks, %d eval blocks",
                     spec.name, "cache hit" if hit else "tokenized", documents,
                     sum(duplicates.values()), tokens, len(train), report_sources[spec.name]["eval_blocks"])
-    digests.save()
-    weights = {s.name: s.weight for s in specs} if specs[0].weight is not None else None
-    train_set = MixedBlocks(train_parts, weights, seed)
     max_epochs = getattr(data_args, "max_source_epochs", 4.0)
+    weights = {s.name: s.weight for s in specs} if specs[0].weight is not None else None
+    if streamed:
+        for spec in streamed:
+            report_sources[spec.name] = {"streaming": True, "weight": spec.weight}
+            if spec.eval_split:
+                eval_spec = dataclasses.replace(spec, streaming=False)
+                eval_store, _ = load_or_build_store(eval_spec, SourceInput.open(eval_spec, True, cache_dir), info,
+                                                    cache_dir, num_proc, digests)
+                evals[spec.name] = PackedBlocks(eval_store, np.arange(eval_store.n_docs), block_size)
+                report_sources[spec.name]["eval_blocks"] = len(evals[spec.name])
+            elif (spec.eval_fraction or 0) > 0:
+                logger.warning("source `%s` streams: eval_fraction is not applied to a stream; set `eval_split` "
+                               "to evaluate it", spec.name)
+        digests.save()
+        sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir) if s.streaming
+                            else ShuffledBlocks(train_parts[s.name], seed)) for s in specs}
+        mixture = StreamingMixture(sources, weights, max_epochs)
+        for name, share in zip(mixture.names, mixture.share):
+            report_sources[name]["share_of_training_tokens"] = round(float(share), 4)
+        train_set = mixture.as_torch_dataset()
+        report = {"block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
+                  "dedup": dedup, "mixture": "token weights, streaming", "seconds": round(time.time() - start, 3),
+                  "sources": report_sources}
+        return PreparedData(train_set, evals, report)
+    digests.save()
+    train_set = MixedBlocks(train_parts, weights, seed)
     for i, name in enumerate(train_set.names):
         report_sources[name].update(
             weight=weights[name] if weights else None, mixture_blocks=int(train_set.counts[i]),
@@ -1285,19 +1465,26 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
 
 def data_report_markdown(report: dict) -> str:
     """A readable version of data_report.json: one table row per source, then what was dropped."""
-    lines = ["# Data report", "",
-             f"{report['train_blocks']} training blocks of {report['block_size']} tokens "
-             f"({report['train_tokens']:,} tokens); exact dedup {'on' if report['dedup'] else 'off'}.", "",
+    size = (f"{report['train_blocks']} training blocks of {report['block_size']} tokens ({report['train_tokens']:,} "
+            "tokens)" if "train_blocks" in report else f"streamed blocks of {report['block_size']} tokens")
+    lines = ["# Data report", "", f"{size}; mixture by {report['mixture']}; exact dedup "
+             f"{'on' if report['dedup'] else 'off'}.", "",
              "| source | records | documents | characters | tokens | tokens/doc | train share | eval docs | "
              "duplicates removed | skipped | cache |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, s in report["sources"].items():
+        if s.get("streaming"):
+            lines.append(f"| {name} | streamed | | | | | {s['share_of_training_tokens']:.1%} | | | | – |")
+            continue
         lines.append(f"| {name} | {s.get('records', 0):,} | {s['documents']:,} | {s['characters']:,} | "
                      f"{s['tokens']:,} | {s['mean_tokens_per_document']} | {s['share_of_training_tokens']:.1%} | "
                      f"{s['eval_documents']:,} | {sum(s['duplicates_removed'].values()):,} | "
                      f"{sum(s.get('skipped', {}).values()):,} | {s['cache']} |")
     lines += ["", "## Per source", ""]
     for name, s in report["sources"].items():
+        if s.get("streaming"):
+            lines.append(f"- **{name}**: streamed (tokenized and packed on the fly), weight {s['weight']}")
+            continue
         files = ", ".join(f"`{f['path']}` ({f['format']}, {f['encoding']})" for f in s["files"])
         lines.append(f"- **{name}**: {files}")
         for group in ("skipped", "dropped", "missing_fields", "duplicates_removed"):
@@ -1438,24 +1625,50 @@ def convert(sources: Any, out: str, dedup: bool = True) -> dict[str, int]:
     return written
 
 
+def search_hub(query: str, limit: int) -> list[str]:
+    """Hub datasets matching `query`, most downloaded first (huggingface_hub; `datasets.list_datasets`
+    no longer exists)."""
+    if hub_offline() or not hub_reachable():
+        raise DataError(f"cannot search the hub: {hub_endpoint()} is unreachable or HF_HUB_OFFLINE is set. Set "
+                        "HF_ENDPOINT to a reachable mirror (e.g. https://hf-mirror.com) or search on a machine with "
+                        "network.")
+    from huggingface_hub import HfApi
+
+    found = HfApi(endpoint=hub_endpoint()).list_datasets(search=query, limit=limit, sort="downloads")
+    return [f"{d.id}\tdownloads {d.downloads or 0}\tlikes {d.likes or 0}" for d in found]
+
+
 USAGE = """usage:
   python data_utils.py preview CONFIG.yaml [--source NAME] [-n N] [--field value ...]
       print the first N rendered training texts of each source with their token counts
   python data_utils.py convert CONFIG.yaml --out FILE.jsonl [--field value ...]
       write all formatted, cleaned, deduplicated texts as jsonl with a `text` field
   python data_utils.py prepare CONFIG.yaml [--field value ...]
-      build the token stores and the data report (e.g. on a CPU node before the GPU job)"""
+      build the token stores and the data report (e.g. on a CPU node before the GPU job)
+  python data_utils.py search QUERY [--limit N]
+      list hub datasets matching QUERY, most downloaded first"""
 
 
 def main(argv: list[str]) -> int:
     import argparse
 
-    import pretrain
-
-    if not argv or argv[0] not in ("preview", "convert", "prepare"):
+    if not argv or argv[0] not in ("preview", "convert", "prepare", "search"):
         print(USAGE, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
+    if command == "search":
+        cli = argparse.ArgumentParser(prog="data_utils.py search")
+        cli.add_argument("query")
+        cli.add_argument("--limit", type=int, default=20)
+        args = cli.parse_args(rest)
+        try:
+            print("\n".join(search_hub(args.query, args.limit)) or "no dataset found")
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        return 0
+    import pretrain
+
     cli = argparse.ArgumentParser(prog=f"data_utils.py {command}", add_help=False)
     cli.add_argument("--source")
     cli.add_argument("-n", type=int, default=3)
@@ -1467,7 +1680,7 @@ def main(argv: list[str]) -> int:
             pretrain.prepare_only(args)
             return
         model_args, data_args, training_args = pretrain.parse_args(args)
-        pretrain.setup_logging(training_args)
+        pretrain.setup_logging(training_args, data_args)
         if command == "preview":
             tokenizer = pretrain.load_tokenizer(model_args, data_args, training_args)
             preview(data_args.sources, tokenizer, own.source, own.n)

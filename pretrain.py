@@ -8,6 +8,7 @@ arguments -> tokenizer -> model -> data (data_utils) -> Trainer -> evaluate, sav
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -73,6 +74,9 @@ class DataArguments:
         "help": "Warn when a source's weight repeats its data more often than this per pass over the mixture."})
     max_train_tokens: int | None = field(default=None, metadata={
         "help": "Token budget: sets max_steps to ceil(budget / tokens per step)."})
+    hub_local_dir: str | None = field(default="data/hub", metadata={
+        "help": "Local hub snapshots: a hub source OWNER/NAME is read from HUB_LOCAL_DIR/OWNER/NAME when that "
+                "directory exists (hf download --repo-type dataset OWNER/NAME --local-dir ...)."})
     forgetting_threshold_pct: float = field(default=10.0, metadata={
         "help": "Warn when a `watch_forgetting` source's eval perplexity rises this many percent over its "
                 "step-0 baseline."})
@@ -83,6 +87,7 @@ class DataArguments:
                 self.sources = yaml.safe_load(self.sources)
             except yaml.YAMLError as e:
                 raise DataError(f"`sources` is not valid YAML/JSON: {e}") from None
+        self.sources, self.local_hub_copies = data_utils.use_local_hub_copies(self.sources, self.hub_local_dir)
         if self.block_size < 2:
             raise DataError(f"block_size must be at least 2, got {self.block_size}.")
 
@@ -192,6 +197,25 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
 # --------------------------------------------------------------------------------------------
 # 2. Tokenizer and 3. model
 # --------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def hub_access(name: str, what: str):
+    """Load a model or tokenizer from a local directory, or from the hub, failing within seconds with
+    the fixes when the hub cannot be reached (the hub client alone retries for tens of seconds)."""
+    offline = not os.path.isdir(name) and (data_utils.hub_offline() or not data_utils.hub_reachable())
+    try:
+        with data_utils.offline_hub() if offline else contextlib.nullcontext():
+            yield
+    except OSError as e:
+        if os.path.isdir(name):
+            raise ConfigError(f"{what} directory `{name}` cannot be loaded: {e}") from None
+        reason = "the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache" if offline \
+            else str(e).splitlines()[0]
+        raise ConfigError(f"{what} `{name}` cannot be loaded: {reason}. Fixes: (1) set HF_ENDPOINT to a reachable "
+                          f"mirror, e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first: `hf download {name} "
+                          f"--local-dir models/{name.split('/')[-1]}` and pass that directory; (3) check the id "
+                          "and, for gated models, HF_TOKEN.") from None
+
+
 def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments):
     start = time.perf_counter()
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
@@ -201,8 +225,9 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
                 data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size,
                 model_args.tokenizer_model_type, model_args.tokenizer_character_coverage))
         logger.info("tokenizer: %s (SentencePiece %s, trained on the sources)", source, model_args.tokenizer_model_type)
-    tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.model_revision,
-                                              trust_remote_code=model_args.trust_remote_code)
+    with hub_access(source, "tokenizer"):
+        tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.model_revision,
+                                                  trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:  # pretraining never pads; generation and collators want one
         tokenizer.pad_token = tokenizer.eos_token
     logger.info("tokenizer ready in %.2f s: %d tokens", time.perf_counter() - start, len(tokenizer))
@@ -212,9 +237,10 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     dtype = getattr(torch, model_args.torch_dtype)
     if model_args.model_name_or_path:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
-            attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code)
+        with hub_access(model_args.model_name_or_path, "model"):
+            model = AutoModelForCausalLM.from_pretrained(
+                model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
+                attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code)
         rows = model.get_input_embeddings().weight.shape[0]
         if len(tokenizer) > rows:
             model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
@@ -255,9 +281,9 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
 class PretrainTrainer(Trainer):
     """Adds `*_ppl` next to every eval loss, an overall eval loss over all sources, and tokens/s."""
 
-    def __init__(self, *args, tokens_per_step: int, **kwargs):
+    def __init__(self, *args, tokens_per_step: int, block_size: int, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tokens_per_step = tokens_per_step
+        self.tokens_per_step, self.block_size = tokens_per_step, block_size
         self._last_log = (0, time.perf_counter())
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -282,8 +308,8 @@ class PretrainTrainer(Trainer):
                 logs["tokens_per_second"] = round((step - last_step) * self.tokens_per_step / (now - last_time), 1)
             logs["tokens_seen"] = step * self.tokens_per_step
             self._last_log = (step, now)
-            if isinstance(self.train_dataset, data_utils.MixedBlocks):  # the achieved mixture so far
-                consumed = step * self.tokens_per_step // self.train_dataset.parts[0].block_size
+            if hasattr(self.train_dataset, "shares"):  # the achieved mixture so far
+                consumed = step * self.tokens_per_step // self.block_size
                 for name, share in self.train_dataset.shares(consumed).items():
                     logs[f"mix_{name}"] = round(share, 4)
         super().log(logs, start_time)
@@ -396,10 +422,12 @@ def resolve_resume(training_args: PretrainingArguments) -> str | None:
     return resume
 
 
-def setup_logging(training_args: PretrainingArguments) -> None:
+def setup_logging(training_args: PretrainingArguments, data_args: DataArguments) -> None:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.INFO if training_args.should_log else logging.WARNING, force=True)
     data_utils.logger.setLevel(logger.getEffectiveLevel())
+    for line in data_args.local_hub_copies:
+        logger.info("hub source read from a local copy: %s", line)
 
 
 def load_data(data_args: DataArguments, training_args: PretrainingArguments, tokenizer) -> data_utils.PreparedData:
@@ -407,10 +435,12 @@ def load_data(data_args: DataArguments, training_args: PretrainingArguments, tok
     start = time.perf_counter()
     with training_args.main_process_first(local=False, desc="prepare data"):
         data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed)
-    cached = all(s["cache"] == "hit" for s in data.report["sources"].values())
-    logger.info("data ready in %.2f s (%s): %d train blocks of %d tokens, eval sources: %s",
-                time.perf_counter() - start, "cache hit" if cached else "tokenized", len(data.train),
-                data_args.block_size, ", ".join(data.eval) or "none")
+    stored = [s for s in data.report["sources"].values() if not s.get("streaming")]
+    cached = all(s["cache"] == "hit" for s in stored)
+    logger.info("data ready in %.2f s (%s): %s train blocks of %d tokens, eval sources: %s",
+                time.perf_counter() - start, "cache hit" if cached else "tokenized",
+                len(data.train) if hasattr(data.train, "__len__") else "streamed", data_args.block_size,
+                ", ".join(data.eval) or "none")
     if training_args.should_save:
         data_utils.write_data_report(data.report, training_args.output_dir)
     return data
@@ -419,7 +449,7 @@ def load_data(data_args: DataArguments, training_args: PretrainingArguments, tok
 def prepare_only(argv: list[str]) -> dict:
     """`python data_utils.py prepare CONFIG`: build the token stores and print the data report."""
     model_args, data_args, training_args = parse_args(argv)
-    setup_logging(training_args)
+    setup_logging(training_args, data_args)
     data = load_data(data_args, training_args, load_tokenizer(model_args, data_args, training_args))
     print(json.dumps(data.report, ensure_ascii=False, indent=1))
     return data.report
@@ -427,7 +457,7 @@ def prepare_only(argv: list[str]) -> dict:
 
 def train(argv: list[str]) -> dict:
     model_args, data_args, training_args = parse_args(argv)
-    setup_logging(training_args)
+    setup_logging(training_args, data_args)
     set_seed(training_args.seed)
     tokenizer = load_tokenizer(model_args, data_args, training_args)
     model = build_model(model_args, tokenizer, data_args.block_size)
@@ -441,6 +471,9 @@ def train(argv: list[str]) -> dict:
     if data_args.max_train_tokens:
         training_args.max_steps = math.ceil(data_args.max_train_tokens / tokens_per_step)
         logger.info("token budget %d: max_steps %d", data_args.max_train_tokens, training_args.max_steps)
+    if not hasattr(data.train, "__len__") and training_args.max_steps <= 0:
+        raise ConfigError("streaming sources have no length, so the run cannot count epochs: set `max_steps` or "
+                          "`max_train_tokens` (a token budget).")
     n_params = sum(p.numel() for p in model.parameters())
     logger.info("model: %.2fM parameters, %d tokens per optimizer step", n_params / 1e6, tokens_per_step)
 
@@ -449,7 +482,8 @@ def train(argv: list[str]) -> dict:
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=default_data_collator, processing_class=tokenizer,
-        callbacks=[LossCurveCallback(training_args.output_dir), forgetting], tokens_per_step=tokens_per_step)
+        callbacks=[LossCurveCallback(training_args.output_dir), forgetting], tokens_per_step=tokens_per_step,
+        block_size=data_args.block_size)
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     final_eval = trainer.evaluate() if data.eval else {}
 

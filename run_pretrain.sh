@@ -4,8 +4,8 @@
 #   No GPU: trains on the CPU. One GPU: uses it. Several GPUs: one process per GPU through torchrun (DDP);
 #   set NUM_GPUS to use fewer. Paths in configs are relative to the repository root.
 set -euo pipefail
-CONFIG=${1:-configs/pretrain_tiny.yaml}
-[ $# -gt 0 ] && shift
+CONFIG=configs/pretrain_tiny.yaml
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
 [ -f "$CONFIG" ] && CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PYTHON=${PYTHON:-python}

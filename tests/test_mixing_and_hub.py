@@ -158,3 +158,37 @@ def test_two_local_hub_directories_with_one_name_do_not_share_a_cache(tmp_path, 
     two = build(tmp_path, tokenizer, [{"name": "m", "hub": str(second), "hub_config": "pretrain"}])
     assert one.report["sources"]["m"]["records"] == 30
     assert two.report["sources"]["m"]["records"] == 40
+
+
+# ------------------------------------------------------------------------------ streaming
+def test_streaming_and_map_style_give_identical_tokens(tmp_path, tokenizer):
+    hub = make_hub_fixture(tmp_path / "medical")
+    source = {"name": "med", "hub": str(hub), "hub_config": "pretrain", "eval_fraction": 0}
+    stored = build(tmp_path, tokenizer, [source], block_size=16).train.parts[0]
+    spec = data_utils.SourceConfig.from_dict({**source, "streaming": True}, 0)
+    info = data_utils.TokenizerInfo.from_tokenizer(tokenizer, "never")
+    streamed = list(data_utils.StreamedSource(spec, info, 16, dedup=True, cache_dir=tmp_path / "cache"))
+    assert len(streamed) == len(stored) > 10
+    assert all(streamed[i].tolist() == stored.block_tokens(i).tolist() for i in range(len(stored)))
+
+
+def test_streaming_mixture_follows_the_weights(tmp_path, tokenizer):
+    hub = make_hub_fixture(tmp_path / "medical")
+    local = make_text_corpus(tmp_path / "general", repeat=60)
+    data = build(tmp_path, tokenizer, [
+        {"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True, "weight": 0.25,
+         "eval_split": "validation"},
+        {"name": "general", "path": str(local), "weight": 0.75}])
+    assert not hasattr(data.train, "__len__")  # a stream: the corpus is never materialised
+    stream = iter(data.train)
+    blocks = [next(stream) for _ in range(2000)]
+    assert all(b["input_ids"].shape == (4,) for b in blocks)
+    shares = data.train.shares()
+    assert shares["med"] == pytest.approx(0.25, abs=0.02) and shares["general"] == pytest.approx(0.75, abs=0.02)
+    assert "med" in data.eval and data.report["sources"]["med"]["streaming"] is True
+
+
+def test_streaming_needs_weights(tmp_path, tokenizer):
+    hub = make_hub_fixture(tmp_path / "medical")
+    with pytest.raises(DataError, match="give every source a `weight`"):
+        build(tmp_path, tokenizer, [{"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True}])
