@@ -1198,7 +1198,9 @@ class MixedBlocks:
         return len(self.source_ids)
 
     def __getitem__(self, index: int) -> dict:
-        return self.parts[self.source_ids[index]][int(self.block_ids[index])]
+        item = self.parts[self.source_ids[index]][int(self.block_ids[index])]
+        item["block_id"] = index  # taken out again by the collator (pretrain.BlockCollator)
+        return item
 
     def shares(self, consumed: int) -> dict[str, float]:
         """Each source's share of the first `consumed` blocks read (passes over the order wrap)."""

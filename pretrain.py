@@ -22,6 +22,7 @@ import torch
 import yaml
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer,
                           TrainerCallback, TrainingArguments, default_data_collator, set_seed)
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.trainer_utils import get_last_checkpoint
 
 import data_utils
@@ -109,6 +110,8 @@ class PretrainingArguments(TrainingArguments):
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most N checkpoints."})
     report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard | none | wandb ..."})
+    remove_unused_columns: bool = field(default=False, metadata={
+        "help": "Off: the blocks hold exactly the model inputs, plus the block_id the collator takes out."})
     train_sampling_strategy: str = field(default="sequential", metadata={
         "help": "sequential: read the seeded, evenly mixed block order of data_utils.MixedBlocks as is."})
     ddp_timeout: int = field(default=7200, metadata={"help": "Collective timeout in seconds."})
@@ -117,6 +120,11 @@ class PretrainingArguments(TrainingArguments):
     sample_prompts: list[str] = field(default_factory=list, metadata={
         "help": "Prompts continued by the trained model at the end (written to samples.json)."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample prompt."})
+    verify_saved_model: bool = field(default=True, metadata={
+        "help": "Reload the saved model and check it reproduces the trained model's logits on a held-out block."})
+    record_block_ids: bool = field(default=False, metadata={
+        "help": "Append the ids of the blocks in every training batch to output_dir/block_ids/rank<R>.jsonl "
+                "(an audit of what each rank trained on)."})
 
     def __post_init__(self):
         if self.mixed_precision == "auto":
@@ -127,9 +135,28 @@ class PretrainingArguments(TrainingArguments):
         self.sample_prompts = [p for p in self.sample_prompts if p.strip()]  # `--sample_prompts ""`: none
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to
+        check_deepspeed_config(self.deepspeed)
         self.bf16 = self.bf16 or self.mixed_precision == "bf16"
         self.fp16 = self.fp16 or self.mixed_precision == "fp16"
         super().__post_init__()
+
+
+def check_deepspeed_config(deepspeed_config) -> None:
+    """A DeepSpeed JSON with `optimizer` or `scheduler` blocks silently replaces the optimizer and
+    learning-rate schedule set here: refuse it, and say what to do instead."""
+    if not deepspeed_config:
+        return
+    try:
+        config = deepspeed_config if isinstance(deepspeed_config, dict) else json.loads(
+            Path(deepspeed_config).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"deepspeed config `{deepspeed_config}` cannot be read as JSON: {e}") from None
+    blocks = [k for k in ("optimizer", "scheduler") if k in config]
+    if blocks:
+        raise ConfigError(f"deepspeed config `{deepspeed_config}` has {' and '.join(f'`{b}`' for b in blocks)} "
+                          "block(s), which would silently replace `optim` / `lr_scheduler_type` / `learning_rate` "
+                          "set in the run config. Remove them (see deepspeed/ds_zero*.json) and set those fields "
+                          "instead.")
 
 
 class ConfigError(ValueError):
@@ -315,6 +342,21 @@ class PretrainTrainer(Trainer):
         super().log(logs, start_time)
 
 
+class BlockCollator:
+    """default_data_collator, minus the `block_id` each training block carries (the model takes no such
+    input); with `record_to`, appends each batch's block ids to that file to audit what a rank read."""
+
+    def __init__(self, record_to: Path | None = None):
+        self.record_to = record_to
+
+    def __call__(self, features: list[dict]) -> dict:
+        ids = [f.pop("block_id") for f in features if "block_id" in f]
+        if self.record_to is not None and ids:
+            with open(self.record_to, "a", encoding="utf-8") as f:
+                f.write(json.dumps([int(i) for i in ids]) + "\n")
+        return default_data_collator(features)
+
+
 class LossCurveCallback(TrainerCallback):
     """Writes output_dir/loss.png (train loss and eval perplexity over steps) at each eval and at the end."""
 
@@ -381,17 +423,56 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
 # 6. Outputs
 # --------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate_samples(model, tokenizer, prompts: list[str], bos_id: int | None, max_new_tokens: int) -> list[dict]:
+def generate_samples(model, tokenizer, prompts: list[str], bos_id: int | None, max_new_tokens: int,
+                     synced: bool = False) -> list[dict]:
     model.eval()
     device = next(model.parameters()).device
     samples = []
     for prompt in prompts:
         ids = ([bos_id] if bos_id is not None else []) + tokenizer(prompt, add_special_tokens=False)["input_ids"]
         out = model.generate(torch.tensor([ids], device=device), max_new_tokens=max_new_tokens, do_sample=False,
-                             repetition_penalty=1.2, pad_token_id=tokenizer.pad_token_id)
+                             repetition_penalty=1.2, pad_token_id=tokenizer.pad_token_id, synced_gpus=synced)
         samples.append({"prompt": prompt, "continuation": tokenizer.decode(out[0, len(ids):], skip_special_tokens=True)})
         logger.info("sample: %s|%s", prompt, samples[-1]["continuation"])
     return samples
+
+
+def load_plain_model(directory: str):
+    """from_pretrained as a user would call it: whole fp32 weights in this process, even inside a
+    ZeRO-3 run (whose global config would otherwise partition the model while loading)."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    ref = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+@torch.no_grad()
+def verify_saved_model(model, training_args: PretrainingArguments, data) -> dict | None:
+    """Reload the saved model from output_dir and check that it reproduces the trained model's logits
+    on one held-out block: a ZeRO-3 or FSDP run must never leave an unusable checkpoint behind.
+    Every rank runs the in-memory forward (ZeRO-3 gathers the weights); the main process compares."""
+    block = next(iter(data.eval.values()))[0] if data.eval else next(iter(data.train))
+    ids = block["input_ids"][None]
+    model.eval()
+    trained = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
+    if not training_args.should_save:
+        return None
+    saved = load_plain_model(training_args.output_dir)
+    reloaded = saved(input_ids=ids).logits.float()
+    diff = (trained - reloaded).abs().max().item()
+    tolerance = 1e-3 * max(1.0, trained.abs().max().item()) * (50 if training_args.mixed_precision != "no" else 1)
+    check = {"max_abs_logit_diff": diff, "tolerance": tolerance, "probe_input_ids": ids[0].tolist(),
+             "trained_last_logits_head": trained[0, -1, :8].tolist()}
+    if diff > tolerance:
+        raise RuntimeError(f"the model saved in {training_args.output_dir} does not reproduce the trained model: "
+                           f"logits differ by up to {diff:.3g} (tolerance {tolerance:.3g}). Do not use it; for "
+                           "ZeRO-3 keep stage3_gather_16bit_weights_on_model_save true in the DeepSpeed config.")
+    logger.info("saved model verified: reloaded logits match the trained model (max diff %.2e)", diff)
+    return check
 
 
 def loss_and_ppl(metrics: dict) -> dict:
@@ -405,6 +486,14 @@ def eval_at_step(history: list[dict], step: int) -> dict:
         if h.get("step") == step:
             found.update(loss_and_ppl(h))
     return found
+
+
+def block_record_path(training_args: PretrainingArguments) -> Path | None:
+    if not training_args.record_block_ids:
+        return None
+    path = Path(training_args.output_dir) / "block_ids" / f"rank{training_args.process_index}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def resolve_resume(training_args: PretrainingArguments) -> str | None:
@@ -459,6 +548,10 @@ def train(argv: list[str]) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args, data_args)
     set_seed(training_args.seed)
+    if training_args.deepspeed and training_args.use_cpu and training_args.world_size > 1:
+        import deepspeed  # on CPU accelerate sets up gloo but not deepspeed.comm, which ZeRO-3's zero.Init asks
+
+        deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = load_tokenizer(model_args, data_args, training_args)
     model = build_model(model_args, tokenizer, data_args.block_size)
     data = load_data(data_args, training_args, tokenizer)
@@ -481,7 +574,7 @@ def train(argv: list[str]) -> dict:
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
-        data_collator=default_data_collator, processing_class=tokenizer,
+        data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting], tokens_per_step=tokens_per_step,
         block_size=data_args.block_size)
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
@@ -489,12 +582,14 @@ def train(argv: list[str]) -> dict:
 
     model.config.use_cache = True  # the saved model is for inference
     trainer.save_model(training_args.output_dir)  # safetensors + config + tokenizer
+    saved_check = verify_saved_model(model, training_args, data) if training_args.verify_saved_model else None
     history = trainer.state.log_history
     metrics = {
         "train": {
             "loss": result.training_loss,
             "final_logged_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
             "steps": trainer.state.global_step,
+            "world_size": training_args.world_size,
             "tokens": trainer.state.global_step * tokens_per_step,
             "runtime_seconds": result.metrics.get("train_runtime"),
             "tokens_per_second": round(trainer.state.global_step * tokens_per_step
@@ -504,12 +599,16 @@ def train(argv: list[str]) -> dict:
                  "ppl_change_pct_over_baseline": forgetting.changes},
         "mixture": {"planned": {n: s["share_of_training_tokens"] for n, s in data.report["sources"].items()},
                     "achieved": data.train.shares(trainer.state.global_step * tokens_per_step // data_args.block_size)},
-        "model": {"parameters": n_params, "vocab_size": model.config.vocab_size, "block_size": data_args.block_size},
+        "model": {"parameters": n_params, "vocab_size": model.config.vocab_size, "block_size": data_args.block_size,
+                  "saved_model_check": saved_check},
     }
+    zero3 = is_deepspeed_zero3_enabled()
+    if training_args.sample_prompts and (zero3 or trainer.is_world_process_zero()):
+        # ZeRO-3 partitions the weights: every rank must take part in each forward pass
+        metrics["samples"] = generate_samples(model, tokenizer,
+                                              training_args.sample_prompts, data.report["bos"],
+                                              training_args.sample_max_new_tokens, synced=zero3)
     if trainer.is_world_process_zero():
-        if training_args.sample_prompts:
-            metrics["samples"] = generate_samples(model, tokenizer, training_args.sample_prompts,
-                                                  data.report["bos"], training_args.sample_max_new_tokens)
         atomic_write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=1))
         plot_loss_curve(history, out / "loss.png")
         logger.info("saved model, tokenizer, metrics.json and loss.png to %s", out)

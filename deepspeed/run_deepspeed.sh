@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# DeepSpeed ZeRO launcher, one node or several:
+#   bash deepspeed/run_deepspeed.sh [CONFIG.yaml] [--any_field value ...]
+# Environment:
+#   DS_CONFIG    ZeRO config (default deepspeed/ds_zero2.json): ds_zero1 / ds_zero2 / ds_zero3 /
+#                ds_zero2_offload / ds_zero3_offload .json
+#   NUM_GPUS     processes on this node (default: the GPU count; 2 on a machine without GPUs)
+#   HOSTFILE     several nodes: a DeepSpeed hostfile ("node1 slots=8" per line), launched over ssh/pdsh by
+#                the `deepspeed` launcher from node 0 (run it from the repository root, which must be at the
+#                same path on every node); MASTER_ADDR (default: the first host), MASTER_PORT (default 29500)
+# One node goes through torchrun/run_torchrun.sh (also the way to run single-process DeepSpeed), which
+# trains on the CPU over gloo when there is no CUDA (--use_cpu true: otherwise each rank trains alone).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+export DS_CONFIG=${DS_CONFIG:-deepspeed/ds_zero2.json}
+if [ -z "${HOSTFILE:-}" ]; then
+    [ -n "${NUM_GPUS:-}" ] && export NPROC_PER_NODE=$NUM_GPUS
+    exec bash "$ROOT/torchrun/run_torchrun.sh" "$@"
+fi
+cd "$ROOT"
+CONFIG=configs/pretrain_tiny.yaml
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
+MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
+echo "run_deepspeed.sh: nodes from $HOSTFILE, master $MASTER_ADDR:${MASTER_PORT:-29500}, $DS_CONFIG"
+exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
+    pretrain.py "$CONFIG" --deepspeed "$DS_CONFIG" "$@"

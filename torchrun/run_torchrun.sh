@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# torchrun launcher (DDP, or FSDP with FSDP=1), one node or several:
+#   bash torchrun/run_torchrun.sh [CONFIG.yaml] [--any_field value ...]
+# Environment:
+#   NPROC_PER_NODE  processes per node (default: the GPU count; 2 on a machine without GPUs)
+#   NNODES          nodes (default 1)      NODE_RANK   this node's rank (default 0)
+#   MASTER_ADDR     node 0's address       MASTER_PORT its port (default 29500)
+#   RDZV_ENDPOINT   host:port for c10d rendezvous instead of MASTER_ADDR/NODE_RANK (elastic, any start order)
+#   FSDP=1          shard parameters, gradients and optimizer state (FULL_SHARD, transformer-block auto wrap)
+#   DS_CONFIG       DeepSpeed ZeRO config instead (deepspeed/ds_zero*.json; deepspeed/run_deepspeed.sh sets it)
+#   PYTHON          the interpreter (default python)
+# Without CUDA the processes train on the CPU over gloo (--use_cpu true: otherwise each rank trains alone).
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CONFIG=$ROOT/configs/pretrain_tiny.yaml
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$(cd "$(dirname "$1")" && pwd)/$(basename "$1"); shift; fi
+cd "$ROOT"
+PYTHON=${PYTHON:-python}
+GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
+NNODES=${NNODES:-1}
+EXTRA=()
+[ "$GPUS" -eq 0 ] && EXTRA+=(--use_cpu true)
+[ "${FSDP:-0}" = 1 ] && EXTRA+=(--fsdp "full_shard auto_wrap" --fsdp_config torchrun/fsdp_config.json)
+[ -n "${DS_CONFIG:-}" ] && EXTRA+=(--deepspeed "$DS_CONFIG")
+if [ -n "${RDZV_ENDPOINT:-}" ]; then
+    LAUNCH=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"
+            --rdzv_id "${RDZV_ID:-pretrain}")
+elif [ "$NNODES" -gt 1 ]; then
+    LAUNCH=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK on each node}" --nproc_per_node "$NPROC_PER_NODE"
+            --master_addr "${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port "${MASTER_PORT:-29500}")
+else
+    LAUNCH=(--standalone --nproc_per_node "$NPROC_PER_NODE")
+fi
+echo "run_torchrun.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), $([ "$GPUS" -gt 0 ] && echo GPU || echo CPU/gloo)${FSDP:+, FSDP}${DS_CONFIG:+, DeepSpeed $DS_CONFIG}"
+exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" pretrain.py "$CONFIG" "${EXTRA[@]}" "$@"
