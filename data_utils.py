@@ -892,6 +892,41 @@ def resolve_bos(tokenizer, add_bos: str) -> int | None:
     return bos if bos is not None and probe[:1] == [bos] else None
 
 
+def byte_token_mask(tokenizer) -> np.ndarray:
+    """True for the ids that stand for raw bytes rather than text: SentencePiece byte-fallback pieces
+    (<0xE4>) and byte-level BPE tokens that are not whole UTF-8 characters (a third of 高)."""
+    tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    byte_level = backend is not None and "ByteLevel" in type(backend.decoder).__name__ + str(backend.decoder)
+    mask = np.zeros(len(tokens), dtype=bool)
+    for i, token in enumerate(tokens):
+        if token is None:
+            continue
+        if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", token):
+            mask[i] = True
+        elif byte_level and i not in tokenizer.all_special_ids:
+            raw = bytes(_BYTE_LEVEL_DECODE.get(c, 0) for c in token)
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                mask[i] = True
+    return mask
+
+
+def byte_level_alphabet() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map, which every byte-level BPE writes tokens in."""
+    printable = [*range(33, 127), *range(161, 173), *range(174, 256)]
+    alphabet, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            alphabet[b] = chr(b)
+        else:
+            alphabet[b] = chr(256 + extra)
+            extra += 1
+    return alphabet
+
+
+_BYTE_LEVEL_DECODE = {c: b for b, c in byte_level_alphabet().items()}
 _worker_tokenizer = None
 
 
@@ -1005,7 +1040,7 @@ class TokenStore:
 
     @staticmethod
     def build(directory: Path, spec: SourceConfig, inputs: SourceInput, info: TokenizerInfo,
-              num_proc: int, key_material: dict) -> None:
+              num_proc: int, key_material: dict, byte_mask: np.ndarray | None = None) -> None:
         """Tokenize every record of the source's input into a new store at `directory`, atomically."""
         dtype = np.uint16 if info.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
         tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
@@ -1030,6 +1065,8 @@ class TokenStore:
                          desc=f"tokenize {spec.name}") as bar:
                 for part in results:
                     part["tokens"].astype(dtype, copy=False).tofile(out)
+                    if byte_mask is not None and len(part["tokens"]):
+                        _count(counts, "byte_tokens", int(byte_mask[part["tokens"]].sum()))
                     for name in arrays:
                         arrays[name].append(part[name])
                     for k, v in part["counts"].items():
@@ -1084,14 +1121,14 @@ def store_key(spec: SourceConfig, inputs: SourceInput, info: TokenizerInfo, dige
 
 
 def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: TokenizerInfo, cache_dir: Path,
-                        num_proc: int, digests: FileDigests) -> tuple[TokenStore, bool]:
+                        num_proc: int, digests: FileDigests, byte_mask=None) -> tuple[TokenStore, bool]:
     """The store for this input and these settings; returns (store, cache_hit)."""
     key, material = store_key(spec, inputs, info, digests)
     directory = cache_dir / "token_stores" / f"{spec.name}-{key}"
     hit = (directory / "meta.json").exists()
     if not hit:
         logger.info("source `%s`: tokenizing %s into %s", spec.name, inputs.label, directory)
-        TokenStore.build(directory, spec, inputs, info, num_proc, material)
+        TokenStore.build(directory, spec, inputs, info, num_proc, material, byte_mask() if byte_mask else None)
     store = TokenStore(directory)
     if store.n_docs == 0:
         raise DataError(f"source `{spec.name}`: no text left in {inputs.label} "
@@ -1352,6 +1389,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
     digests = FileDigests(cache_dir)
     num_proc = data_args.preprocessing_num_workers or min(8, os.cpu_count() or 1)
     dedup = getattr(data_args, "dedup", True)
+    byte_mask = functools.cache(lambda: byte_token_mask(tokenizer))  # computed only when a store is built
     seen = np.zeros(0, dtype=np.uint64)
     plans = []  # (spec, store, hit, train_ids, eval store, eval_ids, duplicates)
     streamed = [s for s in specs if s.streaming]
@@ -1362,7 +1400,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
         if spec.streaming:
             continue
         store, hit = load_or_build_store(spec, SourceInput.open(spec, cache_dir=cache_dir), info, cache_dir,
-                                         num_proc, digests)
+                                         num_proc, digests, byte_mask)
         ids, within, across = (first_occurrences(store.doc_hashes, seen) if dedup
                                else (np.arange(store.n_docs), 0, 0))
         if len(ids) == 0:
@@ -1373,7 +1411,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
         eval_store, eval_ids = None, np.zeros(0, dtype=np.int64)
         if spec.eval_path or spec.eval_split:
             eval_store, eval_hit = load_or_build_store(spec, SourceInput.open(spec, True, cache_dir), info,
-                                                       cache_dir, num_proc, digests)
+                                                       cache_dir, num_proc, digests, byte_mask)
             hit, train_ids = hit and eval_hit, ids
         else:
             fraction = data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction
@@ -1412,6 +1450,9 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
             **_grouped_counts(store.meta["counts"]), "duplicates_removed": duplicates,
             "documents": documents, "characters": kept_chars, "tokens": tokens,
             "mean_tokens_per_document": round(tokens / max(documents, 1), 1),
+            "chars_per_token": round(int(store.doc_chars.sum()) / max(int(store.offsets[-1]) - store.n_docs * (
+                1 + (info.bos_id is not None)), 1), 3),
+            "byte_token_share": round(store.meta["counts"].get("byte_tokens", 0) / max(int(store.offsets[-1]), 1), 4),
             "train_documents": len(train_ids), "train_tokens": train.n_tokens, "train_blocks": len(train),
             "unused_tail_tokens": train.unused_tail_tokens,
             "eval_documents": len(held_out.doc_ids) if held_out else 0,
@@ -1511,7 +1552,8 @@ SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 
 
 def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int, model_type: str = "bpe",
-                                  character_coverage: float = 0.9995, max_chars: int = 200_000_000) -> Path:
+                                  character_coverage: float = 0.9995, max_chars: int = 200_000_000,
+                                  user_defined_symbols: list[str] | None = None) -> Path:
     """Train a SentencePiece tokenizer on the sources' texts and save it as a Hugging Face tokenizer dir.
 
     Byte fallback means no text is ever <unk>; coverage 0.9995 keeps rare CJK characters as bytes
@@ -1523,8 +1565,10 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
     specs = parse_sources(sources)
     digests = FileDigests(Path(cache_dir))
     inputs_per_spec = [(spec, SourceInput.open(spec, cache_dir=Path(cache_dir))) for spec in specs]
+    symbols = list(user_defined_symbols or [])
     settings = {"vocab_size": vocab_size, "model_type": model_type, "character_coverage": character_coverage,
-                "max_chars": max_chars, "sentencepiece": spm.__version__, "version": STORE_VERSION}
+                "max_chars": max_chars, "sentencepiece": spm.__version__, "version": STORE_VERSION,
+                "user_defined_symbols": symbols}
     material = {"settings": settings, "sources": [
         {"text": spec.text_settings(), "input": inputs.identity(digests)} for spec, inputs in inputs_per_spec]}
     digests.save()
@@ -1553,7 +1597,8 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
                 allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
                 unk_piece=SPECIAL_TOKENS["unk"], bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
                 pad_piece=SPECIAL_TOKENS["pad"], max_sentence_length=1 << 16, input_sentence_size=5_000_000,
-                shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2)
+                shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2,
+                user_defined_symbols=symbols)
         except RuntimeError as e:
             fix = ("Raise `tokenizer_vocab_size` (it must hold every kept character plus 256 bytes) or lower "
                    "`tokenizer_character_coverage`" if "smaller than required_chars" in str(e)

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -48,6 +49,9 @@ class ModelArguments:
     tokenizer_model_type: str = field(default="bpe", metadata={"help": "bpe or unigram (SentencePiece)."})
     tokenizer_character_coverage: float = field(default=0.9995, metadata={
         "help": "Share of characters covered by pieces; the rest fall back to bytes."})
+    new_token_init: str = field(default="subword_mean", metadata={
+        "help": "Rows added for a larger tokenizer start at: subword_mean (the mean of the base-tokenizer pieces "
+                "each new token replaces) | mean (the mean of all base rows)."})
     torch_dtype: str = field(default="float32", metadata={
         "help": "Dtype of the weights (float32 master weights; mixed precision comes from `mixed_precision`)."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
@@ -261,6 +265,45 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
     return tokenizer
 
 
+def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
+    """Resize input and output embeddings for a tokenizer that outgrew them. A new token's row starts
+    at the mean of the rows of the base-tokenizer pieces it replaces (its text, tokenized the way the
+    model saw it so far), or at the mean of all base rows; base rows are untouched."""
+    if model_args.new_token_init not in ("subword_mean", "mean"):
+        raise ConfigError(f"new_token_init must be subword_mean or mean, got `{model_args.new_token_init}`.")
+    old = model.get_input_embeddings().weight.shape[0]
+    base_tokenizer = None
+    if model_args.new_token_init == "subword_mean":
+        try:
+            base_tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                                           trust_remote_code=model_args.trust_remote_code)
+        except (OSError, ValueError):
+            logger.warning("no tokenizer next to the model: new embedding rows start at the mean of all rows")
+    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    matrices = [model.get_input_embeddings().weight]
+    if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
+        matrices.append(model.get_output_embeddings().weight)
+    from_pieces = 0
+    gather = contextlib.nullcontext()
+    if is_deepspeed_zero3_enabled():
+        import deepspeed
+
+        gather = deepspeed.zero.GatheredParameters(matrices, modifier_rank=0)
+    with gather, torch.no_grad():
+        for weight in matrices:
+            mean = weight[:old].mean(0)
+            for new_id in range(old, weight.shape[0]):
+                pieces = []
+                if base_tokenizer is not None and new_id < len(tokenizer):
+                    text = tokenizer.decode([new_id])
+                    pieces = [i for i in base_tokenizer(text, add_special_tokens=False)["input_ids"] if i < old]
+                weight[new_id] = weight[pieces].mean(0) if pieces else mean
+                from_pieces += bool(pieces) and weight is matrices[0]
+    logger.warning("tokenizer has %d tokens, the model had %d embedding rows: resized to %d rows; %d new token rows "
+                   "start at the mean of the base pieces they replace, the others at the mean of all base rows",
+                   len(tokenizer), old, matrices[0].shape[0], from_pieces)
+
+
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     dtype = getattr(torch, model_args.torch_dtype)
     if model_args.model_name_or_path:
@@ -268,12 +311,8 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
             model = AutoModelForCausalLM.from_pretrained(
                 model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
                 attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code)
-        rows = model.get_input_embeddings().weight.shape[0]
-        if len(tokenizer) > rows:
-            model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64)
-            logger.warning("tokenizer has %d tokens but the embedding matrix %d rows: resized embeddings to %d "
-                           "rows (new rows start at the mean of the old ones)", len(tokenizer), rows,
-                           model.get_input_embeddings().weight.shape[0])
+        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+            grow_embeddings(model, tokenizer, model_args)
     else:
         if not model_args.model_config:
             raise ConfigError("set `model_name_or_path` (continue pretraining) or `model_config` (from scratch, "
@@ -582,6 +621,9 @@ def train(argv: list[str]) -> dict:
 
     model.config.use_cache = True  # the saved model is for inference
     trainer.save_model(training_args.output_dir)  # safetensors + config + tokenizer
+    sentencepiece_model = Path(tokenizer.name_or_path) / "tokenizer.model"
+    if training_args.should_save and sentencepiece_model.is_file():  # save_pretrained writes tokenizer.json only
+        shutil.copy(sentencepiece_model, out / "tokenizer.model")  # kept so the vocabulary can be extended later
     saved_check = verify_saved_model(model, training_args, data) if training_args.verify_saved_model else None
     history = trainer.state.log_history
     metrics = {

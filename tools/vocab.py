@@ -1,0 +1,279 @@
+"""Tokenizers for Chinese (medical) text: train a domain tokenizer, extend a base model's vocabulary
+with its pieces, and measure what that buys.
+
+    python tools/vocab.py train CONFIG.yaml --vocab_size N --out DIR [--model_type bpe|unigram]
+                                [--character_coverage C] [--user_defined_symbols FILE|a,b,c]
+    python tools/vocab.py extend --base DIR --add DIR_OR_FILE --out DIR [--config CONFIG.yaml]
+    python tools/vocab.py report CONFIG.yaml --tokenizer DIR [--tokenizer DIR ...]
+
+Why a separate tool: these are one-off preparation steps run before training (like `hf download`),
+with their own inputs and outputs; pretrain.py only needs their result, a tokenizer directory, and
+resizes and initialises the model's embeddings for it (pretrain.build_model).
+
+Extending keeps every base token's id and text, appends the new ones, and leaves the tokenization of
+text without the new pieces unchanged, for both tokenizer families:
+  * SentencePiece-model tokenizers (Llama-2 style, tokenizer.model): new pieces are appended to the
+    model proto (as Chinese-LLaMA does, but scored below every base piece, in their own order, so the
+    base merges keep their priority) and the fast tokenizer is rebuilt from it;
+  * byte-level BPE tokenizer.json tokenizers (Qwen2 / Llama-3 style): each new piece is written in the
+    byte alphabet, built from the tokens the current vocabulary splits it into by merges appended
+    after all existing merges, and its intermediate tokens join the vocabulary.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import data_utils  # noqa: E402
+from data_utils import DataError  # noqa: E402
+
+BYTE_TO_CHAR = data_utils.byte_level_alphabet()
+
+
+# --------------------------------------------------------------------------------------------
+# What to add
+# --------------------------------------------------------------------------------------------
+def pieces_to_add(add: Path) -> list[str]:
+    """New pieces, in order: the normal and user-defined pieces of a SentencePiece model (a directory
+    holding tokenizer.model, or the .model file), or a text file with one piece per line."""
+    model = add / "tokenizer.model" if add.is_dir() else add
+    if model.suffix == ".model" and model.is_file():
+        from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+        proto = sp_pb2.ModelProto()
+        proto.ParseFromString(model.read_bytes())
+        keep = (sp_pb2.ModelProto.SentencePiece.NORMAL, sp_pb2.ModelProto.SentencePiece.USER_DEFINED)
+        return [p.piece for p in proto.pieces if p.type in keep]
+    if add.is_file():
+        return [line.rstrip("\n") for line in add.read_text(encoding="utf-8").splitlines() if line.strip()]
+    raise DataError(f"--add `{add}` is neither a SentencePiece tokenizer (a directory with tokenizer.model, or a "
+                    ".model file) nor a text file of pieces. Train one with `python tools/vocab.py train`.")
+
+
+# --------------------------------------------------------------------------------------------
+# Extending
+# --------------------------------------------------------------------------------------------
+def _copy_base(base: Path, tmp: Path, skip: tuple[str, ...]) -> None:
+    for f in base.iterdir():
+        if f.is_file() and f.name not in skip and not f.name.endswith((".safetensors", ".bin", ".pt")):
+            shutil.copy(f, tmp / f.name)
+
+
+def extend_sentencepiece(base: Path, pieces: list[str], tmp: Path) -> int:
+    from sentencepiece import sentencepiece_model_pb2 as sp_pb2
+
+    proto = sp_pb2.ModelProto()
+    proto.ParseFromString((base / "tokenizer.model").read_bytes())
+    existing = {p.piece for p in proto.pieces}
+    lowest = min((p.score for p in proto.pieces if p.type == sp_pb2.ModelProto.SentencePiece.NORMAL), default=0.0)
+    added = 0
+    for piece in pieces:
+        if piece not in existing:  # scored below every base piece: base merges always win, in their order
+            added += 1
+            proto.pieces.append(sp_pb2.ModelProto.SentencePiece(piece=piece, score=lowest - added))
+            existing.add(piece)
+    _copy_base(base, tmp, skip=("tokenizer.json", "tokenizer.model"))
+    (tmp / "tokenizer.model").write_bytes(proto.SerializeToString())
+    return added
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Byte-pair merges by rank, as the BPE model applies them to one pre-token."""
+    word = list(symbols)
+    while len(word) > 1:
+        rank, i = min((ranks.get((word[j], word[j + 1]), 1 << 62), j) for j in range(len(word) - 1))
+        if rank == 1 << 62:
+            break
+        first, second = word[i], word[i + 1]
+        merged, j = [], 0
+        while j < len(word):
+            if j < len(word) - 1 and word[j] == first and word[j + 1] == second:
+                merged.append(first + second)
+                j += 2
+            else:
+                merged.append(word[j])
+                j += 1
+        word = merged
+    return word
+
+
+def extend_byte_level_bpe(base: Path, pieces: list[str], tmp: Path) -> int:
+    from tokenizers import Tokenizer
+
+    spec = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
+    model = spec["model"]
+    pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
+    vocab = model["vocab"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+    ranks = {pair: i for i, pair in enumerate(merges)}
+    next_id = max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens", []))]) + 1
+    added = 0
+    for piece in sorted(dict.fromkeys(pieces), key=len):  # short pieces first: longer ones build on them
+        text = piece.replace("▁", " ")
+        if not text or (pre_tokenizer is not None and len(pre_tokenizer.pre_tokenize_str(text)) != 1):
+            continue  # the pre-tokenizer would split it: no merge could ever produce it
+        target = "".join(BYTE_TO_CHAR[b] for b in text.encode("utf-8"))
+        if target in vocab:
+            continue
+        tokens = _bpe([BYTE_TO_CHAR[b] for b in text.encode("utf-8")], ranks)
+        while len(tokens) > 1:  # one merge per step, appended after every existing merge
+            pair = (tokens[0], tokens[1])
+            merges.append(pair)
+            ranks[pair] = len(merges) - 1
+            merged = pair[0] + pair[1]
+            if merged not in vocab:
+                vocab[merged] = next_id
+                next_id += 1
+                added += 1
+            tokens = [merged] + tokens[2:]
+    model["merges"] = [list(m) for m in merges]
+    _copy_base(base, tmp, skip=("tokenizer.json",))
+    (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    return added
+
+
+def extend_tokenizer(base: Path, add: Path, out: Path) -> dict:
+    """Extend the tokenizer in `base` with the pieces of `add`; write a tokenizer directory to `out`."""
+    from transformers import AutoTokenizer
+
+    if (base / "tokenizer.model").is_file():
+        family, extend = "sentencepiece", extend_sentencepiece
+    elif (base / "tokenizer.json").is_file() and "ByteLevel" in (base / "tokenizer.json").read_text("utf-8"):
+        family, extend = "byte-level BPE", extend_byte_level_bpe
+    else:
+        raise DataError(f"--base `{base}` holds neither tokenizer.model (SentencePiece) nor a byte-level BPE "
+                        "tokenizer.json: these are the two families that can be extended.")
+    pieces = pieces_to_add(add)
+    base_tok = AutoTokenizer.from_pretrained(base)
+    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp_name:
+        tmp = Path(tmp_name)
+        added = extend(base, pieces, tmp)
+        extended = AutoTokenizer.from_pretrained(tmp)
+        staged = tmp / "saved"
+        extended.save_pretrained(staged)
+        if family == "sentencepiece":
+            shutil.copy(tmp / "tokenizer.model", staged / "tokenizer.model")  # kept for a later extension
+        check_extension(base_tok, AutoTokenizer.from_pretrained(staged))
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.move(str(staged), out)
+    return {"family": family, "base_tokens": len(base_tok), "pieces_offered": len(pieces), "added_tokens": added,
+            "tokens": len(base_tok) + added}
+
+
+def check_extension(base, extended) -> None:
+    """Base ids keep their tokens; new ids are appended."""
+    base_vocab = base.get_vocab()
+    ext_vocab = extended.get_vocab()
+    moved = [t for t, i in base_vocab.items() if ext_vocab.get(t) != i]
+    if moved:
+        raise DataError(f"extension moved {len(moved)} base tokens (e.g. {moved[:3]}): refusing to write it.")
+    if min((i for t, i in ext_vocab.items() if t not in base_vocab), default=len(base_vocab)) < len(base_vocab):
+        raise DataError("extension gave a new token an id inside the base range: refusing to write it.")
+
+
+# --------------------------------------------------------------------------------------------
+# Report: characters per token and byte-fallback share, per source
+# --------------------------------------------------------------------------------------------
+def compression(tokenizer, texts: list[str]) -> dict:
+    is_byte = data_utils.byte_token_mask(tokenizer)
+    ids = [i for enc in tokenizer(texts, add_special_tokens=False)["input_ids"] for i in enc]
+    chars = sum(map(len, texts))
+    return {"characters": chars, "tokens": len(ids), "chars_per_token": round(chars / max(len(ids), 1), 3),
+            "tokens_per_char": round(len(ids) / max(chars, 1), 3),
+            "byte_token_share": round(float(is_byte[np.asarray(ids, dtype=np.int64)].mean()) if ids else 0.0, 4)}
+
+
+def report(sources, tokenizer_dirs: list[str], max_chars: int = 5_000_000) -> dict:
+    from transformers import AutoTokenizer
+
+    tokenizers = {d: AutoTokenizer.from_pretrained(d) for d in tokenizer_dirs}
+    table = {}
+    for spec in data_utils.parse_sources(sources):
+        texts, total = [], 0
+        for text in data_utils.iter_texts(spec):
+            texts.append(text)
+            total += len(text)
+            if total >= max_chars:
+                break
+        table[spec.name] = {d: compression(tok, texts) for d, tok in tokenizers.items()}
+    return table
+
+
+def print_report(table: dict) -> None:
+    for source, rows in table.items():
+        print(f"source `{source}`")
+        first = next(iter(rows.values()))
+        for name, r in rows.items():
+            gain = first["tokens_per_char"] / max(r["tokens_per_char"], 1e-9)
+            print(f"  {name}: {r['characters']:,} chars, {r['tokens']:,} tokens, {r['chars_per_token']} chars/token, "
+                  f"byte tokens {r['byte_token_share']:.1%}, {gain:.2f}x fewer tokens than the first")
+
+
+# --------------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------------
+def load_sources(config: str, overrides: list[str]):
+    import pretrain
+
+    _, data_args, _ = pretrain.parse_args([config, *overrides])
+    return data_args
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="tools/vocab.py", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train a SentencePiece tokenizer on a config's sources")
+    train.add_argument("config")
+    train.add_argument("--vocab_size", type=int, required=True)
+    train.add_argument("--out", required=True)
+    train.add_argument("--model_type", default="bpe", choices=["bpe", "unigram"])
+    train.add_argument("--character_coverage", type=float, default=0.9995)
+    train.add_argument("--user_defined_symbols", default="",
+                       help="pieces that must be whole tokens (e.g. medical terms): a file, one per line, or a,b,c")
+    extend = sub.add_parser("extend", help="extend a base tokenizer with the pieces of another")
+    extend.add_argument("--base", required=True)
+    extend.add_argument("--add", required=True)
+    extend.add_argument("--out", required=True)
+    extend.add_argument("--config", help="also report compression before and after on this config's sources")
+    rep = sub.add_parser("report", help="characters per token and byte-token share per source")
+    rep.add_argument("config")
+    rep.add_argument("--tokenizer", action="append", required=True)
+    args, overrides = parser.parse_known_args(argv)
+    import pretrain
+
+    try:
+        if args.command == "train":
+            symbols = args.user_defined_symbols
+            symbols = (Path(symbols).read_text(encoding="utf-8").split() if symbols and Path(symbols).is_file()
+                       else [s for s in symbols.split(",") if s])
+            data_args = load_sources(args.config, overrides)
+            cached = data_utils.train_sentencepiece_tokenizer(
+                data_args.sources, data_args.cache_dir, args.vocab_size, args.model_type, args.character_coverage,
+                user_defined_symbols=symbols)
+            shutil.copytree(cached, args.out, dirs_exist_ok=True)
+            print(f"wrote a {args.vocab_size}-token SentencePiece {args.model_type} tokenizer to {args.out}")
+        elif args.command == "extend":
+            result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out))
+            print(json.dumps(result, ensure_ascii=False))
+            if args.config:
+                table = report(load_sources(args.config, overrides).sources, [args.base, args.out])
+                print_report(table)
+                (Path(args.out) / "compression_report.json").write_text(json.dumps(table, indent=1))
+        else:
+            print_report(report(load_sources(args.config, overrides).sources, args.tokenizer))
+    except (DataError, pretrain.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
