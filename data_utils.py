@@ -15,6 +15,7 @@ rendered texts, convert sources to one jsonl, prepare the token stores ahead of 
 from __future__ import annotations
 
 import codecs
+import collections
 import contextlib
 import csv
 import dataclasses
@@ -42,7 +43,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 2  # bump when the on-disk layout or the text formatting rules change
+STORE_VERSION = 3  # bump when the on-disk layout or the text formatting rules change
 CHUNK_LINES = 2048  # records per unit of work sent to a tokenizer process
 POOL_MIN_BYTES = 8 << 20  # below this, starting worker processes costs more than it saves
 DATA_EXTENSIONS = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
@@ -947,6 +948,12 @@ def _encode(info: TokenizerInfo, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
 
 
+def _map(path: Path, dtype) -> np.ndarray:
+    """A raw array file, memory-mapped read-only (an empty file gives an empty array)."""
+    size = path.stat().st_size // np.dtype(dtype).itemsize
+    return np.memmap(path, dtype=dtype, mode="r", shape=(size,)) if size else np.zeros(0, dtype=dtype)
+
+
 DOC_ARRAYS = {"doc_files": np.int32, "doc_records": np.int64, "doc_hashes": np.uint64, "doc_chars": np.int64}
 
 
@@ -1015,21 +1022,20 @@ def atomic_write_text(path: Path, text: str) -> None:
 class TokenStore:
     """A source's documents as one flat memory-mapped token array plus per-document arrays.
 
-    Layout of a store directory: tokens.bin (uint16 when the vocab fits, else uint32), offsets.npy
-    (int64, n_docs + 1), doc_files / doc_records (where each document came from), doc_hashes (for
-    dedup), doc_chars (.npy each), meta.json (written last; a directory without it is never used).
+    Layout of a store directory, raw little-endian arrays written chunk by chunk (so building holds
+    no per-document list in memory) and memory-mapped when read: tokens.bin (uint16 when the vocab
+    fits, else uint32), offsets.bin (int64, n_docs + 1), doc_files / doc_records (where each document
+    came from), doc_hashes (for dedup), doc_chars (.bin each); meta.json is written last, and a
+    directory without it is never used.
     """
 
     def __init__(self, directory: Path):
         self.dir = directory
         self.meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
-        self.offsets = np.load(directory / "offsets.npy")
-        for name in DOC_ARRAYS:
-            setattr(self, name, np.load(directory / f"{name}.npy"))
-        n_tokens = int(self.offsets[-1])
-        dtype = np.dtype(self.meta["dtype"])
-        self.tokens = (np.memmap(directory / "tokens.bin", dtype=dtype, mode="r", shape=(n_tokens,))
-                       if n_tokens else np.zeros(0, dtype=dtype))
+        self.offsets = _map(directory / "offsets.bin", np.int64)
+        for name, dtype in DOC_ARRAYS.items():
+            setattr(self, name, _map(directory / f"{name}.bin", dtype))
+        self.tokens = _map(directory / "tokens.bin", np.dtype(self.meta["dtype"]))
 
     @property
     def n_docs(self) -> int:
@@ -1047,8 +1053,8 @@ class TokenStore:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         counts: dict[str, int] = {}
-        arrays: dict[str, list] = {name: [] for name in ("lengths", *DOC_ARRAYS)}
         file_info: dict[int, tuple] = {}
+        n_docs, n_tokens = 0, 0
         total = inputs.size()
         start = time.time()
         work = ((spec, info, chunk) for chunk in read_chunks(inputs, spec))
@@ -1059,39 +1065,40 @@ class TokenStore:
         from tqdm.auto import tqdm
 
         try:
-            results = pool.imap(_tokenize_star, work, chunksize=1) if pool else map(_tokenize_star, work)
-            with open(tmp / "tokens.bin", "wb") as out, \
-                    tqdm(total=total, unit="rec" if inputs.dataset else "B", unit_scale=True,
-                         desc=f"tokenize {spec.name}") as bar:
+            results = bounded_imap(pool, _tokenize_star, work, 4 * num_proc) if pool else map(_tokenize_star, work)
+            files = {name: open(tmp / f"{name}.bin", "wb") for name in ("tokens", "offsets", *DOC_ARRAYS)}
+            with contextlib.ExitStack() as stack, tqdm(total=total, unit="rec" if inputs.dataset else "B",
+                                                       unit_scale=True, desc=f"tokenize {spec.name}") as bar:
+                for f in files.values():
+                    stack.enter_context(f)
+                np.zeros(1, dtype=np.int64).tofile(files["offsets"])
                 for part in results:
-                    part["tokens"].astype(dtype, copy=False).tofile(out)
+                    part["tokens"].astype(dtype, copy=False).tofile(files["tokens"])
+                    (n_tokens + np.cumsum(part["lengths"])).astype(np.int64).tofile(files["offsets"])
+                    for name, dt in DOC_ARRAYS.items():
+                        part[name].astype(dt, copy=False).tofile(files[name])
+                    n_docs, n_tokens = n_docs + len(part["lengths"]), n_tokens + int(part["lengths"].sum())
                     if byte_mask is not None and len(part["tokens"]):
                         _count(counts, "byte_tokens", int(byte_mask[part["tokens"]].sum()))
-                    for name in arrays:
-                        arrays[name].append(part[name])
                     for k, v in part["counts"].items():
                         _count(counts, k, v)
                     file_info[part["file"][0]] = part["file"][1:]
                     bar.update(part["nbytes"])
-                out.flush()
-                os.fsync(out.fileno())
+                for f in files.values():
+                    f.flush()
+                    os.fsync(f.fileno())
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
             if pool:
                 pool.terminate()
-        lengths = np.concatenate(arrays["lengths"]) if arrays["lengths"] else np.zeros(0, np.int64)
-        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-        np.save(tmp / "offsets.npy", offsets)
-        for name, dt in DOC_ARRAYS.items():
-            np.save(tmp / f"{name}.npy", np.concatenate(arrays[name]) if arrays[name] else np.zeros(0, dt))
         meta = {
             "version": STORE_VERSION, "source": spec.name, "dtype": np.dtype(dtype).name,
             "files": [{"path": inputs.label, "format": "hub", "encoding": "-"}] if inputs.dataset is not None
             else [{"path": str(f), "format": file_info.get(i, ("?", "?"))[0],
                    "encoding": file_info.get(i, ("?", "?"))[1]} for i, f in enumerate(inputs.files)],
-            "n_docs": int(len(lengths)), "n_tokens": int(offsets[-1]),
+            "n_docs": n_docs, "n_tokens": n_tokens,
             "counts": counts, "seconds": round(time.time() - start, 3), "key": key_material,
         }
         atomic_write_text(tmp / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
@@ -1101,6 +1108,18 @@ class TokenStore:
             shutil.rmtree(tmp, ignore_errors=True)
             if not (directory / "meta.json").exists():
                 raise
+
+
+def bounded_imap(pool, fn, items: Iterator, ahead: int) -> Iterator:
+    """Pool.imap in order, with at most `ahead` items in flight: Pool.imap itself reads its whole input
+    into the task queue, which would hold the corpus in memory."""
+    pending: collections.deque = collections.deque()
+    for item in items:
+        pending.append(pool.apply_async(fn, (item,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 def _tokenize_star(args):
@@ -1147,8 +1166,8 @@ class PackedBlocks:
     do not overlap; only the final remainder of fewer than `block_size` tokens is not used.
     """
 
-    def __init__(self, store: TokenStore, doc_ids: np.ndarray, block_size: int):
-        self.store, self.block_size = store, block_size
+    def __init__(self, store: TokenStore, doc_ids: np.ndarray, block_size: int, document_positions: bool = False):
+        self.store, self.block_size, self.document_positions = store, block_size, document_positions
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
         lengths = store.offsets[self.doc_ids + 1] - store.offsets[self.doc_ids]
         self.cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -1160,6 +1179,10 @@ class PackedBlocks:
         return self.n_blocks
 
     def block_tokens(self, index: int) -> np.ndarray:
+        return np.concatenate(self._pieces(index))
+
+    def _pieces(self, index: int) -> list[np.ndarray]:
+        """The block's tokens, one array per document (or part of one) it holds."""
         if not 0 <= index < self.n_blocks:
             raise IndexError(index)
         start, end = index * self.block_size, (index + 1) * self.block_size
@@ -1172,13 +1195,25 @@ class PackedBlocks:
             pieces.append(self.store.tokens[doc_start:doc_start + take])
             start += take
             d += 1
-        return np.concatenate(pieces)
+        return pieces
 
     def __getitem__(self, index: int) -> dict:
-        import torch
+        pieces = self._pieces(index)
+        positions = np.concatenate([np.arange(len(p)) for p in pieces]) if self.document_positions else None
+        return block_item(np.concatenate(pieces), positions)
 
-        ids = torch.from_numpy(self.block_tokens(index).astype(np.int64))
-        return {"input_ids": ids, "labels": ids.clone()}
+
+def block_item(tokens: np.ndarray, positions: np.ndarray | None = None) -> dict:
+    """A training example: input_ids = labels (the model shifts them), and with document-aware attention
+    position_ids that restart at every document, from which the attention builds a block-diagonal
+    causal mask (sdpa and flash-attention, with use_cache=False), so no token sees another document."""
+    import torch
+
+    ids = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+    item = {"input_ids": ids, "labels": ids.clone()}
+    if positions is not None:
+        item["position_ids"] = torch.from_numpy(np.asarray(positions, dtype=np.int64))
+    return item
 
 
 def split_documents(n_docs: int, eval_fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
@@ -1252,13 +1287,15 @@ class StreamedSource:
     nothing materialised but a hash per document seen."""
 
     def __init__(self, spec: SourceConfig, info: TokenizerInfo, block_size: int, dedup: bool,
-                 cache_dir: Path | None = None):
+                 cache_dir: Path | None = None, document_positions: bool = False):
         self.spec, self.info, self.block_size, self.dedup, self.cache_dir = spec, info, block_size, dedup, cache_dir
+        self.document_positions = document_positions
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[dict]:
         prefix = [self.info.bos_id] if self.info.bos_id is not None else []
         seen: set[int] = set()
         pending = np.zeros(0, dtype=np.uint32)
+        positions = np.zeros(0, dtype=np.int64)  # position within its document, for document attention
         for chunk in read_chunks(SourceInput.open(self.spec, cache_dir=self.cache_dir), self.spec):
             texts, _, _ = format_chunk(self.spec, chunk)
             if self.dedup:
@@ -1273,10 +1310,17 @@ class StreamedSource:
                 continue
             docs = [prefix + ids + [self.info.eos_id] for ids in _encode(self.info, texts)]
             pending = np.concatenate([pending, np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32)])
+            positions = np.concatenate([positions, *(np.arange(len(d)) for d in docs)])
             n_blocks = len(pending) // self.block_size
             for i in range(n_blocks):
-                yield pending[i * self.block_size:(i + 1) * self.block_size]
-            pending = pending[n_blocks * self.block_size:]
+                window = slice(i * self.block_size, (i + 1) * self.block_size)
+                pos = None
+                if self.document_positions:  # the document the block starts inside restarts at 0 too
+                    pos = positions[window].copy()
+                    resets = np.flatnonzero(pos[1:] == 0)
+                    pos[:resets[0] + 1 if len(resets) else len(pos)] -= pos[0]
+                yield block_item(pending[window], pos)
+            pending, positions = pending[n_blocks * self.block_size:], positions[n_blocks * self.block_size:]
 
 
 class ShuffledBlocks:
@@ -1285,10 +1329,10 @@ class ShuffledBlocks:
     def __init__(self, blocks: "PackedBlocks", seed: int):
         self.blocks, self.seed, self.passes = blocks, seed, 0
 
-    def __iter__(self) -> Iterator[np.ndarray]:
+    def __iter__(self) -> Iterator[dict]:
         order = np.random.default_rng([self.seed, self.passes]).permutation(len(self.blocks))
         self.passes += 1
-        return (self.blocks.block_tokens(int(i)) for i in order)
+        return (self.blocks[int(i)] for i in order)
 
 
 class StreamingMixture:
@@ -1308,8 +1352,6 @@ class StreamingMixture:
         self.produced = np.zeros(len(self.names), dtype=np.int64)
 
     def __iter__(self) -> Iterator[dict]:
-        import torch
-
         iters = [iter(s) for s in self.sources]
         passes = np.ones(len(self.sources), dtype=np.int64)
         self.produced[:] = 0
@@ -1326,8 +1368,7 @@ class StreamingMixture:
                 if block is None:
                     raise DataError(f"source `{self.names[i]}` yields no block of the block size.")
             self.produced[i] += 1
-            ids = torch.from_numpy(np.asarray(block, dtype=np.int64))
-            yield {"input_ids": ids, "labels": ids.clone()}
+            yield block
 
     def shares(self, consumed: int = 0) -> dict[str, float]:
         """Each source's share of the blocks produced so far (read ahead by the data loader)."""
@@ -1389,6 +1430,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
     digests = FileDigests(cache_dir)
     num_proc = data_args.preprocessing_num_workers or min(8, os.cpu_count() or 1)
     dedup = getattr(data_args, "dedup", True)
+    document = getattr(data_args, "attention", "causal") == "document"
     byte_mask = functools.cache(lambda: byte_token_mask(tokenizer))  # computed only when a store is built
     seen = np.zeros(0, dtype=np.uint64)
     plans = []  # (spec, store, hit, train_ids, eval store, eval_ids, duplicates)
@@ -1429,11 +1471,11 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
 
     train_parts, evals, report_sources = {}, {}, {}
     for spec, store, hit, train_ids, eval_store, eval_ids, duplicates in plans:
-        train = PackedBlocks(store, train_ids, block_size)
+        train = PackedBlocks(store, train_ids, block_size, document)
         if len(train) == 0:
             raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens make no block of "
                             f"block_size {block_size}. Add data or lower `block_size`.")
-        held_out = PackedBlocks(eval_store, eval_ids, block_size) if eval_store is not None else None
+        held_out = PackedBlocks(eval_store, eval_ids, block_size, document) if eval_store is not None else None
         if held_out is not None:
             if len(held_out) == 0:
                 raise DataError(f"source `{spec.name}`: its eval split has {held_out.n_tokens} tokens, fewer than "
@@ -1470,13 +1512,13 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
                 eval_spec = dataclasses.replace(spec, streaming=False)
                 eval_store, _ = load_or_build_store(eval_spec, SourceInput.open(eval_spec, True, cache_dir), info,
                                                     cache_dir, num_proc, digests)
-                evals[spec.name] = PackedBlocks(eval_store, np.arange(eval_store.n_docs), block_size)
+                evals[spec.name] = PackedBlocks(eval_store, np.arange(eval_store.n_docs), block_size, document)
                 report_sources[spec.name]["eval_blocks"] = len(evals[spec.name])
             elif (spec.eval_fraction or 0) > 0:
                 logger.warning("source `%s` streams: eval_fraction is not applied to a stream; set `eval_split` "
                                "to evaluate it", spec.name)
         digests.save()
-        sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir) if s.streaming
+        sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document) if s.streaming
                             else ShuffledBlocks(train_parts[s.name], seed)) for s in specs}
         mixture = StreamingMixture(sources, weights, max_epochs)
         for name, share in zip(mixture.names, mixture.share):

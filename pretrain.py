@@ -42,6 +42,9 @@ class ModelArguments:
     model_config: str | None = field(default=None, metadata={
         "help": "Architecture JSON for training from scratch, e.g. configs/model/tiny.json."})
     model_revision: str = field(default="main", metadata={"help": "Hub branch, tag or commit."})
+    model_vocab_size: int | None = field(default=None, metadata={
+        "help": "From scratch: embedding rows (at least the tokenizer's size). Unset: the tokenizer's size rounded "
+                "up to 64. Set it to a real model's size (151936 for Qwen2) to benchmark its exact shape."})
     tokenizer_name_or_path: str | None = field(default=None, metadata={
         "help": "Tokenizer directory or hub id. Unset: the model's own, or (from scratch) a SentencePiece "
                 "BPE trained on the training sources and cached."})
@@ -73,6 +76,9 @@ class DataArguments:
     cache_dir: str = field(default="cache", metadata={"help": "Token stores and trained tokenizers."})
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "Tokenizer processes. Unset: min(8, CPU count)."})
+    attention: str = field(default="causal", metadata={
+        "help": "causal: plain causal attention over each packed block | document: position_ids restart at every "
+                "document, so no token attends across documents (sdpa or flash_attention_2, use_cache off)."})
     dedup: bool = field(default=True, metadata={
         "help": "Exact dedup of texts within and across sources and between train and eval."})
     max_source_epochs: float = field(default=4.0, metadata={
@@ -93,6 +99,8 @@ class DataArguments:
             except yaml.YAMLError as e:
                 raise DataError(f"`sources` is not valid YAML/JSON: {e}") from None
         self.sources, self.local_hub_copies = data_utils.use_local_hub_copies(self.sources, self.hub_local_dir)
+        if self.attention not in ("causal", "document"):
+            raise DataError(f"attention must be causal or document, got `{self.attention}`.")
         if self.block_size < 2:
             raise DataError(f"block_size must be at least 2, got {self.block_size}.")
 
@@ -121,6 +129,8 @@ class PretrainingArguments(TrainingArguments):
     ddp_timeout: int = field(default=7200, metadata={"help": "Collective timeout in seconds."})
     mixed_precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | no"})
+    peak_tflops: float | None = field(default=None, metadata={
+        "help": "Peak TFLOP/s of one accelerator for MFU; unset: looked up by GPU name (bf16/fp16 dense)."})
     sample_prompts: list[str] = field(default_factory=list, metadata={
         "help": "Prompts continued by the trained model at the end (written to samples.json)."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample prompt."})
@@ -324,7 +334,7 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
         model_type = spec.pop("model_type", None)
         if not model_type:
             raise ConfigError(f"model_config `{model_args.model_config}` has no `model_type` (llama, qwen2, ...).")
-        vocab = math.ceil(len(tokenizer) / 64) * 64  # rows padded to a multiple of 64 for fast matmuls
+        vocab = max(math.ceil(len(tokenizer) / 64) * 64, model_args.model_vocab_size or 0)  # multiple of 64: fast
         if spec.get("vocab_size") != vocab:
             logger.info("vocab_size %s in %s set to %d to fit the tokenizer (%d tokens)",
                         spec.get("vocab_size"), model_args.model_config, vocab, len(tokenizer))
@@ -344,13 +354,111 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
 # --------------------------------------------------------------------------------------------
 # 5. Trainer: perplexity and throughput in every log, a loss curve on disk
 # --------------------------------------------------------------------------------------------
-class PretrainTrainer(Trainer):
-    """Adds `*_ppl` next to every eval loss, an overall eval loss over all sources, and tokens/s."""
+# Dense bf16/fp16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts unless named).
+PEAK_TFLOPS = {"H200": 989.5, "H100 PCIe": 756.0, "H100": 989.5, "H800": 989.5, "H20": 148.0, "A100": 312.0,
+               "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "A30": 165.0, "V100": 125.0,
+               "RTX 4090": 165.2}
 
-    def __init__(self, *args, tokens_per_step: int, block_size: int, **kwargs):
+
+def peak_flops_per_device(training_args: PretrainingArguments) -> float | None:
+    """The accelerator's peak FLOP/s for MFU: `peak_tflops` if set, else the table by device name."""
+    if training_args.peak_tflops:
+        return training_args.peak_tflops * 1e12
+    if training_args.use_cpu or not torch.cuda.is_available() or training_args.mixed_precision == "no":
+        return None  # no table entry means anything for CPUs or fp32
+    name = torch.cuda.get_device_name()
+    for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" is listed before "H100"
+        if all(part in name for part in key.split()):
+            return tflops * 1e12
+    return None
+
+
+def flops_per_token(model, block_size: int) -> float:
+    """Training FLOPs per token, PaLM's convention: 6 N (N = parameters doing matmuls: all but the input
+    embedding lookup; a tied embedding counts once, as the output projection) + 12 L d S for attention
+    scores and values (S = block size, no discount for the causal mask)."""
+    config = model.config
+    n = sum(p.numel() for p in model.parameters())
+    if not getattr(config, "tie_word_embeddings", False):
+        n -= model.get_input_embeddings().weight.numel()
+    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * block_size
+
+
+class ThroughputMeter(TrainerCallback):
+    """Tokens/s (global and per device), step time, share of time waiting for data, MFU and peak memory
+    over each logging window and over the whole run. Evaluation and checkpoint time are excluded; the
+    gap between one step's end and the next step's start (the batch being fetched) counts as data wait."""
+
+    def __init__(self, tokens_per_step: int, world_size: int, flops_per_token: float, peak_flops: float | None):
+        self.tokens_per_step, self.world_size = tokens_per_step, world_size
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.window = self.total = None
+
+    @staticmethod
+    def _fresh(step: int) -> dict:
+        return {"start": time.perf_counter(), "step": step, "wait": 0.0, "excluded": 0.0}
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.window, self.total = self._fresh(state.global_step), self._fresh(state.global_step)
+        self.last_end = time.perf_counter()
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        waited = time.perf_counter() - self.last_end
+        self.window["wait"] += waited
+        self.total["wait"] += waited
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.last_end = time.perf_counter()
+
+    def _exclude(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        for span in (self.window, self.total):
+            if span is not None:
+                span["excluded"] += now - self.last_end
+        self.last_end = now
+
+    on_evaluate = on_save = _exclude
+
+    def _summary(self, span: dict, step: int) -> dict:
+        elapsed = time.perf_counter() - span["start"] - span["excluded"]
+        steps = step - span["step"]
+        if steps <= 0 or elapsed <= 0:
+            return {}
+        tokens_per_second = steps * self.tokens_per_step / elapsed
+        summary = {"tokens_per_second": round(tokens_per_second, 1),
+                   "tokens_per_second_per_device": round(tokens_per_second / self.world_size, 1),
+                   "step_time_s": round(elapsed / steps, 4),
+                   "data_wait_share": round(min(span["wait"] / elapsed, 1.0), 4),
+                   "peak_memory_gib": round(peak_memory_gib(), 3)}
+        if self.peak_flops:
+            summary["mfu"] = round(tokens_per_second / self.world_size * self.flops_per_token / self.peak_flops, 4)
+        return summary
+
+    def read(self, step: int) -> dict:
+        """The figures since the last read (one logging window)."""
+        summary = self._summary(self.window, step) if self.window else {}
+        self.window = self._fresh(step)
+        return summary
+
+    def overall(self, step: int) -> dict:
+        return self._summary(self.total, step) if self.total else {}
+
+
+def peak_memory_gib() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak resident set size
+
+
+class PretrainTrainer(Trainer):
+    """Adds `*_ppl` next to every eval loss, an overall eval loss over all sources, throughput and MFU
+    (ThroughputMeter) and the achieved data mixture to every training log."""
+
+    def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, **kwargs):
         super().__init__(*args, **kwargs)
-        self.tokens_per_step, self.block_size = tokens_per_step, block_size
-        self._last_log = (0, time.perf_counter())
+        self.tokens_per_step, self.block_size, self.meter = tokens_per_step, block_size, meter
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -368,12 +476,9 @@ class PretrainTrainer(Trainer):
             if key.startswith("eval") and key.endswith("_loss"):
                 logs[f"{key[:-len('_loss')]}_ppl"] = math.exp(min(value, 30.0))
         if "loss" in logs:
-            step, now = self.state.global_step, time.perf_counter()
-            last_step, last_time = self._last_log
-            if step > last_step:
-                logs["tokens_per_second"] = round((step - last_step) * self.tokens_per_step / (now - last_time), 1)
+            step = self.state.global_step
+            logs.update(self.meter.read(step))
             logs["tokens_seen"] = step * self.tokens_per_step
-            self._last_log = (step, now)
             if hasattr(self.train_dataset, "shares"):  # the achieved mixture so far
                 consumed = step * self.tokens_per_step // self.block_size
                 for name, share in self.train_dataset.shares(consumed).items():
@@ -611,11 +716,13 @@ def train(argv: list[str]) -> dict:
 
     watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting and s.name in data.eval]
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
+    meter = ThroughputMeter(tokens_per_step, training_args.world_size, flops_per_token(model, data_args.block_size),
+                            peak_flops_per_device(training_args))
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
-        callbacks=[LossCurveCallback(training_args.output_dir), forgetting], tokens_per_step=tokens_per_step,
-        block_size=data_args.block_size)
+        callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter], tokens_per_step=tokens_per_step,
+        block_size=data_args.block_size, meter=meter)
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
     final_eval = trainer.evaluate() if data.eval else {}
 
@@ -634,8 +741,9 @@ def train(argv: list[str]) -> dict:
             "world_size": training_args.world_size,
             "tokens": trainer.state.global_step * tokens_per_step,
             "runtime_seconds": result.metrics.get("train_runtime"),
-            "tokens_per_second": round(trainer.state.global_step * tokens_per_step
-                                       / max(result.metrics.get("train_runtime", 0), 1e-9), 1),
+            **meter.overall(trainer.state.global_step),
+            "flops_per_token": meter.flops_per_token,
+            "peak_flops_per_device": meter.peak_flops,
         },
         "eval": {"before_training": eval_at_step(history, 0), "final": loss_and_ppl(final_eval),
                  "ppl_change_pct_over_baseline": forgetting.changes},
