@@ -762,6 +762,8 @@ def train(argv: list[str]) -> dict:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=1))
         plot_loss_curve(history, out / "loss.png")
         logger.info("saved model, tokenizer, metrics.json and loss.png to %s", out)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()  # ranks leave together: one exiting mid-write of another can abort it
     return metrics
 
 
