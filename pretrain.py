@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -175,6 +176,10 @@ def check_deepspeed_config(deepspeed_config) -> None:
 
 class ConfigError(ValueError):
     """A config file or command-line setting that cannot be used; the message says which and why."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
 class ConfigArgumentParser(HfArgumentParser):
@@ -460,6 +465,17 @@ class PretrainTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.tokens_per_step, self.block_size, self.meter = tokens_per_step, block_size, meter
 
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():  # before the optimizer step: no checkpoint ever holds its effect
+            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+            raise NonFiniteLossError(
+                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; stopped before the "
+                f"optimizer step. The last good checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower "
+                "`learning_rate`, raise `warmup_steps`, check the data of this step (`record_block_ids`), or use "
+                "bf16 instead of fp16; then resume with --resume_from_checkpoint auto.")
+        return loss
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
         sets = self.eval_dataset if eval_dataset is None else eval_dataset
@@ -484,6 +500,31 @@ class PretrainTrainer(Trainer):
                 for name, share in self.train_dataset.shares(consumed).items():
                     logs[f"mix_{name}"] = round(share, 4)
         super().log(logs, start_time)
+
+
+class PreemptionCallback(TrainerCallback):
+    """SIGTERM (a scheduler preempting the job) -> save a checkpoint at the next step boundary and stop
+    cleanly; `--resume_from_checkpoint auto` then continues from it. Ranks agree on the stop through an
+    all-reduce, so they all save and stop at the same step."""
+
+    def __init__(self):
+        self.requested, self.stopped_at = False, None
+        signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame):
+        self.requested = True
+
+    def on_step_end(self, args, state, control, **kwargs):
+        stop = self.requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=args.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item())
+        if stop:
+            self.stopped_at = state.global_step
+            control.should_save = control.should_training_stop = True
+            logger.warning("SIGTERM: saving a checkpoint at step %d and stopping; resume with "
+                           "--resume_from_checkpoint auto", state.global_step)
 
 
 class BlockCollator:
@@ -716,14 +757,19 @@ def train(argv: list[str]) -> dict:
 
     watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting and s.name in data.eval]
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
+    preemption = PreemptionCallback()
     meter = ThroughputMeter(tokens_per_step, training_args.world_size, flops_per_token(model, data_args.block_size),
                             peak_flops_per_device(training_args))
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
-        callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter], tokens_per_step=tokens_per_step,
+        callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter)
     result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    if preemption.stopped_at is not None:  # preempted: the checkpoint is saved, the run is not finished
+        logger.warning("preempted at step %d: checkpoint saved in %s; not writing a final model",
+                       preemption.stopped_at, training_args.output_dir)
+        return {"preempted_at_step": preemption.stopped_at}
     final_eval = trainer.evaluate() if data.eval else {}
 
     model.config.use_cache = True  # the saved model is for inference
@@ -770,7 +816,7 @@ def train(argv: list[str]) -> dict:
 def main(argv: list[str], job=train) -> int:
     try:
         job(argv)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, NonFiniteLossError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

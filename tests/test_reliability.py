@@ -1,0 +1,60 @@
+"""Preemption (SIGTERM saves and stops; auto-resume continues) and a non-finite loss (stops before the
+optimizer step, naming the last good checkpoint)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import yaml
+
+from conftest import ROOT, make_text_corpus
+from test_end_to_end import run_pretrain
+
+
+def config(tmp_path, micro_model_config, tokenizer_dir, **extra):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_config": str(micro_model_config), "tokenizer_name_or_path": str(tokenizer_dir),
+        "sources": [{"path": str(make_text_corpus(tmp_path / "data", repeat=30))}], "block_size": 32,
+        "eval_fraction": 0.1, "per_device_train_batch_size": 4, "logging_steps": 1, "report_to": "none",
+        "eval_strategy": "no", "eval_on_start": False, "output_dir": str(tmp_path / "out"),
+        "cache_dir": str(tmp_path / "cache"), **extra}), encoding="utf-8")
+    return path
+
+
+def test_sigterm_saves_a_checkpoint_and_the_next_start_resumes(tmp_path, micro_model_config, tokenizer_dir):
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=100000, save_steps=100000,
+                 learning_rate=1.0e-4)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), str(run)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "data_report.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(4)  # a few steps in
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "SIGTERM: saving a checkpoint at step" in stderr
+    checkpoints = sorted((tmp_path / "out").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert len(checkpoints) == 1
+    stopped = int(checkpoints[0].name.split("-")[1])
+    assert 0 < stopped < 100000
+    assert not (tmp_path / "out" / "model.safetensors").exists()  # not a finished run
+    resumed = run_pretrain([run, "--resume_from_checkpoint", "auto", "--max_steps", stopped + 3])
+    assert f"resume_from_checkpoint auto: {checkpoints[0]}" in resumed.stderr
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["steps"] == stopped + 3
+
+
+def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, micro_model_config, tokenizer_dir):
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=50, save_steps=1, learning_rate=1.0e+8,
+                 max_grad_norm=0.0, warmup_steps=0, lr_scheduler_type="constant")
+    proc = run_pretrain([run], check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")][0]
+    assert "the training loss became" in error and "stopped before the optimizer step" in error
+    step = int(error.split(" at step ")[1].split(";")[0])
+    assert f"checkpoint-{step - 1}" in error and (tmp_path / "out" / f"checkpoint-{step - 1}").is_dir()
+    assert "Traceback" not in proc.stderr
