@@ -673,6 +673,31 @@ def eval_at_step(history: list[dict], step: int) -> dict:
     return found
 
 
+def preflight(training_args: PretrainingArguments, data, n_params: int, tokens_per_step: int) -> None:
+    """Before the first step: say what the run will do, and stop on settings that cannot work together."""
+    if training_args.deepspeed and training_args.fsdp:
+        raise ConfigError("both `deepspeed` and `fsdp` are set: choose one (deepspeed/run_deepspeed.sh or FSDP=1 "
+                          "torchrun/run_torchrun.sh).")
+    blocks_per_step = tokens_per_step // max(data.report["block_size"], 1)
+    if hasattr(data.train, "__len__") and len(data.train) < blocks_per_step:
+        raise ConfigError(f"one optimizer step needs {blocks_per_step} blocks but the training data has "
+                          f"{len(data.train)}: lower per_device_train_batch_size or gradient_accumulation_steps, or "
+                          "add data.")
+    steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
+        training_args.num_train_epochs * len(data.train) / blocks_per_step)
+    lines = [f"preflight: {steps} optimizer steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
+             f"{training_args.world_size} process(es), {n_params / 1e6:.1f}M parameters, block "
+             f"{data.report['block_size']}",
+             f"  memory per device for weights, gradients and AdamW states (fp32 masters): "
+             f"~{16 * n_params / 2**30:.2f} GiB before ZeRO/FSDP sharding, plus activations"]
+    for name, source in data.report["sources"].items():
+        lines.append(f"  source {name}: " + (f"{source['documents']:,} docs, {source['tokens']:,} tokens, "
+                                             if not source.get("streaming") else "streamed, ")
+                     + f"{source['share_of_training_tokens']:.1%} of training tokens, "
+                     f"{source.get('eval_blocks', 0)} eval blocks")
+    logger.info("\n".join(lines))
+
+
 def block_record_path(training_args: PretrainingArguments) -> Path | None:
     if not training_args.record_block_ids:
         return None
@@ -753,10 +778,10 @@ def train(argv: list[str]) -> dict:
         raise ConfigError("streaming sources have no length, so the run cannot count epochs: set `max_steps` or "
                           "`max_train_tokens` (a token budget).")
     n_params = sum(p.numel() for p in model.parameters())
-    logger.info("model: %.2fM parameters, %d tokens per optimizer step", n_params / 1e6, tokens_per_step)
 
     watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting and s.name in data.eval]
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
+    preflight(training_args, data, n_params, tokens_per_step)
     preemption = PreemptionCallback()
     meter = ThroughputMeter(tokens_per_step, training_args.world_size, flops_per_token(model, data_args.block_size),
                             peak_flops_per_device(training_args))

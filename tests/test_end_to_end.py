@@ -57,6 +57,7 @@ def test_from_scratch_outputs_load_and_perplexity_falls(trained):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     _, _, out, proc = trained
+    assert "preflight: 12 optimizer steps x 128 tokens = 1,536 tokens" in proc.stderr
     for name in ("model.safetensors", "config.json", "tokenizer.json", "tokenizer_config.json",
                  "metrics.json", "data_report.json", "loss.png"):
         assert (out / name).is_file(), name
@@ -132,6 +133,7 @@ def test_run_pretrain_sh_passes_config_and_overrides(trained, tmp_path):
     ("unknown_key", "unknown key `blok_size`.*Did you mean `block_size`"),
     ("wrong_type", "block_size.*invalid int value"),
     ("block_too_long", "exceeds the model's max_position_embeddings"),
+    ("batch_too_big", "one optimizer step needs 40000 blocks but the training data has"),
 ])
 def test_bad_input_stops_before_training_with_one_clear_message(tmp_path, corpus, micro_model_config, case,
                                                                  message):
@@ -153,6 +155,8 @@ def test_bad_input_stops_before_training_with_one_clear_message(tmp_path, corpus
         extra["block_size"] = "long"
     elif case == "block_too_long":
         extra["block_size"] = 4096
+    elif case == "batch_too_big":
+        extra["per_device_train_batch_size"] = 40000
     config = write_config(tmp_path / "run.yaml", corpus, micro_model_config, tmp_path / "out", **extra)
     proc = run_pretrain([config], check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
