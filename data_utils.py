@@ -216,6 +216,11 @@ def hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def must_use_cache(name: str) -> bool:
+    """A hub id (not a local directory) while the hub is offline or unreachable: only the cache can answer."""
+    return not Path(os.path.expanduser(name)).is_dir() and (hub_offline() or not hub_reachable())
+
+
 @contextlib.contextmanager
 def offline_hub():
     """Run `datasets`/`huggingface_hub` in offline mode (local cache only) for the duration."""
@@ -299,11 +304,12 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
 
     local = Path(os.path.expanduser(spec.hub)).is_dir()
     name = os.path.expanduser(spec.hub) if local else spec.hub
-    offline = not local and (hub_offline() or not hub_reachable())
+    offline = must_use_cache(name)
     hub_cache = None
-    if local and cache_dir is not None:
+    if local:  # every caller, with or without a cache_dir of its own, gets the content-keyed cache
         stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local_hub_files(Path(name))]
-        hub_cache = str(cache_dir / "hub_datasets" / hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
+        root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
+        hub_cache = str(root / "hub_datasets" / hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
     logger.info("source `%s`: loading hub dataset %s (config %s, split %s)%s", spec.name, name, spec.hub_config,
                 split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)" if offline else "")
     try:

@@ -247,7 +247,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
 def hub_access(name: str, what: str):
     """Load a model or tokenizer from a local directory, or from the hub, failing within seconds with
     the fixes when the hub cannot be reached (the hub client alone retries for tens of seconds)."""
-    offline = not os.path.isdir(name) and (data_utils.hub_offline() or not data_utils.hub_reachable())
+    offline = data_utils.must_use_cache(name)
     try:
         with data_utils.offline_hub() if offline else contextlib.nullcontext():
             yield

@@ -198,3 +198,12 @@ def test_streaming_needs_weights(tmp_path, tokenizer):
     hub = make_hub_fixture(tmp_path / "medical")
     with pytest.raises(DataError, match="give every source a `weight`"):
         build(tmp_path, tokenizer, [{"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True}])
+
+
+def test_preview_path_also_keys_local_hub_directories_by_content(tmp_path):
+    """Callers without a cache_dir (preview, convert, tools/vocab.py report) get the content key too."""
+    first = make_hub_fixture(tmp_path / "a" / "medical", rows=["甲的第一条", "甲的第二条"])
+    second = make_hub_fixture(tmp_path / "b" / "medical", rows=["乙的一条", "乙的二条", "乙的三条"])
+    for hub, expected in ((first, 2), (second, 3)):
+        spec = data_utils.SourceConfig.from_dict({"hub": str(hub), "hub_config": "pretrain"}, 0)
+        assert len(list(data_utils.iter_texts(spec))) == expected
