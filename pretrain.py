@@ -392,12 +392,14 @@ def flops_per_token(model, block_size: int) -> float:
 class ThroughputMeter(TrainerCallback):
     """Tokens/s (global and per device), step time, share of time waiting for data, MFU and peak memory
     over each logging window and over the whole run. Evaluation and checkpoint time are excluded; the
-    gap between one step's end and the next step's start (the batch being fetched) counts as data wait."""
+    gap between one step's end and the next step's start (the batch being fetched) counts as data wait.
+    `overall` also reports the steady state: the run after its first logging window, which holds the one-off
+    costs (CUDA start-up, kernel autotuning, torch.compile) that a long run amortises."""
 
     def __init__(self, tokens_per_step: int, world_size: int, flops_per_token: float, peak_flops: float | None):
         self.tokens_per_step, self.world_size = tokens_per_step, world_size
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
-        self.window = self.total = None
+        self.window = self.total = self.steady = None
 
     @staticmethod
     def _fresh(step: int) -> dict:
@@ -409,20 +411,22 @@ class ThroughputMeter(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         waited = time.perf_counter() - self.last_end
-        self.window["wait"] += waited
-        self.total["wait"] += waited
+        for span in self._spans():
+            span["wait"] += waited
 
     def on_step_end(self, args, state, control, **kwargs):
         self.last_end = time.perf_counter()
 
     def _exclude(self, args, state, control, **kwargs):
         now = time.perf_counter()
-        for span in (self.window, self.total):
-            if span is not None:
-                span["excluded"] += now - self.last_end
+        for span in self._spans():
+            span["excluded"] += now - self.last_end
         self.last_end = now
 
     on_evaluate = on_save = _exclude
+
+    def _spans(self):
+        return [span for span in (self.window, self.total, self.steady) if span is not None]
 
     def _summary(self, span: dict, step: int) -> dict:
         elapsed = time.perf_counter() - span["start"] - span["excluded"]
@@ -443,10 +447,16 @@ class ThroughputMeter(TrainerCallback):
         """The figures since the last read (one logging window)."""
         summary = self._summary(self.window, step) if self.window else {}
         self.window = self._fresh(step)
+        if self.steady is None:
+            self.steady = self._fresh(step)
         return summary
 
     def overall(self, step: int) -> dict:
-        return self._summary(self.total, step) if self.total else {}
+        summary = self._summary(self.total, step) if self.total else {}
+        steady = self._summary(self.steady, step) if self.steady else {}
+        if steady:
+            summary["steady_state"] = {"from_step": self.steady["step"], **steady}
+        return summary
 
 
 def peak_memory_gib() -> float:

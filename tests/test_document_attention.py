@@ -73,3 +73,9 @@ def test_throughput_figures_and_mfu_convention(micro_model_config, monkeypatch):
     assert window["tokens_per_second_per_device"] == pytest.approx(window["tokens_per_second"] / 2, rel=1e-3)
     assert window["mfu"] == pytest.approx(window["tokens_per_second_per_device"] * 1e9 / 1e12, rel=1e-3, abs=1e-4)
     assert 0 <= window["data_wait_share"] <= 1 and window["step_time_s"] >= 0
+    for _ in range(2):  # the steady state starts after the first window, which holds the one-off costs
+        meter.on_step_begin(None, None, None)
+        meter.on_step_end(None, None, None)
+    overall = meter.overall(5)
+    assert overall["steady_state"]["from_step"] == 3 and "mfu" in overall["steady_state"]
+    assert overall["step_time_s"] >= 0 and "steady_state" not in meter.read(5)
