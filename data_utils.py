@@ -20,6 +20,7 @@ import contextlib
 import csv
 import dataclasses
 import difflib
+import errno
 import functools
 import glob as globlib
 import hashlib
@@ -84,6 +85,7 @@ class SourceConfig:
     template: str | dict | None = None  # qa_concat | qa_instruction | dialog | record | format (see README)
     columns: list[str] | None = None  # csv/tsv without a header row: the column names
     min_chars: int = 1  # texts shorter than this (after cleaning) are dropped and counted
+    max_document_chars: int = 10_000_000  # a longer text is a bad record (a file without line breaks?)
     collapse_spaces: bool = True  # runs of spaces/tabs -> one space
     keep_newlines: bool = True  # False: line breaks inside a document become spaces
     eval_fraction: float | None = None  # held-out share of documents; None: DataArguments.eval_fraction
@@ -780,8 +782,14 @@ def _parse_record(spec: SourceConfig, chunk: Chunk, index: int) -> tuple[int, st
     except ValueError as e:
         col = getattr(e, "colno", 1)
         snippet = line[max(0, col - 30):col + 30]
-        return number, RecordError(f"is not valid JSON ({getattr(e, 'msg', e)} at column {col}, near {snippet!r}). "
-                                   "Fix or remove the line, or set `on_error: skip` for this source.", "invalid_json")
+        problem = f"is not valid JSON ({getattr(e, 'msg', e)}, column {col}, near {snippet!r})"
+        if number == 1 and line.lstrip().startswith("["):
+            return number, RecordError(f"{problem}: the file starts with `[`, so it is one JSON array, not JSON "
+                                       "Lines. Set `format: json` (or `auto`) for this source.", "invalid_json")
+        if not record.endswith(b"\n"):
+            problem += ", and it is the last line with no line break: the file looks truncated (an interrupted copy?)"
+        return number, RecordError(f"{problem}. Fix or remove the line, or set `on_error: skip` for this source.",
+                                   "invalid_json")
 
 
 def record_unit(fmt: str) -> str:
@@ -820,6 +828,12 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                 text = render(obj)
                 for missing in record_missing_fields(spec.template, obj):
                     _count(counts, f"missing_field:{missing}")
+            text = clean_text(text, spec)
+            if len(text) > spec.max_document_chars:
+                raise RecordError(f"is {len(text):,} characters long, above `max_document_chars` "
+                                  f"{spec.max_document_chars:,}: a file without line breaks, or not text? Split it "
+                                  "into one document per line, raise `max_document_chars`, or set `on_error: skip`.",
+                                  "too_long")
         except RecordError as e:
             if spec.on_error != "skip":
                 raise RecordError(f"source `{spec.name}`: `{chunk.path}` {unit} {number} {e}", e.reason) from None
@@ -827,7 +841,6 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
             if counts[f"skipped:{e.reason}"] <= 3:
                 logger.warning("source `%s`: skipped `%s` %s %d: %s", spec.name, chunk.path, unit, number, e)
             continue
-        text = clean_text(text, spec)
         if not text:
             _count(counts, "dropped:empty")
             continue
@@ -1107,7 +1120,11 @@ class TokenStore:
             "n_docs": n_docs, "n_tokens": n_tokens,
             "counts": counts, "seconds": round(time.time() - start, 3), "key": key_material,
         }
-        atomic_write_text(tmp / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
+        try:
+            atomic_write_text(tmp / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
         try:
             os.replace(tmp, directory)
         except OSError:  # another process finished the same store first: keep theirs
@@ -1153,7 +1170,14 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
     hit = (directory / "meta.json").exists()
     if not hit:
         logger.info("source `%s`: tokenizing %s into %s", spec.name, inputs.label, directory)
-        TokenStore.build(directory, spec, inputs, info, num_proc, material, byte_mask() if byte_mask else None)
+        try:
+            TokenStore.build(directory, spec, inputs, info, num_proc, material, byte_mask() if byte_mask else None)
+        except OSError as e:
+            if e.errno != errno.ENOSPC:
+                raise
+            raise DataError(f"source `{spec.name}`: no space left on device while writing its token store in "
+                            f"{directory.parent} (about 2-4 bytes per token); nothing partial was kept. Free space, "
+                            "or set `cache_dir` to a disk with room.") from None
     store = TokenStore(directory)
     if store.n_docs == 0:
         raise DataError(f"source `{spec.name}`: no text left in {inputs.label} "

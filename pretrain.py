@@ -9,6 +9,7 @@ arguments -> tokenizer -> model -> data (data_utils) -> Trainer -> evaluate, sav
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -17,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -182,6 +184,10 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
+class CheckpointError(RuntimeError):
+    """Writing a checkpoint or the final model failed (a full disk); the message names what is intact."""
+
+
 class ConfigArgumentParser(HfArgumentParser):
     def error(self, message):  # argparse would print usage and exit; raise one clear message instead
         raise ConfigError(f"invalid setting: {message} (from the config file or the command line).")
@@ -193,7 +199,11 @@ def load_config(path: str, valid_keys: set[str]) -> dict:
     try:
         config = yaml.safe_load(Path(path).read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file `{path}` is not valid YAML: {e}") from None
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        what = " ".join(str(part) for part in (getattr(e, "context", None), getattr(e, "problem", None)) if part) or e
+        raise ConfigError(f"config file `{path}` is not valid YAML{where}: {what}. Check the indentation, "
+                          "brackets and quotes there.") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file `{path}` must be a mapping of `key: value`, got {type(config).__name__}.")
     for key in config:
@@ -212,7 +222,7 @@ def config_to_argv(config: dict, parser: ConfigArgumentParser) -> list[str]:
         if isinstance(value, bool):
             argv += [f"--{key}", str(value).lower()]
         elif isinstance(value, list) and action.nargs in ("+", "*") and all(not isinstance(v, (list, dict)) for v in value):
-            argv += [f"--{key}", *map(str, value)]
+            argv += [f"--{key}", *(map(str, value) if value else [""])]  # []: one empty item, dropped later
         elif isinstance(value, (list, dict)):
             argv += [f"--{key}", json.dumps(value, ensure_ascii=False)]
         else:
@@ -716,15 +726,70 @@ def block_record_path(training_args: PretrainingArguments) -> Path | None:
     return path
 
 
+def checkpoints_newest_first(output_dir: str | Path) -> list[Path]:
+    found = [p for p in Path(output_dir).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]), reverse=True)
+
+
+def checkpoint_problem(checkpoint: Path) -> str | None:
+    """What makes a checkpoint unusable, or None. Cheap structural checks of every file the Trainer will
+    read: the trainer state (written last) parses, the optimizer state exists (the Trainer silently starts
+    a fresh optimizer without it), safetensors headers cover their files, and torch files are whole zips."""
+    state = checkpoint / "trainer_state.json"
+    if not state.is_file():
+        return "has no trainer_state.json (the run stopped while saving it)"
+    try:
+        json.loads(state.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        return f"has a corrupted trainer_state.json ({e})"
+    if not any(checkpoint.glob("optimizer*")) and not any(checkpoint.glob("global_step*")):
+        return "has no optimizer.pt (resuming would silently restart the optimizer)"
+    for path in sorted(checkpoint.rglob("*")):
+        if path.suffix == ".safetensors":
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                head = f.read(8)
+                header_len = int.from_bytes(head, "little") if len(head) == 8 else size
+                try:
+                    header = json.loads(f.read(header_len)) if header_len < size else None
+                except ValueError:
+                    header = None
+            ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+            if header is None or 8 + header_len + max(ends, default=0) != size:
+                return f"has a truncated or corrupted {path.relative_to(checkpoint)}"
+        elif path.suffix in (".pt", ".pth", ".bin") and path.is_file() and not zipfile.is_zipfile(path):
+            return f"has a truncated or corrupted {path.relative_to(checkpoint)}"
+    return None
+
+
+def last_complete_checkpoint(output_dir: str | Path, before: Path | None = None) -> Path | None:
+    """The newest usable checkpoint (older than `before` if given); incomplete ones are named in a warning."""
+    for checkpoint in checkpoints_newest_first(output_dir):
+        if before is not None and int(checkpoint.name.split("-")[1]) >= int(before.name.split("-")[1]):
+            continue
+        problem = checkpoint_problem(checkpoint)
+        if problem is None:
+            return checkpoint
+        logger.warning("%s is incomplete and is skipped: it %s", checkpoint, problem)
+    return None
+
+
 def resolve_resume(training_args: PretrainingArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(training_args.output_dir)
         logger.info("resume_from_checkpoint auto: %s", last or "no checkpoint in output_dir, starting fresh")
-        return last
-    if resume and not os.path.isdir(resume):
-        raise ConfigError(f"resume_from_checkpoint `{resume}` is not a directory. Give a checkpoint-* directory "
-                          "or `auto` (the latest in output_dir).")
+        return str(last) if last else None
+    if resume:
+        checkpoint = Path(resume)
+        problem = "does not exist" if not checkpoint.exists() else (
+            "is not a directory" if not checkpoint.is_dir() else checkpoint_problem(checkpoint))
+        if problem:
+            usable = last_complete_checkpoint(checkpoint.parent, before=checkpoint if checkpoint.name.startswith(
+                "checkpoint-") and checkpoint.name.split("-")[1].isdigit() else None)
+            hint = f"the last complete checkpoint before it is {usable}" if usable else "no complete checkpoint is there"
+            raise ConfigError(f"resume_from_checkpoint `{resume}` {problem}; {hint}. Pass that one, or "
+                              "`--resume_from_checkpoint auto` (the newest complete one in output_dir).")
     if not resume and os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
         logger.warning("output_dir %s holds checkpoints; this run starts fresh. Pass "
                        "`--resume_from_checkpoint auto` to continue the last one.", training_args.output_dir)
@@ -764,10 +829,49 @@ def prepare_only(argv: list[str]) -> dict:
     return data.report
 
 
+def check_output_dir_writable(training_args: PretrainingArguments) -> None:
+    """Fail in the first second, not after hours of tokenizing, when the outputs cannot be written."""
+    if not training_args.should_save:
+        return
+    out = Path(training_args.output_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-probe-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"output_dir `{out}` cannot be created or written ({e.strerror or e}). Choose another "
+                          "`output_dir`, or fix the permissions of the directory above it.") from None
+
+
+def save_final_model(trainer: Trainer, out: Path) -> None:
+    """The final model goes to a temporary directory first and each file is then renamed into output_dir,
+    the weights last: a crash leaves either no new weights or complete ones, never a half-written file."""
+    staging = out / ".final-model.tmp"
+    if trainer.is_world_process_zero():
+        shutil.rmtree(staging, ignore_errors=True)
+    try:
+        trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers the weights)
+    except OSError as e:
+        if e.errno != errno.ENOSPC:
+            raise
+        raise CheckpointError(f"no space left on device while writing the final model to {staging}. The "
+                              "checkpoints in output_dir are intact: free space, then rerun with "
+                              "`--resume_from_checkpoint auto` (it resumes at the last one).") from None
+    if trainer.is_world_process_zero():
+        files = sorted(staging.iterdir(), key=lambda p: (p.name.startswith("model"), p.name))
+        for path in files:
+            os.replace(path, out / path.name)
+        staging.rmdir()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def train(argv: list[str]) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args, data_args)
     set_seed(training_args.seed)
+    check_output_dir_writable(training_args)
     if training_args.deepspeed and training_args.use_cpu and training_args.world_size > 1:
         import deepspeed  # on CPU accelerate sets up gloo but not deepspeed.comm, which ZeRO-3's zero.Init asks
 
@@ -800,7 +904,17 @@ def train(argv: list[str]) -> dict:
         data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter)
-    result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    try:
+        result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
+    except OSError as e:
+        newest = checkpoints_newest_first(out)
+        if e.errno != errno.ENOSPC or not newest or checkpoint_problem(newest[0]) is None:
+            raise
+        usable = last_complete_checkpoint(out, before=newest[0])
+        raise CheckpointError(
+            f"no space left on device while writing {newest[0]}: it is incomplete and is never resumed from; the "
+            f"last complete checkpoint is {usable or 'none'}. Free space (or lower `save_total_limit`), then rerun "
+            "with `--resume_from_checkpoint auto`.") from None
     if preemption.stopped_at is not None:  # preempted: the checkpoint is saved, the run is not finished
         logger.warning("preempted at step %d: checkpoint saved in %s; not writing a final model",
                        preemption.stopped_at, training_args.output_dir)
@@ -808,7 +922,7 @@ def train(argv: list[str]) -> dict:
     final_eval = trainer.evaluate() if data.eval else {}
 
     model.config.use_cache = True  # the saved model is for inference
-    trainer.save_model(training_args.output_dir)  # safetensors + config + tokenizer
+    save_final_model(trainer, out)  # safetensors + config + tokenizer
     sentencepiece_model = Path(tokenizer.name_or_path) / "tokenizer.model"
     if training_args.should_save and sentencepiece_model.is_file():  # save_pretrained writes tokenizer.json only
         shutil.copy(sentencepiece_model, out / "tokenizer.model")  # kept so the vocabulary can be extended later
@@ -851,7 +965,7 @@ def train(argv: list[str]) -> dict:
 def main(argv: list[str], job=train) -> int:
     try:
         job(argv)
-    except (ConfigError, DataError, NonFiniteLossError) as e:
+    except (ConfigError, DataError, NonFiniteLossError, CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -153,7 +153,7 @@ def test_parquet(tmp_path):
 def test_bad_json_names_line_column_and_snippet(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "好"}\n{"text": "坏", oops}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 2 is not valid JSON \(.* at column 15, near '.*oops"):
+    with pytest.raises(DataError, match=r"line 2 is not valid JSON \(.*, column 15, near '.*oops"):
         list(data_utils.iter_texts(SourceConfig.from_dict({"path": str(path)}, 0)))
 
 
