@@ -1,10 +1,12 @@
 """Two processes on the CPU (gloo): DDP and FSDP through torchrun/run_torchrun.sh and DeepSpeed ZeRO-2 / ZeRO-3
 through deepspeed/run_deepspeed.sh run pretrain.py end to end, against a single-process run with the
-same global batch."""
+same global batch. Kill-and-resume: every rank SIGKILLed right after a checkpoint, then resumed with the
+same launcher, ends with the weights of the uninterrupted run and trains on exactly its blocks."""
 import json
 import os
 import re
-import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -30,6 +32,14 @@ def setup(tmp_path_factory, micro_model_config, tokenizer_dir):
     }, allow_unicode=True), encoding="utf-8")
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
     return base, config
+
+
+LAUNCHERS = {  # name: (launcher script, its environment, what torchrun is given for the same run)
+    "single": ("pretrain.py", {}, None),
+    "ddp": ("torchrun/run_torchrun.sh", {"NPROC_PER_NODE": "2"}, []),
+    "zero2": ("deepspeed/run_deepspeed.sh", {"DS_CONFIG": "deepspeed/ds_zero2.json", "NUM_GPUS": "2"},
+              ["--deepspeed", "deepspeed/ds_zero2.json"]),
+}
 
 
 def launch(setup, name, script, env=None, extra=()):
@@ -64,6 +74,16 @@ def single(setup):
     return launch(setup, "single", "pretrain.py")
 
 
+@pytest.fixture(scope="module")
+def ddp(setup):
+    return launch(setup, "ddp", *LAUNCHERS["ddp"][:2])
+
+
+@pytest.fixture(scope="module")
+def zero2(setup):
+    return launch(setup, "zero2", *LAUNCHERS["zero2"][:2])
+
+
 def check_two_process_run(out, proc, single_out):
     m = metrics(out)
     assert m["train"]["world_size"] == 2
@@ -81,9 +101,8 @@ def check_two_process_run(out, proc, single_out):
                                                             rel=2e-3)
 
 
-def test_ddp_two_processes(setup, single):
-    out, proc = launch(setup, "ddp", "torchrun/run_torchrun.sh", env={"NPROC_PER_NODE": "2"})
-    check_two_process_run(out, proc, single[0])
+def test_ddp_two_processes(ddp, single):
+    check_two_process_run(*ddp, single[0])
 
 
 def test_fsdp_two_processes(setup, single):
@@ -92,19 +111,52 @@ def test_fsdp_two_processes(setup, single):
     assert metrics(out)["model"]["saved_model_check"]["max_abs_logit_diff"] < 1e-4
 
 
-def test_deepspeed_zero2_and_exact_resume(setup, single):
-    out, proc = launch(setup, "zero2", "deepspeed/run_deepspeed.sh",
-                       env={"DS_CONFIG": "deepspeed/ds_zero2.json", "NUM_GPUS": "2"})
-    check_two_process_run(out, proc, single[0])
-    # stop after step 3 (only its checkpoint survives), resume, and continue with the same losses
-    resumed = setup[0] / "zero2-resumed"
-    shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
-    launch(setup, "zero2-resumed", "deepspeed/run_deepspeed.sh",
-           env={"DS_CONFIG": "deepspeed/ds_zero2.json", "NUM_GPUS": "2"},
-           extra=["--resume_from_checkpoint", "auto", "--record_block_ids", "false"])
-    full, again = losses(out / "checkpoint-6"), losses(resumed / "checkpoint-6")
-    for step in (4, 5, 6):
-        assert again[step] == pytest.approx(full[step], rel=1e-5), step
+def test_deepspeed_zero2_two_processes(zero2, single):
+    check_two_process_run(*zero2, single[0])
+
+
+def block_lines(out, rank):
+    path = out / "block_ids" / f"rank{rank}.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+@pytest.mark.parametrize("name", ["single", "ddp", "zero2"])
+def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(name, setup, request):
+    """Every rank dies by SIGKILL right after checkpoint-3 of 6; the same launcher resumes with `auto`.
+    The final weights equal the uninterrupted run's (bitwise in one process; to float reduction order over
+    gloo), and each rank trains on exactly the blocks of the two mixed sources that it trained on there."""
+    from safetensors.torch import load_file
+
+    straight = request.getfixturevalue(name)[0]
+    script, env, torchrun_args = LAUNCHERS[name]
+    base, config = setup
+    killed = base / f"{name}-killed"
+    world = 1 if torchrun_args is None else 2
+    args = [str(config), "--output_dir", str(killed), "--cache_dir", str(base / f"cache-{name}"),
+            "--per_device_train_batch_size", str(PER_DEVICE * (2 // world))]
+    harness = str(ROOT / "tests" / "kill_after_checkpoint.py")
+    launcher = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    extra = [] if world == 1 else ["--use_cpu", "true", *torchrun_args]
+    proc = subprocess.run([sys.executable, *launcher, harness, *args, *extra], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600, env=dict(os.environ, KILL_AFTER_CHECKPOINT="3", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode != 0 and (killed / "checkpoint-3" / "trainer_state.json").is_file(), proc.stderr[-3000:]
+    assert not (killed / "model.safetensors").exists() and not (killed / "checkpoint-6").exists()
+    before = {rank: len(block_lines(killed, rank)) for rank in range(world)}
+
+    launch(setup, f"{name}-killed", script, env=env, extra=["--resume_from_checkpoint", "auto"])
+    a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        if world == 1:
+            assert torch.equal(a[key], b[key]), key
+        else:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    for rank in range(world):
+        # steps 1-3 before the kill, then the resumed run skips to step 4 without fetching those batches
+        seen, uninterrupted = block_lines(killed, rank), block_lines(straight, rank)
+        assert seen[:3] == uninterrupted[:3], rank
+        assert seen[before[rank]:before[rank] + STEPS - 3] == uninterrupted[3:STEPS], rank
+        assert len({i for batch in uninterrupted[:STEPS] for i in batch}) == STEPS * PER_DEVICE * 2 // world
 
 
 def test_deepspeed_zero3_saves_a_model_with_the_engine_outputs(setup, single):
