@@ -961,7 +961,6 @@ def _init_worker(info: TokenizerInfo) -> None:
 def _encode(info: TokenizerInfo, texts: list[str]) -> list[list[int]]:
     if info.backend_json is None:
         return info.slow(texts, add_special_tokens=False)["input_ids"]
-    global _worker_tokenizer
     if _worker_tokenizer is None:
         _init_worker(info)
     return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]

@@ -139,6 +139,11 @@ class PretrainingArguments(TrainingArguments):
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample prompt."})
     verify_saved_model: bool = field(default=True, metadata={
         "help": "Reload the saved model and check it reproduces the trained model's logits on a held-out block."})
+    on_nonfinite_loss: str = field(default="stop", metadata={
+        "help": "stop: stop before the optimizer step, naming the last good checkpoint | skip: drop that update "
+                "(optimizer state untouched), count it in metrics.json, and stop after max_consecutive_skips."})
+    max_consecutive_skips: int = field(default=5, metadata={
+        "help": "on_nonfinite_loss skip: more non-finite steps in a row than this means divergence: stop."})
     record_block_ids: bool = field(default=False, metadata={
         "help": "Append the ids of the blocks in every training batch to output_dir/block_ids/rank<R>.jsonl "
                 "(an audit of what each rank trained on)."})
@@ -147,6 +152,8 @@ class PretrainingArguments(TrainingArguments):
         if self.mixed_precision == "auto":
             has_bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             self.mixed_precision = "bf16" if has_bf16 else "no"
+        if self.on_nonfinite_loss not in ("stop", "skip"):
+            raise ValueError(f"on_nonfinite_loss must be stop or skip, got `{self.on_nonfinite_loss}`.")
         if self.mixed_precision not in ("bf16", "fp16", "no"):
             raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got `{self.mixed_precision}`.")
         self.sample_prompts = [p for p in self.sample_prompts if p.strip()]  # `--sample_prompts ""`: none
@@ -484,17 +491,56 @@ class PretrainTrainer(Trainer):
     def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_per_step, self.block_size, self.meter = tokens_per_step, block_size, meter
+        self.skipped_steps: list[int] = []  # steps whose update was skipped for a non-finite loss or gradient
+        self.nonfinite_in_step, self.consecutive_skips = False, 0
+
+    def nonfinite_error(self, what: str) -> NonFiniteLossError:
+        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        return NonFiniteLossError(
+            f"{what} at step {self.state.global_step + 1}; stopped before the optimizer step. The last good "
+            f"checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower `learning_rate`, raise "
+            "`warmup_steps`, check the data of this step (`record_block_ids`), or use bf16 instead of fp16; then "
+            "resume with --resume_from_checkpoint auto.")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         loss = super().training_step(model, inputs, num_items_in_batch)
         if not torch.isfinite(loss).all():  # before the optimizer step: no checkpoint ever holds its effect
-            last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
-            raise NonFiniteLossError(
-                f"the training loss became {loss.item()} at step {self.state.global_step + 1}; stopped before the "
-                f"optimizer step. The last good checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower "
-                "`learning_rate`, raise `warmup_steps`, check the data of this step (`record_block_ids`), or use "
-                "bf16 instead of fp16; then resume with --resume_from_checkpoint auto.")
+            if self.args.on_nonfinite_loss == "stop":
+                raise self.nonfinite_error(f"the training loss became {loss.item()}")
+            self.nonfinite_in_step = True
+            return torch.zeros_like(loss)  # keeps the logged running loss finite; the update is skipped
         return loss
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.args.on_nonfinite_loss == "skip":
+            step = optimizer.step
+            optimizer.step = lambda *args, **kwargs: None if self.skip_update() else step(*args, **kwargs)
+        return optimizer
+
+    def skip_update(self) -> bool:
+        """on_nonfinite_loss skip: drop this update when any rank saw a non-finite loss or any gradient is
+        non-finite (all ranks agree, so sharded ranks stay in step); stop after too many in a row."""
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        device = grads[0].device if grads else torch.device("cpu")
+        flag = torch.tensor(float(self.nonfinite_in_step), device=device)
+        if grads:  # one tensor and one host sync per step, whatever the number of parameters
+            flag = torch.maximum(flag, (~torch.stack(torch._foreach_norm(grads)).isfinite()).any().float())
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        self.nonfinite_in_step = False
+        if not flag.item():
+            self.consecutive_skips = 0
+            return False
+        step = self.state.global_step + 1
+        self.skipped_steps.append(step)
+        self.consecutive_skips += 1
+        logger.warning("step %d: non-finite loss or gradient, update skipped (%d skipped so far)", step,
+                       len(self.skipped_steps))
+        if self.consecutive_skips > self.args.max_consecutive_skips:
+            raise self.nonfinite_error(f"{self.consecutive_skips} steps in a row had a non-finite loss or gradient "
+                                       f"(more than max_consecutive_skips {self.args.max_consecutive_skips})")
+        return True
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
         metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
@@ -695,6 +741,9 @@ def eval_at_step(history: list[dict], step: int) -> dict:
 
 def preflight(training_args: PretrainingArguments, data, n_params: int, tokens_per_step: int) -> None:
     """Before the first step: say what the run will do, and stop on settings that cannot work together."""
+    if training_args.deepspeed and training_args.on_nonfinite_loss == "skip":
+        raise ConfigError("on_nonfinite_loss skip is not available with DeepSpeed: its engine owns the optimizer "
+                          "step. Use `on_nonfinite_loss: stop` (resume from the last checkpoint) with DeepSpeed.")
     if training_args.deepspeed and training_args.fsdp:
         raise ConfigError("both `deepspeed` and `fsdp` are set: choose one (deepspeed/run_deepspeed.sh or FSDP=1 "
                           "torchrun/run_torchrun.sh).")
@@ -938,6 +987,7 @@ def train(argv: list[str]) -> dict:
             "runtime_seconds": result.metrics.get("train_runtime"),
             **meter.overall(trainer.state.global_step),
             "flops_per_token": meter.flops_per_token,
+            "skipped_nonfinite_steps": trainer.skipped_steps,
             "peak_flops_per_device": meter.peak_flops,
         },
         "eval": {"before_training": eval_at_step(history, 0), "final": loss_and_ppl(final_eval),

@@ -13,7 +13,7 @@ import yaml
 
 import data_utils
 import pretrain
-from conftest import ZH_LINES, make_jsonl_corpus, make_text_corpus
+from conftest import ZH_LINES, make_text_corpus
 
 COMPLETE_REPORTS = {"data_report.json", "data_report.md"}  # written atomically once the data is ready
 

@@ -1,7 +1,6 @@
 """Loaders, the token store and packing."""
 import json
 import types
-from pathlib import Path
 
 import numpy as np
 import pytest

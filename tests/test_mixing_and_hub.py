@@ -1,8 +1,6 @@
 """Token-weighted mixing, hub sources through a local fixture in hub layout, offline failures,
 wikitext article grouping."""
-import json
 import logging
-import os
 import time
 import types
 

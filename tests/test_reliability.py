@@ -59,3 +59,52 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, micro_mod
     step = int(error.split(" at step ")[1].split(";")[0])
     assert f"checkpoint-{step - 1}" in error and (tmp_path / "out" / f"checkpoint-{step - 1}").is_dir()
     assert "Traceback" not in proc.stderr
+
+
+def nan_loss_at(steps):
+    """A compute_loss that returns NaN at the given (1-based) optimizer steps."""
+    import pretrain
+
+    original = pretrain.PretrainTrainer.compute_loss
+
+    def compute_loss(self, model, inputs, *args, **kwargs):
+        out = original(self, model, inputs, *args, **kwargs)
+        if self.state.global_step + 1 in steps:
+            loss = out[0] if isinstance(out, tuple) else out
+            loss = loss * float("nan")
+            return (loss, *out[1:]) if isinstance(out, tuple) else loss
+        return out
+
+    return compute_loss
+
+
+def test_skip_policy_drops_the_non_finite_update_and_counts_it(tmp_path, micro_model_config, tokenizer_dir,
+                                                               monkeypatch, capsys):
+    import pretrain
+    from safetensors.torch import load_file
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=5, save_steps=1, save_total_limit=10,
+                 on_nonfinite_loss="skip", learning_rate=1.0e-3, verify_saved_model=False)
+    monkeypatch.setattr(pretrain.PretrainTrainer, "compute_loss", nan_loss_at({3}))
+    assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
+    out = tmp_path / "out"
+    assert json.loads((out / "metrics.json").read_text())["train"]["skipped_nonfinite_steps"] == [3]
+    weights = {s: load_file(out / f"checkpoint-{s}" / "model.safetensors") for s in (2, 3, 4)}
+    same = lambda a, b: all(a[k].equal(b[k]) for k in a)  # noqa: E731
+    assert same(weights[2], weights[3]) and not same(weights[3], weights[4])  # step 3 changed nothing
+    import torch
+
+    optimizer = {s: torch.load(out / f"checkpoint-{s}" / "optimizer.pt", weights_only=True) for s in (2, 3)}
+    assert [v["step"] for v in optimizer[2]["state"].values()] == [v["step"] for v in optimizer[3]["state"].values()]
+    assert "step 3: non-finite loss or gradient, update skipped" in capsys.readouterr().err
+
+
+def test_skip_policy_stops_a_run_that_diverged(tmp_path, micro_model_config, tokenizer_dir, monkeypatch, capsys):
+    import pretrain
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=20, on_nonfinite_loss="skip",
+                 max_consecutive_skips=2)
+    monkeypatch.setattr(pretrain.PretrainTrainer, "compute_loss", nan_loss_at(set(range(4, 21))))
+    assert pretrain.main([str(run)]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")][0]
+    assert "3 steps in a row had a non-finite loss or gradient" in error and "at step 6" in error
