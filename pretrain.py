@@ -902,6 +902,8 @@ def save_final_model(trainer: Trainer, out: Path) -> None:
     try:
         trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers the weights)
     except OSError as e:
+        if trainer.is_world_process_zero():
+            shutil.rmtree(staging, ignore_errors=True)
         if e.errno != errno.ENOSPC:
             raise
         raise CheckpointError(f"no space left on device while writing the final model to {staging}. The "

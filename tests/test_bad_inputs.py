@@ -241,3 +241,24 @@ def test_resuming_from_a_corrupted_checkpoint(damage, tmp_path, capsys, micro_mo
     assert re.search(rf"checkpoint-4.*{re.escape(target)}.*checkpoint-2", errors[0]), errors
     code, err = run(capsys, [config, "--resume_from_checkpoint", "auto", "--max_steps", 6])
     assert code == 0 and re.search(r"resume_from_checkpoint auto: \S*checkpoint-2\b", err), err[-3000:]
+
+
+def test_full_disk_while_writing_the_final_model(tmp_path, capsys, micro_model_config, tokenizer_dir, monkeypatch):
+    """The final model is staged and renamed: a failed save leaves no model file in output_dir."""
+    from transformers import Trainer
+
+    config = write_run(tmp_path, micro_model_config, tokenizer_dir, max_steps=4, save_steps=2)
+    original = Trainer.save_model
+
+    def fill_disk_in_final_save(self, output_dir=None, _internal_call=False):
+        original(self, output_dir, _internal_call)
+        if output_dir.endswith(".final-model.tmp"):
+            no_space()  # after the weights were written into the staging directory
+
+    monkeypatch.setattr(Trainer, "save_model", fill_disk_in_final_save)
+    code, err = run(capsys, [config])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "while writing the final model" in errors[0], err[-3000:]
+    out = tmp_path / "out"
+    assert not (out / "model.safetensors").exists() and not (out / ".final-model.tmp").exists()
+    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
