@@ -963,7 +963,8 @@ def _encode(info: TokenizerInfo, texts: list[str]) -> list[list[int]]:
         return info.slow(texts, add_special_tokens=False)["input_ids"]
     if _worker_tokenizer is None:
         _init_worker(info)
-    return [e.ids for e in _worker_tokenizer.encode_batch(texts, add_special_tokens=False)]
+    # encode_batch_fast: the same ids without character offsets, which nothing here reads (~1.5x faster)
+    return [e.ids for e in _worker_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def _map(path: Path, dtype) -> np.ndarray:
