@@ -1196,11 +1196,16 @@ class PackedBlocks:
     do not overlap; only the final remainder of fewer than `block_size` tokens is not used.
     """
 
-    def __init__(self, store: TokenStore, doc_ids: np.ndarray, block_size: int, document_positions: bool = False):
+    def __init__(self, store: TokenStore, doc_ids: np.ndarray, block_size: int, document_positions: bool = False,
+                 cum: np.ndarray | None = None):
+        """`cum`: the documents' token offsets in their concatenation (len(doc_ids) + 1), when already
+        computed (DocumentViews maps them from disk); else computed here."""
         self.store, self.block_size, self.document_positions = store, block_size, document_positions
         self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
-        lengths = store.offsets[self.doc_ids + 1] - store.offsets[self.doc_ids]
-        self.cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        if cum is None:
+            lengths = store.offsets[self.doc_ids + 1] - store.offsets[self.doc_ids]
+            cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
+        self.cum = cum
         self.n_tokens = int(self.cum[-1])
         self.n_blocks = self.n_tokens // block_size
         self.unused_tail_tokens = self.n_tokens - self.n_blocks * block_size
@@ -1246,18 +1251,175 @@ def block_item(tokens: np.ndarray, positions: np.ndarray | None = None) -> dict:
     return item
 
 
-def split_documents(n_docs: int, eval_fraction: float, seed: int, name: str) -> tuple[np.ndarray, np.ndarray]:
-    """(train_ids, eval_ids) by document, seeded per source; train keeps the original order."""
+PASS_DOCS = 1 << 18  # documents per step of the per-document passes: their memory does not grow with the corpus
+VIEWS_VERSION = 1
+
+
+def doc_slice(store: TokenStore, name: str, start: int, stop: int) -> np.ndarray:
+    """Entries [start, stop) of a store's per-document array, read rather than mapped: the pages of a
+    mapping stay resident, so a mapped pass over every document would grow with the corpus."""
+    dtype = np.dtype(np.int64 if name == "offsets" else DOC_ARRAYS[name])
+    return np.fromfile(store.dir / f"{name}.bin", dtype=dtype, count=stop - start, offset=start * dtype.itemsize)
+
+
+def dedup_keep_flags(stores: list[TokenStore], work: Path) -> tuple[list[np.ndarray], list[dict]]:
+    """Exact dedup over stores in order (an earlier store keeps its copy), in memory that does not grow with
+    the corpus beyond one flag per document: (hash, store, doc) rows are partitioned by hash into bucket
+    files, and each bucket is deduplicated alone. Returns per store its keep flags and duplicate counts:
+    `within_source` (a copy inside the same store was kept or dropped first) and `across_sources` (the
+    store's first copy of a text an earlier store has)."""
+    row = np.dtype([("hash", "<u8"), ("store", "<u2"), ("doc", "<i8")])
+    n_buckets = max(1, -(-sum(store.n_docs for store in stores) // PASS_DOCS))
+    work.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as stack:
+        files = [stack.enter_context(open(work / f"bucket{k}.bin", "wb")) for k in range(n_buckets)]
+        for s, store in enumerate(stores):
+            for start in range(0, store.n_docs, PASS_DOCS):
+                stop = min(start + PASS_DOCS, store.n_docs)
+                rows = np.empty(stop - start, row)
+                rows["hash"], rows["store"], rows["doc"] = doc_slice(store, "doc_hashes", start, stop), s, np.arange(start, stop)
+                bucket = rows["hash"] % np.uint64(n_buckets)
+                order = np.argsort(bucket, kind="stable")
+                bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+                for k in range(n_buckets):
+                    rows[order[bounds[k]:bounds[k + 1]]].tofile(files[k])
+    keep = [np.zeros(store.n_docs, dtype=bool) for store in stores]
+    within, across = np.zeros(len(stores), np.int64), np.zeros(len(stores), np.int64)
+    for k in range(n_buckets):
+        rows = np.fromfile(work / f"bucket{k}.bin", dtype=row)
+        rows = rows[np.lexsort((rows["doc"], rows["store"], rows["hash"]))]
+        new_text = np.ones(len(rows), dtype=bool)
+        new_text[1:] = rows["hash"][1:] != rows["hash"][:-1]
+        new_in_store = new_text.copy()
+        new_in_store[1:] |= rows["store"][1:] != rows["store"][:-1]
+        for s in range(len(stores)):
+            keep[s][rows["doc"][new_text & (rows["store"] == s)]] = True
+        within += np.bincount(rows["store"][~new_in_store], minlength=len(stores))
+        across += np.bincount(rows["store"][new_in_store & ~new_text], minlength=len(stores))
+        (work / f"bucket{k}.bin").unlink()
+    work.rmdir()
+    return keep, [{"within_source": int(w), "across_sources": int(a)} for w, a in zip(within, across)]
+
+
+def eval_positions(n_docs: int, eval_fraction: float, seed: int, name: str) -> np.ndarray:
+    """Sorted positions (among a source's kept documents) held out for eval, seeded per source."""
     if eval_fraction <= 0:
-        return np.arange(n_docs), np.zeros(0, dtype=np.int64)
+        return np.zeros(0, dtype=np.int64)
     n_eval = max(1, round(n_docs * eval_fraction))
     if n_eval >= n_docs:
         raise DataError(f"source `{name}`: eval_fraction {eval_fraction} of {n_docs} document(s) leaves no "
                         "training documents. Lower `eval_fraction` or give `eval_path`.")
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
-    eval_mask = np.zeros(n_docs, dtype=bool)
-    eval_mask[rng.choice(n_docs, size=n_eval, replace=False)] = True
-    return np.flatnonzero(~eval_mask), np.flatnonzero(eval_mask)
+    return np.sort(rng.choice(n_docs, size=n_eval, replace=False))
+
+
+@dataclass
+class SourceView:
+    train_ids: np.ndarray  # document ids of the store that train, in store order (memory-mapped)
+    train_cum: np.ndarray  # token offsets of those documents in their concatenation, len + 1 (memory-mapped)
+    eval_ids: np.ndarray  # document ids held out for eval (of the explicit eval store, if the source has one)
+    meta: dict  # duplicates removed, characters
+
+
+class DocumentViews:
+    """Which documents of each store train and which evaluate, after exact dedup and the split by document,
+    as files in `cache_dir/views/<key>/` (memory-mapped by the packers, reused while the stores and settings
+    are unchanged). Built in passes of PASS_DOCS documents, so preparing 4x the corpus does not take 4x the
+    memory; the directory is renamed into place complete, its plan.json last."""
+
+    def __init__(self, directory: Path, names: list[str]):
+        self.plan = json.loads((directory / "plan.json").read_text(encoding="utf-8"))
+        self.sources = [SourceView(_map(directory / f"{i}.train_ids.bin", np.int64),
+                                   _map(directory / f"{i}.train_cum.bin", np.int64),
+                                   np.fromfile(directory / f"{i}.eval_ids.bin", dtype=np.int64),
+                                   self.plan["sources"][i]) for i in range(len(names))]
+
+    @classmethod
+    def load_or_build(cls, stored: list[tuple], fractions: list[float], dedup: bool, seed: int,
+                      cache_dir: Path) -> "DocumentViews":
+        material = {"version": VIEWS_VERSION, "dedup": dedup, "seed": seed, "sources": [
+            {"name": spec.name, "store": store.dir.name, "eval_store": explicit.dir.name if explicit else None,
+             "eval_fraction": None if explicit else fraction}
+            for (spec, store, _, explicit), fraction in zip(stored, fractions)]}
+        key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
+        directory = cache_dir / "views" / key
+        names = [spec.name for spec, *_ in stored]
+        if not (directory / "plan.json").exists():
+            tmp = directory.with_name(f"{key}.tmp-{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                cls.build(tmp, stored, fractions, dedup, seed, material)
+                os.replace(tmp, directory)
+            except OSError:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if not (directory / "plan.json").exists():  # else another process finished it first
+                    raise
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return cls(directory, names)
+
+    @staticmethod
+    def build(directory: Path, stored: list[tuple], fractions: list[float], dedup: bool, seed: int,
+              material: dict) -> None:
+        directory.mkdir(parents=True)
+        stores = [store for _, store, _, _ in stored]
+        keep, duplicates = (dedup_keep_flags(stores, directory / "buckets") if dedup else
+                            ([np.ones(s.n_docs, dtype=bool) for s in stores],
+                             [{"within_source": 0, "across_sources": 0} for _ in stores]))
+        # explicit eval sets: their first copy of each text, minus texts any source trains on (probed below)
+        explicit = {}
+        for i, (spec, _, _, eval_store) in enumerate(stored):
+            if eval_store is not None:
+                hashes = doc_slice(eval_store, "doc_hashes", 0, eval_store.n_docs)
+                first = (np.sort(np.unique(hashes, return_index=True)[1]) if dedup
+                         else np.arange(eval_store.n_docs))
+                explicit[i] = (hashes[first], first, np.zeros(len(first), dtype=bool))
+        plan = {"material": material, "sources": []}
+        for i, ((spec, store, _, eval_store), fraction) in enumerate(zip(stored, fractions)):
+            n_kept = int(keep[i].sum())
+            if n_kept == 0:
+                raise DataError(f"source `{spec.name}`: all {store.n_docs} documents duplicate documents of earlier "
+                                "sources. Remove the source or set `dedup: false`.")
+            held = eval_positions(n_kept, fraction, seed, spec.name) if eval_store is None else np.zeros(0, np.int64)
+            eval_ids, chars = [], {"train_chars": 0, "eval_chars": 0, "store_chars": 0}
+            rank, total = 0, 0
+            with open(directory / f"{i}.train_ids.bin", "wb") as ids_file, \
+                    open(directory / f"{i}.train_cum.bin", "wb") as cum_file:
+                np.zeros(1, dtype=np.int64).tofile(cum_file)
+                for start in range(0, store.n_docs, PASS_DOCS):
+                    stop = min(start + PASS_DOCS, store.n_docs)
+                    docs = start + np.flatnonzero(keep[i][start:stop])
+                    positions = rank + np.arange(len(docs))
+                    rank += len(docs)
+                    is_eval = np.zeros(len(docs), dtype=bool)
+                    if len(held):
+                        at = np.searchsorted(held, positions).clip(max=len(held) - 1)
+                        is_eval = held[at] == positions
+                    train = docs[~is_eval]
+                    offsets = doc_slice(store, "offsets", start, stop + 1)
+                    lengths = (offsets[1:] - offsets[:-1])[train - start]
+                    doc_chars = doc_slice(store, "doc_chars", start, stop)
+                    chars["store_chars"] += int(doc_chars.sum())
+                    chars["train_chars"] += int(doc_chars[train - start].sum())
+                    chars["eval_chars"] += int(doc_chars[docs[is_eval] - start].sum())
+                    eval_ids.append(docs[is_eval])
+                    train.astype(np.int64).tofile(ids_file)
+                    (total + np.cumsum(lengths)).astype(np.int64).tofile(cum_file)
+                    total += int(lengths.sum())
+                    if explicit and len(train):
+                        hashes = doc_slice(store, "doc_hashes", start, stop)[train - start]
+                        for eval_hashes, _, in_train in explicit.values():
+                            in_train |= np.isin(eval_hashes, hashes)
+            np.concatenate([np.zeros(0, np.int64), *eval_ids]).tofile(directory / f"{i}.eval_ids.bin")
+            plan["sources"].append({"duplicates": {**duplicates[i], "eval_of_train": 0}, **chars})
+        for i, (_, first, in_train) in explicit.items():
+            eval_store = stored[i][3]
+            kept = first[~in_train] if dedup else first
+            kept.astype(np.int64).tofile(directory / f"{i}.eval_ids.bin")
+            plan["sources"][i]["duplicates"]["eval_of_train"] = int(in_train.sum()) if dedup else 0
+            plan["sources"][i]["eval_chars"] = int(doc_slice(eval_store, "doc_chars", 0, eval_store.n_docs)[kept].sum())
+        atomic_write_text(directory / "plan.json", json.dumps(plan, ensure_ascii=False, indent=1))
 
 
 class MixedBlocks:
@@ -1422,15 +1584,6 @@ class StreamingMixture:
         return MixtureStream()
 
 
-def first_occurrences(hashes: np.ndarray, seen: np.ndarray) -> tuple[np.ndarray, int, int]:
-    """Exact dedup: ids of the first copy of each text that is not in `seen` (earlier sources).
-    Returns (ids in original order, duplicates within, duplicates of earlier sources)."""
-    _, first = np.unique(hashes, return_index=True)
-    first.sort()
-    fresh = ~np.isin(hashes[first], seen)
-    return first[fresh], len(hashes) - len(first), int((~fresh).sum())
-
-
 @dataclass
 class PreparedData:
     train: Any  # a map-style dataset of {"input_ids", "labels"} blocks
@@ -1462,50 +1615,33 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
     dedup = getattr(data_args, "dedup", True)
     document = getattr(data_args, "attention", "causal") == "document"
     byte_mask = functools.cache(lambda: byte_token_mask(tokenizer))  # computed only when a store is built
-    seen = np.zeros(0, dtype=np.uint64)
-    plans = []  # (spec, store, hit, train_ids, eval store, eval_ids, duplicates)
     streamed = [s for s in specs if s.streaming]
     if streamed and specs[0].weight is None:
         raise DataError("a streaming source has no length to take a natural share from: give every source a "
                         "`weight` (its share of training tokens).")
+    stored = []  # (spec, train store, cache hit, explicit eval store or None)
     for spec in specs:
         if spec.streaming:
             continue
         store, hit = load_or_build_store(spec, SourceInput.open(spec, cache_dir=cache_dir), info, cache_dir,
                                          num_proc, digests, byte_mask)
-        ids, within, across = (first_occurrences(store.doc_hashes, seen) if dedup
-                               else (np.arange(store.n_docs), 0, 0))
-        if len(ids) == 0:
-            raise DataError(f"source `{spec.name}`: all {store.n_docs} documents duplicate documents of earlier "
-                            "sources. Remove the source or set `dedup: false`.")
-        seen = np.concatenate([seen, store.doc_hashes[ids]])
-        duplicates = {"within_source": within, "across_sources": across, "eval_of_train": 0}
-        eval_store, eval_ids = None, np.zeros(0, dtype=np.int64)
+        eval_store = None
         if spec.eval_path or spec.eval_split:
             eval_store, eval_hit = load_or_build_store(spec, SourceInput.open(spec, True, cache_dir), info,
                                                        cache_dir, num_proc, digests, byte_mask)
-            hit, train_ids = hit and eval_hit, ids
-        else:
-            fraction = data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction
-            train_pos, eval_pos = split_documents(len(ids), fraction, seed, spec.name)
-            train_ids, eval_ids = ids[train_pos], ids[eval_pos]
-            eval_store = store if len(eval_ids) else None
-        plans.append([spec, store, hit, train_ids, eval_store, eval_ids, duplicates])
-    train_hashes = np.concatenate([np.zeros(0, np.uint64)] + [p[1].doc_hashes[p[3]] for p in plans])
-    for plan in plans:  # explicit eval data: drop what the model trains on
-        spec, store, _, _, eval_store, _, duplicates = plan
-        if spec.eval_path or spec.eval_split:
-            ids, _, of_train = (first_occurrences(eval_store.doc_hashes, train_hashes) if dedup
-                                else (np.arange(eval_store.n_docs), 0, 0))
-            plan[5], duplicates["eval_of_train"] = ids, of_train
+            hit = hit and eval_hit
+        stored.append((spec, store, hit, eval_store))
+    fractions = [data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction for spec, *_ in stored]
+    views = DocumentViews.load_or_build(stored, fractions, dedup, seed, cache_dir) if stored else None
 
     train_parts, evals, report_sources = {}, {}, {}
-    for spec, store, hit, train_ids, eval_store, eval_ids, duplicates in plans:
-        train = PackedBlocks(store, train_ids, block_size, document)
+    for (spec, store, hit, explicit_eval), view in zip(stored, views.sources if views else []):
+        eval_store = explicit_eval or store
+        train = PackedBlocks(store, view.train_ids, block_size, document, cum=view.train_cum)
         if len(train) == 0:
             raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens make no block of "
                             f"block_size {block_size}. Add data or lower `block_size`.")
-        held_out = PackedBlocks(eval_store, eval_ids, block_size, document) if eval_store is not None else None
+        held_out = PackedBlocks(eval_store, view.eval_ids, block_size, document) if len(view.eval_ids) else None
         if held_out is not None:
             if len(held_out) == 0:
                 raise DataError(f"source `{spec.name}`: its eval split has {held_out.n_tokens} tokens, fewer than "
@@ -1513,21 +1649,20 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
                                 "`block_size`.")
             evals[spec.name] = held_out
         train_parts[spec.name] = train
-        kept_chars = int(store.doc_chars[train_ids].sum()) + (
-            int(eval_store.doc_chars[eval_ids].sum()) if held_out is not None else 0)
-        documents = len(train_ids) + (len(eval_ids) if held_out is not None else 0)
+        duplicates = view.meta["duplicates"]
+        documents = len(view.train_ids) + len(view.eval_ids)
         tokens = train.n_tokens + (held_out.n_tokens if held_out is not None else 0)
         report_sources[spec.name] = {
             "files": store.meta["files"], "cache": "hit" if hit else "built", "store": str(store.dir),
             **_grouped_counts(store.meta["counts"]), "duplicates_removed": duplicates,
-            "documents": documents, "characters": kept_chars, "tokens": tokens,
-            "mean_tokens_per_document": round(tokens / max(documents, 1), 1),
-            "chars_per_token": round(int(store.doc_chars.sum()) / max(int(store.offsets[-1]) - store.n_docs * (
+            "documents": documents, "characters": view.meta["train_chars"] + view.meta["eval_chars"],
+            "tokens": tokens, "mean_tokens_per_document": round(tokens / max(documents, 1), 1),
+            "chars_per_token": round(view.meta["store_chars"] / max(int(store.offsets[-1]) - store.n_docs * (
                 1 + (info.bos_id is not None)), 1), 3),
             "byte_token_share": round(store.meta["counts"].get("byte_tokens", 0) / max(int(store.offsets[-1]), 1), 4),
-            "train_documents": len(train_ids), "train_tokens": train.n_tokens, "train_blocks": len(train),
+            "train_documents": len(view.train_ids), "train_tokens": train.n_tokens, "train_blocks": len(train),
             "unused_tail_tokens": train.unused_tail_tokens,
-            "eval_documents": len(held_out.doc_ids) if held_out else 0,
+            "eval_documents": len(view.eval_ids) if held_out else 0,
             "eval_blocks": len(held_out) if held_out else 0,
         }
         logger.info("source `%s`: %s, %d docs (%d duplicates removed), %d tokens -> %d train blocks, %d eval blocks",
