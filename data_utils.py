@@ -1269,7 +1269,7 @@ def dedup_keep_flags(stores: list[TokenStore], work: Path) -> tuple[list[np.ndar
     `within_source` (a copy inside the same store was kept or dropped first) and `across_sources` (the
     store's first copy of a text an earlier store has)."""
     row = np.dtype([("hash", "<u8"), ("store", "<u2"), ("doc", "<i8")])
-    n_buckets = max(1, -(-sum(store.n_docs for store in stores) // PASS_DOCS))
+    n_buckets = min(256, max(1, -(-sum(store.n_docs for store in stores) // PASS_DOCS)))  # 256: open files
     work.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         files = [stack.enter_context(open(work / f"bucket{k}.bin", "wb")) for k in range(n_buckets)]
@@ -1407,7 +1407,7 @@ class DocumentViews:
                     train.astype(np.int64).tofile(ids_file)
                     (total + np.cumsum(lengths)).astype(np.int64).tofile(cum_file)
                     total += int(lengths.sum())
-                    if explicit and len(train):
+                    if dedup and explicit and len(train):
                         hashes = doc_slice(store, "doc_hashes", start, stop)[train - start]
                         for eval_hashes, _, in_train in explicit.values():
                             in_train |= np.isin(eval_hashes, hashes)

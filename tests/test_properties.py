@@ -51,3 +51,41 @@ def test_packing_keeps_every_token_once_in_order(lengths, block_size, data):
         ids, pos = b["input_ids"].numpy(), b["position_ids"].numpy()
         starts = set(offsets[chosen].tolist())
         assert all((pos[i] == 0) == (i == 0 or int(ids[i]) in starts) for i in range(len(ids)))
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 12), max_size=40), min_size=1, max_size=4), st.integers(1, 16))
+def test_bucketed_dedup_equals_a_set_over_the_sources_in_order(sources, pass_docs):
+    """The flat-memory dedup (hash buckets on disk, PASS_DOCS documents at a time) keeps exactly the first
+    copy of each text in source order and counts duplicates as within / across sources."""
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        stores = []
+        for i, hashes in enumerate(sources):
+            directory = Path(tmp) / f"s{i}"
+            directory.mkdir()
+            np.array(hashes, dtype=np.uint64).tofile(directory / "doc_hashes.bin")
+            stores.append(types.SimpleNamespace(dir=directory, n_docs=len(hashes)))
+        original = data_utils.PASS_DOCS
+        data_utils.PASS_DOCS = pass_docs  # many buckets and passes even for tiny inputs
+        try:
+            keep, counts = data_utils.dedup_keep_flags(stores, Path(tmp) / "work")
+        finally:
+            data_utils.PASS_DOCS = original
+        seen_before: set[int] = set()
+        for hashes, flags, count in zip(sources, keep, counts):
+            seen_here: set[int] = set()
+            expected, within, across = [], 0, 0
+            for h in hashes:
+                if h in seen_here:
+                    within += 1
+                elif h in seen_before:
+                    across += 1
+                expected.append(h not in seen_here and h not in seen_before)
+                seen_here.add(h)
+            seen_before |= seen_here
+            assert flags.tolist() == expected
+            assert count == {"within_source": within, "across_sources": across}
+        assert not (Path(tmp) / "work").exists()
