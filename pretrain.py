@@ -27,7 +27,6 @@ import yaml
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer,
                           TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
-from transformers.trainer_utils import get_last_checkpoint
 
 import data_utils
 from data_utils import DataError, atomic_write_text, closest_key_hint
@@ -495,7 +494,7 @@ class PretrainTrainer(Trainer):
         self.nonfinite_in_step, self.consecutive_skips = False, 0
 
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
-        last = get_last_checkpoint(self.args.output_dir) if os.path.isdir(self.args.output_dir) else None
+        last = last_complete_checkpoint(self.args.output_dir)
         return NonFiniteLossError(
             f"{what} at step {self.state.global_step + 1}; stopped before the optimizer step. The last good "
             f"checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower `learning_rate`, raise "
@@ -839,7 +838,7 @@ def resolve_resume(training_args: PretrainingArguments) -> str | None:
             hint = f"the last complete checkpoint before it is {usable}" if usable else "no complete checkpoint is there"
             raise ConfigError(f"resume_from_checkpoint `{resume}` {problem}; {hint}. Pass that one, or "
                               "`--resume_from_checkpoint auto` (the newest complete one in output_dir).")
-    if not resume and os.path.isdir(training_args.output_dir) and get_last_checkpoint(training_args.output_dir):
+    if not resume and checkpoints_newest_first(training_args.output_dir):
         logger.warning("output_dir %s holds checkpoints; this run starts fresh. Pass "
                        "`--resume_from_checkpoint auto` to continue the last one.", training_args.output_dir)
     return resume
