@@ -1350,8 +1350,12 @@ class DocumentViews:
             try:
                 cls.build(tmp, stored, fractions, dedup, seed, material)
                 os.replace(tmp, directory)
-            except OSError:
+            except OSError as e:
                 shutil.rmtree(tmp, ignore_errors=True)
+                if e.errno == errno.ENOSPC:
+                    raise DataError(f"no space left on device while writing the document views in {directory.parent} "
+                                    "(16 bytes per document); nothing partial was kept. Free space, or set "
+                                    "`cache_dir` to a disk with room.") from None
                 if not (directory / "plan.json").exists():  # else another process finished it first
                     raise
             except BaseException:
@@ -1641,6 +1645,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
         if len(train) == 0:
             raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens make no block of "
                             f"block_size {block_size}. Add data or lower `block_size`.")
+        if explicit_eval is not None and len(view.eval_ids) == 0:
+            raise DataError(f"source `{spec.name}`: every one of the {explicit_eval.n_docs} documents of its eval set "
+                            "also occurs in the training data, and dedup removed them. Give eval files with other "
+                            "texts, or set `dedup: false`.")
         held_out = PackedBlocks(eval_store, view.eval_ids, block_size, document) if len(view.eval_ids) else None
         if held_out is not None:
             if len(held_out) == 0:

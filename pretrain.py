@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import types
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -506,15 +507,19 @@ class PretrainTrainer(Trainer):
         if not torch.isfinite(loss).all():  # before the optimizer step: no checkpoint ever holds its effect
             if self.args.on_nonfinite_loss == "stop":
                 raise self.nonfinite_error(f"the training loss became {loss.item()}")
-            self.nonfinite_in_step = True
-            return torch.zeros_like(loss)  # keeps the logged running loss finite; the update is skipped
+            self.nonfinite_in_step = True  # the update is skipped; logging_nan_inf_filter keeps the logged loss finite
         return loss
 
     def create_optimizer(self, model=None):
         optimizer = super().create_optimizer(model)
-        if self.args.on_nonfinite_loss == "skip":
+        if self.args.on_nonfinite_loss == "skip" and not getattr(optimizer, "skips_nonfinite", False):
             step = optimizer.step
-            optimizer.step = lambda *args, **kwargs: None if self.skip_update() else step(*args, **kwargs)
+
+            def guarded_step(opt, *args, **kwargs):
+                return None if self.skip_update() else step(*args, **kwargs)
+
+            optimizer.step = types.MethodType(guarded_step, optimizer)  # a bound method, as LR schedulers expect
+            optimizer.skips_nonfinite = True
         return optimizer
 
     def skip_update(self) -> bool:
@@ -740,9 +745,12 @@ def eval_at_step(history: list[dict], step: int) -> dict:
 
 def preflight(training_args: PretrainingArguments, data, n_params: int, tokens_per_step: int) -> None:
     """Before the first step: say what the run will do, and stop on settings that cannot work together."""
-    if training_args.deepspeed and training_args.on_nonfinite_loss == "skip":
-        raise ConfigError("on_nonfinite_loss skip is not available with DeepSpeed: its engine owns the optimizer "
-                          "step. Use `on_nonfinite_loss: stop` (resume from the last checkpoint) with DeepSpeed.")
+    if training_args.on_nonfinite_loss == "skip" and (training_args.deepspeed or training_args.fsdp or
+                                                      training_args.fp16):
+        raise ConfigError("on_nonfinite_loss skip works with one process, DDP and bf16/fp32 only: DeepSpeed's engine "
+                          "owns the optimizer step, FSDP shards the gradients it checks, and fp16's loss scaler "
+                          "already skips non-finite steps. Use `on_nonfinite_loss: stop` (then resume from the last "
+                          "checkpoint) with those.")
     if training_args.deepspeed and training_args.fsdp:
         raise ConfigError("both `deepspeed` and `fsdp` are set: choose one (deepspeed/run_deepspeed.sh or FSDP=1 "
                           "torchrun/run_torchrun.sh).")
@@ -800,9 +808,9 @@ def checkpoint_problem(checkpoint: Path) -> str | None:
                 header_len = int.from_bytes(head, "little") if len(head) == 8 else size
                 try:
                     header = json.loads(f.read(header_len)) if header_len < size else None
-                except ValueError:
-                    header = None
-            ends = [v["data_offsets"][1] for k, v in (header or {}).items() if k != "__metadata__"]
+                    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
+                except (ValueError, TypeError, KeyError, AttributeError, IndexError):
+                    header, ends = None, []
             if header is None or 8 + header_len + max(ends, default=0) != size:
                 return f"has a truncated or corrupted {path.relative_to(checkpoint)}"
         elif path.suffix in (".pt", ".pth", ".bin") and path.is_file() and not zipfile.is_zipfile(path):
@@ -826,6 +834,11 @@ def resolve_resume(training_args: PretrainingArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
     if resume == "auto":
         last = last_complete_checkpoint(training_args.output_dir)
+        found = checkpoints_newest_first(training_args.output_dir)
+        if last is None and found:  # starting fresh would let checkpoint rotation delete them
+            raise ConfigError(f"resume_from_checkpoint auto: none of the {len(found)} checkpoint(s) in "
+                              f"{training_args.output_dir} can be resumed ({found[0].name} {checkpoint_problem(found[0])}). "
+                              "Repair or remove them, or choose another `output_dir` to start fresh.")
         logger.info("resume_from_checkpoint auto: %s", last or "no checkpoint in output_dir, starting fresh")
         return str(last) if last else None
     if resume:
@@ -892,29 +905,49 @@ def check_output_dir_writable(training_args: PretrainingArguments) -> None:
                           "`output_dir`, or fix the permissions of the directory above it.") from None
 
 
+def write_failure(e: BaseException, path: Path) -> str:
+    """How a failed write reads to a user: a full disk named as such (torch.save and safetensors wrap the
+    OS error in their own, so the chain and the free space are checked too), else the error itself."""
+    chain, seen = [], e
+    while seen is not None and len(chain) < 8:
+        chain.append(seen)
+        seen = seen.__cause__ or seen.__context__
+    full = any(getattr(x, "errno", None) == errno.ENOSPC or "No space left" in str(x) for x in chain)
+    with contextlib.suppress(OSError):
+        full = full or shutil.disk_usage(path).free < 64 * 2**20
+    return "no space left on device" if full else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+
+
+def barrier() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
 def save_final_model(trainer: Trainer, out: Path) -> None:
     """The final model goes to a temporary directory first and each file is then renamed into output_dir,
     the weights last: a crash leaves either no new weights or complete ones, never a half-written file."""
     staging = out / ".final-model.tmp"
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
+    barrier()  # no rank writes into the staging directory before it is empty
     try:
         trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers the weights)
-    except OSError as e:
+    except Exception as e:
         if trainer.is_world_process_zero():
             shutil.rmtree(staging, ignore_errors=True)
-        if e.errno != errno.ENOSPC:
-            raise
-        raise CheckpointError(f"no space left on device while writing the final model to {staging}. The "
-                              "checkpoints in output_dir are intact: free space, then rerun with "
-                              "`--resume_from_checkpoint auto` (it resumes at the last one).") from None
+        raise CheckpointError(f"{write_failure(e, out)} while writing the final model to {staging}. The "
+                              "checkpoints in output_dir are intact: fix that (free space), then rerun with "
+                              "`--resume_from_checkpoint auto` (it resumes at the last one).") from e
     if trainer.is_world_process_zero():
+        for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+            stale.unlink()  # an old single file would shadow a new sharded index (and the reverse)
         files = sorted(staging.iterdir(), key=lambda p: (p.name.startswith("model"), p.name))
         for path in files:
+            if path.is_dir():
+                shutil.rmtree(out / path.name, ignore_errors=True)
             os.replace(path, out / path.name)
         staging.rmdir()
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
+    barrier()
 
 
 def train(argv: list[str]) -> dict:
@@ -954,17 +987,18 @@ def train(argv: list[str]) -> dict:
         data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter)
+    resume = resolve_resume(training_args)
     try:
-        result = trainer.train(resume_from_checkpoint=resolve_resume(training_args))
-    except OSError as e:
-        newest = checkpoints_newest_first(out)
-        if e.errno != errno.ENOSPC or not newest or checkpoint_problem(newest[0]) is None:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except Exception as e:
+        writing = out / f"checkpoint-{trainer.state.global_step}"  # the one this step was saving, if any
+        if not writing.is_dir() or checkpoint_problem(writing) is None:
             raise
-        usable = last_complete_checkpoint(out, before=newest[0])
+        usable = last_complete_checkpoint(out, before=writing)
         raise CheckpointError(
-            f"no space left on device while writing {newest[0]}: it is incomplete and is never resumed from; the "
-            f"last complete checkpoint is {usable or 'none'}. Free space (or lower `save_total_limit`), then rerun "
-            "with `--resume_from_checkpoint auto`.") from None
+            f"{write_failure(e, out)} while writing {writing}: it is incomplete and is never resumed from; the "
+            f"last complete checkpoint is {usable or 'none'}. Fix that (free space, or lower `save_total_limit`), "
+            "then rerun with `--resume_from_checkpoint auto`.") from e
     if preemption.stopped_at is not None:  # preempted: the checkpoint is saved, the run is not finished
         logger.warning("preempted at step %d: checkpoint saved in %s; not writing a final model",
                        preemption.stopped_at, training_args.output_dir)
@@ -1008,8 +1042,7 @@ def train(argv: list[str]) -> dict:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=1))
         plot_loss_curve(history, out / "loss.png")
         logger.info("saved model, tokenizer, metrics.json and loss.png to %s", out)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()  # ranks leave together: one exiting mid-write of another can abort it
+    barrier()  # ranks leave together: one exiting mid-write of another can abort it
     return metrics
 
 

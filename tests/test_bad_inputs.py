@@ -94,6 +94,8 @@ def case_setup(case: str, d: Path) -> dict:
         "every_text_removed_by_dedup": lambda: {"sources": [
             {"name": "first", "path": str(make_text_corpus(d / "a", repeat=20))},
             {"name": "copy", "path": str(make_text_corpus(d / "b", repeat=20))}]},
+        "eval_files_all_in_training": lambda: {"sources": [{"name": "bad", "path": str(make_text_corpus(d / "t")),
+                                                            "eval_path": str(make_text_corpus(d / "e"))}]},
         "source_weight_zero": lambda: {"sources": [{"name": "w", "path": str(make_text_corpus(d / "w")), "weight": 0}]},
         "source_weight_negative": lambda: {"sources": [{"name": "w", "path": str(make_text_corpus(d / "w")), "weight": -1}]},
         "unwritable_output_dir": lambda: {"output_dir": str(write_bytes(d / "a_file", b"x") / "out")},
@@ -124,6 +126,7 @@ CASES = {  # case: what the one error line must say (the file and line where the
     "block_size_above_max_positions": r"block_size 4096 exceeds the model's max_position_embeddings",
     "eval_empty_after_split": r"`bad`.*eval split.*(no documents|fewer than one block).*eval_fraction",
     "every_text_removed_by_dedup": r"`copy`.*all 120 documents duplicate documents of earlier sources",
+    "eval_files_all_in_training": r"`bad`: every one of the 48 documents of its eval set also occurs in the training",
     "source_weight_zero": r"\(w\).*weight must be a number above 0.*got 0\b",
     "source_weight_negative": r"\(w\).*weight must be a number above 0.*got -1\b",
     "unwritable_output_dir": r"output_dir .*a_file/out.*cannot be (created|written)",
@@ -262,3 +265,17 @@ def test_full_disk_while_writing_the_final_model(tmp_path, capsys, micro_model_c
     out = tmp_path / "out"
     assert not (out / "model.safetensors").exists() and not (out / ".final-model.tmp").exists()
     assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+
+
+def test_auto_resume_refuses_when_no_checkpoint_is_usable(tmp_path, capsys, micro_model_config, tokenizer_dir):
+    """Starting fresh would let checkpoint rotation delete the damaged checkpoints: stop and say so."""
+    config = write_run(tmp_path, micro_model_config, tokenizer_dir, max_steps=4, save_steps=2, save_total_limit=10)
+    code, err = run(capsys, [config])
+    assert code == 0, err[-3000:]
+    for checkpoint in (tmp_path / "out").glob("checkpoint-*"):
+        (checkpoint / "trainer_state.json").unlink()
+    code, err = run(capsys, [config, "--resume_from_checkpoint", "auto", "--max_steps", 6])
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-3000:]
+    assert re.search(r"none of the 2 checkpoint\(s\) .* can be resumed \(checkpoint-4 has no trainer_state", errors[0])
+    assert {p.name for p in (tmp_path / "out").glob("checkpoint-*")} == {"checkpoint-2", "checkpoint-4"}
