@@ -31,6 +31,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import socket
 import string
 import sys
 import tempfile
@@ -1023,6 +1024,30 @@ class FileDigests:
         atomic_write_text(self.path, json.dumps(self.memo))
 
 
+def staging_dir(directory: Path) -> Path:
+    """A fresh temporary sibling to build `directory` in, renamed into place when complete. Siblings that
+    builds on this host left behind when their process died (a killed run) are removed first."""
+    host = socket.gethostname()
+    for stale in directory.parent.glob(f"*.tmp-{host}-*"):
+        pid = stale.name.rsplit("-", 1)[1]
+        if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = directory.with_name(f"{directory.name}.tmp-{host}-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1068,9 +1093,7 @@ class TokenStore:
               num_proc: int, key_material: dict, byte_mask: np.ndarray | None = None) -> None:
         """Tokenize every record of the source's input into a new store at `directory`, atomically."""
         dtype = np.uint16 if info.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-        tmp = directory.with_name(f"{directory.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
+        tmp = staging_dir(directory)
         counts: dict[str, int] = {}
         file_info: dict[int, tuple] = {}
         n_docs, n_tokens = 0, 0
@@ -1345,8 +1368,7 @@ class DocumentViews:
         directory = cache_dir / "views" / key
         names = [spec.name for spec, *_ in stored]
         if not (directory / "plan.json").exists():
-            tmp = directory.with_name(f"{key}.tmp-{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
+            tmp = staging_dir(directory)
             try:
                 cls.build(tmp, stored, fractions, dedup, seed, material)
                 os.replace(tmp, directory)
@@ -1366,7 +1388,6 @@ class DocumentViews:
     @staticmethod
     def build(directory: Path, stored: list[tuple], fractions: list[float], dedup: bool, seed: int,
               material: dict) -> None:
-        directory.mkdir(parents=True)
         stores = [store for _, store, _, _ in stored]
         keep, duplicates = (dedup_keep_flags(stores, directory / "buckets") if dedup else
                             ([np.ones(s.n_docs, dtype=bool) for s in stores],
@@ -1792,9 +1813,7 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
     if (out_dir / "tokenizer_config.json").exists():
         logger.info("tokenizer: cache hit %s", out_dir)
         return out_dir
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = staging_dir(out_dir)
     try:
         corpus, written = tmp / "corpus.txt", 0
         with open(corpus, "w", encoding="utf-8") as f:

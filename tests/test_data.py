@@ -1,5 +1,6 @@
 """Loaders, the token store and packing."""
 import json
+import os
 import types
 
 import numpy as np
@@ -239,6 +240,27 @@ def test_interrupted_build_is_never_taken_as_complete(tmp_path, tokenizer, monke
     assert stores == []  # the temporary directory was removed, nothing looks finished
     monkeypatch.undo()
     assert build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}]).report["sources"]["c"]["cache"] == "built"
+
+
+def test_temporary_directories_of_killed_builds_are_removed(tmp_path, tokenizer):
+    """A SIGKILLed build cannot clean up after itself: the next build on the host removes what a dead
+    process left (and never what a live one is writing)."""
+    import socket
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    host = socket.gethostname()
+    stores = tmp_path / "cache" / "token_stores"
+    left = stores / f"notes-0123.tmp-{host}-{dead}"
+    alive = stores / f"notes-4567.tmp-{host}-{os.getppid()}"
+    for directory in (left, alive):
+        directory.mkdir(parents=True)
+        (directory / "tokens.bin").write_bytes(b"partial")
+    build(tmp_path, tokenizer, [{"path": str(make_text_corpus(tmp_path / "d", repeat=3)), "name": "notes"}])
+    assert not left.exists() and alive.exists()
+    assert [p.name for p in (tmp_path / "cache" / "views").iterdir() if ".tmp-" in p.name] == []
 
 
 def test_parallel_workers_give_the_same_store(tmp_path, tokenizer, monkeypatch):
