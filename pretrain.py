@@ -388,9 +388,13 @@ def peak_flops_per_device(training_args: PretrainingArguments) -> float | None:
         return training_args.peak_tflops * 1e12
     if training_args.use_cpu or not torch.cuda.is_available() or training_args.mixed_precision == "no":
         return None  # no table entry means anything for CPUs or fp32
-    name = torch.cuda.get_device_name()
+    return peak_flops_of(torch.cuda.get_device_name())
+
+
+def peak_flops_of(device_name: str) -> float | None:
+    """Dense bf16/fp16 peak FLOP/s of a GPU by its name, from PEAK_TFLOPS; None when not listed."""
     for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" is listed before "H100"
-        if all(part in name for part in key.split()):
+        if all(part in device_name for part in key.split()):
             return tflops * 1e12
     return None
 
@@ -530,7 +534,7 @@ class PretrainTrainer(Trainer):
         flag = torch.tensor(float(self.nonfinite_in_step), device=device)
         if grads:  # one tensor and one host sync per step, whatever the number of parameters
             flag = torch.maximum(flag, (~torch.stack(torch._foreach_norm(grads)).isfinite()).any().float())
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         self.nonfinite_in_step = False
         if not flag.item():
@@ -586,7 +590,7 @@ class PreemptionCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.requested
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed():
             flag = torch.tensor([float(stop)], device=args.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             stop = bool(flag.item())
@@ -918,8 +922,12 @@ def write_failure(e: BaseException, path: Path) -> str:
     return "no space left on device" if full else f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
 
 
+def distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
 def barrier() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
+    if distributed():
         torch.distributed.barrier()
 
 
@@ -1053,7 +1061,7 @@ def main(argv: list[str], job=train) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
+        if distributed():
             torch.distributed.destroy_process_group()
     return 0
 

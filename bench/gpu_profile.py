@@ -41,10 +41,7 @@ def main() -> None:
     tokens = torch.randint(0, config.vocab_size, (args.batch, args.seq), device=device)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     per_token = pretrain.flops_per_token(model, args.seq)
-    peak = None
-    if device == "cuda":
-        name = torch.cuda.get_device_name()
-        peak = next((t * 1e12 for k, t in pretrain.PEAK_TFLOPS.items() if all(p in name for p in k.split())), None)
+    peak = pretrain.peak_flops_of(torch.cuda.get_device_name()) if device == "cuda" else None
 
     def step(timings: list | None = None):
         marks = [torch.cuda.Event(enable_timing=True) for _ in range(4)] if device == "cuda" else None
