@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from torch.nn.parallel import DistributedDataParallel
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer,
                           TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
@@ -59,7 +60,8 @@ class ModelArguments:
         "help": "Rows added for a larger tokenizer start at: subword_mean (the mean of the base-tokenizer pieces "
                 "each new token replaces) | mean (the mean of all base rows)."})
     torch_dtype: str = field(default="float32", metadata={
-        "help": "Dtype of the weights (float32 master weights; mixed precision comes from `mixed_precision`)."})
+        "help": "Dtype of the weights (float32 master weights; mixed precision comes from `mixed_precision`, and "
+                "`mixed_precision: bf16_weights` loads them in bfloat16)."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub. Off: safe."})
 
@@ -131,7 +133,17 @@ class PretrainingArguments(TrainingArguments):
         "help": "sequential: read the seeded, evenly mixed block order of data_utils.MixedBlocks as is."})
     ddp_timeout: int = field(default=7200, metadata={"help": "Collective timeout in seconds."})
     mixed_precision: str = field(default="auto", metadata={
-        "help": "auto (bf16 on GPUs that have it, else fp32) | bf16 | fp16 | no"})
+        "help": "auto (bf16 on GPUs that have it, else fp32) | bf16 (autocast over fp32 weights) | bf16_weights "
+                "(bf16 weights, activations and gradients, no autocast; the optimizer updates fp32 master copies: "
+                "fewer casts and kernel launches) | fp16 | no"})
+    logging_nan_inf_filter: bool | None = field(default=None, metadata={
+        "help": "Log a non-finite step's loss as the running mean. Unset: on with on_nonfinite_loss skip, off with "
+                "stop (the run stops on a non-finite loss; the filter costs a host-device sync every step)."})
+    bf16_weights: bool = field(default=False, init=False)  # mixed_precision bf16_weights (transformers keeps its own
+    # `mixed_precision` attribute, the accelerator's autocast setting, which is "no" for bf16 weights)
+    torch_compile_scope: str = field(default="blocks", metadata={
+        "help": "With torch_compile: blocks (compile one decoder layer and reuse it for all: fast to compile) | "
+                "model (the whole model as one graph)."})
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak TFLOP/s of one accelerator for MFU; unset: looked up by GPU name (bf16/fp16 dense)."})
     sample_prompts: list[str] = field(default_factory=list, metadata={
@@ -154,12 +166,18 @@ class PretrainingArguments(TrainingArguments):
             self.mixed_precision = "bf16" if has_bf16 else "no"
         if self.on_nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite_loss must be stop or skip, got `{self.on_nonfinite_loss}`.")
-        if self.mixed_precision not in ("bf16", "fp16", "no"):
-            raise ValueError(f"mixed_precision must be auto, bf16, fp16 or no, got `{self.mixed_precision}`.")
+        if self.mixed_precision not in ("bf16", "bf16_weights", "fp16", "no"):
+            raise ValueError(f"mixed_precision must be auto, bf16, bf16_weights, fp16 or no, got "
+                             f"`{self.mixed_precision}`.")
+        if self.torch_compile_scope not in ("blocks", "model"):
+            raise ValueError(f"torch_compile_scope must be blocks or model, got `{self.torch_compile_scope}`.")
+        if self.logging_nan_inf_filter is None:
+            self.logging_nan_inf_filter = self.on_nonfinite_loss == "skip"
         self.sample_prompts = [p for p in self.sample_prompts if p.strip()]  # `--sample_prompts ""`: none
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to
         check_deepspeed_config(self.deepspeed)
+        self.bf16_weights = self.mixed_precision == "bf16_weights"
         self.bf16 = self.bf16 or self.mixed_precision == "bf16"
         self.fp16 = self.fp16 or self.mixed_precision == "fp16"
         super().__post_init__()
@@ -336,6 +354,21 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
                    len(tokenizer), old, matrices[0].shape[0], from_pieces)
 
 
+def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments) -> str:
+    """The dtype to load the weights in: bfloat16 for mixed_precision bf16_weights (whose optimizer keeps the fp32
+    masters), else `torch_dtype`; low-precision weights without fp32 masters get a warning."""
+    if training_args.bf16_weights:
+        if model_args.torch_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"mixed_precision bf16_weights trains bfloat16 weights; torch_dtype "
+                              f"`{model_args.torch_dtype}` contradicts it: drop torch_dtype.")
+        return "bfloat16"
+    if model_args.torch_dtype in ("bfloat16", "float16"):
+        logger.warning("torch_dtype %s without fp32 master weights: updates smaller than 1/256 of a weight are lost. "
+                       "For bf16 training use mixed_precision bf16_weights (fp32 masters in the optimizer) and leave "
+                       "torch_dtype at float32.", model_args.torch_dtype)
+    return model_args.torch_dtype
+
+
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
     dtype = getattr(torch, model_args.torch_dtype)
     if model_args.model_name_or_path:
@@ -386,7 +419,8 @@ def peak_flops_per_device(training_args: PretrainingArguments) -> float | None:
     """The accelerator's peak FLOP/s for MFU: `peak_tflops` if set, else the table by device name."""
     if training_args.peak_tflops:
         return training_args.peak_tflops * 1e12
-    if training_args.use_cpu or not torch.cuda.is_available() or training_args.mixed_precision == "no":
+    if training_args.use_cpu or not torch.cuda.is_available() or not (training_args.bf16 or training_args.fp16 or
+                                                                       training_args.bf16_weights):
         return None  # no table entry means anything for CPUs or fp32
     return peak_flops_of(torch.cuda.get_device_name())
 
@@ -408,6 +442,87 @@ def flops_per_token(model, block_size: int) -> float:
     if not getattr(config, "tie_word_embeddings", False):
         n -= model.get_input_embeddings().weight.numel()
     return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * block_size
+
+
+def with_fp32_master_weights(optimizer_cls: type) -> type:
+    """`optimizer_cls`, updating fp32 master copies of the model's bf16 weights (Megatron's bf16 scheme).
+    Forward and backward run on bf16 weights, with no autocast casting fp32 weights at each use; each step
+    copies the bf16 gradients to fp32, updates the fp32 masters (and fp32 optimizer states) and rounds the
+    masters back into the model. Updates far smaller than a bf16 weight's resolution (1/256 of it) thus add
+    up instead of vanishing. The masters are part of `state_dict`, so a checkpoint resumes exactly."""
+
+    class Fp32MasterWeights(optimizer_cls):
+        def __init__(self, params, **kwargs):
+            params = list(params)
+            groups = [dict(g) for g in params] if isinstance(params[0], dict) else [{"params": params}]
+            self.model_params = [p for group in groups for p in group["params"]]
+            self.master_params = [p.detach().to(torch.float32, copy=True) for p in self.model_params]
+            masters = iter(self.master_params)
+            for group in groups:
+                group["params"] = [next(masters) for _ in group["params"]]
+            super().__init__(groups, **kwargs)
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            if closure is not None:
+                raise ValueError("fp32 master weights do not support an optimizer closure")
+            pairs = [(p, m) for p, m in zip(self.model_params, self.master_params) if p.grad is not None]
+            if not pairs:
+                return None
+            for p, m in pairs:  # fp32 gradients live only during the step
+                m.grad = torch.empty_like(m)
+            torch._foreach_copy_([m.grad for _, m in pairs], [p.grad for p, _ in pairs])
+            super().step()
+            torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
+            for _, m in pairs:
+                m.grad = None
+            return None
+
+        def state_dict(self):
+            return {**super().state_dict(), "fp32_master_weights": self.master_params}
+
+        @torch.no_grad()
+        def load_state_dict(self, state_dict):
+            state_dict = dict(state_dict)
+            masters = state_dict.pop("fp32_master_weights", None)
+            super().load_state_dict(state_dict)
+            if masters is None:  # written by a run with other precision settings: start from the weights
+                logger.warning("the optimizer state has no fp32 master weights (saved without mixed_precision "
+                               "bf16_weights): the masters start from the model's bf16 weights")
+                torch._foreach_copy_(self.master_params, self.model_params)
+                return
+            if [m.shape for m in masters] != [m.shape for m in self.master_params]:
+                raise ValueError("the checkpoint's fp32 master weights do not match this model's parameters")
+            torch._foreach_copy_(self.master_params, [m.to(self.master_params[0].device) for m in masters])
+            torch._foreach_copy_(self.model_params, self.master_params)
+
+    Fp32MasterWeights.__name__ = Fp32MasterWeights.__qualname__ = f"Fp32Master{optimizer_cls.__name__}"
+    return Fp32MasterWeights
+
+
+def allreduce_in_fp32(process_group, bucket):
+    """DDP communication hook for bf16 gradients: average them in fp32, as Megatron does by default; a bf16
+    sum over many ranks would round at every addition."""
+    group = process_group or torch.distributed.group.WORLD
+    gradients = bucket.buffer()
+    fp32 = gradients.float().div_(group.size())
+
+    def write_back(future):
+        gradients.copy_(future.value()[0])
+        return gradients
+
+    return torch.distributed.all_reduce(fp32, group=group, async_op=True).get_future().then(write_back)
+
+
+def master_weights_optimizer(training_args: PretrainingArguments, model=None) -> tuple[type, dict]:
+    """mixed_precision bf16_weights: the configured optimizer class, wrapped to keep fp32 master weights."""
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(training_args, model)
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.Optimizer)) or (
+            {"params", "model", "optimizer_dict"} & kwargs.keys()):
+        raise ConfigError(f"mixed_precision bf16_weights needs a plain torch optimizer over the weights "
+                          f"(adamw_torch_fused, adamw_torch, sgd, ...); `optim: {training_args.optim}` is not one. "
+                          "Use mixed_precision bf16 with it.")
+    return with_fp32_master_weights(optimizer_cls), kwargs
 
 
 class ThroughputMeter(TrainerCallback):
@@ -496,25 +611,62 @@ class PretrainTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.tokens_per_step, self.block_size, self.meter = tokens_per_step, block_size, meter
         self.skipped_steps: list[int] = []  # steps whose update was skipped for a non-finite loss or gradient
-        self.nonfinite_in_step, self.consecutive_skips = False, 0
+        self.consecutive_skips = 0
+        self.reduces_in_fp32 = False  # bf16 weights under DDP: gradients averaged in fp32 (allreduce_in_fp32)
+        self.nonfinite_loss = None  # on the device: a micro-batch of this optimizer step had a non-finite loss
+        self.first_nonfinite_step = None  # on the device (stop policy): the first step that went non-finite, or -1
 
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = last_complete_checkpoint(self.args.output_dir)
         return NonFiniteLossError(
-            f"{what} at step {self.state.global_step + 1}; stopped before the optimizer step. The last good "
-            f"checkpoint is {last or 'none (no checkpoint saved yet)'}. Lower `learning_rate`, raise "
-            "`warmup_steps`, check the data of this step (`record_block_ids`), or use bf16 instead of fp16; then "
-            "resume with --resume_from_checkpoint auto.")
+            f"{what}. No checkpoint holds its effect; the last good one is "
+            f"{last or 'none (no checkpoint saved yet)'}. Lower `learning_rate`, raise `warmup_steps`, check the data "
+            "of this step (`record_block_ids`), or use bf16 instead of fp16; then resume with "
+            "--resume_from_checkpoint auto.")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        if self.args.bf16_weights and isinstance(model, DistributedDataParallel) and not self.reduces_in_fp32:
+            model.register_comm_hook(None, allreduce_in_fp32)  # before the first backward, as DDP requires
+            self.reduces_in_fp32 = True
+            logger.info("bf16 weights under DDP: gradients are averaged across ranks in fp32")
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if not torch.isfinite(loss).all():  # before the optimizer step: no checkpoint ever holds its effect
-            if self.args.on_nonfinite_loss == "stop":
-                raise self.nonfinite_error(f"the training loss became {loss.item()}")
-            self.nonfinite_in_step = True  # the update is skipped; logging_nan_inf_filter keeps the logged loss finite
+        bad = ~torch.isfinite(loss.detach()).all()  # stays on the device: no host sync per step
+        self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
         return loss
 
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
+        """on_nonfinite_loss stop: note the first step whose loss or gradient norm is non-finite, on the device,
+        and stop before any log, evaluation or checkpoint that would come after it (one sync each)."""
+        if self.args.on_nonfinite_loss == "stop" and self.nonfinite_loss is not None:
+            bad = self.nonfinite_loss
+            if grad_norm is not None:
+                bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))
+            if self.first_nonfinite_step is None:
+                self.first_nonfinite_step = torch.tensor(-1, device=bad.device)
+            step = self.state.global_step
+            self.first_nonfinite_step = torch.where(bad & (self.first_nonfinite_step < 0), step,
+                                                    self.first_nonfinite_step)
+            self.nonfinite_loss = None
+            if self.control.should_log or self.control.should_save or self.control.should_evaluate:
+                self.stop_if_nonfinite()
+        super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
+
+    def stop_if_nonfinite(self) -> None:
+        """Raise if any rank saw a non-finite step (all ranks call this at the same steps and agree)."""
+        if self.first_nonfinite_step is None:
+            return
+        first = torch.where(self.first_nonfinite_step < 0, 2**62, self.first_nonfinite_step)
+        if distributed():
+            torch.distributed.all_reduce(first, op=torch.distributed.ReduceOp.MIN)
+        if int(first) < 2**62:
+            raise self.nonfinite_error(
+                f"the training loss or gradient norm became non-finite at step {int(first)} (found at step "
+                f"{self.state.global_step}: checked before every log, evaluation and checkpoint, not at every step, "
+                "to keep the GPU busy)")
+
     def create_optimizer(self, model=None):
+        if self.args.bf16_weights and self.optimizer is None:
+            self.optimizer_cls_and_kwargs = master_weights_optimizer(self.args, model or self.model)
         optimizer = super().create_optimizer(model)
         if self.args.on_nonfinite_loss == "skip" and not getattr(optimizer, "skips_nonfinite", False):
             step = optimizer.step
@@ -531,12 +683,12 @@ class PretrainTrainer(Trainer):
         non-finite (all ranks agree, so sharded ranks stay in step); stop after too many in a row."""
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         device = grads[0].device if grads else torch.device("cpu")
-        flag = torch.tensor(float(self.nonfinite_in_step), device=device)
+        flag = torch.zeros((), device=device) if self.nonfinite_loss is None else self.nonfinite_loss.float()
         if grads:  # one tensor and one host sync per step, whatever the number of parameters
             flag = torch.maximum(flag, (~torch.stack(torch._foreach_norm(grads)).isfinite()).any().float())
         if distributed():
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        self.nonfinite_in_step = False
+        self.nonfinite_loss = None
         if not flag.item():
             self.consecutive_skips = 0
             return False
@@ -546,8 +698,10 @@ class PretrainTrainer(Trainer):
         logger.warning("step %d: non-finite loss or gradient, update skipped (%d skipped so far)", step,
                        len(self.skipped_steps))
         if self.consecutive_skips > self.args.max_consecutive_skips:
-            raise self.nonfinite_error(f"{self.consecutive_skips} steps in a row had a non-finite loss or gradient "
-                                       f"(more than max_consecutive_skips {self.args.max_consecutive_skips})")
+            raise self.nonfinite_error(
+                f"{self.consecutive_skips} steps in a row had a non-finite loss or gradient (more than "
+                f"max_consecutive_skips {self.args.max_consecutive_skips}) at step {step}; stopped before its "
+                "optimizer step")
         return True
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
@@ -696,15 +850,15 @@ def generate_samples(model, tokenizer, prompts: list[str], bos_id: int | None, m
     return samples
 
 
-def load_plain_model(directory: str):
-    """from_pretrained as a user would call it: whole fp32 weights in this process, even inside a
-    ZeRO-3 run (whose global config would otherwise partition the model while loading)."""
+def load_plain_model(directory: str, dtype: torch.dtype = torch.float32):
+    """from_pretrained as a user would call it: whole weights in this process, even inside a ZeRO-3 run
+    (whose global config would otherwise partition the model while loading)."""
     import transformers.integrations.deepspeed as hf_deepspeed
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = ref
 
@@ -720,10 +874,11 @@ def verify_saved_model(model, training_args: PretrainingArguments, data) -> dict
     trained = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
     if not training_args.should_save:
         return None
-    saved = load_plain_model(training_args.output_dir)
+    saved = load_plain_model(training_args.output_dir, dtype=next(model.parameters()).dtype)  # as it trained
     reloaded = saved(input_ids=ids).logits.float()
     diff = (trained - reloaded).abs().max().item()
-    tolerance = 1e-3 * max(1.0, trained.abs().max().item()) * (50 if training_args.mixed_precision != "no" else 1)
+    tolerance = 1e-3 * max(1.0, trained.abs().max().item()) * (
+        50 if training_args.bf16 or training_args.fp16 or training_args.bf16_weights else 1)
     check = {"max_abs_logit_diff": diff, "tolerance": tolerance, "probe_input_ids": ids[0].tolist(),
              "trained_last_logits_head": trained[0, -1, :8].tolist()}
     if diff > tolerance:
@@ -755,6 +910,12 @@ def preflight(training_args: PretrainingArguments, data, n_params: int, tokens_p
                           "owns the optimizer step, FSDP shards the gradients it checks, and fp16's loss scaler "
                           "already skips non-finite steps. Use `on_nonfinite_loss: stop` (then resume from the last "
                           "checkpoint) with those.")
+    if training_args.bf16_weights:
+        if training_args.deepspeed or training_args.fsdp:
+            raise ConfigError("mixed_precision bf16_weights is for one process and DDP: DeepSpeed and FSDP keep their "
+                              "own fp32 master weights. Use mixed_precision bf16 with them (DeepSpeed: its bf16 "
+                              "section; FSDP: its mixed-precision policy).")
+        master_weights_optimizer(training_args)  # refuses optimizers it cannot wrap, before any step
     if training_args.deepspeed and training_args.fsdp:
         raise ConfigError("both `deepspeed` and `fsdp` are set: choose one (deepspeed/run_deepspeed.sh or FSDP=1 "
                           "torchrun/run_torchrun.sh).")
@@ -968,6 +1129,7 @@ def train(argv: list[str]) -> dict:
 
         deepspeed.init_distributed(dist_backend="gloo")
     tokenizer = load_tokenizer(model_args, data_args, training_args)
+    model_args.torch_dtype = weight_dtype(model_args, training_args)
     model = build_model(model_args, tokenizer, data_args.block_size)
     data = load_data(data_args, training_args, tokenizer)
     out = Path(training_args.output_dir)
@@ -990,6 +1152,8 @@ def train(argv: list[str]) -> dict:
     preemption = PreemptionCallback()
     meter = ThroughputMeter(tokens_per_step, training_args.world_size, flops_per_token(model, data_args.block_size),
                             peak_flops_per_device(training_args))
+    if training_args.torch_compile:  # accelerate's TorchDynamoPlugin reads this when the Trainer creates it
+        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = str(int(training_args.torch_compile_scope == "blocks"))
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
@@ -1007,6 +1171,7 @@ def train(argv: list[str]) -> dict:
             f"{write_failure(e, out)} while writing {writing}: it is incomplete and is never resumed from; the "
             f"last complete checkpoint is {usable or 'none'}. Fix that (free space, or lower `save_total_limit`), "
             "then rerun with `--resume_from_checkpoint auto`.") from e
+    trainer.stop_if_nonfinite()  # steps after the last check: before the final evaluation and model
     if preemption.stopped_at is not None:  # preempted: the checkpoint is saved, the run is not finished
         logger.warning("preempted at step %d: checkpoint saved in %s; not writing a final model",
                        preemption.stopped_at, training_args.output_dir)

@@ -36,10 +36,14 @@ def setup(tmp_path_factory, micro_model_config, tokenizer_dir):
 
 LAUNCHERS = {  # name: (launcher script, its environment, what torchrun is given for the same run)
     "single": ("pretrain.py", {}, None),
+    "bf16_weights": ("pretrain.py", {}, None),
     "ddp": ("torchrun/run_torchrun.sh", {"NPROC_PER_NODE": "2"}, []),
     "zero2": ("deepspeed/run_deepspeed.sh", {"DS_CONFIG": "deepspeed/ds_zero2.json", "NUM_GPUS": "2"},
               ["--deepspeed", "deepspeed/ds_zero2.json"]),
 }
+
+
+FLAGS = {"bf16_weights": ["--mixed_precision", "bf16_weights"]}  # flags of both the uninterrupted and the killed run
 
 
 def launch(setup, name, script, env=None, extra=()):
@@ -75,6 +79,11 @@ def single(setup):
 
 
 @pytest.fixture(scope="module")
+def bf16_weights(setup):
+    return launch(setup, "bf16_weights", "pretrain.py", extra=FLAGS["bf16_weights"])
+
+
+@pytest.fixture(scope="module")
 def ddp(setup):
     return launch(setup, "ddp", *LAUNCHERS["ddp"][:2])
 
@@ -105,6 +114,14 @@ def test_ddp_two_processes(ddp, single):
     check_two_process_run(*ddp, single[0])
 
 
+def test_ddp_with_bf16_weights_averages_gradients_in_fp32(setup, bf16_weights):
+    out, proc = launch(setup, "ddp-bf16_weights", *LAUNCHERS["ddp"][:2], extra=FLAGS["bf16_weights"])
+    assert "gradients are averaged across ranks in fp32" in proc.stderr  # the hook (rank 0 logs)
+    assert metrics(out)["train"]["world_size"] == 2
+    assert metrics(out)["train"]["final_logged_loss"] == pytest.approx(
+        metrics(bf16_weights[0])["train"]["final_logged_loss"], rel=1e-2)  # bf16 compute: looser than fp32
+
+
 def test_fsdp_two_processes(setup, single):
     out, proc = launch(setup, "fsdp", "torchrun/run_torchrun.sh", env={"NPROC_PER_NODE": "2", "FSDP": "1"})
     check_two_process_run(out, proc, single[0])
@@ -120,11 +137,11 @@ def block_lines(out, rank):
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-@pytest.mark.parametrize("name", ["single", "ddp", "zero2"])
+@pytest.mark.parametrize("name", ["single", "bf16_weights", "ddp", "zero2"])
 def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(name, setup, request):
     """Every rank dies by SIGKILL right after checkpoint-3 of 6; the same launcher resumes with `auto`.
     The final weights equal the uninterrupted run's (bitwise in one process; to float reduction order over
-    gloo), and each rank trains on exactly the blocks of the two mixed sources that it trained on there."""
+    gloo; with bf16 weights also their fp32 masters), and each rank trains on exactly the blocks of the two mixed sources that it trained on there."""
     from safetensors.torch import load_file
 
     straight = request.getfixturevalue(name)[0]
@@ -133,7 +150,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(na
     killed = base / f"{name}-killed"
     world = 1 if torchrun_args is None else 2
     args = [str(config), "--output_dir", str(killed), "--cache_dir", str(base / f"cache-{name}"),
-            "--per_device_train_batch_size", str(PER_DEVICE * (2 // world))]
+            "--per_device_train_batch_size", str(PER_DEVICE * (2 // world)), *FLAGS.get(name, [])]
     harness = str(ROOT / "tests" / "kill_after_checkpoint.py")
     launcher = [] if world == 1 else ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     extra = [] if world == 1 else ["--use_cpu", "true", *torchrun_args]
@@ -143,7 +160,7 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(na
     assert not (killed / "model.safetensors").exists() and not (killed / "checkpoint-6").exists()
     before = {rank: len(block_lines(killed, rank)) for rank in range(world)}
 
-    launch(setup, f"{name}-killed", script, env=env, extra=["--resume_from_checkpoint", "auto"])
+    launch(setup, f"{name}-killed", script, env=env, extra=["--resume_from_checkpoint", "auto", *FLAGS.get(name, [])])
     a, b = load_file(straight / "model.safetensors"), load_file(killed / "model.safetensors")
     assert a.keys() == b.keys()
     for key in a:
@@ -151,6 +168,10 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(na
             assert torch.equal(a[key], b[key]), key
         else:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+    if name == "bf16_weights":  # the fp32 masters came back from checkpoint-3 exactly, not from the bf16 weights
+        masters = [torch.load(out / "checkpoint-6" / "optimizer.pt", weights_only=True)["fp32_master_weights"]
+                   for out in (straight, killed)]
+        assert all(torch.equal(a, b) for a, b in zip(*masters))
     for rank in range(world):
         # steps 1-3 before the kill, then the resumed run skips to step 4 without fetching those batches
         seen, uninterrupted = block_lines(killed, rank), block_lines(straight, rank)

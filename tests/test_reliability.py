@@ -55,9 +55,11 @@ def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, micro_mod
     proc = run_pretrain([run], check=False)
     assert proc.returncode == 2, proc.stderr[-3000:]
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")][0]
-    assert "the training loss became" in error and "stopped before the optimizer step" in error
-    step = int(error.split(" at step ")[1].split(";")[0])
-    assert f"checkpoint-{step - 1}" in error and (tmp_path / "out" / f"checkpoint-{step - 1}").is_dir()
+    assert "the training loss or gradient norm became non-finite at step" in error
+    step = int(error.split(" at step ")[1].split(" ")[0])
+    assert f"found at step {step}:" in error  # checked at every checkpoint, and one is due every step
+    assert f"the last good one is {tmp_path / 'out' / f'checkpoint-{step - 1}'}" in error
+    assert not (tmp_path / "out" / f"checkpoint-{step}").exists()
     assert "Traceback" not in proc.stderr
 
 
@@ -76,6 +78,22 @@ def nan_loss_at(steps):
         return out
 
     return compute_loss
+
+
+def test_stop_policy_checks_before_each_checkpoint_and_log_not_every_step(tmp_path, micro_model_config,
+                                                                         tokenizer_dir, monkeypatch, capsys):
+    """The loss turns NaN at step 3; checks run (one host sync each) at the checkpoints of steps 2 and 4 and the
+    log of step 5: the run stops at step 4, before writing checkpoint-4, naming step 3 and checkpoint-2."""
+    import pretrain
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=10, save_steps=2, logging_steps=5,
+                 save_total_limit=10)
+    monkeypatch.setattr(pretrain.PretrainTrainer, "compute_loss", nan_loss_at({3}))
+    assert pretrain.main([str(run)]) == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")][0]
+    assert "became non-finite at step 3 (found at step 4:" in error
+    assert f"the last good one is {tmp_path / 'out' / 'checkpoint-2'}" in error
+    assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 def test_skip_policy_drops_the_non_finite_update_and_counts_it(tmp_path, micro_model_config, tokenizer_dir,

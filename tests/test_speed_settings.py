@@ -1,0 +1,148 @@
+"""The GPU speed settings, checked for correctness on the CPU: bf16 weights with fp32 master weights in the
+optimizer (`mixed_precision: bf16_weights`), torch.compile of the repeated decoder layers
+(`torch_compile_scope: blocks`), and a training loop that leaves the device alone between logs (no host
+read of a device value per step from this toolkit or the Trainer loop)."""
+import json
+import traceback
+
+import pytest
+import torch
+import yaml
+
+from conftest import ROOT, make_text_corpus
+
+
+def config(tmp_path, micro_model_config, tokenizer_dir, **extra):
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "model_config": str(micro_model_config), "tokenizer_name_or_path": str(tokenizer_dir),
+        "sources": [{"path": str(make_text_corpus(tmp_path / "data", repeat=30))}], "block_size": 32,
+        "eval_fraction": 0.1, "per_device_train_batch_size": 4, "logging_steps": 2, "report_to": "none",
+        "eval_strategy": "no", "eval_on_start": False, "save_strategy": "no", "max_steps": 6,
+        "learning_rate": 3.0e-3, "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
+        **extra}), encoding="utf-8")
+    return path
+
+
+def test_fp32_master_weights_keep_updates_that_bf16_weights_round_away():
+    """An update of 1e-4 per step is below a bf16 weight's resolution at 1.0 (2^-8): plain AdamW on bf16
+    weights never moves them; the master-weight AdamW moves its fp32 masters and rounds them into the weights."""
+    import pretrain
+
+    master_adamw = pretrain.with_fp32_master_weights(torch.optim.AdamW)
+    weights = {kind: torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16)) for kind in ("plain", "master")}
+    optimizers = {"plain": torch.optim.AdamW([weights["plain"]], lr=1e-4, weight_decay=0.0),
+                  "master": master_adamw([{"params": [weights["master"]], "weight_decay": 0.0}], lr=1e-4)}
+    for _ in range(100):
+        for kind, optimizer in optimizers.items():
+            weights[kind].grad = torch.ones_like(weights[kind])
+            optimizer.step()
+            weights[kind].grad = None
+    assert torch.equal(weights["plain"], torch.ones(64, dtype=torch.bfloat16))
+    master = optimizers["master"].master_params[0]
+    assert master.dtype == torch.float32 and master[0].item() == pytest.approx(0.99, abs=1e-4)
+    assert weights["master"].dtype == torch.bfloat16 and torch.equal(weights["master"], master.to(torch.bfloat16))
+    # the masters travel with the optimizer state: a fresh optimizer picks them up exactly
+    restored = master_adamw([{"params": [torch.nn.Parameter(torch.ones(64, dtype=torch.bfloat16))],
+                              "weight_decay": 0.0}], lr=1e-4)
+    restored.load_state_dict(optimizers["master"].state_dict())
+    assert torch.equal(restored.master_params[0], master)
+    assert torch.equal(restored.model_params[0], weights["master"])
+
+
+def test_bf16_weights_run_trains_bf16_weights_and_checkpoints_fp32_masters(tmp_path, micro_model_config,
+                                                                         tokenizer_dir, capsys):
+    import pretrain
+    from safetensors.torch import load_file
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, mixed_precision="bf16_weights", max_steps=8,
+                 save_strategy="steps", save_steps=4, logging_steps=1)
+    assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
+    out = tmp_path / "out"
+    saved = load_file(out / "model.safetensors")
+    assert {t.dtype for t in saved.values()} == {torch.bfloat16}  # the model as it trained
+    state = torch.load(out / "checkpoint-8" / "optimizer.pt", weights_only=True)
+    masters = state["fp32_master_weights"]
+    assert {m.dtype for m in masters} == {torch.float32} and len(masters) == len(saved)
+    # the saved bf16 weights are the masters rounded (tied embeddings: one tensor, saved once)
+    assert sorted(m.to(torch.bfloat16).sum().item() for m in masters) == sorted(t.sum().item() for t in saved.values())
+    metrics = json.loads((out / "metrics.json").read_text())
+    losses = [h["loss"] for h in json.loads((out / "checkpoint-8" / "trainer_state.json").read_text())["log_history"]]
+    assert losses[-1] < losses[0]
+    assert metrics["model"]["saved_model_check"]["max_abs_logit_diff"] == 0.0  # reloaded in bf16, as trained
+
+
+def test_bf16_weights_is_refused_where_another_component_owns_the_masters(tmp_path, micro_model_config,
+                                                                          tokenizer_dir, capsys):
+    import pretrain
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, mixed_precision="bf16_weights")
+    assert pretrain.main([str(run), "--fsdp", "full_shard"]) == 2
+    assert "mixed_precision bf16_weights is for one process and DDP" in capsys.readouterr().err
+    assert pretrain.main([str(run), "--torch_dtype", "float16"]) == 2
+    assert "torch_dtype `float16` contradicts it" in capsys.readouterr().err
+
+
+def test_compile_scope_blocks_compiles_each_decoder_layer(tmp_path, micro_model_config, tokenizer_dir, monkeypatch,
+                                                          capsys):
+    """The `eager` backend runs dynamo's tracing without code generation: the repeated layers become compiled
+    modules, trace without graph breaks, and train."""
+    import torch._dynamo.utils
+
+    import pretrain
+
+    seen = []
+    original = pretrain.PretrainTrainer.training_step
+
+    def training_step(self, model, inputs, *args):
+        seen.append([type(layer).__name__ for layer in model.model.layers])
+        return original(self, model, inputs, *args)
+
+    monkeypatch.setattr(pretrain.PretrainTrainer, "training_step", training_step)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    run = config(tmp_path, micro_model_config, tokenizer_dir, torch_compile=True, torch_compile_backend="eager")
+    assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
+    assert set(seen[0]) == {"OptimizedModule"}
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["steps"] == 6
+
+
+def test_no_host_read_of_a_device_value_per_step_between_logs(tmp_path, micro_model_config, tokenizer_dir,
+                                                               monkeypatch, capsys):
+    """A host read of a device value (`item`, `bool`, ...) waits for the GPU to finish, which starves a
+    launch-bound step. Between logs, neither this toolkit nor the Trainer loop may read one per step (with the
+    default non-finite policy, stop); transformers' own model code still does once per forward (its check
+    for packed position_ids), which is outside this toolkit."""
+    from transformers import TrainerCallback
+
+    import pretrain
+
+    reads, counting = [], [False]
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, **kwargs):
+            if counting[0]:
+                caller = next(f for f in reversed(traceback.extract_stack()[:-1]) if "/torch/" not in f.filename)
+                reads.append(f"{caller.filename}:{caller.lineno}")
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    class CountBetweenLogs(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            counting[0] = 2 <= state.global_step < 9  # steps 3 to 9; the log is at step 10
+
+    original_init = pretrain.PretrainTrainer.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        self.add_callback(CountBetweenLogs())
+
+    monkeypatch.setattr(pretrain.PretrainTrainer, "__init__", init)
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=10, logging_steps=10)
+    assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
+    ours = [r for r in reads if r.startswith(str(ROOT)) or "/transformers/trainer.py:" in r or "/accelerate/" in r]
+    assert not ours, ours
+    assert all("/transformers/" in r for r in reads), reads  # only the model's own check remains
