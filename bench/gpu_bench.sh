@@ -5,18 +5,20 @@
 # Each run prints its steady state (after the first logging window: start-up, autotuning and compilation
 # excluded) and its whole-run figure.
 #   bash bench/gpu_bench.sh [--torch_compile true] [--use_liger_kernel true] [...any pretrain.py flag]
+# Environment: SEQS (default "2048 4096"), BATCH_TOKENS per micro-batch (default 16384), STEPS (60), OUT_DIR.
 # On a machine without datasets/deepspeed (the lent GPU boxes) nothing here imports them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PYTHON=${PYTHON:-python}
 OUT=${OUT_DIR:-outputs/gpu_bench}
+mkdir -p "$(dirname "$OUT")"
 STEPS=${STEPS:-60}
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader 2>/dev/null || true
 # The bundled data without eval splits: at 4096 tokens a 5% split of data/ is shorter than one block.
 SOURCES='[{name: medical, path: data/medical_zh.txt, eval_fraction: 0}, {name: general, path: data/general_zh.txt, eval_fraction: 0},
           {name: articles, path: data/medical_articles.jsonl, eval_fraction: 0}]'
-for SEQ in 2048 4096; do
-    BATCH=$(( 16384 / SEQ ))   # 16k tokens per micro-batch
+for SEQ in ${SEQS:-2048 4096}; do
+    BATCH=$(( ${BATCH_TOKENS:-16384} / SEQ ))
     "$PYTHON" pretrain.py configs/gpu_qwen2_0.5b.yaml --sources "$SOURCES" --model_vocab_size 151936 --block_size "$SEQ" \
         --per_device_train_batch_size "$BATCH" --gradient_accumulation_steps 1 --max_steps "$STEPS" \
         --eval_strategy no --eval_on_start false --save_strategy no --report_to none --sample_prompts "" \

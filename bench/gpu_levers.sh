@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The MFU levers of docs/BENCHMARKS.md, side by side on one GPU in one command (about 7 minutes on an H100):
+# the 0.5B recipe at sequence 4096, each variant one bench/gpu_bench.sh run (pretrain.py, 40 steps), then a
+# table of steady-state tokens/s, MFU and peak memory with each variant's ratio to the first (the recipe as
+# shipped: bf16 autocast over fp32 weights). A variant that fails (out of memory, a compiler error) is
+# reported as failed with its last error line, and the others still run.
+#   bash bench/gpu_levers.sh            (VARIANTS="name|batch tokens|flags;..." to choose others)
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+OUT=${OUT_DIR:-outputs/gpu_levers}
+SEQ=${SEQ:-4096}
+DEFAULT="bf16 autocast|16384|;\
+bf16_weights|16384|--mixed_precision bf16_weights;\
+bf16_weights + compile blocks|16384|--mixed_precision bf16_weights --torch_compile true;\
+bf16_weights + liger, 32k-token micro-batch|32768|--mixed_precision bf16_weights --use_liger_kernel true;\
+bf16_weights + liger + compile blocks, 32k|32768|--mixed_precision bf16_weights --use_liger_kernel true --torch_compile true"
+IFS=';' read -ra VARIANTS <<< "${VARIANTS:-$DEFAULT}"
+rm -rf "$OUT"
+i=0
+for variant in "${VARIANTS[@]}"; do
+    IFS='|' read -r name tokens flags <<< "$variant"
+    echo "== $name (micro-batch $tokens tokens) $flags"
+    # shellcheck disable=SC2086  # flags are words
+    SEQS=$SEQ BATCH_TOKENS="$tokens" STEPS="${STEPS:-40}" OUT_DIR="$OUT/$i" bash bench/gpu_bench.sh $flags \
+        | grep -E "steady|error|Error" | tail -3
+    echo "$name" > "$OUT/$i.name"
+    i=$((i + 1))
+done
+"${PYTHON:-python}" - "$OUT" "$SEQ" <<'PY'
+import json, sys
+from pathlib import Path
+out, seq = Path(sys.argv[1]), sys.argv[2]
+rows, base = [], None
+for name_file in sorted(out.glob("*.name"), key=lambda p: int(p.stem)):
+    name, metrics = name_file.read_text().strip(), out / name_file.stem / f"seq{seq}" / "metrics.json"
+    if not metrics.is_file():
+        log = out / f"{name_file.stem}-seq{seq}.log"
+        last = [l for l in log.read_text(errors="replace").splitlines() if "Error" in l or l.startswith("error:")][-1:] if log.is_file() else []
+        rows.append(f"| {name} | failed: {(last or ['no log'])[0][:120]} | | | |")
+        continue
+    steady = json.loads(metrics.read_text())["train"].get("steady_state") or {}
+    tps = steady.get("tokens_per_second")
+    base = base or tps
+    mfu = f"{steady['mfu']:.1%}" if "mfu" in steady else "n/a"
+    rows.append(f"| {name} | {tps:,.0f} | {mfu} | {steady.get('peak_memory_gib', 0):.1f} GiB | {tps / base:.2f}x |")
+print(f"| variant (seq {seq}) | steady tokens/s | MFU | peak memory | vs first |\n|---|---|---|---|---|")
+print("\n".join(rows))
+PY
