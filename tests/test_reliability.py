@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import pytest
 import yaml
 
 from conftest import ROOT, make_text_corpus
@@ -96,13 +97,15 @@ def test_stop_policy_checks_before_each_checkpoint_and_log_not_every_step(tmp_pa
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+@pytest.mark.parametrize("precision", ["no", "bf16_weights"])
 def test_skip_policy_drops_the_non_finite_update_and_counts_it(tmp_path, micro_model_config, tokenizer_dir,
-                                                               monkeypatch, capsys):
+                                                               monkeypatch, capsys, precision):
     import pretrain
     from safetensors.torch import load_file
 
     run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=5, save_steps=1, save_total_limit=10,
-                 on_nonfinite_loss="skip", learning_rate=1.0e-3, verify_saved_model=False)
+                 on_nonfinite_loss="skip", learning_rate=1.0e-3, verify_saved_model=False,
+                 mixed_precision=precision)
     monkeypatch.setattr(pretrain.PretrainTrainer, "compute_loss", nan_loss_at({3}))
     assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
     out = tmp_path / "out"
@@ -114,6 +117,8 @@ def test_skip_policy_drops_the_non_finite_update_and_counts_it(tmp_path, micro_m
 
     optimizer = {s: torch.load(out / f"checkpoint-{s}" / "optimizer.pt", weights_only=True) for s in (2, 3)}
     assert [v["step"] for v in optimizer[2]["state"].values()] == [v["step"] for v in optimizer[3]["state"].values()]
+    if precision == "bf16_weights":  # the fp32 masters were not touched either
+        assert all(a.equal(b) for a, b in zip(optimizer[2]["fp32_master_weights"], optimizer[3]["fp32_master_weights"]))
     assert "step 3: non-finite loss or gradient, update skipped" in capsys.readouterr().err
 
 
