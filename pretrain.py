@@ -454,18 +454,25 @@ def with_fp32_master_weights(optimizer_cls: type) -> type:
     class Fp32MasterWeights(optimizer_cls):
         def __init__(self, params, **kwargs):
             params = list(params)
-            groups = [dict(g) for g in params] if isinstance(params[0], dict) else [{"params": params}]
+            groups = ([{**g, "params": list(g["params"])} for g in params] if isinstance(params[0], dict)
+                      else [{"params": params}])
             self.model_params = [p for group in groups for p in group["params"]]
             self.master_params = [p.detach().to(torch.float32, copy=True) for p in self.model_params]
             masters = iter(self.master_params)
             for group in groups:
                 group["params"] = [next(masters) for _ in group["params"]]
             super().__init__(groups, **kwargs)
+            # Until a checkpoint's masters are loaded, the first step takes them from the weights again: DDP
+            # replaces every rank's weights with rank 0's after this optimizer is built.
+            self.masters_from_weights = True
 
         @torch.no_grad()
         def step(self, closure=None):
             if closure is not None:
                 raise ValueError("fp32 master weights do not support an optimizer closure")
+            if self.masters_from_weights:
+                torch._foreach_copy_(self.master_params, self.model_params)
+                self.masters_from_weights = False
             pairs = [(p, m) for p, m in zip(self.model_params, self.master_params) if p.grad is not None]
             if not pairs:
                 return None
@@ -489,14 +496,18 @@ def with_fp32_master_weights(optimizer_cls: type) -> type:
             if masters is None:  # written by a run with other precision settings: start from the weights
                 logger.warning("the optimizer state has no fp32 master weights (saved without mixed_precision "
                                "bf16_weights): the masters start from the model's bf16 weights")
-                torch._foreach_copy_(self.master_params, self.model_params)
+                self.masters_from_weights = True
                 return
+            if all(m is own for m, own in zip(masters, self.master_params)):
+                return  # its own state handed back (accelerate does so to move it to the device): nothing new
             if [m.shape for m in masters] != [m.shape for m in self.master_params]:
                 raise ValueError("the checkpoint's fp32 master weights do not match this model's parameters")
             torch._foreach_copy_(self.master_params, [m.to(self.master_params[0].device) for m in masters])
             torch._foreach_copy_(self.model_params, self.master_params)
+            self.masters_from_weights = False
 
     Fp32MasterWeights.__name__ = Fp32MasterWeights.__qualname__ = f"Fp32Master{optimizer_cls.__name__}"
+    Fp32MasterWeights.__module__ = optimizer_cls.__module__  # the Trainer recognises bitsandbytes by it
     return Fp32MasterWeights
 
 
@@ -625,8 +636,9 @@ class PretrainTrainer(Trainer):
             "--resume_from_checkpoint auto.")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
-        if self.args.bf16_weights and isinstance(model, DistributedDataParallel) and not self.reduces_in_fp32:
-            model.register_comm_hook(None, allreduce_in_fp32)  # before the first backward, as DDP requires
+        ddp = getattr(model, "_orig_mod", model)  # torch_compile_scope model compiles the DDP wrapper
+        if self.args.bf16_weights and isinstance(ddp, DistributedDataParallel) and not self.reduces_in_fp32:
+            ddp.register_comm_hook(None, allreduce_in_fp32)  # before the first backward, as DDP requires
             self.reduces_in_fp32 = True
             logger.info("bf16 weights under DDP: gradients are averaged across ranks in fp32")
         loss = super().training_step(model, inputs, num_items_in_batch)
@@ -637,16 +649,17 @@ class PretrainTrainer(Trainer):
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
         """on_nonfinite_loss stop: note the first step whose loss or gradient norm is non-finite, on the device,
         and stop before any log, evaluation or checkpoint that would come after it (one sync each)."""
-        if self.args.on_nonfinite_loss == "stop" and self.nonfinite_loss is not None:
-            bad = self.nonfinite_loss
-            if grad_norm is not None:
-                bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))
-            if self.first_nonfinite_step is None:
-                self.first_nonfinite_step = torch.tensor(-1, device=bad.device)
-            step = self.state.global_step
-            self.first_nonfinite_step = torch.where(bad & (self.first_nonfinite_step < 0), step,
-                                                    self.first_nonfinite_step)
-            self.nonfinite_loss = None
+        if self.args.on_nonfinite_loss == "stop":
+            if self.nonfinite_loss is not None:  # None: called again at an epoch's end, after this step's call
+                bad = self.nonfinite_loss
+                fp16 = self.args.fp16 or getattr(self.accelerator, "mixed_precision", None) == "fp16"
+                if grad_norm is not None and not fp16:  # fp16's loss scaler skips overflowing steps itself
+                    bad = bad | ~torch.isfinite(torch.as_tensor(grad_norm, device=bad.device))
+                if self.first_nonfinite_step is None:
+                    self.first_nonfinite_step = torch.tensor(-1, device=bad.device)
+                self.first_nonfinite_step = torch.where(bad & (self.first_nonfinite_step < 0), self.state.global_step,
+                                                        self.first_nonfinite_step)
+                self.nonfinite_loss = None
             if self.control.should_log or self.control.should_save or self.control.should_evaluate:
                 self.stop_if_nonfinite()
         super()._maybe_log_save_evaluate(tr_loss, grad_norm, model, *args, **kwargs)
@@ -736,17 +749,21 @@ class PreemptionCallback(TrainerCallback):
     all-reduce, so they all save and stop at the same step."""
 
     def __init__(self):
-        self.requested, self.stopped_at = False, None
+        self.requested, self.stopped_at, self.group = False, None, None
         signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum, frame):
         self.requested = True
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if distributed() and torch.distributed.get_backend() != "gloo":  # a host flag: agree on the CPU, never
+            self.group = torch.distributed.new_group(backend="gloo")  # waiting for the GPU (NCCL would)
+
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.requested
         if distributed():
-            flag = torch.tensor([float(stop)], device=args.device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            flag = torch.tensor([float(stop)])
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
             stop = bool(flag.item())
         if stop:
             self.stopped_at = state.global_step

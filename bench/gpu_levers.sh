@@ -5,6 +5,8 @@
 # shipped: bf16 autocast over fp32 weights). A variant that fails (out of memory, a compiler error) is
 # reported as failed with its last error line, and the others still run.
 #   bash bench/gpu_levers.sh            (VARIANTS="name|batch tokens|flags;..." to choose others)
+# The Liger variants need liger-kernel (and the lent GPU machines an up-to-date transformers): carry the
+# wheels as docs/BENCHMARKS.md says; without them those variants are reported as failed.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT_DIR:-outputs/gpu_levers}
@@ -31,18 +33,21 @@ import json, sys
 from pathlib import Path
 out, seq = Path(sys.argv[1]), sys.argv[2]
 rows, base = [], None
-for name_file in sorted(out.glob("*.name"), key=lambda p: int(p.stem)):
+for index, name_file in enumerate(sorted(out.glob("*.name"), key=lambda p: int(p.stem))):
     name, metrics = name_file.read_text().strip(), out / name_file.stem / f"seq{seq}" / "metrics.json"
     if not metrics.is_file():
         log = out / f"{name_file.stem}-seq{seq}.log"
         last = [l for l in log.read_text(errors="replace").splitlines() if "Error" in l or l.startswith("error:")][-1:] if log.is_file() else []
         rows.append(f"| {name} | failed: {(last or ['no log'])[0][:120]} | | | |")
         continue
-    steady = json.loads(metrics.read_text())["train"].get("steady_state") or {}
-    tps = steady.get("tokens_per_second")
-    base = base or tps
-    mfu = f"{steady['mfu']:.1%}" if "mfu" in steady else "n/a"
-    rows.append(f"| {name} | {tps:,.0f} | {mfu} | {steady.get('peak_memory_gib', 0):.1f} GiB | {tps / base:.2f}x |")
+    train = json.loads(metrics.read_text())["train"]
+    figures = train.get("steady_state") or {**train, "from_step": 0}  # STEPS within the first log window
+    tps = figures["tokens_per_second"]
+    base = tps if index == 0 else base
+    mfu = f"{figures['mfu']:.1%}" if "mfu" in figures else "n/a"
+    ratio = f"{tps / base:.2f}x" if base else "n/a (the first variant failed)"
+    rows.append(f"| {name} | {tps:,.0f} (from step {figures['from_step']}) | {mfu} | "
+                f"{figures['peak_memory_gib']:.1f} GiB | {ratio} |")
 print(f"| variant (seq {seq}) | steady tokens/s | MFU | peak memory | vs first |\n|---|---|---|---|---|")
 print("\n".join(rows))
 PY

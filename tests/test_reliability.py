@@ -97,6 +97,18 @@ def test_stop_policy_checks_before_each_checkpoint_and_log_not_every_step(tmp_pa
     assert sorted(p.name for p in (tmp_path / "out").glob("checkpoint-*")) == ["checkpoint-2"]
 
 
+def test_stop_policy_checks_before_the_checkpoint_at_the_end_of_training(tmp_path, micro_model_config,
+                                                                         tokenizer_dir, monkeypatch, capsys):
+    """The Trainer saves an epoch-strategy checkpoint in a second call after the last step's: it is checked too."""
+    import pretrain
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=5, save_strategy="epoch", logging_steps=4)
+    monkeypatch.setattr(pretrain.PretrainTrainer, "compute_loss", nan_loss_at({5}))
+    assert pretrain.main([str(run)]) == 2
+    assert "became non-finite at step 5 (found at step 5:" in capsys.readouterr().err
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
 @pytest.mark.parametrize("precision", ["no", "bf16_weights"])
 def test_skip_policy_drops_the_non_finite_update_and_counts_it(tmp_path, micro_model_config, tokenizer_dir,
                                                                monkeypatch, capsys, precision):

@@ -50,6 +50,21 @@ def test_fp32_master_weights_keep_updates_that_bf16_weights_round_away():
     assert torch.equal(restored.model_params[0], weights["master"])
 
 
+def test_fp32_masters_start_from_the_weights_at_the_first_step():
+    """DDP overwrites each rank's weights with rank 0's after the optimizer is built, and accelerate hands the
+    optimizer its own state back: the first step must still start from the weights as they are then."""
+    import pretrain
+
+    weight = torch.nn.Parameter(torch.zeros(8, dtype=torch.bfloat16))
+    optimizer = pretrain.with_fp32_master_weights(torch.optim.SGD)([weight], lr=1.0)
+    with torch.no_grad():
+        weight.fill_(2.0)  # the broadcast
+    optimizer.load_state_dict(optimizer.state_dict())  # accelerate's move to the device
+    weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    assert torch.equal(weight, torch.full((8,), 1.0, dtype=torch.bfloat16))  # 2 - 1, not 0 - 1
+
+
 def test_bf16_weights_run_trains_bf16_weights_and_checkpoints_fp32_masters(tmp_path, micro_model_config,
                                                                          tokenizer_dir, capsys):
     import pretrain
