@@ -1169,13 +1169,13 @@ def train(argv: list[str]) -> dict:
     preemption = PreemptionCallback()
     meter = ThroughputMeter(tokens_per_step, training_args.world_size, flops_per_token(model, data_args.block_size),
                             peak_flops_per_device(training_args))
-    if training_args.torch_compile:  # accelerate's TorchDynamoPlugin reads this when the Trainer creates it
-        os.environ["ACCELERATE_DYNAMO_USE_REGIONAL_COMPILATION"] = str(int(training_args.torch_compile_scope == "blocks"))
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter)
+    if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole
+        trainer.accelerator.state.dynamo_plugin.use_regional_compilation = training_args.torch_compile_scope == "blocks"
     resume = resolve_resume(training_args)
     try:
         result = trainer.train(resume_from_checkpoint=resume)

@@ -98,10 +98,11 @@ def test_bf16_weights_is_refused_where_another_component_owns_the_masters(tmp_pa
     assert "torch_dtype `float16` contradicts it" in capsys.readouterr().err
 
 
-def test_compile_scope_blocks_compiles_each_decoder_layer(tmp_path, micro_model_config, tokenizer_dir, monkeypatch,
-                                                          capsys):
-    """The `eager` backend runs dynamo's tracing without code generation: the repeated layers become compiled
-    modules, trace without graph breaks, and train."""
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compile_scope_compiles_each_decoder_layer_or_the_model(tmp_path, micro_model_config, tokenizer_dir,
+                                                                monkeypatch, capsys, scope):
+    """The `eager` backend runs dynamo's tracing without code generation: with scope blocks the repeated layers
+    become compiled modules, with scope model the model does; both trace without graph breaks and train."""
     import torch._dynamo.utils
 
     import pretrain
@@ -110,15 +111,24 @@ def test_compile_scope_blocks_compiles_each_decoder_layer(tmp_path, micro_model_
     original = pretrain.PretrainTrainer.training_step
 
     def training_step(self, model, inputs, *args):
-        seen.append([type(layer).__name__ for layer in model.model.layers])
+        compiled_whole = type(model).__name__ == "OptimizedModule"
+        layers = (model._orig_mod if compiled_whole else model).model.layers
+        seen.append((type(model).__name__, {type(layer).__name__ for layer in self.model.model.layers},
+                     {type(layer).__name__ for layer in layers}))
         return original(self, model, inputs, *args)
 
     monkeypatch.setattr(pretrain.PretrainTrainer, "training_step", training_step)
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
-    run = config(tmp_path, micro_model_config, tokenizer_dir, torch_compile=True, torch_compile_backend="eager")
+    run = config(tmp_path, micro_model_config, tokenizer_dir, torch_compile=True, torch_compile_backend="eager",
+                 torch_compile_scope=scope)
     assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
-    assert set(seen[0]) == {"OptimizedModule"}
+    wrapper, original_layers, trained_layers = seen[0]
+    assert original_layers == {"LlamaDecoderLayer"}  # compilation wraps; the model itself is unchanged
+    if scope == "blocks":
+        assert wrapper == "LlamaForCausalLM" and trained_layers == {"OptimizedModule"}
+    else:
+        assert wrapper == "OptimizedModule" and trained_layers == {"LlamaDecoderLayer"}
     assert not torch._dynamo.utils.counters["graph_break"]
     assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["steps"] == 6
 
