@@ -479,7 +479,9 @@ def with_fp32_master_weights(optimizer_cls: type) -> type:
             for p, m in pairs:  # fp32 gradients live only during the step
                 m.grad = torch.empty_like(m)
             torch._foreach_copy_([m.grad for _, m in pairs], [p.grad for p, _ in pairs])
-            super().step()
+            update = optimizer_cls.step  # torch wraps each optimizer class's step with the step hooks once an
+            update = update.__wrapped__ if getattr(update, "hooked", False) else update  # instance exists:
+            update(self)  # they ran around this step already
             torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
             for _, m in pairs:
                 m.grad = None

@@ -61,8 +61,17 @@ def test_fp32_masters_start_from_the_weights_at_the_first_step():
         weight.fill_(2.0)  # the broadcast
     optimizer.load_state_dict(optimizer.state_dict())  # accelerate's move to the device
     weight.grad = torch.ones_like(weight)
-    optimizer.step()
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+    hooked = []
+    torch.optim.SGD([torch.nn.Parameter(torch.ones(1))])  # torch now wraps SGD.step with the step hooks too
+    handle = register_optimizer_step_pre_hook(lambda optimizer, args, kwargs: hooked.append(optimizer))
+    try:
+        optimizer.step()
+    finally:
+        handle.remove()
     assert torch.equal(weight, torch.full((8,), 1.0, dtype=torch.bfloat16))  # 2 - 1, not 0 - 1
+    assert len(hooked) == 1  # step hooks run once per step, not again around the inner update
 
 
 def test_bf16_weights_run_trains_bf16_weights_and_checkpoints_fp32_masters(tmp_path, micro_model_config,
