@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The MFU levers of docs/BENCHMARKS.md, side by side on one GPU in one command (about 7 minutes on an H100):
+# The MFU levers of docs/BENCHMARKS.md, side by side on one GPU in one command (estimated 6-8 minutes on an H100):
 # the 0.5B recipe at sequence 4096, each variant one bench/gpu_bench.sh run (pretrain.py, 40 steps), then a
 # table of steady-state tokens/s, MFU and peak memory with each variant's ratio to the first (the recipe as
 # shipped: bf16 autocast over fp32 weights). A variant that fails (out of memory, a compiler error) is
