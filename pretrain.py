@@ -139,8 +139,9 @@ class PretrainingArguments(TrainingArguments):
     logging_nan_inf_filter: bool | None = field(default=None, metadata={
         "help": "Log a non-finite step's loss as the running mean. Unset: on with on_nonfinite_loss skip, off with "
                 "stop (the run stops on a non-finite loss; the filter costs a host-device sync every step)."})
-    bf16_weights: bool = field(default=False, init=False)  # mixed_precision bf16_weights (transformers keeps its own
-    # `mixed_precision` attribute, the accelerator's autocast setting, which is "no" for bf16 weights)
+    # mixed_precision bf16_weights; transformers overwrites `mixed_precision` with the accelerator's autocast
+    # setting in its __post_init__, which is "no" for bf16 weights
+    bf16_weights: bool = field(default=False, init=False)
     torch_compile_scope: str = field(default="blocks", metadata={
         "help": "With torch_compile: blocks (compile one decoder layer and reuse it for all: fast to compile) | "
                 "model (the whole model as one graph)."})
@@ -479,9 +480,12 @@ def with_fp32_master_weights(optimizer_cls: type) -> type:
             for p, m in pairs:  # fp32 gradients live only during the step
                 m.grad = torch.empty_like(m)
             torch._foreach_copy_([m.grad for _, m in pairs], [p.grad for p, _ in pairs])
-            update = optimizer_cls.step  # torch wraps each optimizer class's step with the step hooks once an
-            update = update.__wrapped__ if getattr(update, "hooked", False) else update  # instance exists:
-            update(self)  # they ran around this step already
+            # torch wraps an optimizer class's step with the step hooks once an instance exists; the hooks already
+            # ran around this step, so the update is the class's own step
+            update = optimizer_cls.step
+            if getattr(update, "hooked", False):
+                update = update.__wrapped__
+            update(self)
             torch._foreach_copy_([p for p, _ in pairs], [m for _, m in pairs])
             for _, m in pairs:
                 m.grad = None
