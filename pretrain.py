@@ -622,7 +622,9 @@ def peak_memory_gib() -> float:
 
 class PretrainTrainer(Trainer):
     """Adds `*_ppl` next to every eval loss, an overall eval loss over all sources, throughput and MFU
-    (ThroughputMeter) and the achieved data mixture to every training log."""
+    (ThroughputMeter) and the achieved data mixture to every training log; carries out `on_nonfinite_loss`
+    (stop: a device-side check read before logs, evaluations and checkpoints; skip: a per-step decision) and
+    builds the fp32-master optimizer of `mixed_precision: bf16_weights`."""
 
     def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, **kwargs):
         super().__init__(*args, **kwargs)
