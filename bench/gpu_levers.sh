@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The MFU levers of docs/BENCHMARKS.md, side by side on one GPU in one command (estimated 6-8 minutes on an H100):
-# the 0.5B recipe at sequence 4096, each variant one bench/gpu_bench.sh run (pretrain.py, 40 steps), then a
+# the 0.5B recipe at sequence 4096, each variant one bench/gpu_bench.sh run (pretrain.py, 30 steps), then a
 # table of steady-state tokens/s, MFU and peak memory with each variant's ratio to the first (the recipe as
 # shipped: bf16 autocast over fp32 weights). A variant that fails (out of memory, a compiler error) is
 # reported as failed with its last error line, and the others still run.
@@ -14,8 +14,9 @@ SEQ=${SEQ:-4096}
 DEFAULT="bf16 autocast|16384|;\
 bf16_weights|16384|--mixed_precision bf16_weights;\
 bf16_weights + compile blocks|16384|--mixed_precision bf16_weights --torch_compile true;\
-bf16_weights + liger, 32k-token micro-batch|32768|--mixed_precision bf16_weights --use_liger_kernel true;\
-bf16_weights + liger + compile blocks, 32k|32768|--mixed_precision bf16_weights --use_liger_kernel true --torch_compile true"
+bf16_weights + chunked loss, 32k-token micro-batch|32768|--mixed_precision bf16_weights --chunked_loss true;\
+bf16_weights + chunked loss + compile blocks, 32k|32768|--mixed_precision bf16_weights --chunked_loss true --torch_compile true;\
+bf16_weights + liger, 32k|32768|--mixed_precision bf16_weights --use_liger_kernel true"
 IFS=';' read -ra VARIANTS <<< "${VARIANTS:-$DEFAULT}"
 rm -rf "$OUT"
 i=0
@@ -23,7 +24,7 @@ for variant in "${VARIANTS[@]}"; do
     IFS='|' read -r name tokens flags <<< "$variant"
     echo "== $name (micro-batch $tokens tokens) $flags"
     # shellcheck disable=SC2086  # flags are words
-    SEQS=$SEQ BATCH_TOKENS="$tokens" STEPS="${STEPS:-40}" OUT_DIR="$OUT/$i" bash bench/gpu_bench.sh $flags \
+    SEQS=$SEQ BATCH_TOKENS="$tokens" STEPS="${STEPS:-30}" OUT_DIR="$OUT/$i" bash bench/gpu_bench.sh $flags \
         | grep -E "steady|error|Error" | tail -3
     echo "$name" > "$OUT/$i.name"
     i=$((i + 1))

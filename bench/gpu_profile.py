@@ -5,7 +5,7 @@ its tokens/s with bench/gpu_bench.sh's to see what the Trainer and the data pipe
 see what bounds the model itself. The speed settings are pretrain.py's own:
 
     python bench/gpu_profile.py [--model_config configs/model/qwen2-0.5b.json] [--seq 4096] [--batch 4]
-        [--precision bf16|bf16_weights|fp32] [--compile none|blocks] [--liger]
+        [--precision bf16|bf16_weights|fp32] [--compile none|blocks] [--liger] [--chunked_loss]
 
 On a CPU it runs too (small --seq): the operator count per step does not depend on the device, so it shows
 what a setting saves the host before a GPU is at hand.
@@ -56,6 +56,8 @@ def build(args, device: str):
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
 
         _apply_liger_kernel_to_instance(model=model)
+    if args.chunked_loss:
+        pretrain.use_chunked_loss(model, argparse.Namespace(use_liger_kernel=args.liger))
     optimizer_cls = (pretrain.with_fp32_master_weights(torch.optim.AdamW) if args.precision == "bf16_weights"
                      else torch.optim.AdamW)
     optimizer = optimizer_cls(list(model.parameters()), lr=1e-4, fused=device == "cuda")
@@ -77,6 +79,7 @@ def main() -> None:
                         help="bf16: autocast over fp32 weights | bf16_weights: bf16 weights, fp32 masters | fp32")
     parser.add_argument("--compile", choices=["none", "blocks"], default="none")
     parser.add_argument("--liger", action="store_true", help="Liger kernels (fused RMSNorm, RoPE, SwiGLU, loss)")
+    parser.add_argument("--chunked_loss", action="store_true", help="pretrain.py's chunked_loss (no full logits)")
     args = parser.parse_args()
 
     import pretrain
@@ -127,13 +130,16 @@ def main() -> None:
     tps = args.batch * args.seq / seconds
     print(f"{torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}: {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M "
           f"parameters, seq {args.seq} x batch {args.batch}, {args.attn_implementation}, precision {args.precision}, "
-          f"compile {args.compile}{', liger' if args.liger else ''}; first steps {warmup:.1f} s")
+          f"compile {args.compile}{', liger' if args.liger else ''}{', chunked loss' if args.chunked_loss else ''}; "
+          f"first steps {warmup:.1f} s")
     print(f"model step alone: {seconds:.3f} s/step, {tps:,.0f} tokens/s" +
           (f", MFU {tps * per_token / peak:.1%}" if peak else ""))
     if timings:
         fwd, bwd, opt = (sum(t[i] for t in timings) / len(timings) for i in range(3))
         print(f"  forward {fwd:.3f} s, backward {bwd:.3f} s, clip + optimizer {opt:.3f} s (GPU time, CUDA events)")
         print(f"  peak memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB")
+    else:
+        print(f"  peak memory (process RSS) {pretrain.peak_memory_gib():.1f} GiB")
     if args.compile == "none":  # compiled regions run generated kernels that bypass the dispatcher
         counter = CountOperators()
         step(counter=counter)

@@ -180,3 +180,47 @@ def test_no_host_read_of_a_device_value_per_step_between_logs(tmp_path, micro_mo
     ours = [r for r in reads if r.startswith(str(ROOT)) or "/transformers/trainer.py:" in r or "/accelerate/" in r]
     assert not ours, ours
     assert all("/transformers/" in r for r in reads), reads  # only the model's own check remains
+
+
+def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(monkeypatch):
+    """Several chunks, ignored tokens, and a denominator given from outside (gradient accumulation)."""
+    import pretrain
+
+    monkeypatch.setattr(pretrain, "CHUNK_LOGITS_BYTES", 4 * 100 * 7)  # 7 tokens per chunk at vocab 100
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(50, 8, requires_grad=True), torch.randn(100, 8, requires_grad=True)
+    labels = torch.randint(0, 100, (50,))
+    labels[:5] = -100
+    for denominator in (torch.tensor(45), torch.tensor(120)):
+        chunked = pretrain.ChunkedCrossEntropy.apply(hidden, weight, labels, denominator)
+        grads = torch.autograd.grad(chunked * 3.0, (hidden, weight))  # a scaled upstream gradient
+        plain = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum") / denominator
+        expected = torch.autograd.grad(plain * 3.0, (hidden, weight))
+        torch.testing.assert_close(chunked, plain)
+        for got, want in zip(grads, expected):
+            torch.testing.assert_close(got, want)
+
+
+def test_chunked_loss_run_logs_the_losses_of_the_plain_run(tmp_path, micro_model_config, tokenizer_dir, monkeypatch,
+                                                           capsys):
+    import pretrain
+
+    monkeypatch.setattr(pretrain, "CHUNK_LOGITS_BYTES", 4 * 512 * 16)  # 16 tokens per chunk: 8 chunks per batch
+    losses = {}
+    for chunked in (False, True):
+        run = config(tmp_path / str(chunked), micro_model_config, tokenizer_dir, chunked_loss=chunked, logging_steps=1,
+                     gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=3)
+        assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
+        metrics = json.loads((tmp_path / str(chunked) / "out" / "metrics.json").read_text())
+        losses[chunked] = [metrics["train"]["loss"], metrics["eval"]["final"]["eval_loss"]]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
+
+
+def test_chunked_loss_is_refused_for_models_it_does_not_cover(tmp_path, tokenizer_dir, capsys):
+    import pretrain
+
+    gpt2 = tmp_path / "gpt2.json"
+    gpt2.write_text(json.dumps({"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2, "n_positions": 64}))
+    run = config(tmp_path, gpt2, tokenizer_dir, chunked_loss=True)
+    assert pretrain.main([str(run)]) == 2
+    assert "chunked_loss supports llama, qwen2, qwen3, mistral models" in capsys.readouterr().err
