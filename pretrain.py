@@ -1325,7 +1325,7 @@ def main(argv: list[str], job=train) -> int:
     try:
         job(argv)
     except (ConfigError, DataError, NonFiniteLossError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"\nerror: {e}", file=sys.stderr)  # on its own line, even after an unfinished progress bar
         return 2
     finally:
         if distributed():
