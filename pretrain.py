@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
@@ -412,19 +413,19 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
 
 
 CHUNKED_LOSS_MODELS = ("llama", "qwen2", "qwen3", "mistral")  # plain lm_head logits: no softcap, scale or bias
-CHUNK_LOGITS_BYTES = 2**30  # the fp32 logits of one chunk of tokens (1,766 tokens at a 151,936 vocabulary)
+CHUNK_LOGITS_BYTES = 2**30  # fp32 logits of one chunk (1,766 tokens at a 151,936 vocabulary); its peak is ~1.5x
 
 
 class ChunkedCrossEntropy(torch.autograd.Function):
     """Next-token cross-entropy of `hidden @ weight.T` computed a chunk of tokens at a time, so the full
     [tokens, vocab] logits (and their fp32 copy and gradient: about 14 bytes x vocab per token, 34 GB for
     16 k tokens at Qwen's 151,936) never exist. The gradients are computed chunk by chunk during the forward
-    pass (softmax minus one-hot, then two matmuls), kept, and scaled in backward: the same matmuls as
-    the plain loss, in the same precision (bf16 logits, fp32 softmax), as Liger's fused loss does."""
+    pass (softmax minus one-hot, then two matmuls), kept, and scaled in backward: the same matmuls as the
+    plain loss, in the same precision (bf16 logits, fp32 softmax), as Liger's fused loss does. The scale
+    (upstream gradient / token count) is applied last, in backward, so fp16's loss scaling keeps its effect."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, denominator):
-        needs_grad = any(ctx.needs_input_grad[:2])  # grad mode is off inside forward: ask what backward needs
+    def forward(ctx, hidden, weight, labels, denominator, needs_grad: bool):
         chunk = max(1, CHUNK_LOGITS_BYTES // (4 * weight.shape[0]))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
@@ -436,35 +437,45 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             target = y.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
             total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
-            if needs_grad:  # d loss / d logits = (softmax - one_hot) / denominator, zero for ignored tokens
+            if needs_grad:  # d (summed loss) / d logits = softmax - one_hot, zero for ignored tokens
                 probs = logits.sub_(lse[:, None]).exp_()
                 probs.scatter_add_(1, target[:, None], -valid[:, None].to(probs.dtype))
-                grad_logits = (probs * (valid[:, None] / denominator)).to(h.dtype)
+                grad_logits = probs.mul_(valid[:, None]).to(h.dtype)
                 grad_hidden[start:start + chunk] = grad_logits @ weight
                 grad_weight += grad_logits.T @ h
-        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.save_for_backward(grad_hidden, grad_weight, denominator)
         ctx.weight_dtype = weight.dtype
         return total / denominator
 
     @staticmethod
     def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_output, (grad_weight * grad_output).to(ctx.weight_dtype), None, None
+        grad_hidden, grad_weight, denominator = ctx.saved_tensors
+        scale = grad_output / denominator
+        return grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None, None
 
 
-def chunked_loss_forward(self, input_ids=None, labels=None, num_items_in_batch=None, **kwargs):
+def chunked_loss_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=None, **kwargs):
     """A causal LM's forward whose loss is ChunkedCrossEntropy's (no logits are returned with a loss);
     without labels (generation, the saved-model check) it is the model's own forward."""
-    if labels is None:
-        return type(self).forward(self, input_ids=input_ids, **kwargs)
+    if labels is None and shift_labels is None:
+        return type(self).forward(self, *args, **kwargs)
     kwargs.pop("logits_to_keep", None)
-    outputs = getattr(self, self.base_model_prefix)(input_ids=input_ids, **kwargs)
+    kwargs["return_dict"] = True
+    outputs = getattr(self, self.base_model_prefix)(*args, **kwargs)
     hidden = outputs.last_hidden_state
-    targets = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)  # token t predicts t+1
+    weight = self.get_output_embeddings().weight
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[-1]:
+        raise RuntimeError(f"chunked_loss: the output projection's weight has shape {tuple(weight.shape)} here, not "
+                           f"vocab x {hidden.shape[-1]}: it is sharded (FSDP wrapping it on its own?). Wrap only the "
+                           "decoder layers (torchrun/fsdp_config.json) or drop chunked_loss.")
+    if shift_labels is None:  # token t predicts token t+1
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    targets = shift_labels.to(hidden.device).reshape(-1)
     denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
-    loss = ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), self.get_output_embeddings().weight,
-                                     targets.reshape(-1), torch.as_tensor(denominator, device=hidden.device))
-    return CausalLMOutputWithPast(loss=loss)
+    needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)  # not in evaluation
+    loss = ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets,
+                                     torch.as_tensor(denominator, device=hidden.device), needs_grad)
+    return CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
 
 
 def use_chunked_loss(model, training_args: PretrainingArguments) -> None:
@@ -479,7 +490,11 @@ def use_chunked_loss(model, training_args: PretrainingArguments) -> None:
     if model.config.model_type not in CHUNKED_LOSS_MODELS or getattr(head, "bias", None) is not None:
         raise ConfigError(f"chunked_loss supports {', '.join(CHUNKED_LOSS_MODELS)} models (plain output "
                           f"projection), not `{model.config.model_type}`: drop chunked_loss.")
-    model.forward = types.MethodType(chunked_loss_forward, model)
+    @functools.wraps(type(model).forward)  # its signature, which generate() and the Trainer inspect
+    def forward(self, *args, **kwargs):
+        return chunked_loss_forward(self, *args, **kwargs)
+
+    model.forward = types.MethodType(forward, model)
 
 
 # --------------------------------------------------------------------------------------------

@@ -192,13 +192,63 @@ def test_chunked_cross_entropy_equals_the_plain_loss_and_gradients(monkeypatch):
     labels = torch.randint(0, 100, (50,))
     labels[:5] = -100
     for denominator in (torch.tensor(45), torch.tensor(120)):
-        chunked = pretrain.ChunkedCrossEntropy.apply(hidden, weight, labels, denominator)
+        chunked = pretrain.ChunkedCrossEntropy.apply(hidden, weight, labels, denominator, True)
         grads = torch.autograd.grad(chunked * 3.0, (hidden, weight))  # a scaled upstream gradient
         plain = torch.nn.functional.cross_entropy(hidden @ weight.T, labels, reduction="sum") / denominator
         expected = torch.autograd.grad(plain * 3.0, (hidden, weight))
         torch.testing.assert_close(chunked, plain)
         for got, want in zip(grads, expected):
             torch.testing.assert_close(got, want)
+
+
+def test_chunked_cross_entropy_keeps_small_fp16_gradients():
+    """fp16's loss scaler multiplies the gradient in backward; the 1/token-count scale must come after it, or
+    softmax / 100,000 (below fp16's smallest value) would underflow to zero in the forward pass."""
+    import pretrain
+
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(64, 16), torch.randn(4096, 16) * 0.1
+    labels, denominator = torch.randint(0, 4096, (64,)), torch.tensor(100_000)
+    grads = {}
+    for dtype in (torch.float32, torch.float16):
+        h, w = (t.detach().to(dtype).requires_grad_() for t in (hidden, weight))
+        loss = pretrain.ChunkedCrossEntropy.apply(h, w, labels, denominator, True)
+        (loss * 65536.0).backward()  # as fp16's loss scaler does
+        grads[dtype] = w.grad.float() / 65536.0
+    assert (grads[torch.float16] != 0).float().mean() > 0.99
+    torch.testing.assert_close(grads[torch.float16], grads[torch.float32], rtol=2e-2, atol=1e-9)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_chunked_loss_model_matches_the_plain_loss(micro_model_config, autocast):
+    """Uneven ignored labels and an outside token count (gradient accumulation), fp32 or bf16 autocast; the
+    Trainer's `shift_labels`; evaluation under no_grad."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import pretrain
+
+    spec = json.loads(micro_model_config.read_text())
+    config = AutoConfig.for_model(spec.pop("model_type"), **spec)
+    torch.manual_seed(0)
+    plain = AutoModelForCausalLM.from_config(config)
+    chunked = AutoModelForCausalLM.from_config(config)
+    chunked.load_state_dict(plain.state_dict())
+    pretrain.use_chunked_loss(chunked, type("Args", (), {"use_liger_kernel": False})())
+    ids = torch.randint(0, config.vocab_size, (3, 40))
+    labels = ids.clone()
+    labels[0, :17], labels[2, 30:] = -100, -100
+    inputs = {"input_ids": ids, "labels": labels, "num_items_in_batch": torch.tensor(250)}
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        losses = [model(**inputs).loss for model in (plain, chunked)]
+    for loss in losses:
+        loss.backward()
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-2 if autocast else 1e-5, atol=0)
+    for a, b in zip(plain.parameters(), chunked.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, rtol=5e-2 if autocast else 1e-4, atol=1e-3 if autocast else 1e-6)
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+    with torch.no_grad():
+        again = chunked(input_ids=ids, shift_labels=shifted, num_items_in_batch=torch.tensor(250)).loss
+    torch.testing.assert_close(again, chunked(**inputs).loss.detach())
 
 
 def test_chunked_loss_run_logs_the_losses_of_the_plain_run(tmp_path, micro_model_config, tokenizer_dir, monkeypatch,
