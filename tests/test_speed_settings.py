@@ -1,27 +1,22 @@
 """The GPU speed settings, checked for correctness on the CPU: bf16 weights with fp32 master weights in the
 optimizer (`mixed_precision: bf16_weights`), torch.compile of the repeated decoder layers
-(`torch_compile_scope: blocks`), and a training loop that leaves the device alone between logs (no host
-read of a device value per step from this toolkit or the Trainer loop)."""
+(`torch_compile_scope: blocks`), a training loop that leaves the device alone between logs (no host read of
+a device value per step from this toolkit or the Trainer loop), and the loss without full logits
+(`chunked_loss`)."""
 import json
 import traceback
 
 import pytest
 import torch
-import yaml
 
-from conftest import ROOT, make_text_corpus
+from conftest import ROOT
+from test_reliability import config as reliability_config
 
 
 def config(tmp_path, micro_model_config, tokenizer_dir, **extra):
-    path = tmp_path / "run.yaml"
-    path.write_text(yaml.safe_dump({
-        "model_config": str(micro_model_config), "tokenizer_name_or_path": str(tokenizer_dir),
-        "sources": [{"path": str(make_text_corpus(tmp_path / "data", repeat=30))}], "block_size": 32,
-        "eval_fraction": 0.1, "per_device_train_batch_size": 4, "logging_steps": 2, "report_to": "none",
-        "eval_strategy": "no", "eval_on_start": False, "save_strategy": "no", "max_steps": 6,
-        "learning_rate": 3.0e-3, "output_dir": str(tmp_path / "out"), "cache_dir": str(tmp_path / "cache"),
-        **extra}), encoding="utf-8")
-    return path
+    """test_reliability's run config: 6 steps, no checkpoints unless asked."""
+    return reliability_config(tmp_path, micro_model_config, tokenizer_dir, **{
+        "max_steps": 6, "save_strategy": "no", "learning_rate": 3.0e-3, "logging_steps": 2, **extra})
 
 
 def test_fp32_master_weights_keep_updates_that_bf16_weights_round_away():
