@@ -188,6 +188,11 @@ class PretrainingArguments(TrainingArguments):
         self.fp16 = self.fp16 or self.mixed_precision == "fp16"
         super().__post_init__()
 
+    @property
+    def low_precision(self) -> bool:
+        """The matmuls run in bf16 or fp16 (autocast, or bf16 weights)."""
+        return self.bf16 or self.fp16 or self.bf16_weights
+
 
 def check_deepspeed_config(deepspeed_config) -> None:
     """A DeepSpeed JSON with `optimizer` or `scheduler` blocks silently replaces the optimizer and
@@ -510,8 +515,7 @@ def peak_flops_per_device(training_args: PretrainingArguments) -> float | None:
     """The accelerator's peak FLOP/s for MFU: `peak_tflops` if set, else the table by device name."""
     if training_args.peak_tflops:
         return training_args.peak_tflops * 1e12
-    if training_args.use_cpu or not torch.cuda.is_available() or not (training_args.bf16 or training_args.fp16 or
-                                                                       training_args.bf16_weights):
+    if training_args.use_cpu or not torch.cuda.is_available() or not training_args.low_precision:
         return None  # no table entry means anything for CPUs or fp32
     return peak_flops_of(torch.cuda.get_device_name())
 
@@ -992,8 +996,7 @@ def verify_saved_model(model, training_args: PretrainingArguments, data) -> dict
     saved = load_plain_model(training_args.output_dir, dtype=next(model.parameters()).dtype)  # as it trained
     reloaded = saved(input_ids=ids).logits.float()
     diff = (trained - reloaded).abs().max().item()
-    tolerance = 1e-3 * max(1.0, trained.abs().max().item()) * (
-        50 if training_args.bf16 or training_args.fp16 or training_args.bf16_weights else 1)
+    tolerance = 1e-3 * max(1.0, trained.abs().max().item()) * (50 if training_args.low_precision else 1)
     check = {"max_abs_logit_diff": diff, "tolerance": tolerance, "probe_input_ids": ids[0].tolist(),
              "trained_last_logits_head": trained[0, -1, :8].tolist()}
     if diff > tolerance:

@@ -57,7 +57,7 @@ def test_throughput_figures_and_mfu_convention(micro_model_config, monkeypatch):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
     n = sum(p.numel() for p in model.parameters())  # tied embeddings: counted once, as the output projection
     assert pretrain.flops_per_token(model, 128) == 6 * n + 12 * 2 * 32 * 128
-    args = types.SimpleNamespace(peak_tflops=None, use_cpu=False, bf16=False, fp16=False, bf16_weights=True)
+    args = types.SimpleNamespace(peak_tflops=None, use_cpu=False, low_precision=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, tflops in [("NVIDIA H100 80GB HBM3", 989.5), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A800-SXM4-80GB", 312.0),
                          ("NVIDIA GeForce RTX 4090", 165.2), ("Some Future GPU", None)]:
