@@ -48,6 +48,7 @@ logger = logging.getLogger(__name__)
 STORE_VERSION = 3  # bump when the on-disk layout or the text formatting rules change
 CHUNK_LINES = 2048  # records per unit of work sent to a tokenizer process
 POOL_MIN_BYTES = 8 << 20  # below this, starting worker processes costs more than it saves
+csv.field_size_limit(2**31 - 1)  # csv's default 131,072 characters would refuse a long document, not skip it
 DATA_EXTENSIONS = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
 
 
@@ -94,6 +95,13 @@ class SourceConfig:
     on_error: str = "raise"  # raise: stop with a message | skip: count, report and go on
 
     FORMATS = ("auto", "text", "jsonl", "json", "csv", "tsv", "parquet")
+    STRINGS = ((str, list), "a string or a list of strings")
+    KEY_TYPES = {"path": STRINGS, "eval_path": STRINGS, "columns": ((list,), "a list of strings"),
+                 "template": ((str, dict), "a template name or a mapping"),
+                 **dict.fromkeys(("streaming", "watch_forgetting", "collapse_spaces", "keep_newlines"),
+                                 ((bool,), "true or false")),
+                 **dict.fromkeys(("min_chars", "max_document_chars"), ((int,), "a whole number")),
+                 **dict.fromkeys(("weight", "eval_fraction"), ((int, float), "a number"))}  # others: strings
 
     @classmethod
     def from_dict(cls, raw: Any, index: int) -> "SourceConfig":
@@ -109,6 +117,14 @@ class SourceConfig:
                     f"{where}: unknown key `{key}`.{closest_key_hint(key, valid)} "
                     f"Valid keys: {', '.join(sorted(valid))}."
                 )
+        for key, value in raw.items():
+            types, description = cls.KEY_TYPES.get(key, ((str,), "a string"))
+            wrong = (not isinstance(value, types) or isinstance(value, bool) and bool not in types
+                     or isinstance(value, list) and not all(isinstance(v, str) for v in value))
+            if value is not None and key != "data_files" and wrong:
+                hint = (" Write it without quotes." if isinstance(value, str) and str not in types and list not in types
+                        else " Quote it." if types == (str,) else "")
+                raise DataError(f"{where}: `{key}` must be {description}, got {value!r}.{hint}")
         if bool(raw.get("path")) == bool(raw.get("hub")):
             raise DataError(f"{where}: set either `path` (a file, a directory or a glob) or `hub` (a dataset id).")
         spec = cls(**raw)
@@ -376,8 +392,9 @@ def _fields_present(obj: dict) -> str:
 
 def _require(obj: dict, field_name: str, option: str) -> Any:
     if field_name not in obj:
+        where = "for this source" if option == "text_field" else "in the source's template (or `text_field`)"
         raise RecordError(f"has no field `{field_name}`; its fields are {_fields_present(obj)}. Set `{option}` "
-                          "in the source's template (or `text_field`) to the field that holds it.", "missing_field")
+                          f"{where} to the field that holds it.", "missing_field")
     return obj[field_name]
 
 
@@ -450,10 +467,14 @@ def make_renderer(template: str | dict | None, text_field: str, where: str):
         raise DataError(f"{where}: template type `{kind}` is not one of {', '.join(TEMPLATE_DEFAULTS)}."
                         f"{closest_key_hint(str(kind), TEMPLATE_DEFAULTS)}")
     defaults = TEMPLATE_DEFAULTS[kind]
-    for key in options:
+    for key, value in options.items():
         if key not in defaults:
             raise DataError(f"{where}: template `{kind}` has no option `{key}`.{closest_key_hint(key, defaults)} "
                             f"Options: {', '.join(defaults)}.")
+        expected = type(defaults[key]) if defaults[key] is not None else list if key == "fields" else str
+        if not isinstance(value, expected):
+            raise DataError(f"{where}: template `{kind}` option `{key}` must be a "
+                            f"{ {str: 'string', list: 'list', dict: 'mapping'}[expected]}, got {value!r}.")
     opts = {**defaults, **options}
     if kind == "record":
         opts["labels"] = {**MEDICAL_RECORD_LABELS, **opts["labels"]}
@@ -533,24 +554,47 @@ RENDERERS = {"qa_concat": _render_qa_concat, "qa_instruction": _render_qa_instru
              "record": _render_record, "format": _render_format}
 
 
-def record_missing_fields(template: str | dict | None, obj: dict) -> list[str]:
-    """The configured record fields this record lacks or leaves empty (counted, not errors)."""
-    if not isinstance(template, dict) or template.get("type") != "record" or not template.get("fields"):
+def template_fields(template: str | dict | None) -> list[str]:
+    """The fields whose content a template renders: an empty one leaves a gap in the text (counted)."""
+    if template is None:
         return []
-    return [f for f in template["fields"] if not render_value(obj.get(f))]
+    kind = template if isinstance(template, str) else template["type"]
+    o = {**TEMPLATE_DEFAULTS[kind], **({} if isinstance(template, str) else template)}
+    if kind == "record":
+        return o["fields"] or []
+    if kind == "qa_concat":
+        return [o["question_field"], o["answer_field"]]
+    if kind == "qa_instruction":
+        return [o["instruction_field"], o["output_field"]]
+    if kind == "format":
+        return [name for _, name, _, _ in string.Formatter().parse(o["format"] or "") if name]
+    return []  # dialog: turns, each checked as it is rendered
+
+
+def record_missing_fields(fields: list[str], obj: dict) -> list[str]:
+    """Of a template's fields, those this record lacks or leaves empty (counted, not errors)."""
+    return [f for f in fields if not render_value(obj.get(f))]
 
 
 # --------------------------------------------------------------------------------------------
 # Reading: bytes -> records, format and encoding detected by content
 # --------------------------------------------------------------------------------------------
+UNICODE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8"),
+                (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32-LE's starts like UTF-16-LE's
+
+
 def detect_encoding(path: Path, declared: str) -> str:
-    """`auto`: utf-8 (BOM or not) if the first MB decodes as utf-8, else gb18030 (a superset of GBK)."""
+    """`auto`: the encoding a byte-order mark names (UTF-8/16/32), else utf-8 if the first MB decodes as
+    utf-8, else gb18030 (a superset of GBK)."""
     if declared != "auto":
         return declared
     with open(path, "rb") as f:
         head = f.read(1 << 20)
     if head.startswith(b"PAR1"):
         return "utf-8"  # parquet: binary, strings inside are utf-8
+    for bom, encoding in UNICODE_BOMS:
+        if head.startswith(bom):
+            return encoding
     for candidate in ("utf-8", "gb18030"):
         try:
             codecs.getincrementaldecoder(candidate)().decode(head, final=False)
@@ -561,41 +605,70 @@ def detect_encoding(path: Path, declared: str) -> str:
                     "`encoding:` for this source (e.g. big5, utf-16); if it is binary, remove it.")
 
 
+SAMPLE_LINES = 51  # lines read to detect a format (a header and 50 rows)
+SAMPLE_LINE_CHARS = 1 << 24  # a longer first line is taken as cut off
+
+
+def sample_lines(path: Path, encoding: str) -> tuple[list[str], bool]:
+    """The first lines of a file with their line breaks (LF, CRLF or a lone CR), for format detection,
+    and whether the last one is cut off (at SAMPLE_LINE_CHARS characters; it is then the last one read)."""
+    lines = []
+    with open(path, encoding=encoding, errors="replace", newline="") as f:
+        while len(lines) < SAMPLE_LINES and (line := f.readline(SAMPLE_LINE_CHARS)):
+            lines.append(line.removeprefix("\ufeff") if not lines else line)
+            if len(line) == SAMPLE_LINE_CHARS and not line.endswith(("\n", "\r")):
+                return lines, True
+    return lines, False
+
+
+def table_quoting(fmt: str, lines: list[str]) -> int:
+    """csv: fields may be quoted. tsv: only when a sampled field is wholly quoted ("...", as pandas writes
+    fields holding a tab, quote or line break); otherwise a `"` in a TSV is text (a headline's
+    `"十大"评选`), which CSV quoting would eat together with the rows up to the next quote."""
+    if fmt == "csv" or any(re.fullmatch(r'"(?:[^"]|"")*"', cell.strip())
+                           for line in lines for cell in line.rstrip("\r\n").split("\t")):
+        return csv.QUOTE_MINIMAL
+    return csv.QUOTE_NONE
+
+
 def detect_format(path: Path, declared: str, encoding: str) -> str:
-    """`auto` looks at the content, not the extension: parquet magic, `[` -> JSON array, a `{...}` line
-    -> jsonl, lines with a constant number of tabs (or commas) -> tsv (csv), else plain text."""
+    """`auto` looks at the content, not the extension: parquet magic, `[` then an object, string or array
+    -> JSON array, a `{...}` first line -> jsonl, a header of two or more tab- (comma-) separated fields that
+    nine in ten of the next lines repeat -> tsv (csv), else plain text."""
     if declared != "auto":
         return declared
     with open(path, "rb") as f:
-        head = f.read(1 << 16)
+        head = f.read(4096)
     if head.startswith(b"PAR1"):
         return "parquet"
-    if b"\x00" in head[:4096] and encoding.startswith("utf-8"):
+    if b"\x00" in head and encoding.startswith("utf-8"):
         raise DataError(f"file `{path}` looks binary (NUL bytes), not text/json/csv/parquet. Remove it from the "
                         "source or set `format:` if it is UTF-16 text.")
-    text = codecs.getincrementaldecoder(encoding)(errors="replace").decode(head).removeprefix("\ufeff")
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    lines, cut_off = sample_lines(path, encoding)
+    stripped = "".join(lines).lstrip()
+    if re.match(r'\[\s*([{["\]]|$)', stripped):
         return "json"
-    lines = [line for line in text.splitlines() if line.strip()][:51]
-    if len(head) == 1 << 16 and len(lines) > 1:
-        lines = lines[:-1]  # the file goes on: the last line may be cut off mid-way
     if stripped.startswith("{"):
+        first = next(line for line in lines if line.strip())
+        if cut_off and first is lines[-1]:
+            return "jsonl"  # a first line too long to sample: the reader checks it
         try:
-            if isinstance(json.loads(lines[0]), dict):
+            if isinstance(json.loads(first), dict):
                 return "jsonl"
         except ValueError:
             pass
         raise DataError(f"file `{path}` starts with `{{` but its first line is not a JSON object: "
                         "a pretty-printed JSON object is not a supported layout. Write one JSON object "
                         "per line (jsonl), a JSON array, or set `format: text` for this source.")
-    if len(lines) >= 2:
-        for fmt, sep in (("tsv", "\t"), ("csv", ",")):
-            try:
-                widths = {len(row) for row in csv.reader(lines, delimiter=sep)}
-            except csv.Error:
-                continue
-            if len(widths) == 1 and widths.pop() >= 2:
+    whole = lines[:-1] if cut_off else lines
+    for fmt, sep in (("tsv", "\t"), ("csv", ",")):
+        try:
+            rows = [row for row in csv.reader(whole, delimiter=sep, quoting=table_quoting(fmt, whole)) if row]
+        except csv.Error:
+            continue
+        if len(rows) >= 2 and len(rows[0]) >= 2:
+            matching = sum(len(row) == len(rows[0]) for row in rows[1:])
+            if matching >= 0.9 * (len(rows) - 1):  # a ragged row is then the reader's `bad_row`, named
                 return fmt
     return "text"
 
@@ -623,13 +696,14 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
     """csv/tsv rows as (line number, {column: value}); the header row names the columns unless
     `columns` is given (then every row is data)."""
     rows = []
-    with open(path, encoding=encoding, newline="") as f:
-        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
+    quoting = table_quoting(fmt, sample_lines(path, encoding)[0])
+    with open(path, encoding="utf-8-sig" if encoding in ("utf-8", "utf8") else encoding, newline="") as f:
+        reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
         names = spec.columns
         try:
             for row in reader:
                 if names is None:
-                    names = [c.strip().removeprefix("\ufeff") for c in row]
+                    names = [c.strip() for c in row]
                     continue
                 if not any(cell.strip() for cell in row):
                     rows.append((reader.line_num, None))
@@ -650,43 +724,57 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
 WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
 
 
-def group_wikitext_articles(lines: Iterator[tuple[int, str]]) -> Iterator[tuple[int, str]]:
+def group_wikitext_articles(lines: Iterator[tuple[int, str | RecordError]]) -> Iterator[tuple[int, str | RecordError]]:
     """WikiText's one-paragraph-per-line layout -> whole articles: each ` = Title = ` line starts a
-    document holding the title, its ` = = Section = = ` headings and paragraphs (blank lines dropped)."""
+    document holding the title, its ` = = Section = = ` headings and paragraphs (blank lines dropped).
+    A line that is no text (a bad JSON line) passes through as its error, for the skip policy."""
     start, parts = 0, []
     for number, line in lines:
+        if isinstance(line, RecordError):
+            yield number, line
+            continue
         line = line.rstrip("\r\n")
-        if WIKITEXT_TITLE.match(line):
-            if parts:
-                yield start, "\n".join(parts)
-            start, parts = number, []
+        if WIKITEXT_TITLE.match(line) and parts:
+            yield start, "\n".join(parts)
+            parts = []
         if line.strip():
+            start = start if parts else number
             parts.append(line.strip())
     if parts:
         yield start, "\n".join(parts)
 
 
-def _text_lines(chunks: Iterator[Chunk], spec: SourceConfig) -> Iterator[tuple[int, str]]:
-    """(number, text) of every line-like record of these chunks: decoded text lines, or hub rows' text field."""
+def _text_lines(chunks: Iterator[Chunk], spec: SourceConfig) -> Iterator[tuple[int, str | RecordError]]:
+    """(number, text) of every line-like record of these chunks: decoded text lines, or the text field of
+    jsonl records and hub rows; a record without one gives its RecordError instead."""
     for chunk in chunks:
         for i in range(len(chunk.records)):
             number, obj = _parse_record(spec, chunk, i)
-            if isinstance(obj, dict):
-                obj = _require_text(obj, spec.text_field, "text_field")
+            try:
+                if isinstance(obj, dict):
+                    obj = _require_text(obj, spec.text_field, "text_field")
+                elif obj is not None and not isinstance(obj, (str, RecordError)):
+                    raise RecordError(f"is a JSON {type(obj).__name__}, not an object.", "not_an_object")
+            except RecordError as e:
+                obj = e
             yield number, obj or ""
 
 
 def read_chunks(inputs: "SourceInput | list[Path]", spec: SourceConfig) -> Iterator[Chunk]:
-    """Chunks of records from a source's input; with `group`, chunks of whole grouped documents."""
+    """Chunks of records from a source's input; with `group`, chunks of whole grouped documents, file by
+    file (an article never runs on into the next file)."""
     if isinstance(inputs, list):
         inputs = SourceInput(files=inputs)
     chunks = _read_raw_chunks(inputs, spec)
     if spec.group != "wikitext_articles":
         yield from chunks
         return
-    articles = group_wikitext_articles(_text_lines(chunks, spec))
-    while part := list(itertools.islice(articles, CHUNK_LINES)):
-        yield Chunk(0, inputs.label, "article", "utf-8", part[0][0], part, sum(len(t) for _, t in part))
+    for _, file_chunks in itertools.groupby(chunks, key=lambda chunk: chunk.file_index):
+        first = next(file_chunks)
+        articles = group_wikitext_articles(_text_lines(itertools.chain([first], file_chunks), spec))
+        while part := list(itertools.islice(articles, CHUNK_LINES)):
+            yield Chunk(first.file_index, first.path, "article", first.encoding, part[0][0], part,
+                        sum(len(t) for _, t in part if isinstance(t, str)))
 
 
 def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk]:
@@ -702,11 +790,7 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
         fmt = detect_format(path, spec.format, encoding)
         size = path.stat().st_size
         if fmt in ("text", "jsonl"):
-            with open(path, "rb") as f:
-                line_no = 1
-                while lines := list(itertools.islice(f, CHUNK_LINES)):
-                    yield Chunk(file_index, str(path), fmt, encoding, line_no, lines, sum(map(len, lines)))
-                    line_no += len(lines)
+            yield from _line_chunks(path, file_index, fmt, encoding, spec)
             continue
         if fmt == "json":
             try:
@@ -733,9 +817,39 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
         yield from _chunks_of(records, file_index, path, fmt, encoding, size)
 
 
+def _line_chunks(path: Path, file_index: int, fmt: str, encoding: str, spec: SourceConfig) -> Iterator[Chunk]:
+    """A line-based file in chunks of byte lines, which the tokenizer processes decode. Where the byte \\n is
+    not the line break (UTF-16/32, or a file breaking lines with a lone CR), the lines are decoded here
+    and handed on as UTF-8."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    if "a\n".encode(encoding).endswith(b"a\n") and (b"\n" in head or b"\r" not in head):
+        with open(path, "rb") as f:
+            line_no = 1
+            while lines := list(itertools.islice(f, CHUNK_LINES)):
+                yield Chunk(file_index, str(path), fmt, encoding, line_no, lines, sum(map(len, lines)))
+                line_no += len(lines)
+        return
+    size = path.stat().st_size
+    with open(path, encoding=encoding, newline="") as f:
+        line_no = 1
+        while True:
+            lines = []
+            try:
+                lines.extend(line.encode("utf-8") for line in itertools.islice(f, CHUNK_LINES))
+            except UnicodeDecodeError as e:  # decoded 8 KB at a time: the bad byte is at or after this line
+                raise DataError(_decode_error_message(spec, str(path), line_no + len(lines), encoding, e,
+                                                      near=True)) from None
+            if not lines:
+                return
+            yield Chunk(file_index, str(path), fmt, "utf-8", line_no, lines, min(size, sum(map(len, lines))))
+            line_no += len(lines)
+
+
 def _decode_error_message(spec: SourceConfig, path: str, line_no: int | None, encoding: str,
-                          err: UnicodeDecodeError) -> str:
+                          err: UnicodeDecodeError, near: bool = False) -> str:
     where = f"line {line_no}" if line_no is not None else f"byte {err.start}"
+    where = f"{where} or a line shortly after it" if near else where
     detected = " (detected from the first MB)" if spec.encoding == "auto" else ""
     other = "gb18030" if encoding.replace("-", "").lower().startswith("utf8") else "utf-8"
     return (f"source `{spec.name}`: file `{path}` {where} is not valid {encoding}{detected} "
@@ -787,7 +901,7 @@ def _parse_record(spec: SourceConfig, chunk: Chunk, index: int) -> tuple[int, st
         if number == 1 and line.lstrip().startswith("["):
             return number, RecordError(f"{problem}: the file starts with `[`, so it is one JSON array, not JSON "
                                        "Lines. Set `format: json` (or `auto`) for this source.", "invalid_json")
-        if not record.endswith(b"\n"):
+        if not record.endswith((b"\n", b"\r")):
             problem += ", and it is the last line with no line break: the file looks truncated (an interrupted copy?)"
         return number, RecordError(f"{problem}. Fix or remove the line, or set `on_error: skip` for this source.",
                                    "invalid_json")
@@ -806,6 +920,7 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
     """Records -> (clean texts, their line/record numbers, counts). Every record that does not become
     a text is counted by reason; bad records raise unless the source says `on_error: skip`."""
     render = make_renderer(spec.template, spec.text_field, f"source `{spec.name}`")
+    fields = template_fields(spec.template)
     texts, record_ids, counts = [], [], {}
     unit = record_unit(chunk.fmt)
     for i in range(len(chunk.records)):
@@ -827,7 +942,7 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                                   "such as {\"text\": \"...\"}.", "not_an_object")
             else:
                 text = render(obj)
-                for missing in record_missing_fields(spec.template, obj):
+                for missing in record_missing_fields(fields, obj):
                     _count(counts, f"missing_field:{missing}")
             text = clean_text(text, spec)
             if len(text) > spec.max_document_chars:
@@ -837,6 +952,9 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                                   "too_long")
         except RecordError as e:
             if spec.on_error != "skip":
+                if e.reason == "missing_field" and chunk.fmt in ("csv", "tsv") and spec.columns is None:
+                    e = RecordError(f"{e} If the file has no header row, name its columns with `columns: [...]`.",
+                                    e.reason)
                 raise RecordError(f"source `{spec.name}`: `{chunk.path}` {unit} {number} {e}", e.reason) from None
             _count(counts, f"skipped:{e.reason}")
             if counts[f"skipped:{e.reason}"] <= 3:
@@ -1000,8 +1118,10 @@ def tokenize_chunk(spec: SourceConfig, info: TokenizerInfo, chunk: Chunk) -> dic
 
 
 class FileDigests:
-    """Content hashes of input files, memoised by (size, mtime_ns) like git's index, so a rerun
-    with unchanged inputs reads no file twice. Kept in `cache_dir/file_digests.json`."""
+    """Content hashes of input files, memoised by (size, mtime_ns, ctime_ns) like git's index, so a rerun
+    with unchanged inputs reads no file twice. The change time is in the key because a copy that keeps
+    the modification time (`cp -p`, `rsync -t`, tar) can give new content the old size and mtime; no
+    program can set ctime. Kept in `cache_dir/file_digests.json`."""
 
     def __init__(self, cache_dir: Path):
         self.path = Path(cache_dir) / "file_digests.json"
@@ -1010,15 +1130,16 @@ class FileDigests:
     def __call__(self, path: Path) -> str:
         st = path.stat()
         key = str(path.resolve())
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
         entry = self.memo.get(key)
-        if entry and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
-            return entry[2]
+        if entry and entry[:-1] == stamp:
+            return entry[-1]
         h = hashlib.blake2b(digest_size=16)
         with open(path, "rb") as f:
             for block in iter(lambda: f.read(1 << 23), b""):
                 h.update(block)
-        self.memo[key] = [st.st_size, st.st_mtime_ns, h.hexdigest()]
-        return self.memo[key][2]
+        self.memo[key] = [*stamp, h.hexdigest()]
+        return self.memo[key][-1]
 
     def save(self) -> None:
         atomic_write_text(self.path, json.dumps(self.memo))
@@ -1443,6 +1564,7 @@ class DocumentViews:
             kept = first[~in_train] if dedup else first
             kept.astype(np.int64).tofile(directory / f"{i}.eval_ids.bin")
             plan["sources"][i]["duplicates"]["eval_of_train"] = int(in_train.sum()) if dedup else 0
+            plan["sources"][i]["duplicates"]["within_eval"] = eval_store.n_docs - len(first)
             plan["sources"][i]["eval_chars"] = int(doc_slice(eval_store, "doc_chars", 0, eval_store.n_docs)[kept].sum())
         atomic_write_text(directory / "plan.json", json.dumps(plan, ensure_ascii=False, indent=1))
 
@@ -1609,6 +1731,14 @@ class StreamingMixture:
         return MixtureStream()
 
 
+def inputs_now(store: TokenStore, inputs: SourceInput) -> list[dict]:
+    """A store's files under their current names: the store is keyed by content, so a renamed or moved
+    file with the same bytes reuses it, and the report must not name the old path."""
+    if inputs.dataset is not None:
+        return store.meta["files"]
+    return [{**found, "path": str(path)} for found, path in zip(store.meta["files"], inputs.files)]
+
+
 @dataclass
 class PreparedData:
     train: Any  # a map-style dataset of {"input_ids", "labels"} blocks
@@ -1648,13 +1778,15 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
     for spec in specs:
         if spec.streaming:
             continue
-        store, hit = load_or_build_store(spec, SourceInput.open(spec, cache_dir=cache_dir), info, cache_dir,
-                                         num_proc, digests, byte_mask)
+        inputs = SourceInput.open(spec, cache_dir=cache_dir)
+        store, hit = load_or_build_store(spec, inputs, info, cache_dir, num_proc, digests, byte_mask)
         eval_store = None
         if spec.eval_path or spec.eval_split:
-            eval_store, eval_hit = load_or_build_store(spec, SourceInput.open(spec, True, cache_dir), info,
-                                                       cache_dir, num_proc, digests, byte_mask)
+            eval_inputs = SourceInput.open(spec, True, cache_dir)
+            eval_store, eval_hit = load_or_build_store(spec, eval_inputs, info, cache_dir, num_proc, digests, byte_mask)
             hit = hit and eval_hit
+            eval_store.meta["files"] = inputs_now(eval_store, eval_inputs)
+        store.meta["files"] = inputs_now(store, inputs)
         stored.append((spec, store, hit, eval_store))
     fractions = [data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction for spec, *_ in stored]
     views = DocumentViews.load_or_build(stored, fractions, dedup, seed, cache_dir) if stored else None
@@ -1694,6 +1826,9 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
             "eval_documents": len(view.eval_ids) if held_out else 0,
             "eval_blocks": len(held_out) if held_out else 0,
         }
+        if explicit_eval is not None:  # what reading the eval files skipped and dropped, as for the training files
+            report_sources[spec.name]["eval_input"] = {"files": explicit_eval.meta["files"],
+                                                       **_grouped_counts(explicit_eval.meta["counts"])}
         logger.info("source `%s`: %s, %d docs (%d duplicates removed), %d tokens -> %d train blocks, %d eval blocks",
                     spec.name, "cache hit" if hit else "tokenized", documents,
                     sum(duplicates.values()), tokens, len(train), report_sources[spec.name]["eval_blocks"])
@@ -1764,16 +1899,29 @@ def data_report_markdown(report: dict) -> str:
         if s.get("streaming"):
             lines.append(f"- **{name}**: streamed (tokenized and packed on the fly), weight {s['weight']}")
             continue
-        files = ", ".join(f"`{f['path']}` ({f['format']}, {f['encoding']})" for f in s["files"])
-        lines.append(f"- **{name}**: {files}")
-        for group in ("skipped", "dropped", "missing_fields", "duplicates_removed"):
-            if any(s.get(group, {}).values()):
-                lines.append(f"  - {group.replace('_', ' ')}: " +
-                             ", ".join(f"{k} {v:,}" for k, v in s[group].items() if v))
-        for key in ("blank_lines", "texts_with_U+FFFD", "unused_tail_tokens"):
-            if s.get(key):
-                lines.append(f"  - {key.replace('_', ' ')}: {s[key]:,}")
+        lines.append(f"- **{name}**: {_files_markdown(s['files'])}")
+        lines += _counts_markdown(s, "  ")
+        if "eval_input" in s:
+            lines.append(f"  - eval files: {_files_markdown(s['eval_input']['files'])}")
+            lines += _counts_markdown(s["eval_input"], "    ")
     return "\n".join(lines) + "\n"
+
+
+def _files_markdown(files: list[dict]) -> str:
+    return ", ".join(f"`{f['path']}` ({f['format']}, {f['encoding']})" for f in files)
+
+
+def _counts_markdown(s: dict, indent: str) -> list[str]:
+    """The report's counts of one input as list items: what was skipped, dropped or removed, and why."""
+    lines = []
+    for group in ("skipped", "dropped", "missing_fields", "duplicates_removed"):
+        if any(s.get(group, {}).values()):
+            lines.append(f"{indent}- {group.replace('_', ' ')}: " +
+                         ", ".join(f"{k} {v:,}" for k, v in s[group].items() if v))
+    for key in ("records", "blank_lines", "texts_with_U+FFFD", "unused_tail_tokens"):
+        if s.get(key) and (key != "records" or "documents" not in s):  # a source's records are in the table
+            lines.append(f"{indent}- {key.replace('_', ' ')}: {s[key]:,}")
+    return lines
 
 
 def write_data_report(report: dict, output_dir: str | Path) -> None:

@@ -1,6 +1,7 @@
 """Loaders, the token store and packing."""
 import json
 import os
+import time
 import types
 
 import numpy as np
@@ -282,3 +283,133 @@ def test_several_sources_are_all_trained_on(tmp_path, tokenizer):
     assert set(data.train.source_ids.tolist()) == {0, 1}
     with pytest.raises(DataError, match="Two sources are named `a`"):
         build(tmp_path, tokenizer, [{"path": str(a), "name": "a"}, {"path": str(b), "name": "a"}])
+
+
+# ------------------------------------------------------------------ awkward but valid input files
+def test_a_long_first_record_keeps_its_format(tmp_path):
+    """Detection samples whole lines: a first record longer than any fixed-size sample is still jsonl/csv."""
+    long = "长" * 100_000
+    (tmp_path / "a.jsonl").write_text(json.dumps({"text": long}, ensure_ascii=False) + '\n{"text": "短"}\n',
+                                      encoding="utf-8")
+    assert texts_of({"path": str(tmp_path / "a.jsonl")}) == [long, "短"]
+    (tmp_path / "b.csv").write_text(f"title,text\n一,{long * 2}\n二,短\n", encoding="utf-8")  # > csv's 131,072 limit
+    assert texts_of({"path": str(tmp_path / "b.csv")}) == [long * 2, "短"]
+
+
+def test_a_ragged_row_does_not_turn_a_csv_into_plain_text(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text("title,text\n" + "".join(f"标题{i},正文{i}\n" for i in range(20)) + "坏,行,多一列\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"a\.csv` line 22 has 3 columns but the header has 2"):
+        texts_of({"path": str(path)})
+    assert texts_of({"path": str(path), "on_error": "skip"}) == [f"正文{i}" for i in range(20)]
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
+def test_utf16_and_utf32_files_are_read(tmp_path, encoding):
+    (tmp_path / "a.txt").write_text("第一行\r\n第二行\n", encoding=encoding)
+    (tmp_path / "b.jsonl").write_text('{"text": "甲"}\n{"text": "乙"}\n', encoding=encoding)
+    declared = "auto" if encoding != "utf-16-le" else encoding  # a byte-order mark names the other two
+    assert texts_of({"path": str(tmp_path / "a.txt"), "encoding": declared}) == ["第一行", "第二行"]
+    assert texts_of({"path": str(tmp_path / "b.jsonl"), "encoding": declared}) == ["甲", "乙"]
+
+
+def test_lone_cr_line_breaks(tmp_path):
+    (tmp_path / "a.txt").write_bytes("一\r二\r\r三".encode())
+    (tmp_path / "b.jsonl").write_bytes('{"text": "甲"}\r{"text": "乙"}\r'.encode())
+    assert texts_of({"path": str(tmp_path / "a.txt")}) == ["一", "二", "三"]
+    assert texts_of({"path": str(tmp_path / "b.jsonl")}) == ["甲", "乙"]
+
+
+def test_tsv_quotes_are_text_unless_the_file_quotes_whole_fields(tmp_path):
+    template = {"type": "format", "format": "{title}|{text}"}
+    (tmp_path / "a.tsv").write_text('title\ttext\n"十大"评选\t正文一\n"未闭合\t正文二\n末条\t正文三\n', encoding="utf-8")
+    assert texts_of({"path": str(tmp_path / "a.tsv"), "template": template}) == [
+        '"十大"评选|正文一', '"未闭合|正文二', "末条|正文三"]
+    (tmp_path / "b.tsv").write_text('title\ttext\n"""十大""评选"\t"正文\n一"\n末条\t正文二\n', encoding="utf-8")  # pandas
+    assert texts_of({"path": str(tmp_path / "b.tsv"), "template": template}) == ['"十大"评选|正文\n一', "末条|正文二"]
+
+
+def test_byte_order_mark_stays_out_of_a_headerless_csv(tmp_path):
+    (tmp_path / "a.csv").write_bytes("\ufeff高血压,1\n糖尿病,2\n".encode())
+    assert texts_of({"path": str(tmp_path / "a.csv"), "columns": ["text", "label"]}) == ["高血压", "糖尿病"]
+
+
+def test_text_lines_starting_with_a_bracket_are_text(tmp_path):
+    (tmp_path / "a.txt").write_text("[1] 高血压是常见病\n[2] 糖尿病\n", encoding="utf-8")
+    assert data_utils.detect_format(tmp_path / "a.txt", "auto", "utf-8") == "text"
+    (tmp_path / "b.txt").write_text('[\n  "一", "二"\n]', encoding="utf-8")
+    assert data_utils.detect_format(tmp_path / "b.txt", "auto", "utf-8") == "json"
+
+
+def test_wikitext_articles_are_grouped_per_file_and_bad_lines_follow_the_skip_policy(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "a.txt").write_text(" = 甲 = \n 甲的段落 \n", encoding="utf-8")
+    (tmp_path / "w" / "b.txt").write_text(" 无标题的开头 \n = 乙 = \n 乙的段落 \n", encoding="utf-8")
+    spec = SourceConfig.from_dict({"path": str(tmp_path / "w"), "group": "wikitext_articles"}, 0)
+    assert [(where.split("/")[-1], text) for where, text in data_utils.iter_records(spec)] == [
+        ("a.txt line 1", "= 甲 =\n甲的段落"), ("b.txt line 1", "无标题的开头"), ("b.txt line 2", "= 乙 =\n乙的段落")]
+    path = tmp_path / "w.jsonl"
+    path.write_text('{"text": " = 甲 = "}\n{"text": "一"}\nnot json\n[1]\n{"x": 1}\n{"text": "二"}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"w\.jsonl` line 3 is not valid JSON"):
+        texts_of({"path": str(path), "group": "wikitext_articles"})
+    spec = SourceConfig.from_dict({"path": str(path), "group": "wikitext_articles", "on_error": "skip"}, 0)
+    texts, _, counts = data_utils.format_chunk(spec, next(data_utils.read_chunks(data_utils.SourceInput.open(spec), spec)))
+    assert texts == ["= 甲 =\n一\n二"]
+    assert counts == {"records": 4, "skipped:invalid_json": 1, "skipped:not_an_object": 1, "skipped:missing_field": 1}
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("min_chars", "3", r"`min_chars` must be a whole number, got '3'. Write it without quotes"),
+    ("eval_fraction", "0.1", r"`eval_fraction` must be a number"),
+    ("keep_newlines", "false", r"`keep_newlines` must be true or false"),
+    ("weight", True, r"`weight` must be a number"),
+    ("name", 2023, r"`name` must be a string, got 2023. Quote it"),
+    ("columns", "a,b", r"`columns` must be a list of strings"),
+    ("template", {"type": "record", "fields": "title"}, r"option `fields` must be a list"),
+])
+def test_source_keys_of_the_wrong_type_are_named(tmp_path, key, value, message):
+    with pytest.raises(DataError, match=message):
+        SourceConfig.from_dict({"path": "x.txt", key: value}, 0)
+
+
+def test_the_report_counts_what_reading_the_eval_files_skipped(tmp_path, tokenizer):
+    train = make_text_corpus(tmp_path / "t", repeat=4)
+    held = tmp_path / "dev.jsonl"
+    held.write_text('{"text": "评估一"}\nnot json\n{"text": 5}\n\n{"text": "评估二"}\n{"text": "评估一"}\n', encoding="utf-8")
+    data = build(tmp_path, tokenizer, [{"path": str(train), "eval_path": str(held), "name": "c", "on_error": "skip"}],
+                 block_size=4)
+    report = data.report["sources"]["c"]
+    assert report["eval_input"]["files"] == [{"path": str(held), "format": "jsonl", "encoding": "utf-8"}]
+    assert report["eval_input"]["skipped"] == {"invalid_json": 1, "not_a_string": 1}
+    assert report["eval_input"]["blank_lines"] == 1 and report["eval_input"]["records"] == 5
+    assert report["duplicates_removed"]["within_eval"] == 1 and report["eval_documents"] == 2
+    markdown = data_utils.data_report_markdown({**data.report, "train_blocks": 1, "train_tokens": 4})
+    assert f"eval files: `{held}` (jsonl, utf-8)" in markdown and "skipped: invalid_json 1, not_a_string 1" in markdown
+
+
+def test_new_content_with_the_old_size_and_mtime_is_hashed_again(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text("高血压", encoding="utf-8")
+    digests = data_utils.FileDigests(tmp_path / "cache")
+    before, stat = digests(path), path.stat()
+    time.sleep(0.05)  # past the file system's clock tick, as between a run and a later copy
+    path.write_text("冠心病", encoding="utf-8")  # same byte length
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # as `cp -p` or `rsync -t` leave it
+    assert path.stat().st_mtime_ns == stat.st_mtime_ns and path.stat().st_size == stat.st_size
+    assert digests(path) != before
+
+
+def test_a_renamed_file_reuses_its_store_under_its_new_name(tmp_path, tokenizer):
+    path = make_text_corpus(tmp_path / "d", repeat=3)
+    first = build(tmp_path, tokenizer, [{"path": str(path.parent), "name": "c"}])
+    renamed = path.rename(path.with_name("renamed.txt"))
+    second = build(tmp_path, tokenizer, [{"path": str(path.parent), "name": "c"}])
+    assert second.report["sources"]["c"]["cache"] == "hit"
+    assert [f["path"] for f in second.report["sources"]["c"]["files"]] == [str(renamed)]
+    assert first.report["sources"]["c"]["files"][0]["format"] == second.report["sources"]["c"]["files"][0]["format"]
+
+
+def test_a_headerless_tsv_error_points_to_columns(tmp_path):
+    (tmp_path / "a.tsv").write_text("新闻标题一\t8\n新闻标题二\t5\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"no field `text`.*name its columns with `columns: \[...\]`"):
+        texts_of({"path": str(tmp_path / "a.tsv")})

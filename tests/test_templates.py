@@ -50,7 +50,8 @@ def test_record_rules_skip_empty_values_and_never_write_none():
     assert text == "名称：感冒。常用的治疗方式有药物治疗,支持性治疗。治愈概率：0.95。医保：是。治疗周期：7天"
     for bad in ("None", "[]", "{}", "。。"):
         assert bad not in text
-    assert data_utils.record_missing_fields(template, record) == ["desc", "symptom", "cause", "check", "get_way"]
+    assert data_utils.record_missing_fields(data_utils.template_fields(template), record) == [
+        "desc", "symptom", "cause", "check", "get_way"]
 
 
 def test_record_without_field_list_uses_record_order_and_skips_id():
@@ -61,6 +62,17 @@ def test_record_without_field_list_uses_record_order_and_skips_id():
 def test_qa_concat_with_chinese_keys():
     template = {"type": "qa_concat", "question_field": "问", "answer_field": "答"}
     assert render(template, {"问": "什么是高血压？", "答": "高血压是……"}) == "[QUESTION] 什么是高血压？ [ANSWER] 高血压是……"
+
+
+def test_empty_answers_and_questions_are_counted(tmp_path):
+    path = tmp_path / "qa.jsonl"
+    path.write_text('{"q": "问一", "a": "答一"}\n{"q": "问二", "a": null}\n{"q": "", "a": "答三"}\n', encoding="utf-8")
+    spec = SourceConfig.from_dict({"path": str(path), "template": {"type": "qa_concat", "question_field": "q",
+                                                                   "answer_field": "a"}}, 0)
+    texts, _, counts = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
+    assert len(texts) == 3 and counts["missing_field:a"] == 1 and counts["missing_field:q"] == 1
+    assert data_utils.template_fields("qa_instruction") == ["instruction", "output"]
+    assert data_utils.template_fields({"type": "format", "format": "{title}\n{body}"}) == ["title", "body"]
 
 
 def test_qa_instruction_with_and_without_input():
