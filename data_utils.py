@@ -916,12 +916,13 @@ def _count(counts: dict, key: str, n: int = 1) -> None:
     counts[key] = counts.get(key, 0) + n
 
 
-def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int], dict[str, int]]:
-    """Records -> (clean texts, their line/record numbers, counts). Every record that does not become
-    a text is counted by reason; bad records raise unless the source says `on_error: skip`."""
+def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int], dict[str, int], list[tuple]]:
+    """Records -> (clean texts, their line/record numbers, counts, skip notes). Every record that does not
+    become a text is counted by reason; bad records raise unless the source says `on_error: skip`, and
+    then the first few of each reason come back as (reason, message) notes for a SkipLog."""
     render = make_renderer(spec.template, spec.text_field, f"source `{spec.name}`")
     fields = template_fields(spec.template)
-    texts, record_ids, counts = [], [], {}
+    texts, record_ids, counts, notes = [], [], {}, []
     unit = record_unit(chunk.fmt)
     for i in range(len(chunk.records)):
         number, obj = _parse_record(spec, chunk, i)
@@ -957,8 +958,8 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                                     e.reason)
                 raise RecordError(f"source `{spec.name}`: `{chunk.path}` {unit} {number} {e}", e.reason) from None
             _count(counts, f"skipped:{e.reason}")
-            if counts[f"skipped:{e.reason}"] <= 3:
-                logger.warning("source `%s`: skipped `%s` %s %d: %s", spec.name, chunk.path, unit, number, e)
+            if counts[f"skipped:{e.reason}"] <= SkipLog.LIMIT:
+                notes.append((e.reason, f"`{chunk.path}` {unit} {number}: {e}"))
             continue
         if not text:
             _count(counts, "dropped:empty")
@@ -970,13 +971,31 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
             _count(counts, "texts_with_U+FFFD")
         texts.append(text)
         record_ids.append(number)
-    return texts, record_ids, counts
+    return texts, record_ids, counts, notes
+
+
+class SkipLog:
+    """Logs the first few skipped records of each reason once per source, however many chunks (and
+    worker processes) they come from; the data report counts them all."""
+
+    LIMIT = 3
+
+    def __init__(self, source: str):
+        self.source, self.logged = source, collections.Counter()
+
+    def __call__(self, notes: list[tuple[str, str]]) -> None:
+        for reason, message in notes:
+            self.logged[reason] += 1
+            if self.logged[reason] <= self.LIMIT:
+                logger.warning("source `%s`: skipped %s", self.source, message)
 
 
 def iter_records(spec: SourceConfig, inputs: "SourceInput | None" = None) -> Iterator[tuple[str, str]]:
     """('FILE line N' or 'FILE record N', text) for every text of one source, in order."""
+    log_skips = SkipLog(spec.name)
     for chunk in read_chunks(inputs or SourceInput.open(spec), spec):
-        texts, numbers, _ = format_chunk(spec, chunk)
+        texts, numbers, _, notes = format_chunk(spec, chunk)
+        log_skips(notes)
         unit = record_unit(chunk.fmt)
         yield from ((f"{chunk.path} {unit} {number}", text) for number, text in zip(numbers, texts))
 
@@ -1102,7 +1121,7 @@ def text_hash(text: str) -> int:
 
 def tokenize_chunk(spec: SourceConfig, info: TokenizerInfo, chunk: Chunk) -> dict:
     """Worker: format, clean and tokenize one chunk -> flat tokens, per-document arrays, counts."""
-    texts, record_ids, counts = format_chunk(spec, chunk)
+    texts, record_ids, counts, notes = format_chunk(spec, chunk)
     prefix = [info.bos_id] if info.bos_id is not None else []
     docs = [prefix + ids + [info.eos_id] for ids in _encode(info, texts)] if texts else []
     lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
@@ -1113,7 +1132,8 @@ def tokenize_chunk(spec: SourceConfig, info: TokenizerInfo, chunk: Chunk) -> dic
         "doc_records": np.asarray(record_ids, dtype=np.int64),
         "doc_hashes": np.fromiter(map(text_hash, texts), dtype=np.uint64, count=len(texts)),
         "doc_chars": np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
-        "counts": counts, "nbytes": chunk.nbytes, "file": (chunk.file_index, chunk.fmt, chunk.encoding),
+        "counts": counts, "skip_notes": notes, "nbytes": chunk.nbytes,
+        "file": (chunk.file_index, chunk.fmt, chunk.encoding),
     }
 
 
@@ -1217,6 +1237,7 @@ class TokenStore:
         tmp = staging_dir(directory)
         counts: dict[str, int] = {}
         file_info: dict[int, tuple] = {}
+        log_skips = SkipLog(spec.name)
         n_docs, n_tokens = 0, 0
         total = inputs.size()
         start = time.time()
@@ -1245,6 +1266,7 @@ class TokenStore:
                         _count(counts, "byte_tokens", int(byte_mask[part["tokens"]].sum()))
                     for k, v in part["counts"].items():
                         _count(counts, k, v)
+                    log_skips(part["skip_notes"])
                     file_info[part["file"][0]] = part["file"][1:]
                     bar.update(part["nbytes"])
                 for f in files.values():
@@ -1635,8 +1657,10 @@ class StreamedSource:
         seen: set[int] = set()
         pending = np.zeros(0, dtype=np.uint32)
         positions = np.zeros(0, dtype=np.int64)  # position within its document, for document attention
+        log_skips = SkipLog(self.spec.name)
         for chunk in read_chunks(SourceInput.open(self.spec, cache_dir=self.cache_dir), self.spec):
-            texts, _, _ = format_chunk(self.spec, chunk)
+            texts, _, _, notes = format_chunk(self.spec, chunk)
+            log_skips(notes)
             if self.dedup:
                 fresh = []
                 for text in texts:

@@ -30,7 +30,7 @@ def test_plain_text_one_sample_per_line_blank_lines_skipped_and_counted(tmp_path
     path.write_bytes("第一行\r\n\r\n  第二行  \n\n第三行".encode())  # CRLF, blanks, no final newline
     spec = SourceConfig.from_dict({"path": str(path)}, 0)
     chunk = next(data_utils.read_chunks([path], spec))
-    texts, record_ids, counts = data_utils.format_chunk(spec, chunk)
+    texts, record_ids, counts, _ = data_utils.format_chunk(spec, chunk)
     assert texts == ["第一行", "第二行", "第三行"]
     assert record_ids == [1, 3, 5]
     assert counts["blank_lines"] == 2
@@ -101,7 +101,7 @@ def test_skip_policy_counts_what_it_skipped(tmp_path):
     path = tmp_path / "mixed.jsonl"
     path.write_text('{"text": "一"}\nnot json\n{"other": 1}\n{"text": "二"}\n', encoding="utf-8")
     spec = SourceConfig.from_dict({"path": str(path), "on_error": "skip"}, 0)
-    texts, _, counts = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
+    texts, _, counts, _ = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
     assert texts == ["一", "二"]
     assert counts["skipped:invalid_json"] == 1 and counts["skipped:missing_field"] == 1
     assert counts["records"] == 4
@@ -353,7 +353,7 @@ def test_wikitext_articles_are_grouped_per_file_and_bad_lines_follow_the_skip_po
     with pytest.raises(DataError, match=r"w\.jsonl` line 3 is not valid JSON"):
         texts_of({"path": str(path), "group": "wikitext_articles"})
     spec = SourceConfig.from_dict({"path": str(path), "group": "wikitext_articles", "on_error": "skip"}, 0)
-    texts, _, counts = data_utils.format_chunk(spec, next(data_utils.read_chunks(data_utils.SourceInput.open(spec), spec)))
+    texts, _, counts, _ = data_utils.format_chunk(spec, next(data_utils.read_chunks(data_utils.SourceInput.open(spec), spec)))
     assert texts == ["= 甲 =\n一\n二"]
     assert counts == {"records": 4, "skipped:invalid_json": 1, "skipped:not_an_object": 1, "skipped:missing_field": 1}
 
@@ -413,3 +413,13 @@ def test_a_headerless_tsv_error_points_to_columns(tmp_path):
     (tmp_path / "a.tsv").write_text("新闻标题一\t8\n新闻标题二\t5\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"no field `text`.*name its columns with `columns: \[...\]`"):
         texts_of({"path": str(tmp_path / "a.tsv")})
+
+
+def test_skipped_records_are_logged_a_few_per_reason_per_source_not_per_chunk(tmp_path, tokenizer, caplog, monkeypatch):
+    monkeypatch.setattr(data_utils, "CHUNK_LINES", 4)  # 5 chunks, each with bad lines
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join('{"text": "好%d"}\nnot json\n' % i for i in range(10)), encoding="utf-8")
+    with caplog.at_level("WARNING", logger="data_utils"):
+        data = build(tmp_path, tokenizer, [{"path": str(path), "name": "c", "on_error": "skip"}], block_size=4)
+    assert data.report["sources"]["c"]["skipped"] == {"invalid_json": 10}
+    assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == data_utils.SkipLog.LIMIT

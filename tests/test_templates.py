@@ -69,7 +69,7 @@ def test_empty_answers_and_questions_are_counted(tmp_path):
     path.write_text('{"q": "问一", "a": "答一"}\n{"q": "问二", "a": null}\n{"q": "", "a": "答三"}\n', encoding="utf-8")
     spec = SourceConfig.from_dict({"path": str(path), "template": {"type": "qa_concat", "question_field": "q",
                                                                    "answer_field": "a"}}, 0)
-    texts, _, counts = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
+    texts, _, counts, _ = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
     assert len(texts) == 3 and counts["missing_field:a"] == 1 and counts["missing_field:q"] == 1
     assert data_utils.template_fields("qa_instruction") == ["instruction", "output"]
     assert data_utils.template_fields({"type": "format", "format": "{title}\n{body}"}) == ["title", "body"]
@@ -124,7 +124,7 @@ def test_min_chars_and_replacement_characters_are_counted(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("短\n这一行足够长了\n坏字符\ufffd也足够长\n", encoding="utf-8")
     spec = SourceConfig.from_dict({"path": str(path), "min_chars": 5}, 0)
-    texts, _, counts = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
+    texts, _, counts, _ = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
     assert texts == ["这一行足够长了", "坏字符\ufffd也足够长"]
     assert counts["dropped:min_chars"] == 1 and counts["texts_with_U+FFFD"] == 1
 
