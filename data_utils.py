@@ -1093,16 +1093,16 @@ def _init_worker(info: TokenizerInfo) -> None:
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
     from tokenizers import Tokenizer
 
-    _worker_tokenizer = Tokenizer.from_str(info.backend_json)
+    _worker_tokenizer = (info.fingerprint, Tokenizer.from_str(info.backend_json))
 
 
 def _encode(info: TokenizerInfo, texts: list[str]) -> list[list[int]]:
     if info.backend_json is None:
         return info.slow(texts, add_special_tokens=False)["input_ids"]
-    if _worker_tokenizer is None:
+    if _worker_tokenizer is None or _worker_tokenizer[0] != info.fingerprint:  # in-process: another run's tokenizer
         _init_worker(info)
     # encode_batch_fast: the same ids without character offsets, which nothing here reads (~1.5x faster)
-    return [e.ids for e in _worker_tokenizer.encode_batch_fast(texts, add_special_tokens=False)]
+    return [e.ids for e in _worker_tokenizer[1].encode_batch_fast(texts, add_special_tokens=False)]
 
 
 def _map(path: Path, dtype) -> np.ndarray:
@@ -1189,11 +1189,16 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+CURRENT_UMASK = os.umask(0)
+os.umask(CURRENT_UMASK)  # reading the umask means setting it: put it back at once
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     """Write to a temporary file in the same directory, fsync, then rename over `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.chmod(tmp, 0o666 & ~CURRENT_UMASK)  # mkstemp's 0600 would hide a shared cache or report from others
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()

@@ -67,6 +67,14 @@ class ModelArguments:
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub. Off: safe."})
 
+    CHOICES = {"torch_dtype": ("float32", "bfloat16", "float16"), "tokenizer_model_type": ("bpe", "unigram"),
+               "new_token_init": ("subword_mean", "mean")}
+
+    def __post_init__(self):
+        for name, allowed in self.CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got `{getattr(self, name)}`.")
+
 
 @dataclass
 class DataArguments:
@@ -134,6 +142,12 @@ class PretrainingArguments(TrainingArguments):
     train_sampling_strategy: str = field(default="sequential", metadata={
         "help": "sequential: read the seeded, evenly mixed block order of data_utils.MixedBlocks as is."})
     ddp_timeout: int = field(default=7200, metadata={"help": "Collective timeout in seconds."})
+    ddp_find_unused_parameters: bool | None = field(default=False, metadata={
+        "help": "Off: every parameter of a causal LM gets a gradient each step, so DDP need not search the autograd "
+                "graph for unused ones (the Trainer's default turns that search on without gradient checkpointing)."})
+    overwrite_output_dir: bool = field(default=False, metadata={
+        "help": "Start fresh in an output_dir that holds the checkpoints of an unfinished run, deleting them "
+                "(without it such a run stops and names the choices)."})
     mixed_precision: str = field(default="auto", metadata={
         "help": "auto (bf16 on GPUs that have it, else fp32) | bf16 (autocast over fp32 weights) | bf16_weights "
                 "(bf16 weights, activations and gradients, no autocast; the optimizer updates fp32 master copies: "
@@ -153,7 +167,7 @@ class PretrainingArguments(TrainingArguments):
     peak_tflops: float | None = field(default=None, metadata={
         "help": "Peak TFLOP/s of one accelerator for MFU; unset: looked up by GPU name (bf16/fp16 dense)."})
     sample_prompts: list[str] = field(default_factory=list, metadata={
-        "help": "Prompts continued by the trained model at the end (written to samples.json)."})
+        "help": "Prompts continued by the trained model at the end (written to metrics.json, `samples`)."})
     sample_max_new_tokens: int = field(default=48, metadata={"help": "Tokens generated per sample prompt."})
     verify_saved_model: bool = field(default=True, metadata={
         "help": "Reload the saved model and check it reproduces the trained model's logits on a held-out block."})
@@ -273,10 +287,13 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
     if argv and not argv[0].startswith("-"):
         config, argv = load_config(argv[0], valid), argv[1:]
     options = set(parser._option_string_actions)
-    for token in argv:
-        if token.startswith("--") and token.split("=", 1)[0] not in options:
-            key = token[2:].split("=", 1)[0].replace("-", "_")
+    given = {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
+    for key in given:
+        if f"--{key}" not in options and f"--{key.replace('_', '-')}" not in options:
             raise ConfigError(f"unknown command-line option `--{key}`.{closest_key_hint(key, valid)}")
+    for length, other in (("max_steps", "max_train_tokens"), ("max_train_tokens", "max_steps")):
+        if length in given and other not in given:
+            config.pop(other, None)  # a run length on the command line replaces the config file's
     try:
         return parser.parse_args_into_dataclasses(args=config_to_argv(config, parser) + argv,
                                                   look_for_args_file=False)
@@ -308,10 +325,14 @@ def hub_access(name: str, what: str):
                           "and, for gated models, HF_TOKEN.") from None
 
 
-def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments):
+def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments,
+                   resume: str | None = None):
+    """The configured tokenizer, or one trained on the sources (cached). A resumed run whose sources changed
+    since its checkpoint keeps the tokenizer the checkpoint was trained with."""
     start = time.perf_counter()
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
-    if source is None:
+    trained = source is None
+    if trained:
         with training_args.main_process_first(local=False, desc="train tokenizer"):
             source = str(data_utils.train_sentencepiece_tokenizer(
                 data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size,
@@ -322,29 +343,46 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
                                                   trust_remote_code=model_args.trust_remote_code)
     if tokenizer.pad_token is None:  # pretraining never pads; generation and collators want one
         tokenizer.pad_token = tokenizer.eos_token
+    if trained and resume and (Path(resume) / "tokenizer.json").is_file():
+        saved = AutoTokenizer.from_pretrained(resume)
+        if saved.get_vocab() != tokenizer.get_vocab():
+            logger.warning("the sources changed since %s: it resumes with the tokenizer it was trained with, not one "
+                           "trained on the sources now", resume)
+            tokenizer = saved
     logger.info("tokenizer ready in %.2f s: %d tokens", time.perf_counter() - start, len(tokenizer))
     return tokenizer
 
 
 def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
-    """Resize input and output embeddings for a tokenizer that outgrew them. A new token's row starts
-    at the mean of the rows of the base-tokenizer pieces it replaces (its text, tokenized the way the
-    model saw it so far), or at the mean of all base rows; base rows are untouched."""
-    if model_args.new_token_init not in ("subword_mean", "mean"):
-        raise ConfigError(f"new_token_init must be subword_mean or mean, got `{model_args.new_token_init}`.")
-    old = model.get_input_embeddings().weight.shape[0]
-    base_tokenizer = None
-    if model_args.new_token_init == "subword_mean":
-        try:
-            base_tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
-                                                           trust_remote_code=model_args.trust_remote_code)
-        except (OSError, ValueError):
-            logger.warning("no tokenizer next to the model: new embedding rows start at the mean of all rows")
-    model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    """Give the tokens the base model never saw their own embedding rows. New tokens are the ids from the base
+    tokenizer's size on, so those that land in a model's spare rows (Qwen2.5-0.5B has 271) count too; the
+    embeddings are resized where the tokenizer outgrew them. A new token's row starts at the mean of the rows
+    of the base-tokenizer pieces it replaces (its text, tokenized the way the model saw it so far), or at the
+    mean of the base tokens' rows; base rows are untouched."""
+    if model_args.tokenizer_name_or_path in (None, model_args.model_name_or_path):
+        return  # the model's own tokenizer
+    rows = model.get_input_embeddings().weight.shape[0]
+    try:
+        base_tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                                       trust_remote_code=model_args.trust_remote_code)
+        first_new = min(len(base_tokenizer), rows)
+    except (OSError, ValueError):
+        base_tokenizer, first_new = None, rows
+        logger.warning("no tokenizer next to the model: the tokens beyond its %d embedding rows count as new, and "
+                       "their rows start at the mean of all rows", rows)
+    if len(tokenizer) <= first_new:
+        return
+    if len(tokenizer) > rows:
+        model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
     matrices = [model.get_input_embeddings().weight]
     if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
         matrices.append(model.get_output_embeddings().weight)
-    from_pieces = 0
+    new_ids = [*range(first_new, len(tokenizer)), *range(max(rows, len(tokenizer)), matrices[0].shape[0])]
+    pieces = {}
+    if base_tokenizer is not None and model_args.new_token_init == "subword_mean":
+        for new_id in range(first_new, len(tokenizer)):
+            ids = base_tokenizer(tokenizer.decode([new_id]), add_special_tokens=False)["input_ids"]
+            pieces[new_id] = [i for i in ids if i < first_new]
     gather = contextlib.nullcontext()
     if is_deepspeed_zero3_enabled():
         import deepspeed
@@ -352,17 +390,13 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
         gather = deepspeed.zero.GatheredParameters(matrices, modifier_rank=0)
     with gather, torch.no_grad():
         for weight in matrices:
-            mean = weight[:old].mean(0)
-            for new_id in range(old, weight.shape[0]):
-                pieces = []
-                if base_tokenizer is not None and new_id < len(tokenizer):
-                    text = tokenizer.decode([new_id])
-                    pieces = [i for i in base_tokenizer(text, add_special_tokens=False)["input_ids"] if i < old]
-                weight[new_id] = weight[pieces].mean(0) if pieces else mean
-                from_pieces += bool(pieces) and weight is matrices[0]
-    logger.warning("tokenizer has %d tokens, the model had %d embedding rows: resized to %d rows; %d new token rows "
-                   "start at the mean of the base pieces they replace, the others at the mean of all base rows",
-                   len(tokenizer), old, matrices[0].shape[0], from_pieces)
+            mean = weight[:first_new].mean(0)
+            for new_id in new_ids:
+                weight[new_id] = weight[pieces[new_id]].mean(0) if pieces.get(new_id) else mean
+    logger.warning("tokenizer has %d tokens, the base model's %d: %d new token rows (%d start at the mean of the base "
+                   "pieces they replace, the others at the mean of the base rows); embedding rows %d -> %d",
+                   len(tokenizer), first_new, len(tokenizer) - first_new, sum(map(bool, pieces.values())), rows,
+                   matrices[0].shape[0])
 
 
 def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments) -> str:
@@ -381,14 +415,28 @@ def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments
 
 
 def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+    try:
+        model = create_model(model_args, tokenizer)
+    except ImportError as e:  # flash_attention_2 without flash-attn, say
+        raise ConfigError(f"the model cannot be built with attn_implementation `{model_args.attn_implementation}`: "
+                          f"{str(e).splitlines()[0]} Install what it names, or set `attn_implementation: sdpa`.") from None
+    max_positions = getattr(model.config, "max_position_embeddings", None)
+    if max_positions and block_size > max_positions:
+        raise ConfigError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_positions}. "
+                          f"Lower `block_size`.")
+    model.config.use_cache = False  # training: packed position_ids are only isolated without the cache
+    return model
+
+
+def create_model(model_args: ModelArguments, tokenizer):
+    """The base model with rows for every token (continued pretraining), or a new one from `model_config`."""
     dtype = getattr(torch, model_args.torch_dtype)
     if model_args.model_name_or_path:
         with hub_access(model_args.model_name_or_path, "model"):
             model = AutoModelForCausalLM.from_pretrained(
                 model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
                 attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code)
-        if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-            grow_embeddings(model, tokenizer, model_args)
+        grow_embeddings(model, tokenizer, model_args)
     else:
         if not model_args.model_config:
             raise ConfigError("set `model_name_or_path` (continue pretraining) or `model_config` (from scratch, "
@@ -409,11 +457,6 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
         config = AutoConfig.for_model(model_type, **spec)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=model_args.attn_implementation)
-    max_positions = getattr(model.config, "max_position_embeddings", None)
-    if max_positions and block_size > max_positions:
-        raise ConfigError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_positions}. "
-                          f"Lower `block_size`.")
-    model.config.use_cache = False  # training: packed position_ids are only isolated without the cache
     return model
 
 
@@ -910,6 +953,13 @@ class ForgettingCallback(TrainerCallback):
         self.sources, self.threshold_pct, self.baseline = sources, threshold_pct, {}
         self.changes: dict[str, float] = {}
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        """A resumed run takes its baselines from the checkpoint's history, not from its first evaluation."""
+        for entry in state.log_history:
+            for name in self.sources:
+                if f"eval_{name}_ppl" in entry:
+                    self.baseline.setdefault(name, entry[f"eval_{name}_ppl"])
+
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         for name in self.sources:
             ppl = (metrics or {}).get(f"eval_{name}_ppl")
@@ -1134,10 +1184,53 @@ def resolve_resume(training_args: PretrainingArguments) -> str | None:
             hint = f"the last complete checkpoint before it is {usable}" if usable else "no complete checkpoint is there"
             raise ConfigError(f"resume_from_checkpoint `{resume}` {problem}; {hint}. Pass that one, or "
                               "`--resume_from_checkpoint auto` (the newest complete one in output_dir).")
-    if not resume and checkpoints_newest_first(training_args.output_dir):
-        logger.warning("output_dir %s holds checkpoints; this run starts fresh. Pass "
-                       "`--resume_from_checkpoint auto` to continue the last one.", training_args.output_dir)
+    if not resume:
+        clear_earlier_checkpoints(training_args)
     return resume
+
+
+def clear_earlier_checkpoints(training_args: PretrainingArguments) -> None:
+    """A fresh run in an output_dir with checkpoints: left there, they would mix with its own (rotation deletes by
+    age, `auto` resumes the highest step). A finished run's are removed with a warning (its final model is being
+    replaced anyway); an unfinished run's stop this one unless `overwrite_output_dir` says to remove them."""
+    out = Path(training_args.output_dir)
+    found = checkpoints_newest_first(out)
+    if not found:
+        return
+    names = ", ".join(p.name for p in found)
+    metrics = out / "metrics.json"
+    finished = metrics.is_file() and metrics.stat().st_mtime >= max(p.stat().st_mtime for p in found)
+    if not (finished or training_args.overwrite_output_dir):
+        raise ConfigError(f"output_dir `{out}` holds {names} of a run that did not finish. Pass "
+                          "`--resume_from_checkpoint auto` to continue it, `--overwrite_output_dir true` to start fresh "
+                          "and delete them, or choose another `output_dir`.")
+    logger.warning("output_dir %s holds %s of an earlier %s run: this run starts fresh and removes them", out, names,
+                   "finished" if finished else "unfinished")
+    if training_args.should_save:
+        for checkpoint in found:
+            shutil.rmtree(checkpoint)
+    barrier()
+
+
+def check_resume_matches(checkpoint: str, model, tokenizer) -> None:
+    """A checkpoint resumes only into the model and tokenizer it was saved from: another shape would fail
+    deep inside the optimizer's state loading, another vocabulary would silently train on other ids."""
+    saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    now = model.config.to_dict()
+    changed = [f"{key} {saved.get(key)} -> {now.get(key)}" for key in SHAPE_KEYS if saved.get(key) != now.get(key)]
+    if changed:
+        raise ConfigError(f"{checkpoint} was saved from another model shape ({'; '.join(changed)}). Resume with the "
+                          "settings it was trained with, or start fresh in another `output_dir`.")
+    if any((Path(checkpoint) / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json")):
+        saved_vocab = AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+        if saved_vocab != tokenizer.get_vocab():
+            raise ConfigError(f"{checkpoint} was trained with another tokenizer ({len(saved_vocab)} tokens; this run's has "
+                              f"{len(tokenizer)}, or other ids): resume with the tokenizer it was trained with, or start "
+                              "fresh in another `output_dir`.")
+
+
+SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+              "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
 
 
 def setup_logging(training_args: PretrainingArguments, data_args: DataArguments) -> None:
@@ -1246,9 +1339,13 @@ def train(argv: list[str]) -> dict:
         import deepspeed  # on CPU accelerate sets up gloo but not deepspeed.comm, which ZeRO-3's zero.Init asks
 
         deepspeed.init_distributed(dist_backend="gloo")
-    tokenizer = load_tokenizer(model_args, data_args, training_args)
+    resume = resolve_resume(training_args)
+    tokenizer = load_tokenizer(model_args, data_args, training_args, resume)
     model_args.torch_dtype = weight_dtype(model_args, training_args)
     model = build_model(model_args, tokenizer, data_args.block_size)
+    if resume:
+        check_resume_matches(resume, model, tokenizer)
+        training_args.eval_on_start = False  # the checkpoint's history holds the step-0 baseline
     if training_args.chunked_loss:
         use_chunked_loss(model, training_args)
     data = load_data(data_args, training_args, tokenizer)
@@ -1259,6 +1356,10 @@ def train(argv: list[str]) -> dict:
     tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
                        * training_args.world_size * data_args.block_size)
     if data_args.max_train_tokens:
+        if training_args.max_steps > 0:
+            raise ConfigError(f"max_steps {training_args.max_steps} and max_train_tokens {data_args.max_train_tokens} "
+                              "both set the run's length: keep one (on the command line, either one overrides the "
+                              "other from the config file).")
         training_args.max_steps = math.ceil(data_args.max_train_tokens / tokens_per_step)
         logger.info("token budget %d: max_steps %d", data_args.max_train_tokens, training_args.max_steps)
     if not hasattr(data.train, "__len__") and training_args.max_steps <= 0:
@@ -1279,7 +1380,6 @@ def train(argv: list[str]) -> dict:
         block_size=data_args.block_size, meter=meter)
     if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole
         trainer.accelerator.state.dynamo_plugin.use_regional_compilation = training_args.torch_compile_scope == "blocks"
-    resume = resolve_resume(training_args)
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except Exception as e:

@@ -17,9 +17,12 @@ if [ -z "${HOSTFILE:-}" ]; then
     [ -n "${NUM_GPUS:-}" ] && export NPROC_PER_NODE=$NUM_GPUS
     exec bash "$ROOT/torchrun/run_torchrun.sh" "$@"
 fi
-cd "$ROOT"
-CONFIG=configs/pretrain_tiny.yaml
+CONFIG=$ROOT/configs/pretrain_tiny.yaml
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
+[ -f "$CONFIG" ] && CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")  # else pretrain.py names it
+[ -f "$HOSTFILE" ] || { echo "run_deepspeed.sh: HOSTFILE $HOSTFILE does not exist" >&2; exit 2; }
+HOSTFILE=$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")
+cd "$ROOT"
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 echo "run_deepspeed.sh: nodes from $HOSTFILE, master $MASTER_ADDR:${MASTER_PORT:-29500}, $DS_CONFIG"
 exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \

@@ -77,3 +77,28 @@ def test_every_shipped_config_parses_and_its_data_renders(tmp_path, tokenizer, m
             continue  # hub sources: tests/test_open_mixed.py runs them on local copies
         data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, seed=0)
         assert len(data.train) > 0 and data.eval, config
+
+
+@pytest.mark.parametrize("field,value", [("torch_dtype", "fp16"), ("tokenizer_model_type", "wordpiece"),
+                                         ("new_token_init", "foo")])
+def test_a_value_outside_its_choices_is_named_with_them(tmp_path, field, value):
+    with pytest.raises(ConfigError, match=rf"{field} must be one of .*, got `{value}`"):
+        pretrain.parse_args([write_config(tmp_path, **{field: value})])
+
+
+def test_an_attention_kernel_that_is_not_installed_is_a_clear_error(tmp_path, micro_model_config, tokenizer):
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is not None:
+        pytest.skip("flash-attn is installed here")
+    model_args = pretrain.parse_args([write_config(tmp_path, model_config=str(micro_model_config),
+                                                   attn_implementation="flash_attention_2")])[0]
+    with pytest.raises(ConfigError, match=r"attn_implementation `flash_attention_2`.*set `attn_implementation: sdpa`"):
+        pretrain.build_model(model_args, tokenizer, 32)
+
+
+def test_written_reports_are_readable_by_others_as_the_umask_allows(tmp_path):
+    import data_utils
+
+    data_utils.atomic_write_text(tmp_path / "report.json", "{}")
+    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~data_utils.CURRENT_UMASK

@@ -423,3 +423,15 @@ def test_skipped_records_are_logged_a_few_per_reason_per_source_not_per_chunk(tm
         data = build(tmp_path, tokenizer, [{"path": str(path), "name": "c", "on_error": "skip"}], block_size=4)
     assert data.report["sources"]["c"]["skipped"] == {"invalid_json": 10}
     assert len([r for r in caplog.records if "skipped" in r.getMessage()]) == data_utils.SkipLog.LIMIT
+
+
+def test_one_process_building_stores_with_two_tokenizers_uses_each(tmp_path, tokenizer, tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    path = make_text_corpus(tmp_path / "d", repeat=2)
+    other = AutoTokenizer.from_pretrained(tokenizer_dir)
+    other.add_tokens(["高血压"])
+    for tok in (tokenizer, other):
+        store = build(tmp_path, tok, [{"path": str(path), "name": "c"}]).train.parts[0].store
+        first = store.tokens[store.offsets[0]:store.offsets[1]].tolist()
+        assert first == tok(ZH_LINES[0] + "（第0例）", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]

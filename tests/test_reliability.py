@@ -143,3 +143,80 @@ def test_skip_policy_stops_a_run_that_diverged(tmp_path, micro_model_config, tok
     assert pretrain.main([str(run)]) == 2
     error = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")][0]
     assert "3 steps in a row had a non-finite loss or gradient" in error and "at step 6" in error
+
+
+# ------------------------------------------------------------- reruns and resumes into an output_dir
+def main(capsys, *argv) -> tuple[int, str]:
+    import pretrain
+
+    code = pretrain.main([str(a) for a in argv])
+    return code, capsys.readouterr().err
+
+
+def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, micro_model_config, tokenizer_dir, capsys):
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=4, save_steps=2, sample_prompts=[],
+                 verify_saved_model=False)
+    out = tmp_path / "out"
+    assert main(capsys, run)[0] == 0  # finished: checkpoint-2, checkpoint-4, metrics.json
+    (out / "metrics.json").unlink()  # now they look like an unfinished run's
+    code, err = main(capsys, run, "--max_steps", 2)
+    assert code == 2 and "holds checkpoint-4, checkpoint-2 of a run that did not finish" in err
+    assert "--resume_from_checkpoint auto" in err and "--overwrite_output_dir true" in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # untouched
+    assert main(capsys, run, "--max_steps", 2, "--overwrite_output_dir", "true")[0] == 0
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # only this run's
+    code, err = main(capsys, run, "--max_steps", 2)  # after a finished run: its checkpoints go, with a warning
+    assert code == 0 and "of an earlier finished run: this run starts fresh and removes them" in err
+
+
+def test_a_resume_keeps_its_tokenizer_and_refuses_another_model(tmp_path, micro_model_config, capsys):
+    import json as json_
+
+    from transformers import AutoTokenizer
+
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    run = config(tmp_path, micro_model_config, None, max_steps=2, save_steps=2, sample_prompts=[],
+                 verify_saved_model=False, tokenizer_name_or_path=None, tokenizer_vocab_size=800,
+                 sources=[{"path": str(corpus)}])
+    assert main(capsys, run)[0] == 0
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    with open(corpus, "a", encoding="utf-8") as f:  # the sources change: a new tokenizer would be trained
+        f.write("新增的句子改变了分词器的训练数据。\n" * 50)
+    (tmp_path / "out" / "metrics.json").unlink()
+    code, err = main(capsys, run, "--resume_from_checkpoint", "auto", "--max_steps", 3)
+    assert code == 0 and "it resumes with the tokenizer it was trained with" in err
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+    shape = json_.loads(micro_model_config.read_text())
+    other = tmp_path / "wider.json"
+    other.write_text(json_.dumps({**shape, "hidden_size": shape["hidden_size"] * 2}))
+    code, err = main(capsys, run, "--resume_from_checkpoint", str(checkpoint), "--model_config", other)
+    assert code == 2 and "was saved from another model shape (hidden_size" in err and "Traceback" not in err
+
+
+def test_forgetting_baseline_survives_a_resume(tmp_path, micro_model_config, tokenizer_dir, capsys):
+    import json as json_
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=2, save_steps=2, eval_strategy="steps",
+                 eval_steps=2, eval_on_start=True, sample_prompts=[], verify_saved_model=False, learning_rate=1e-2)
+    sources = [{"name": "notes", "path": str(make_text_corpus(tmp_path / "data", repeat=30)), "watch_forgetting": True}]
+    assert main(capsys, run, "--sources", json_.dumps(sources, ensure_ascii=False))[0] == 0
+    (tmp_path / "out" / "metrics.json").unlink()
+    assert main(capsys, run, "--sources", json_.dumps(sources, ensure_ascii=False), "--resume_from_checkpoint", "auto",
+                "--max_steps", 4)[0] == 0
+    metrics = json_.loads((tmp_path / "out" / "metrics.json").read_text())
+    history = json_.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())["log_history"]
+    evals = [h for h in history if "eval_notes_ppl" in h]
+    assert [h["step"] for h in evals] == [0, 2, 4]  # no second evaluation at the resumed step
+    assert metrics["eval"]["ppl_change_pct_over_baseline"]["notes"] == round(
+        100 * (evals[-1]["eval_notes_ppl"] / evals[0]["eval_notes_ppl"] - 1), 2)
+
+
+def test_run_length_from_the_command_line_wins_over_the_configs(tmp_path, micro_model_config, tokenizer_dir, capsys):
+    import pretrain
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_train_tokens=100000)
+    assert pretrain.parse_args([str(run), "--max_steps", "7"])[1].max_train_tokens is None
+    both = config(tmp_path, micro_model_config, tokenizer_dir, max_train_tokens=100000, max_steps=3)
+    code, err = main(capsys, both)
+    assert code == 2 and "max_steps 3 and max_train_tokens 100000 both set the run's length" in err
+    assert pretrain.parse_args([str(both), "--max_train_tokens", "500"])[2].max_steps == -1

@@ -1,6 +1,7 @@
 """tools/vocab.py: train a Chinese tokenizer, extend English base tokenizers of both families with it
 (ids stable, round trips exact), and continue pretraining a model with the extended tokenizer."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -46,6 +47,53 @@ def byte_level_base(directory, texts, vocab_size=400):
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
     fast.save_pretrained(directory)
     return directory
+
+
+def qwen2_style_base(directory, texts, vocab_size=400):
+    """A Qwen2 / Llama-3-style byte-level BPE tokenizer: its special tokens are added tokens numbered after the
+    BPE vocabulary, and it loads as transformers' Qwen2Tokenizer (which re-adds them on every load)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size,
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    fast.add_special_tokens({"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>",
+                             "additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    fast.save_pretrained(directory)
+    config = json.loads((directory / "tokenizer_config.json").read_text(encoding="utf-8"))
+    (directory / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": "Qwen2Tokenizer"}))
+    return directory
+
+
+def llama2_style_base(directory, texts, vocab_size=400, pad=False):
+    """A Llama-2-style tokenizer as transformers 5 saves one: tokenizer.model, and a tokenizer.json whose
+    TemplateProcessing post-processor is what adds BOS (tokenizer_config.json no longer says add_bos_token);
+    `pad`: with a <pad> added after the SentencePiece vocabulary, as many Llama-2 fine-tunes have."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    hub = directory / "hub"
+    hub.mkdir(parents=True)
+    (directory / "corpus.txt").write_text("\n".join(texts), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(directory / "corpus.txt"), model_prefix=str(hub / "tokenizer"),
+                                   vocab_size=vocab_size, model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1,
+                                   eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    (hub / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "LlamaTokenizer", "add_bos_token": True, "add_eos_token": False, "legacy": False,
+        "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(hub)
+    if pad:
+        tok.add_special_tokens({"pad_token": "<pad>"})
+    tok.save_pretrained(directory / "llama2")
+    shutil.copy(hub / "tokenizer.model", directory / "llama2" / "tokenizer.model")
+    return directory / "llama2"
 
 
 @pytest.fixture(scope="module")
@@ -118,13 +166,15 @@ def test_continued_pretraining_with_an_extended_tokenizer(bases, micro_model_con
     model = pretrain.build_model(model_args, tokenizer, 32)  # step 0 of the continued run
     rows = model.get_input_embeddings().weight.detach()
     assert rows.shape[0] >= len(tokenizer) and rows.shape[0] % 64 == 0
-    assert torch.equal(rows[:len(old_rows)], old_rows)  # base rows untouched
     base_tok = AutoTokenizer.from_pretrained(tmp_path / "base_model")
-    new_id = len(old_rows)
-    pieces = base_tok(tokenizer.decode([new_id]), add_special_tokens=False)["input_ids"]
-    assert torch.allclose(rows[new_id], old_rows[pieces].mean(0))  # starts at the mean of the pieces it replaces
+    first_new = len(base_tok)
+    assert first_new < len(old_rows)  # the base model has spare rows (its vocabulary rounded up to 64)
+    assert torch.equal(rows[:first_new], old_rows[:first_new])  # base rows untouched
+    for new_id in (first_new, len(old_rows)):  # a new token in a spare row, and one in a row added by the resize
+        pieces = base_tok(tokenizer.decode([new_id]), add_special_tokens=False)["input_ids"]
+        assert torch.allclose(rows[new_id], old_rows[pieces].mean(0))  # starts at the mean of the pieces it replaces
     mean_model = pretrain.build_model(pretrain.parse_args(argv + ["--new_token_init", "mean"])[0], tokenizer, 32)
-    assert torch.allclose(mean_model.get_input_embeddings().weight[new_id], old_rows.mean(0), atol=1e-6)
+    assert torch.allclose(mean_model.get_input_embeddings().weight[first_new], old_rows[:first_new].mean(0), atol=1e-6)
 
     run_pretrain(argv + ["--max_steps", "6"])  # and it trains
     metrics = json.loads((tmp_path / "continued" / "metrics.json").read_text(encoding="utf-8"))
@@ -166,3 +216,115 @@ def test_cli_train_and_extend_with_report(tmp_path, bases):
     assert "chars/token" in extended.stdout and "fewer tokens than the first" in extended.stdout
     report = json.loads((tmp_path / "ext" / "compression_report.json").read_text())
     assert set(report["zh"]) == {str(bases[1]["byte-level BPE"]), str(tmp_path / "ext")}
+
+
+def test_qwen2_style_special_tokens_after_the_vocabulary_keep_their_ids(bases, tmp_path):
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    base_dir, _, chinese = bases
+    base = qwen2_style_base(tmp_path / "qwen2", (base_dir / "en" / "en.txt").read_text(encoding="utf-8").splitlines())
+    before = AutoTokenizer.from_pretrained(base)
+    specials = {t: before.convert_tokens_to_ids(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    bpe_size = len(json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))["model"]["vocab"])
+    assert sorted(specials.values()) == [bpe_size, bpe_size + 1, bpe_size + 2]  # after the BPE vocabulary
+    result = vocab.extend_tokenizer(base, chinese, tmp_path / "out")
+    extended = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert type(extended).__name__ == "Qwen2Tokenizer" and result["added_tokens"] > 50
+    base_vocab, ext_vocab = before.get_vocab(), extended.get_vocab()
+    assert all(ext_vocab[t] == i for t, i in base_vocab.items())  # special tokens included
+    new_ids = sorted(set(ext_vocab.values()) - set(base_vocab.values()))
+    assert new_ids == list(range(bpe_size + 3, len(extended))) and len(new_ids) == result["added_tokens"]
+    raw = Tokenizer.from_file(str(tmp_path / "out" / "tokenizer.json"))  # the tokenizers library alone agrees
+    assert {t: raw.token_to_id(t) for t in specials} == specials
+    chat = ("<|im_start|>user\n高血压怎么办？<|im_end|>\n<|im_start|>assistant\nAspirin 100 mg daily.<|im_end|>"
+            "<|endoftext|>")
+    ids = extended(chat)["input_ids"]
+    assert [i for i in ids if i in specials.values()] == [specials[t] for t in
+                                                          ("<|im_start|>", "<|im_end|>", "<|im_start|>", "<|im_end|>",
+                                                           "<|endoftext|>")]
+    assert set(ids) & set(new_ids) and extended.decode(ids) == chat
+    assert extended.convert_tokens_to_ids(extended.convert_ids_to_tokens(ids)) == ids
+    for text in ENGLISH + ["1234567890"]:
+        assert extended(text)["input_ids"] == before(text)["input_ids"]
+
+
+@pytest.mark.parametrize("pad", [False, True])
+def test_llama2_style_base_keeps_its_bos_and_pad(bases, tmp_path, pad):
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    base_dir, _, chinese = bases
+    base = llama2_style_base(tmp_path / "llama", (base_dir / "en" / "en.txt").read_text(encoding="utf-8").splitlines(),
+                             pad=pad)
+    assert json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))["post_processor"]["type"] == \
+        "TemplateProcessing" and "add_bos_token" not in (base / "tokenizer_config.json").read_text(encoding="utf-8")
+    before = AutoTokenizer.from_pretrained(base)
+    assert before("Hello world")["input_ids"][0] == before.bos_token_id == 1
+    assert before.pad_token_id == (400 if pad else None) and len(before) == 400 + pad
+    result = vocab.extend_tokenizer(base, chinese, tmp_path / "out")
+    extended = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert result["added_tokens"] > 50 and len(extended) == len(before) + result["added_tokens"]
+    assert all(extended.get_vocab()[t] == i for t, i in before.get_vocab().items())
+    for text in ENGLISH + ["", "Hello world", "1234567890", "a<pad>b"]:  # BOS (and the pad) as before
+        assert extended(text)["input_ids"] == before(text)["input_ids"]
+    zh = "".join(ZH_LINES[:3])
+    ids = extended(zh)["input_ids"]
+    assert ids[0] == 1 and len(ids) * 2 <= len(before(zh)["input_ids"])  # the new pieces at work, after BOS
+    assert extended.decode(ids, skip_special_tokens=True) == zh
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "out" / "tokenizer.model"))  # for a later extension
+    assert sp.get_piece_size() == len(extended) and (sp.id_to_piece(400) == "<pad>") == pad
+
+    # what extending used to write, a tokenizer rebuilt from tokenizer.model alone, adds no BOS: the check refuses it
+    rebuilt = tmp_path / "rebuilt"
+    rebuilt.mkdir()
+    for name in ("tokenizer.model", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "out" / name, rebuilt / name)
+    without_bos = AutoTokenizer.from_pretrained(rebuilt)
+    assert without_bos("Hello world")["input_ids"][0] != 1
+    with pytest.raises(data_utils.DataError, match=r"changed how '' tokenizes \(ids \[1\]"):
+        vocab.check_extension(before, without_bos)
+
+
+def test_out_never_replaces_inputs_or_files_the_tool_did_not_write(bases, tmp_path, monkeypatch):
+    base_dir, families, chinese = bases
+    model = tmp_path / "model"  # a base model directory: its weights must survive any --out
+    shutil.copytree(families["byte-level BPE"], model)
+    (model / "config.json").write_text("{}")
+    (model / "model.safetensors").write_bytes(b"weights")
+    run = [sys.executable, str(ROOT / "tools" / "vocab.py"), "extend", "--base", str(model), "--add", str(chinese)]
+    refused = subprocess.run(run + ["--out", str(model), "--overwrite"], capture_output=True, text=True)
+    assert refused.returncode == 2 and "is or holds the input" in refused.stderr
+    for out in (tmp_path, chinese, chinese.parent):  # a directory holding an input, the --add tokenizer
+        with pytest.raises(data_utils.DataError, match="is or holds the input"):
+            vocab.extend_tokenizer(model, chinese, out, overwrite=True)
+    assert (model / "model.safetensors").read_bytes() == b"weights" and (chinese / "tokenizer.model").is_file()
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    with pytest.raises(data_utils.DataError, match="did not write"):
+        vocab.extend_tokenizer(model, chinese, notes, overwrite=True)
+    assert (notes / "notes.txt").read_text() == "mine"
+
+    out = tmp_path / "ext"
+    out.mkdir()  # an empty directory is fine
+    vocab.extend_tokenizer(model, chinese, out)
+    written = sorted(f.name for f in out.iterdir())
+    assert "vocab_extension.json" in written and "model.safetensors" not in written
+    with pytest.raises(data_utils.DataError, match="--overwrite"):
+        vocab.extend_tokenizer(model, chinese, out)
+    (out / "compression_report.json").write_text("{}")  # also the tool's
+    vocab.extend_tokenizer(model, chinese, out, overwrite=True)
+    assert sorted(f.name for f in out.iterdir()) == written
+    (out / "model.safetensors").write_bytes(b"trained")
+    with pytest.raises(data_utils.DataError, match=r"did not write \(model.safetensors\)"):
+        vocab.extend_tokenizer(model, chinese, out, overwrite=True)
+    (out / "model.safetensors").unlink()
+
+    tokenizer_json = (out / "tokenizer.json").read_bytes()  # a failed extension leaves the old one whole
+    monkeypatch.setattr(vocab, "check_extension", lambda *a: (_ for _ in ()).throw(data_utils.DataError("bad")))
+    with pytest.raises(data_utils.DataError, match="bad"):
+        vocab.extend_tokenizer(model, chinese, out, overwrite=True)
+    assert (out / "tokenizer.json").read_bytes() == tokenizer_json
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["ext", "model", "notes"]  # no temporary directories left

@@ -3,7 +3,7 @@ with its pieces, and measure what that buys.
 
     python tools/vocab.py train CONFIG.yaml --vocab_size N --out DIR [--model_type bpe|unigram]
                                 [--character_coverage C] [--user_defined_symbols FILE|a,b,c]
-    python tools/vocab.py extend --base DIR --add DIR_OR_FILE --out DIR [--config CONFIG.yaml]
+    python tools/vocab.py extend --base DIR --add DIR_OR_FILE --out DIR [--config CONFIG.yaml] [--overwrite]
     python tools/vocab.py report CONFIG.yaml --tokenizer DIR [--tokenizer DIR ...]
 
 Why a separate tool: these are one-off preparation steps run before training (like `hf download`),
@@ -18,11 +18,17 @@ text without the new pieces unchanged, for both tokenizer families:
   * byte-level BPE tokenizer.json tokenizers (Qwen2 / Llama-3 style): each new piece is written in the
     byte alphabet, built from the tokens the current vocabulary splits it into by merges appended
     after all existing merges, and its intermediate tokens join the vocabulary.
+Special tokens numbered after the vocabulary (Qwen2, Llama-3, a Llama-2 <pad>) keep their ids too, and
+check_extension compares ids with the tokenizer's own BOS/EOS on sample texts before anything is written.
+The output directory is built in a temporary sibling and renamed into place; it is never an input or a
+directory holding one, and an existing non-empty one is replaced only if an earlier `extend` wrote it
+(vocab_extension.json lists its files), nothing else is in it, and --overwrite is given.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -66,22 +72,78 @@ def _copy_base(base: Path, tmp: Path, skip: tuple[str, ...]) -> None:
             shutil.copy(f, tmp / f.name)
 
 
-def extend_sentencepiece(base: Path, pieces: list[str], tmp: Path) -> int:
+def _merge_pairs(merges: list) -> list[tuple[str, str]]:
+    return [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in merges]
+
+
+def _keep_added_token_ids(vocab: dict[str, int], added: list[tuple[int, str]], what: str) -> None:
+    """Give the model vocabulary the added tokens it lacks, under their own ids. The tokenizers library numbers
+    an added token that is not in the model's vocabulary from the vocabulary's size (and transformers' Qwen2 and
+    Llama tokenizers re-add their special tokens that way on every load), so pieces appended after special
+    tokens that sit after the vocabulary (Qwen2, Llama-3, a Llama-2 <pad> at 32000) would push them along."""
+    owners = {i: t for t, i in vocab.items()}
+    for token_id, content in added:
+        if content in vocab:
+            continue
+        if token_id in owners:
+            raise DataError(f"{what}: added token `{content}` has id {token_id}, which the model vocabulary gives to "
+                            f"`{owners[token_id]}`; the base tokenizer is inconsistent, fix or re-save it first.")
+        vocab[content] = owners[token_id] = token_id
+
+
+def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path) -> int:
+    """Append the pieces to tokenizer.model and, when the base has one, to tokenizer.json's BPE model: the
+    tokenizer.json keeps its normalizer, pre-tokenizer and post-processor (the BOS a Llama-2 tokenizer saved by
+    transformers adds lives only there), its vocabulary and merges; the new merges come after all of them."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+    Piece = sp_pb2.ModelProto.SentencePiece
     proto = sp_pb2.ModelProto()
     proto.ParseFromString((base / "tokenizer.model").read_bytes())
+    size = len(proto.pieces)
+    # base tokens past the proto (e.g. a <pad> added at 32000) join it, so the new pieces do not take their ids
+    extra = sorted((i, t) for t, i in base_tok.get_vocab().items() if i >= size)
+    if [i for i, _ in extra] != list(range(size, size + len(extra))):
+        raise DataError(f"--base `{base}`: its tokens past tokenizer.model's {size} pieces have ids "
+                        f"{[i for i, _ in extra][:5]}..., not {size}, {size + 1}, ...: new pieces have no free ids to "
+                        "follow them. Re-save the base tokenizer with contiguous ids.")
+    decoder = base_tok.added_tokens_decoder
+    for i, token in extra:
+        special = i in decoder and decoder[i].special
+        proto.pieces.append(Piece(piece=token, score=0.0, type=Piece.CONTROL if special else Piece.USER_DEFINED))
+    first_new = len(proto.pieces)
     existing = {p.piece for p in proto.pieces}
-    lowest = min((p.score for p in proto.pieces if p.type == sp_pb2.ModelProto.SentencePiece.NORMAL), default=0.0)
-    added = 0
+    lowest = min((p.score for p in proto.pieces if p.type == Piece.NORMAL), default=0.0)
     for piece in pieces:
         if piece not in existing:  # scored below every base piece: base merges always win, in their order
-            added += 1
-            proto.pieces.append(sp_pb2.ModelProto.SentencePiece(piece=piece, score=lowest - added))
+            proto.pieces.append(Piece(piece=piece, score=lowest - (len(proto.pieces) - first_new + 1)))
             existing.add(piece)
     _copy_base(base, tmp, skip=("tokenizer.json", "tokenizer.model"))
     (tmp / "tokenizer.model").write_bytes(proto.SerializeToString())
-    return added
+    if (base / "tokenizer.json").is_file():
+        spec = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
+        model = spec["model"]
+        if model.get("type") != "BPE":
+            raise DataError(f"--base `{base}`: its tokenizer.json holds a {model.get('type')} model; extending keeps "
+                            "tokenizer.json only for the BPE models transformers writes for SentencePiece tokenizers.")
+        vocab = model["vocab"]
+        _keep_added_token_ids(vocab, [(i, p.piece) for i, p in enumerate(proto.pieces[:first_new]) if i >= size],
+                              f"--base `{base}`")
+        for i, p in enumerate(proto.pieces[first_new:], first_new):
+            vocab[p.piece] = i
+        # merges as transformers derives them from the proto (every split into two vocabulary pieces, in the id
+        # order of the result), for each merge that involves a new piece
+        merges = _merge_pairs(model["merges"])
+        known = set(merges)
+        for piece, i in sorted(vocab.items(), key=lambda item: item[1]):
+            splits = [(piece[:k], piece[k:]) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+            for pair in sorted(splits, key=lambda pair: (vocab[pair[0]], vocab[pair[1]])):
+                if pair not in known and max(i, vocab[pair[0]], vocab[pair[1]]) >= first_new:
+                    merges.append(pair)
+                    known.add(pair)
+        model["merges"] = [list(m) for m in merges]
+        (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    return len(proto.pieces) - first_new
 
 
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -104,16 +166,17 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return word
 
 
-def extend_byte_level_bpe(base: Path, pieces: list[str], tmp: Path) -> int:
+def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path) -> int:
     from tokenizers import Tokenizer
 
     spec = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
     model = spec["model"]
     pre_tokenizer = Tokenizer.from_str(json.dumps(spec)).pre_tokenizer
     vocab = model["vocab"]
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ", 1)) for m in model["merges"]]
+    _keep_added_token_ids(vocab, [(t["id"], t["content"]) for t in spec.get("added_tokens", [])], f"--base `{base}`")
+    merges = _merge_pairs(model["merges"])
     ranks = {pair: i for i, pair in enumerate(merges)}
-    next_id = max([*vocab.values(), *(t["id"] for t in spec.get("added_tokens", []))]) + 1
+    next_id = max(vocab.values()) + 1
     added = 0
     for piece in sorted(dict.fromkeys(pieces), key=len):  # short pieces first: longer ones build on them
         text = piece.replace("▁", " ")
@@ -139,10 +202,60 @@ def extend_byte_level_bpe(base: Path, pieces: list[str], tmp: Path) -> int:
     return added
 
 
-def extend_tokenizer(base: Path, add: Path, out: Path) -> dict:
-    """Extend the tokenizer in `base` with the pieces of `add`; write a tokenizer directory to `out`."""
+MARKER = "vocab_extension.json"  # written into every extension: what it is made of and which files the tool wrote
+REPORT = "compression_report.json"  # written next to it by `extend --config`
+
+
+def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
+    """`extend` replaces --out as a whole, so it refuses an --out whose loss could hurt: an input (or a directory
+    holding one, such as the base model's), and a non-empty directory unless it is an earlier extension that
+    holds only files this tool wrote and --overwrite is given."""
+    target = out.resolve()
+    for path in inputs:
+        if target == path.resolve() or target in path.resolve().parents:
+            raise DataError(f"--out `{out}` is or holds the input `{path}`, which writing there would delete: choose "
+                            f"a new directory, e.g. `{out.with_name(out.name + '_extended')}`.")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise DataError(f"--out `{out}` is a file: choose a directory path.")
+    present = {f.name for f in out.iterdir()}
+    if not present:
+        return
+    try:
+        written = {*json.loads((out / MARKER).read_text(encoding="utf-8"))["files"], MARKER, REPORT}
+    except (OSError, ValueError, KeyError, TypeError):
+        raise DataError(f"--out `{out}` is a non-empty directory that `tools/vocab.py extend` did not write (no "
+                        f"readable {MARKER}): choose a new or empty directory.") from None
+    if not overwrite:
+        raise DataError(f"--out `{out}` holds an earlier extension: add --overwrite to replace it, or choose "
+                        "another directory.")
+    foreign = sorted(present - written)
+    if foreign:
+        raise DataError(f"--out `{out}` holds files that `tools/vocab.py extend` did not write "
+                        f"({', '.join(foreign[:5])}): --overwrite would delete them. Move them out or choose another "
+                        "directory.")
+
+
+def _replace_dir(staged: Path, out: Path, trash: Path) -> None:
+    """Rename `staged` to `out`; an `out` already there is moved to `trash` first (same filesystem) and put back
+    if the rename fails, so `out` is always either the old directory or the complete new one."""
+    if out.exists():
+        os.replace(out, trash)
+    try:
+        os.replace(staged, out)
+    except OSError:
+        if trash.exists():
+            os.replace(trash, out)
+        raise
+
+
+def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) -> dict:
+    """Extend the tokenizer in `base` with the pieces of `add`; write a tokenizer directory to `out`, built in a
+    temporary sibling and renamed into place only after check_extension passed."""
     from transformers import AutoTokenizer
 
+    check_output_dir(out, [base, add], overwrite)
     if (base / "tokenizer.model").is_file():
         family, extend = "sentencepiece", extend_sentencepiece
     elif (base / "tokenizer.json").is_file() and "ByteLevel" in (base / "tokenizer.json").read_text("utf-8"):
@@ -152,31 +265,53 @@ def extend_tokenizer(base: Path, add: Path, out: Path) -> dict:
                         "tokenizer.json: these are the two families that can be extended.")
     pieces = pieces_to_add(add)
     base_tok = AutoTokenizer.from_pretrained(base)
-    with tempfile.TemporaryDirectory(dir=out.parent if out.parent.exists() else None) as tmp_name:
-        tmp = Path(tmp_name)
-        added = extend(base, pieces, tmp)
-        extended = AutoTokenizer.from_pretrained(tmp)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: renames are atomic
+    try:
+        (tmp / "work").mkdir()
+        added = extend(base, base_tok, pieces, tmp / "work")
         staged = tmp / "saved"
-        extended.save_pretrained(staged)
+        AutoTokenizer.from_pretrained(tmp / "work").save_pretrained(staged)
         if family == "sentencepiece":
-            shutil.copy(tmp / "tokenizer.model", staged / "tokenizer.model")  # kept for a later extension
-        check_extension(base_tok, AutoTokenizer.from_pretrained(staged))
-        if out.exists():
-            shutil.rmtree(out)
-        shutil.move(str(staged), out)
-    return {"family": family, "base_tokens": len(base_tok), "pieces_offered": len(pieces), "added_tokens": added,
-            "tokens": len(base_tok) + added}
+            shutil.copy(tmp / "work" / "tokenizer.model", staged / "tokenizer.model")  # kept for a later extension
+        extended = AutoTokenizer.from_pretrained(staged)
+        check_extension(base_tok, extended)
+        result = {"family": family, "base_tokens": len(base_tok), "pieces_offered": len(pieces),
+                  "added_tokens": added, "tokens": len(extended)}
+        files = sorted(f.name for f in staged.iterdir())
+        (staged / MARKER).write_text(json.dumps({"written_by": "tools/vocab.py extend", "base": str(base),
+                                                 "add": str(add), **result, "files": files}, indent=1))
+        _replace_dir(staged, out, tmp / "replaced")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return result
 
 
-def check_extension(base, extended) -> None:
-    """Base ids keep their tokens; new ids are appended."""
+SAMPLE_TEXTS = ["", "The patient was admitted with a fever of 38.5 degrees.", "1234567890 + 42 = ?",
+                "  two  spaces,\ttabs\nand new lines\n\n", "def f(x):\n    return x ** 2  # code",
+                "Ünïcödé, emoji 😀 and Chinese: 高血压是一种常见病。"]
+
+
+def check_extension(base, extended, texts: list[str] = SAMPLE_TEXTS) -> None:
+    """Base ids keep their tokens, new ids come after every base id, and sample texts (and the special tokens)
+    encode as before with the tokenizer's own BOS/EOS: the same ids where no new piece applies, the same text
+    back where one does."""
     base_vocab = base.get_vocab()
     ext_vocab = extended.get_vocab()
     moved = [t for t, i in base_vocab.items() if ext_vocab.get(t) != i]
     if moved:
         raise DataError(f"extension moved {len(moved)} base tokens (e.g. {moved[:3]}): refusing to write it.")
-    if min((i for t, i in ext_vocab.items() if t not in base_vocab), default=len(base_vocab)) < len(base_vocab):
+    top = max(base_vocab.values())
+    if min((i for t, i in ext_vocab.items() if t not in base_vocab), default=top + 1) <= top:
         raise DataError("extension gave a new token an id inside the base range: refusing to write it.")
+    specials = " ".join(base.all_special_tokens)
+    for text in [*texts, f"{specials} between {specials}"]:
+        before, after = base(text)["input_ids"], extended(text)["input_ids"]
+        if all(i <= top for i in after) and after != before:
+            raise DataError(f"extension changed how {text!r} tokenizes (ids {before[:6]}... became {after[:6]}..., "
+                            "special tokens included): refusing to write it.")
+        if base.unk_token_id not in before and extended.decode(after) != base.decode(before):
+            raise DataError(f"extension changed what {text!r} decodes to: refusing to write it.")
 
 
 # --------------------------------------------------------------------------------------------
@@ -243,6 +378,8 @@ def main(argv: list[str]) -> int:
     extend.add_argument("--add", required=True)
     extend.add_argument("--out", required=True)
     extend.add_argument("--config", help="also report compression before and after on this config's sources")
+    extend.add_argument("--overwrite", action="store_true",
+                        help="replace an --out that an earlier `extend` wrote (never a directory with other files)")
     rep = sub.add_parser("report", help="characters per token and byte-token share per source")
     rep.add_argument("config")
     rep.add_argument("--tokenizer", action="append", required=True)
@@ -261,7 +398,7 @@ def main(argv: list[str]) -> int:
             shutil.copytree(cached, args.out, dirs_exist_ok=True)
             print(f"wrote a {args.vocab_size}-token SentencePiece {args.model_type} tokenizer to {args.out}")
         elif args.command == "extend":
-            result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out))
+            result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out), args.overwrite)
             print(json.dumps(result, ensure_ascii=False))
             if args.config:
                 table = report(load_sources(args.config, overrides).sources, [args.base, args.out])

@@ -13,7 +13,8 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CONFIG=$ROOT/configs/pretrain_tiny.yaml
-if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$(cd "$(dirname "$1")" && pwd)/$(basename "$1"); shift; fi
+if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
+[ -f "$CONFIG" ] && CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")  # else pretrain.py names it
 cd "$ROOT"
 PYTHON=${PYTHON:-python}
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
@@ -32,5 +33,5 @@ elif [ "$NNODES" -gt 1 ]; then
 else
     LAUNCH=(--standalone --nproc_per_node "$NPROC_PER_NODE")
 fi
-echo "run_torchrun.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), $([ "$GPUS" -gt 0 ] && echo GPU || echo CPU/gloo)${FSDP:+, FSDP}${DS_CONFIG:+, DeepSpeed $DS_CONFIG}"
+echo "run_torchrun.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), $([ "$GPUS" -gt 0 ] && echo GPU || echo CPU/gloo)$([ "${FSDP:-0}" = 1 ] && echo ", FSDP")${DS_CONFIG:+, DeepSpeed $DS_CONFIG}"
 exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" pretrain.py "$CONFIG" "${EXTRA[@]}" "$@"
