@@ -49,7 +49,7 @@ STORE_VERSION = 3  # bump when the on-disk layout or the text formatting rules c
 CHUNK_LINES = 2048  # records per unit of work sent to a tokenizer process
 POOL_MIN_BYTES = 8 << 20  # below this, starting worker processes costs more than it saves
 csv.field_size_limit(2**31 - 1)  # csv's default 131,072 characters would refuse a long document, not skip it
-DATA_EXTENSIONS = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")
+DATA_EXTENSIONS = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")  # not .md: dataset READMEs
 
 
 class DataError(ValueError):
@@ -188,8 +188,14 @@ def resolve_files(patterns: str | list[str], source_name: str) -> list[Path]:
         if path.is_file():
             files.append(path)
         elif path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in DATA_EXTENSIONS
-                           and not any(part.startswith(".") for part in p.relative_to(path).parts))
+            visible = [p for p in path.rglob("*") if p.is_file()
+                       and not any(part.startswith(".") for part in p.relative_to(path).parts)]
+            found = sorted(p for p in visible if p.suffix.lower() in DATA_EXTENSIONS)
+            if len(found) < len(visible):
+                others = sorted(str(p.relative_to(path)) for p in visible if p.suffix.lower() not in DATA_EXTENSIONS)
+                logger.warning("source `%s`: directory `%s`: %d file(s) without a data extension are not read (%s%s); "
+                               "name them in `path` to read them", source_name, pattern, len(others),
+                               ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
             if not found:
                 raise DataError(f"source `{source_name}`: directory `{pattern}` holds no data files "
                                 f"({', '.join(DATA_EXTENSIONS)}). Add files or point `path` elsewhere.")
@@ -472,7 +478,7 @@ def make_renderer(template: str | dict | None, text_field: str, where: str):
             raise DataError(f"{where}: template `{kind}` has no option `{key}`.{closest_key_hint(key, defaults)} "
                             f"Options: {', '.join(defaults)}.")
         expected = type(defaults[key]) if defaults[key] is not None else list if key == "fields" else str
-        if not isinstance(value, expected):
+        if value is not None and not isinstance(value, expected):
             raise DataError(f"{where}: template `{kind}` option `{key}` must be a "
                             f"{ {str: 'string', list: 'list', dict: 'mapping'}[expected]}, got {value!r}.")
     opts = {**defaults, **options}
@@ -517,7 +523,10 @@ def _render_dialog(o: dict, obj: dict) -> str:
         if not isinstance(turn, dict):
             raise RecordError(f"turn {i} of `{field_name}` is a {type(turn).__name__}, not an object.", "bad_dialog")
         role = turn.get("from", turn.get("role"))
-        content = render_value(turn.get("value", turn.get("content")))
+        content = turn.get("value", turn.get("content"))
+        if isinstance(content, list) and all(isinstance(part, dict) for part in content):  # OpenAI content parts
+            content = "\n".join(part["text"] for part in content if isinstance(part.get("text"), str))
+        content = render_value(content)
         label = o["role_labels"].get(role) or o["role_labels"].get(ROLE_ALIASES.get(str(role).lower(), ""))
         if label is None:
             raise RecordError(f"turn {i} has role `{role}`, which `role_labels` does not name. Add it, e.g. "

@@ -1184,30 +1184,30 @@ def resolve_resume(training_args: PretrainingArguments) -> str | None:
             hint = f"the last complete checkpoint before it is {usable}" if usable else "no complete checkpoint is there"
             raise ConfigError(f"resume_from_checkpoint `{resume}` {problem}; {hint}. Pass that one, or "
                               "`--resume_from_checkpoint auto` (the newest complete one in output_dir).")
-    if not resume:
-        clear_earlier_checkpoints(training_args)
     return resume
 
 
-def clear_earlier_checkpoints(training_args: PretrainingArguments) -> None:
-    """A fresh run in an output_dir with checkpoints: left there, they would mix with its own (rotation deletes by
-    age, `auto` resumes the highest step). A finished run's are removed with a warning (its final model is being
-    replaced anyway); an unfinished run's stop this one unless `overwrite_output_dir` says to remove them."""
+def earlier_checkpoints(training_args: PretrainingArguments) -> list[Path]:
+    """The checkpoints a fresh run must remove before its first step: left in output_dir they would mix with its
+    own (rotation deletes by age, `auto` resumes the highest step). A finished run's go (its final model is being
+    replaced anyway); an unfinished run's stop this one now, unless `overwrite_output_dir` says they may go."""
     out = Path(training_args.output_dir)
     found = checkpoints_newest_first(out)
-    if not found:
-        return
-    names = ", ".join(p.name for p in found)
     metrics = out / "metrics.json"
-    finished = metrics.is_file() and metrics.stat().st_mtime >= max(p.stat().st_mtime for p in found)
-    if not (finished or training_args.overwrite_output_dir):
-        raise ConfigError(f"output_dir `{out}` holds {names} of a run that did not finish. Pass "
-                          "`--resume_from_checkpoint auto` to continue it, `--overwrite_output_dir true` to start fresh "
-                          "and delete them, or choose another `output_dir`.")
-    logger.warning("output_dir %s holds %s of an earlier %s run: this run starts fresh and removes them", out, names,
-                   "finished" if finished else "unfinished")
+    if found and not (metrics.is_file() and metrics.stat().st_mtime >= max(p.stat().st_mtime for p in found)
+                      or training_args.overwrite_output_dir):
+        raise ConfigError(f"output_dir `{out}` holds {', '.join(p.name for p in found)} of a run that did not finish. "
+                          "Pass `--resume_from_checkpoint auto` to continue it, `--overwrite_output_dir true` to start "
+                          "fresh and delete them, or choose another `output_dir`.")
+    return found
+
+
+def remove_checkpoints(checkpoints: list[Path], training_args: PretrainingArguments) -> None:
+    if checkpoints:
+        logger.warning("output_dir %s holds %s of an earlier run: this run starts fresh and removes them",
+                       training_args.output_dir, ", ".join(p.name for p in checkpoints))
     if training_args.should_save:
-        for checkpoint in found:
+        for checkpoint in checkpoints:
             shutil.rmtree(checkpoint)
     barrier()
 
@@ -1215,9 +1215,10 @@ def clear_earlier_checkpoints(training_args: PretrainingArguments) -> None:
 def check_resume_matches(checkpoint: str, model, tokenizer) -> None:
     """A checkpoint resumes only into the model and tokenizer it was saved from: another shape would fail
     deep inside the optimizer's state loading, another vocabulary would silently train on other ids."""
-    saved = json.loads((Path(checkpoint) / "config.json").read_text(encoding="utf-8"))
+    config = Path(checkpoint) / "config.json"
+    saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     now = model.config.to_dict()
-    changed = [f"{key} {saved.get(key)} -> {now.get(key)}" for key in SHAPE_KEYS if saved.get(key) != now.get(key)]
+    changed = [f"{key} {saved[key]} -> {now.get(key)}" for key in SHAPE_KEYS if key in saved and saved[key] != now.get(key)]
     if changed:
         raise ConfigError(f"{checkpoint} was saved from another model shape ({'; '.join(changed)}). Resume with the "
                           "settings it was trained with, or start fresh in another `output_dir`.")
@@ -1340,6 +1341,7 @@ def train(argv: list[str]) -> dict:
 
         deepspeed.init_distributed(dist_backend="gloo")
     resume = resolve_resume(training_args)
+    stale = [] if resume else earlier_checkpoints(training_args)
     tokenizer = load_tokenizer(model_args, data_args, training_args, resume)
     model_args.torch_dtype = weight_dtype(model_args, training_args)
     model = build_model(model_args, tokenizer, data_args.block_size)
@@ -1380,6 +1382,7 @@ def train(argv: list[str]) -> dict:
         block_size=data_args.block_size, meter=meter)
     if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole
         trainer.accelerator.state.dynamo_plugin.use_regional_compilation = training_args.torch_compile_scope == "blocks"
+    remove_checkpoints(stale, training_args)  # only now: a run that fails to start leaves them where they were
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     except Exception as e:

@@ -435,3 +435,13 @@ def test_one_process_building_stores_with_two_tokenizers_uses_each(tmp_path, tok
         store = build(tmp_path, tok, [{"path": str(path), "name": "c"}]).train.parts[0].store
         first = store.tokens[store.offsets[0]:store.offsets[1]].tolist()
         assert first == tok(ZH_LINES[0] + "（第0例）", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+
+
+def test_a_directory_names_the_files_it_does_not_read(tmp_path, caplog):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.txt").write_text("正文\n", encoding="utf-8")
+    (tmp_path / "d" / "README.md").write_text("# 数据说明\n", encoding="utf-8")
+    (tmp_path / "d" / "b.jsonl.gz").write_bytes(b"\x1f\x8b")
+    with caplog.at_level("WARNING", logger="data_utils"):
+        assert data_utils.resolve_files(str(tmp_path / "d"), "s") == [tmp_path / "d" / "a.txt"]
+    assert "2 file(s) without a data extension are not read (README.md, b.jsonl.gz)" in caplog.text

@@ -165,8 +165,11 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, micr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]  # untouched
     assert main(capsys, run, "--max_steps", 2, "--overwrite_output_dir", "true")[0] == 0
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # only this run's
+    code, err = main(capsys, run, "--max_steps", 2, "--sources", "[{path: missing.txt}]")
+    assert code == 2 and (out / "checkpoint-2").is_dir()  # a run that fails to start removes nothing
     code, err = main(capsys, run, "--max_steps", 2)  # after a finished run: its checkpoints go, with a warning
-    assert code == 0 and "of an earlier finished run: this run starts fresh and removes them" in err
+    assert code == 0 and "checkpoint-2 of an earlier run: this run starts fresh and removes them" in err
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
 
 
 def test_a_resume_keeps_its_tokenizer_and_refuses_another_model(tmp_path, micro_model_config, capsys):

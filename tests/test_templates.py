@@ -195,3 +195,11 @@ def test_preview_and_convert_cli(tmp_path, tokenizer_dir):
     missing = subprocess.run(run + ["preview", str(config), "--source", "medqq"], capture_output=True, text=True,
                              cwd=ROOT)
     assert missing.returncode == 2 and "no source named `medqq`. Did you mean `medqa`?" in missing.stderr
+
+
+def test_dialog_with_openai_content_parts_renders_their_text():
+    record = {"messages": [{"role": "user", "content": [{"type": "text", "text": "这张片子"},
+                                                        {"type": "image_url", "image_url": {"url": "x"}},
+                                                        {"type": "text", "text": "怎么看？"}]},
+                           {"role": "assistant", "content": "需要结合症状。"}]}
+    assert render("dialog", record) == "[User] 这张片子\n怎么看？\n[Assistant] 需要结合症状。"
