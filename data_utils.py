@@ -14,6 +14,7 @@ rendered texts, convert sources to one jsonl, prepare the token stores ahead of 
 """
 from __future__ import annotations
 
+import bz2
 import codecs
 import collections
 import contextlib
@@ -23,10 +24,13 @@ import difflib
 import errno
 import functools
 import glob as globlib
+import gzip
 import hashlib
+import io
 import itertools
 import json
 import logging
+import lzma
 import multiprocessing
 import os
 import re
@@ -50,6 +54,41 @@ CHUNK_LINES = 2048  # records per unit of work sent to a tokenizer process
 POOL_MIN_BYTES = 8 << 20  # below this, starting worker processes costs more than it saves
 csv.field_size_limit(2**31 - 1)  # csv's default 131,072 characters would refuse a long document, not skip it
 DATA_EXTENSIONS = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")  # not .md: dataset READMEs
+COMPRESSIONS = {b"\x1f\x8b": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"), b"BZh": bz2.BZ2File,
+                b"\xfd7zXZ\x00": lzma.LZMAFile}  # by magic bytes; .gz/.bz2/.xz after a data extension in a directory
+
+
+def is_data_file(path: Path) -> bool:
+    """What a directory source reads: the data extensions, also compressed (`a.jsonl.gz`)."""
+    suffixes = [s.lower() for s in path.suffixes[-2:]]
+    return bool(suffixes) and (suffixes[-1] in DATA_EXTENSIONS or suffixes[-1] in (".gz", ".bz2", ".xz")
+                               and len(suffixes) == 2 and suffixes[0] in DATA_EXTENSIONS)
+
+
+@contextlib.contextmanager
+def open_input(path: Path) -> Iterator[tuple[Any, Any]]:
+    """(a data file's bytes, decompressed when its magic bytes say gzip, bz2 or xz; the file on disk, whose
+    position says how much of it has been read)."""
+    with open(path, "rb") as raw:
+        magic = raw.read(6)
+        raw.seek(0)
+        opener = next((opener for prefix, opener in COMPRESSIONS.items() if magic.startswith(prefix)), None)
+        if opener is None:
+            yield raw, raw
+            return
+        with opener(raw) as stream:
+            yield stream, raw
+
+
+@contextlib.contextmanager
+def open_text(path: Path, encoding: str, errors: str = "strict") -> Iterator[tuple[io.TextIOWrapper, Any]]:
+    """open_input as text, its line breaks as they are (LF, CRLF or a lone CR), and the file on disk."""
+    with open_input(path) as (stream, raw):
+        text = io.TextIOWrapper(stream, encoding=encoding, errors=errors, newline="")
+        try:
+            yield text, raw
+        finally:
+            text.detach()  # the stream is open_input's to close
 
 
 class DataError(ValueError):
@@ -190,9 +229,9 @@ def resolve_files(patterns: str | list[str], source_name: str) -> list[Path]:
         elif path.is_dir():
             visible = [p for p in path.rglob("*") if p.is_file()
                        and not any(part.startswith(".") for part in p.relative_to(path).parts)]
-            found = sorted(p for p in visible if p.suffix.lower() in DATA_EXTENSIONS)
+            found = sorted(p for p in visible if is_data_file(p))
             if len(found) < len(visible):
-                others = sorted(str(p.relative_to(path)) for p in visible if p.suffix.lower() not in DATA_EXTENSIONS)
+                others = sorted(str(p.relative_to(path)) for p in visible if not is_data_file(p))
                 logger.warning("source `%s`: directory `%s`: %d file(s) without a data extension are not read (%s%s); "
                                "name them in `path` to read them", source_name, pattern, len(others),
                                ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
@@ -597,7 +636,7 @@ def detect_encoding(path: Path, declared: str) -> str:
     utf-8, else gb18030 (a superset of GBK)."""
     if declared != "auto":
         return declared
-    with open(path, "rb") as f:
+    with open_input(path) as (f, _):
         head = f.read(1 << 20)
     if head.startswith(b"PAR1"):
         return "utf-8"  # parquet: binary, strings inside are utf-8
@@ -622,7 +661,7 @@ def sample_lines(path: Path, encoding: str) -> tuple[list[str], bool]:
     """The first lines of a file with their line breaks (LF, CRLF or a lone CR), for format detection,
     and whether the last one is cut off (at SAMPLE_LINE_CHARS characters; it is then the last one read)."""
     lines = []
-    with open(path, encoding=encoding, errors="replace", newline="") as f:
+    with open_text(path, encoding, errors="replace") as (f, _):
         while len(lines) < SAMPLE_LINES and (line := f.readline(SAMPLE_LINE_CHARS)):
             lines.append(line.removeprefix("\ufeff") if not lines else line)
             if len(line) == SAMPLE_LINE_CHARS and not line.endswith(("\n", "\r")):
@@ -646,7 +685,7 @@ def detect_format(path: Path, declared: str, encoding: str) -> str:
     nine in ten of the next lines repeat -> tsv (csv), else plain text."""
     if declared != "auto":
         return declared
-    with open(path, "rb") as f:
+    with open_input(path) as (f, _):
         head = f.read(4096)
     if head.startswith(b"PAR1"):
         return "parquet"
@@ -706,7 +745,7 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
     `columns` is given (then every row is data)."""
     rows = []
     quoting = table_quoting(fmt, sample_lines(path, encoding)[0])
-    with open(path, encoding="utf-8-sig" if encoding in ("utf-8", "utf8") else encoding, newline="") as f:
+    with open_text(path, "utf-8-sig" if encoding in ("utf-8", "utf8") else encoding) as (f, _):
         reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
         names = spec.columns
         try:
@@ -803,7 +842,8 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
             continue
         if fmt == "json":
             try:
-                items = json.loads(path.read_bytes().decode(encoding).removeprefix("\ufeff"))
+                with open_input(path) as (f, _):
+                    items = json.loads(f.read().decode(encoding).removeprefix("\ufeff"))
             except UnicodeDecodeError as e:
                 raise DataError(_decode_error_message(spec, str(path), None, encoding, e)) from None
             except ValueError as e:
@@ -830,18 +870,16 @@ def _line_chunks(path: Path, file_index: int, fmt: str, encoding: str, spec: Sou
     """A line-based file in chunks of byte lines, which the tokenizer processes decode. Where the byte \\n is
     not the line break (UTF-16/32, or a file breaking lines with a lone CR), the lines are decoded here
     and handed on as UTF-8."""
-    with open(path, "rb") as f:
+    with open_input(path) as (f, _):
         head = f.read(1 << 16)
+    line_no, done = 1, 0
     if "a\n".encode(encoding).endswith(b"a\n") and (b"\n" in head or b"\r" not in head):
-        with open(path, "rb") as f:
-            line_no = 1
+        with open_input(path) as (f, raw):
             while lines := list(itertools.islice(f, CHUNK_LINES)):
-                yield Chunk(file_index, str(path), fmt, encoding, line_no, lines, sum(map(len, lines)))
-                line_no += len(lines)
+                yield Chunk(file_index, str(path), fmt, encoding, line_no, lines, raw.tell() - done)
+                line_no, done = line_no + len(lines), raw.tell()
         return
-    size = path.stat().st_size
-    with open(path, encoding=encoding, newline="") as f:
-        line_no = 1
+    with open_text(path, encoding) as (f, raw):
         while True:
             lines = []
             try:
@@ -851,8 +889,8 @@ def _line_chunks(path: Path, file_index: int, fmt: str, encoding: str, spec: Sou
                                                       near=True)) from None
             if not lines:
                 return
-            yield Chunk(file_index, str(path), fmt, "utf-8", line_no, lines, min(size, sum(map(len, lines))))
-            line_no += len(lines)
+            yield Chunk(file_index, str(path), fmt, "utf-8", line_no, lines, raw.tell() - done)
+            line_no, done = line_no + len(lines), raw.tell()
 
 
 def _decode_error_message(spec: SourceConfig, path: str, line_no: int | None, encoding: str,

@@ -441,7 +441,25 @@ def test_a_directory_names_the_files_it_does_not_read(tmp_path, caplog):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.txt").write_text("正文\n", encoding="utf-8")
     (tmp_path / "d" / "README.md").write_text("# 数据说明\n", encoding="utf-8")
-    (tmp_path / "d" / "b.jsonl.gz").write_bytes(b"\x1f\x8b")
+    (tmp_path / "d" / "b.zip").write_bytes(b"PK")
     with caplog.at_level("WARNING", logger="data_utils"):
         assert data_utils.resolve_files(str(tmp_path / "d"), "s") == [tmp_path / "d" / "a.txt"]
-    assert "2 file(s) without a data extension are not read (README.md, b.jsonl.gz)" in caplog.text
+    assert "2 file(s) without a data extension are not read (README.md, b.zip)" in caplog.text
+
+
+def test_gzip_bz2_and_xz_files_are_read(tmp_path):
+    import bz2
+    import gzip
+    import lzma
+
+    d = tmp_path / "d"
+    d.mkdir()
+    (d / "a.jsonl.gz").write_bytes(gzip.compress('{"text": "甲"}\n{"text": "乙"}\n'.encode()))
+    (d / "b.txt.bz2").write_bytes(bz2.compress("一\n二\n".encode("gbk")))  # GBK inside: detected after decompression
+    (d / "c.csv.xz").write_bytes(lzma.compress("title,text\nt,丙\n".encode()))
+    (d / "d.json.gz").write_bytes(gzip.compress(json.dumps([{"text": "丁"}], ensure_ascii=False).encode()))
+    (d / "e.txt.gz").write_bytes(gzip.compress("戊\r己\r".encode("utf-16")))
+    assert texts_of({"path": str(d)}) == ["甲", "乙", "一", "二", "丙", "丁", "戊", "己"]
+    spec = SourceConfig.from_dict({"path": str(d / "b.txt.bz2")}, 0)
+    chunk = next(data_utils.read_chunks(data_utils.SourceInput.open(spec), spec))
+    assert (chunk.fmt, chunk.encoding) == ("text", "gb18030") and chunk.nbytes == (d / "b.txt.bz2").stat().st_size
