@@ -772,6 +772,15 @@ class PretrainTrainer(Trainer):
         self.nonfinite_loss = None  # on the device: a micro-batch of this optimizer step had a non-finite loss
         self.first_nonfinite_step = None  # on the device (stop policy): the first step that went non-finite, or -1
 
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        """Checkpoints and the final model also keep a SentencePiece tokenizer's `tokenizer.model` (save_pretrained
+        writes tokenizer.json only): the vocabulary can be extended later, also after a resume."""
+        super()._save(output_dir, state_dict)
+        sentencepiece_model = Path(self.processing_class.name_or_path) / "tokenizer.model"
+        target = Path(output_dir or self.args.output_dir) / "tokenizer.model"
+        if self.args.should_save and sentencepiece_model.is_file() and sentencepiece_model != target:
+            shutil.copy(sentencepiece_model, target)
+
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = last_complete_checkpoint(self.args.output_dir)
         return NonFiniteLossError(
@@ -1403,9 +1412,6 @@ def train(argv: list[str]) -> dict:
 
     model.config.use_cache = True  # the saved model is for inference
     save_final_model(trainer, out)  # safetensors + config + tokenizer
-    sentencepiece_model = Path(tokenizer.name_or_path) / "tokenizer.model"
-    if training_args.should_save and sentencepiece_model.is_file():  # save_pretrained writes tokenizer.json only
-        shutil.copy(sentencepiece_model, out / "tokenizer.model")  # kept so the vocabulary can be extended later
     saved_check = verify_saved_model(model, training_args, data) if training_args.verify_saved_model else None
     history = trainer.state.log_history
     metrics = {

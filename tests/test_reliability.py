@@ -189,6 +189,7 @@ def test_a_resume_keeps_its_tokenizer_and_refuses_another_model(tmp_path, micro_
     code, err = main(capsys, run, "--resume_from_checkpoint", "auto", "--max_steps", 3)
     assert code == 0 and "it resumes with the tokenizer it was trained with" in err
     assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+    assert (checkpoint / "tokenizer.model").is_file() and (tmp_path / "out" / "tokenizer.model").is_file()  # extendable
     shape = json_.loads(micro_model_config.read_text())
     other = tmp_path / "wider.json"
     other.write_text(json_.dumps({**shape, "hidden_size": shape["hidden_size"] * 2}))
