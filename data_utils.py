@@ -156,8 +156,13 @@ class SourceConfig:
                     f"{where}: unknown key `{key}`.{closest_key_hint(key, valid)} "
                     f"Valid keys: {', '.join(sorted(valid))}."
                 )
+        raw = dict(raw)
         for key, value in raw.items():
             types, description = cls.KEY_TYPES.get(key, ((str,), "a string"))
+            if types == (int,) and isinstance(value, float) and value.is_integer():
+                raw[key] = value = int(value)  # YAML reads 2.0e+7 as a float
+            elif str in types and isinstance(value, (int, float)) and not isinstance(value, bool):
+                raw[key] = value = str(value)  # `name: 2023`
             wrong = (not isinstance(value, types) or isinstance(value, bool) and bool not in types
                      or isinstance(value, list) and not all(isinstance(v, str) for v in value))
             if value is not None and key != "data_files" and wrong:
@@ -502,11 +507,10 @@ ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant"
                 "chatgpt": "assistant", "bot": "assistant", "system": "system"}
 
 
-def make_renderer(template: str | dict | None, text_field: str, where: str):
-    """The function record(dict) -> text for a source, built from its `template` setting."""
-    if template is None:
-        return lambda obj: _require_text(obj, text_field, "text_field")
-    options = {"type": template} if isinstance(template, str) else dict(template)
+def template_options(template: str | dict, where: str) -> tuple[str, dict]:
+    """(kind, options) of a `template` setting: checked, a null option left at its default, a single string
+    where a list is expected taken as a list of one (`fields: title`), merged over the defaults."""
+    options = {"type": template} if isinstance(template, str) else {k: v for k, v in template.items() if v is not None}
     kind = options.pop("type", None)
     if kind not in TEMPLATE_DEFAULTS:
         raise DataError(f"{where}: template type `{kind}` is not one of {', '.join(TEMPLATE_DEFAULTS)}."
@@ -517,10 +521,19 @@ def make_renderer(template: str | dict | None, text_field: str, where: str):
             raise DataError(f"{where}: template `{kind}` has no option `{key}`.{closest_key_hint(key, defaults)} "
                             f"Options: {', '.join(defaults)}.")
         expected = type(defaults[key]) if defaults[key] is not None else list if key == "fields" else str
-        if value is not None and not isinstance(value, expected):
+        if expected is list and isinstance(value, str):
+            options[key] = value = [value]
+        if not isinstance(value, expected):
             raise DataError(f"{where}: template `{kind}` option `{key}` must be a "
                             f"{ {str: 'string', list: 'list', dict: 'mapping'}[expected]}, got {value!r}.")
-    opts = {**defaults, **options}
+    return kind, {**defaults, **options}
+
+
+def make_renderer(template: str | dict | None, text_field: str, where: str):
+    """The function record(dict) -> text for a source, built from its `template` setting."""
+    if template is None:
+        return lambda obj: _require_text(obj, text_field, "text_field")
+    kind, opts = template_options(template, where)
     if kind == "record":
         opts["labels"] = {**MEDICAL_RECORD_LABELS, **opts["labels"]}
     if kind == "format":
@@ -606,8 +619,7 @@ def template_fields(template: str | dict | None) -> list[str]:
     """The fields whose content a template renders: an empty one leaves a gap in the text (counted)."""
     if template is None:
         return []
-    kind = template if isinstance(template, str) else template["type"]
-    o = {**TEMPLATE_DEFAULTS[kind], **({} if isinstance(template, str) else template)}
+    kind, o = template_options(template, "template")
     if kind == "record":
         return o["fields"] or []
     if kind == "qa_concat":
@@ -654,17 +666,18 @@ def detect_encoding(path: Path, declared: str) -> str:
 
 
 SAMPLE_LINES = 51  # lines read to detect a format (a header and 50 rows)
-SAMPLE_LINE_CHARS = 1 << 24  # a longer first line is taken as cut off
+SAMPLE_CHARS = 1 << 20  # at most this much text of them: a line running past it is cut off
 
 
 def sample_lines(path: Path, encoding: str) -> tuple[list[str], bool]:
     """The first lines of a file with their line breaks (LF, CRLF or a lone CR), for format detection,
-    and whether the last one is cut off (at SAMPLE_LINE_CHARS characters; it is then the last one read)."""
-    lines = []
+    and whether the last one is cut off (SAMPLE_CHARS reached inside it; it is then the last one read)."""
+    lines, budget = [], SAMPLE_CHARS
     with open_text(path, encoding, errors="replace") as (f, _):
-        while len(lines) < SAMPLE_LINES and (line := f.readline(SAMPLE_LINE_CHARS)):
+        while len(lines) < SAMPLE_LINES and budget > 0 and (line := f.readline(budget)):
             lines.append(line.removeprefix("\ufeff") if not lines else line)
-            if len(line) == SAMPLE_LINE_CHARS and not line.endswith(("\n", "\r")):
+            budget -= len(line)
+            if budget == 0 and not line.endswith(("\n", "\r")):
                 return lines, True
     return lines, False
 
@@ -673,9 +686,8 @@ def table_quoting(fmt: str, lines: list[str]) -> int:
     """csv: fields may be quoted. tsv: only when a sampled field is wholly quoted ("...", as pandas writes
     fields holding a tab, quote or line break); otherwise a `"` in a TSV is text (a headline's
     `"十大"评选`), which CSV quoting would eat together with the rows up to the next quote."""
-    if fmt == "csv" or any(re.fullmatch(r'"(?:[^"]|"")*"', cell.strip())
-                           for line in lines for cell in line.rstrip("\r\n").split("\t")):
-        return csv.QUOTE_MINIMAL
+    if fmt == "csv" or re.search(r'(?:^|\t)"(?:[^"]|"")*"(?=\t|\r?\n|\r|$)', "".join(lines), re.MULTILINE):
+        return csv.QUOTE_MINIMAL  # (a quoted field may hold tabs and line breaks)
     return csv.QUOTE_NONE
 
 
@@ -745,7 +757,7 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
     `columns` is given (then every row is data)."""
     rows = []
     quoting = table_quoting(fmt, sample_lines(path, encoding)[0])
-    with open_text(path, "utf-8-sig" if encoding in ("utf-8", "utf8") else encoding) as (f, _):
+    with open_text(path, "utf-8-sig" if codecs.lookup(encoding).name == "utf-8" else encoding) as (f, _):
         reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",", quoting=quoting)
         names = spec.columns
         try:

@@ -359,25 +359,27 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
     embeddings are resized where the tokenizer outgrew them. A new token's row starts at the mean of the rows
     of the base-tokenizer pieces it replaces (its text, tokenized the way the model saw it so far), or at the
     mean of the base tokens' rows; base rows are untouched."""
-    if model_args.tokenizer_name_or_path in (None, model_args.model_name_or_path):
-        return  # the model's own tokenizer
-    rows = model.get_input_embeddings().weight.shape[0]
-    try:
-        base_tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
-                                                       trust_remote_code=model_args.trust_remote_code)
-        first_new = min(len(base_tokenizer), rows)
-    except (OSError, ValueError):
-        base_tokenizer, first_new = None, rows
-        logger.warning("no tokenizer next to the model: the tokens beyond its %d embedding rows count as new, and "
-                       "their rows start at the mean of all rows", rows)
+    rows = model.get_input_embeddings().num_embeddings  # not weight.shape: ZeRO-3 partitions the weight
+    base_tokenizer = tokenizer  # the model's own tokenizer: only tokens beyond its rows are new
+    if model_args.tokenizer_name_or_path not in (None, model_args.model_name_or_path):
+        try:
+            base_tokenizer = AutoTokenizer.from_pretrained(model_args.model_name_or_path,
+                                                           revision=model_args.model_revision,
+                                                           trust_remote_code=model_args.trust_remote_code)
+        except (OSError, ValueError):
+            base_tokenizer = None
+            logger.warning("no tokenizer next to the model: the tokens beyond its %d embedding rows count as new, and "
+                           "their rows start at the mean of all rows", rows)
+    first_new = min(len(base_tokenizer), rows) if base_tokenizer is not None else rows
     if len(tokenizer) <= first_new:
         return
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
+    total = model.get_input_embeddings().num_embeddings
     matrices = [model.get_input_embeddings().weight]
     if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
         matrices.append(model.get_output_embeddings().weight)
-    new_ids = [*range(first_new, len(tokenizer)), *range(max(rows, len(tokenizer)), matrices[0].shape[0])]
+    new_ids = [*range(first_new, len(tokenizer)), *range(max(rows, len(tokenizer)), total)]
     pieces = {}
     if base_tokenizer is not None and model_args.new_token_init == "subword_mean":
         for new_id in range(first_new, len(tokenizer)):
@@ -395,8 +397,7 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
                 weight[new_id] = weight[pieces[new_id]].mean(0) if pieces.get(new_id) else mean
     logger.warning("tokenizer has %d tokens, the base model's %d: %d new token rows (%d start at the mean of the base "
                    "pieces they replace, the others at the mean of the base rows); embedding rows %d -> %d",
-                   len(tokenizer), first_new, len(tokenizer) - first_new, sum(map(bool, pieces.values())), rows,
-                   matrices[0].shape[0])
+                   len(tokenizer), first_new, len(tokenizer) - first_new, sum(map(bool, pieces.values())), rows, total)
 
 
 def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments) -> str:
@@ -771,15 +772,16 @@ class PretrainTrainer(Trainer):
         self.reduces_in_fp32 = False  # bf16 weights under DDP: gradients averaged in fp32 (allreduce_in_fp32)
         self.nonfinite_loss = None  # on the device: a micro-batch of this optimizer step had a non-finite loss
         self.first_nonfinite_step = None  # on the device (stop policy): the first step that went non-finite, or -1
+        sentencepiece_model = Path(self.processing_class.name_or_path) / "tokenizer.model"
+        # read now: the directory it came from may be a checkpoint that rotation deletes later
+        self.sentencepiece_model = sentencepiece_model.read_bytes() if sentencepiece_model.is_file() else None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints and the final model also keep a SentencePiece tokenizer's `tokenizer.model` (save_pretrained
         writes tokenizer.json only): the vocabulary can be extended later, also after a resume."""
         super()._save(output_dir, state_dict)
-        sentencepiece_model = Path(self.processing_class.name_or_path) / "tokenizer.model"
-        target = Path(output_dir or self.args.output_dir) / "tokenizer.model"
-        if self.args.should_save and sentencepiece_model.is_file() and sentencepiece_model != target:
-            shutil.copy(sentencepiece_model, target)
+        if self.args.should_save and self.sentencepiece_model is not None:
+            (Path(output_dir or self.args.output_dir) / "tokenizer.model").write_bytes(self.sentencepiece_model)
 
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = last_complete_checkpoint(self.args.output_dir)

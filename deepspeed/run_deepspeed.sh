@@ -22,6 +22,7 @@ if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
 [ -f "$CONFIG" ] && CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")  # else pretrain.py names it
 [ -f "$HOSTFILE" ] || { echo "run_deepspeed.sh: HOSTFILE $HOSTFILE does not exist" >&2; exit 2; }
 HOSTFILE=$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")
+[ -f "$DS_CONFIG" ] && DS_CONFIG=$(cd "$(dirname "$DS_CONFIG")" && pwd)/$(basename "$DS_CONFIG")
 cd "$ROOT"
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 echo "run_deepspeed.sh: nodes from $HOSTFILE, master $MASTER_ADDR:${MASTER_PORT:-29500}, $DS_CONFIG"

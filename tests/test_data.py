@@ -329,6 +329,31 @@ def test_tsv_quotes_are_text_unless_the_file_quotes_whole_fields(tmp_path):
     assert texts_of({"path": str(tmp_path / "b.tsv"), "template": template}) == ['"十大"评选|正文\n一', "末条|正文二"]
 
 
+def test_tsv_whose_quoted_fields_hold_tabs_and_line_breaks(tmp_path):
+    import csv
+
+    with open(tmp_path / "a.tsv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t")
+        writer.writerow(["id", "text"])
+        writer.writerows([i, f"第一段{i}\n第二段\t{i}"] for i in range(30))
+    assert data_utils.detect_format(tmp_path / "a.tsv", "auto", "utf-8") == "tsv"
+    assert texts_of({"path": str(tmp_path / "a.tsv")})[:2] == ["第一段0\n第二段 0", "第一段1\n第二段 1"]
+
+
+def test_format_detection_reads_a_bounded_sample(tmp_path):
+    path = tmp_path / "a.txt"
+    path.write_text(("长" * 3_000_000 + "\n") * 4, encoding="utf-8")
+    lines, cut_off = data_utils.sample_lines(path, "utf-8")
+    assert cut_off and sum(map(len, lines)) == data_utils.SAMPLE_CHARS
+    assert data_utils.detect_format(path, "auto", "utf-8") == "text"
+
+
+@pytest.mark.parametrize("encoding", ["UTF-8", "utf_8", "auto"])
+def test_a_byte_order_mark_stays_out_of_a_csv_header_however_utf8_is_spelt(tmp_path, encoding):
+    (tmp_path / "a.csv").write_bytes("\ufefftext,id\n你好,1\n".encode())
+    assert texts_of({"path": str(tmp_path / "a.csv"), "encoding": encoding}) == ["你好"]
+
+
 def test_byte_order_mark_stays_out_of_a_headerless_csv(tmp_path):
     (tmp_path / "a.csv").write_bytes("\ufeff高血压,1\n糖尿病,2\n".encode())
     assert texts_of({"path": str(tmp_path / "a.csv"), "columns": ["text", "label"]}) == ["高血压", "糖尿病"]
@@ -363,13 +388,23 @@ def test_wikitext_articles_are_grouped_per_file_and_bad_lines_follow_the_skip_po
     ("eval_fraction", "0.1", r"`eval_fraction` must be a number"),
     ("keep_newlines", "false", r"`keep_newlines` must be true or false"),
     ("weight", True, r"`weight` must be a number"),
-    ("name", 2023, r"`name` must be a string, got 2023. Quote it"),
+    ("name", True, r"`name` must be a string, got True. Quote it"),
+    ("min_chars", 2.5, r"`min_chars` must be a whole number, got 2.5"),
     ("columns", "a,b", r"`columns` must be a list of strings"),
-    ("template", {"type": "record", "fields": "title"}, r"option `fields` must be a list"),
+    ("template", {"type": "record", "fields": {"title": 1}}, r"option `fields` must be a list"),
 ])
 def test_source_keys_of_the_wrong_type_are_named(tmp_path, key, value, message):
     with pytest.raises(DataError, match=message):
         SourceConfig.from_dict({"path": "x.txt", key: value}, 0)
+
+
+def test_yaml_numbers_that_mean_the_right_thing_are_taken():
+    spec = SourceConfig.from_dict({"path": "x.txt", "name": 2023, "max_document_chars": 2.0e+7, "min_chars": 10.0,
+                                   "template": {"type": "record", "fields": "title", "skip_fields": "_id",
+                                                "labels": None}}, 0)
+    assert (spec.name, spec.max_document_chars, spec.min_chars) == ("2023", 20_000_000, 10)
+    assert data_utils.make_renderer(spec.template, "text", "s")({"title": "高血压", "_id": 1}) == "title：高血压"
+    assert data_utils.template_fields(spec.template) == ["title"]
 
 
 def test_the_report_counts_what_reading_the_eval_files_skipped(tmp_path, tokenizer):

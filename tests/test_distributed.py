@@ -195,6 +195,24 @@ def test_deepspeed_zero3_saves_a_model_with_the_engine_outputs(setup, single):
     assert logits.tolist() == pytest.approx(check["trained_last_logits_head"], abs=1e-4)
 
 
+def test_deepspeed_zero3_continues_a_model_with_new_tokens(setup, single):
+    """ZeRO-3 partitions the embedding (weight.shape is 0 outside a gather): new tokens' rows must still start at
+    real values, not at the mean of an empty slice (NaN everywhere)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, _ = setup
+    tokenizer = AutoTokenizer.from_pretrained(single[0])
+    tokenizer.add_tokens(["高血压病", "糖尿病人"])
+    tokenizer.save_pretrained(base / "extended")
+    out, proc = launch(setup, "zero3_new_tokens", "deepspeed/run_deepspeed.sh",
+                       env={"DS_CONFIG": "deepspeed/ds_zero3.json", "NUM_GPUS": "2"},
+                       extra=["--model_name_or_path", single[0], "--tokenizer_name_or_path", base / "extended",
+                              "--max_steps", 2, "--save_steps", 100])
+    assert "2 new token rows" in proc.stderr
+    weight = AutoModelForCausalLM.from_pretrained(out).get_input_embeddings().weight
+    assert weight.shape[0] >= len(tokenizer) and torch.isfinite(weight).all()
+
+
 def test_deepspeed_config_with_optimizer_or_scheduler_is_refused(tmp_path):
     import pretrain
 

@@ -186,9 +186,12 @@ def test_a_resume_keeps_its_tokenizer_and_refuses_another_model(tmp_path, micro_
     with open(corpus, "a", encoding="utf-8") as f:  # the sources change: a new tokenizer would be trained
         f.write("新增的句子改变了分词器的训练数据。\n" * 50)
     (tmp_path / "out" / "metrics.json").unlink()
-    code, err = main(capsys, run, "--resume_from_checkpoint", "auto", "--max_steps", 3)
+    vocab = AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+    code, err = main(capsys, run, "--resume_from_checkpoint", "auto", "--max_steps", 4, "--save_steps", 1,
+                     "--save_total_limit", 1)  # rotation deletes checkpoint-2, where the tokenizer came from
     assert code == 0 and "it resumes with the tokenizer it was trained with" in err
-    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == AutoTokenizer.from_pretrained(checkpoint).get_vocab()
+    assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == vocab
+    checkpoint = tmp_path / "out" / "checkpoint-4"
     assert (checkpoint / "tokenizer.model").is_file() and (tmp_path / "out" / "tokenizer.model").is_file()  # extendable
     shape = json_.loads(micro_model_config.read_text())
     other = tmp_path / "wider.json"

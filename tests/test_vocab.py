@@ -328,3 +328,24 @@ def test_out_never_replaces_inputs_or_files_the_tool_did_not_write(bases, tmp_pa
         vocab.extend_tokenizer(model, chinese, out, overwrite=True)
     assert (out / "tokenizer.json").read_bytes() == tokenizer_json
     assert sorted(f.name for f in tmp_path.iterdir()) == ["ext", "model", "notes"]  # no temporary directories left
+
+
+def test_a_models_own_tokenizer_larger_than_its_embeddings_gets_rows(tmp_path, micro_model_config, tokenizer_dir):
+    """A base model whose tokenizer has more tokens than embedding rows (a tokenizer saved after added tokens)."""
+    from transformers import AutoTokenizer
+
+    import pretrain
+
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    model_args = pretrain.parse_args(["--model_config", str(micro_model_config)])[0]
+    model = pretrain.build_model(model_args, tokenizer, 32)
+    rows = model.get_input_embeddings().num_embeddings
+    tokenizer.add_tokens([f"新词{i}" for i in range(rows - len(tokenizer) + 5)])
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    continued = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(tmp_path / "base")])[0],
+                                     tokenizer, 32)
+    weight = continued.get_input_embeddings().weight
+    assert weight.shape[0] >= len(tokenizer) and weight.shape[0] % 64 == 0
+    assert torch.equal(weight[:rows], model.get_input_embeddings().weight)
+    assert torch.allclose(weight[len(tokenizer) - 1], model.get_input_embeddings().weight.mean(0), atol=1e-6)
