@@ -1181,13 +1181,22 @@ def text_hash(text: str) -> int:
 def tokenize_chunk(spec: SourceConfig, info: TokenizerInfo, chunk: Chunk) -> dict:
     """Worker: format, clean and tokenize one chunk -> flat tokens, per-document arrays, counts."""
     texts, record_ids, counts, notes = format_chunk(spec, chunk)
-    prefix = [info.bos_id] if info.bos_id is not None else []
-    docs = [prefix + ids + [info.eos_id] for ids in _encode(info, texts)] if texts else []
-    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    ids = _encode(info, texts) if texts else []
+    # [BOS] ids EOS per document, laid out with numpy: no second Python list per document
+    specials = 1 + (info.bos_id is not None)
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + specials
+    ends = np.cumsum(lengths)
+    tokens = np.empty(int(ends[-1]) if len(ends) else 0, dtype=np.uint32)
+    text_positions = np.ones(len(tokens), dtype=bool)
+    for position, token in ((ends - 1, info.eos_id), (ends - lengths, info.bos_id)):
+        if token is not None:
+            tokens[position], text_positions[position] = token, False
+    tokens[text_positions] = np.fromiter(itertools.chain.from_iterable(ids), dtype=np.uint32,
+                                         count=len(tokens) - specials * len(ids))
     return {
-        "tokens": np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32, count=int(lengths.sum())),
+        "tokens": tokens,
         "lengths": lengths,
-        "doc_files": np.full(len(docs), chunk.file_index, dtype=np.int32),
+        "doc_files": np.full(len(ids), chunk.file_index, dtype=np.int32),
         "doc_records": np.asarray(record_ids, dtype=np.int64),
         "doc_hashes": np.fromiter(map(text_hash, texts), dtype=np.uint64, count=len(texts)),
         "doc_chars": np.fromiter(map(len, texts), dtype=np.int64, count=len(texts)),
