@@ -26,6 +26,7 @@ import functools
 import glob as globlib
 import gzip
 import hashlib
+import heapq
 import io
 import itertools
 import json
@@ -51,6 +52,7 @@ logger = logging.getLogger(__name__)
 
 STORE_VERSION = 3  # bump when the on-disk layout or the text formatting rules change
 CHUNK_LINES = 2048  # records per unit of work sent to a tokenizer process
+PROBE_RECORDS = 4 * CHUNK_LINES  # records a streaming source may skip before its first text
 POOL_MIN_BYTES = 8 << 20  # below this, starting worker processes costs more than it saves
 csv.field_size_limit(2**31 - 1)  # csv's default 131,072 characters would refuse a long document, not skip it
 DATA_EXTENSIONS = (".txt", ".text", ".jsonl", ".json", ".csv", ".tsv", ".parquet")  # not .md: dataset READMEs
@@ -308,13 +310,18 @@ PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 HF_URL = re.compile(r"hf://datasets/([^/@]+/[^/@]+)(?:@[^/]+)?/(.+)")
 
 
+def data_file_entries(data_files: Any) -> list:
+    """Every path, pattern or URL of a `data_files` value: one, a list, or a dict of split -> one or a list."""
+    groups = data_files.values() if isinstance(data_files, dict) else [data_files]
+    return [entry for group in groups for entry in (group if isinstance(group, list) else [group])
+            if entry is not None]
+
+
 def hub_repo_id(hub: str, data_files: Any) -> str:
     """The dataset repository a hub source reads: the id itself, or the repo of `hf://` data files."""
     if hub not in PACKAGED_BUILDERS:
         return hub
-    urls = data_files if isinstance(data_files, list) else list(data_files.values()) if isinstance(
-        data_files, dict) else [data_files]
-    for url in itertools.chain.from_iterable(u if isinstance(u, list) else [u] for u in urls):
+    for url in data_file_entries(data_files):
         match = HF_URL.match(str(url))
         if match:
             return match.group(1)
@@ -346,6 +353,10 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
         else:
             raw["hub"] = str(local)
         done.append(f"{hub_repo_id(hub, raw.get('data_files'))} -> {local}")
+        if raw.get("revision"):
+            logger.warning("hub source `%s`: `revision: %s` does not apply to the local copy %s, which is read as it "
+                           "is: check it holds that revision, or remove it from `hub_local_dir` to load the revision "
+                           "from the hub.", hub, raw["revision"], local)
         out.append(raw)
     return out, done
 
@@ -379,6 +390,8 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
         stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local_hub_files(Path(name))]
         root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
         hub_cache = str(root / "hub_datasets" / hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
+    if spec.hub in PACKAGED_BUILDERS:
+        check_local_data_files(spec)
     logger.info("source `%s`: loading hub dataset %s (config %s, split %s)%s", spec.name, name, spec.hub_config,
                 split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)" if offline else "")
     try:
@@ -387,10 +400,25 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
                                          data_files=spec.data_files, streaming=spec.streaming, cache_dir=hub_cache)
     except ValueError as e:  # unknown config or split: datasets lists the valid ones
         raise DataError(f"source `{spec.name}`: hub dataset `{name}`: {e}. Fix `hub_config` / `split`.") from None
+    except FileNotFoundError as e:  # a hub id the hub does not know (offline, datasets raises ConnectionError)
+        if local or spec.hub in PACKAGED_BUILDERS:
+            raise DataError(f"source `{spec.name}`: `{name}`: a file it names is missing: {e}") from None
+        raise DataError(f"source `{spec.name}`: hub dataset `{name}` does not exist, or is private or gated ({e}). "
+                        "Check the id (OWNER/NAME); for a gated one, accept its terms on the hub and log in "
+                        "(`hf auth login`) or set HF_TOKEN.") from None
     except (ConnectionError, OSError) as e:
         if not local:
             raise DataError(unreachable_message(hub_repo_id(name, spec.data_files), e)) from None
         raise DataError(f"source `{spec.name}`: local hub directory `{name}` cannot be read: {e}") from None
+
+
+def check_local_data_files(spec: SourceConfig) -> None:
+    """Each local `data_files` path or pattern of a packaged builder (`hub: json` ...) must match a file:
+    `datasets` reports a missing one as a network problem, and an empty glob as a bare StopIteration."""
+    for pattern in data_file_entries(spec.data_files):
+        if "://" not in str(pattern) and not globlib.glob(os.path.expanduser(str(pattern)), recursive=True):
+            raise DataError(f"source `{spec.name}`: `data_files` entry `{pattern}` matches no file (looked from "
+                            f"{Path.cwd()}). Fix the path or pattern.")
 
 
 @dataclass
@@ -839,9 +867,11 @@ def read_chunks(inputs: "SourceInput | list[Path]", spec: SourceConfig) -> Itera
 
 def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk]:
     if inputs.dataset is not None:
-        rows = iter(inputs.dataset)
         number = 1
-        while batch := list(itertools.islice(rows, CHUNK_LINES)):
+        # .iter, not iter(): in a DataLoader worker, iter() of a streamed dataset reads only that worker's
+        # files, and StreamedSource shards by document itself (a dataset of one file would starve workers)
+        for columns in inputs.dataset.iter(batch_size=CHUNK_LINES):
+            batch = [dict(zip(columns, row)) for row in zip(*columns.values())]
             yield Chunk(0, inputs.label, "hub", "utf-8", number, list(enumerate(batch, number)), len(batch))
             number += len(batch)
         return
@@ -1718,19 +1748,30 @@ class MixedBlocks:
 class StreamedSource:
     """A streaming source's training blocks, tokenized and packed on the fly: the same documents,
     tokens and block boundaries as its token store would give (dedup within the stream only), with
-    nothing materialised but a hash per document seen."""
+    nothing materialised but a hash per document seen.
+
+    `exclude` holds the hashes of the source's eval documents: with dedup on, a training document
+    equal to one of them is dropped as it streams past (a stream cannot be read ahead to drop it from
+    the eval set instead, as a token store's split does)."""
 
     def __init__(self, spec: SourceConfig, info: TokenizerInfo, block_size: int, dedup: bool,
-                 cache_dir: Path | None = None, document_positions: bool = False):
+                 cache_dir: Path | None = None, document_positions: bool = False, exclude: frozenset = frozenset()):
         self.spec, self.info, self.block_size, self.dedup, self.cache_dir = spec, info, block_size, dedup, cache_dir
-        self.document_positions = document_positions
+        self.document_positions, self.exclude = document_positions, exclude
 
     def __iter__(self) -> Iterator[dict]:
+        return self.blocks()
+
+    def blocks(self, shard: int = 0, shards: int = 1) -> Iterator[dict]:
+        """The blocks packed from every `shards`-th document, starting at document `shard`: what one of
+        `shards` DataLoader workers makes. Every worker reads and dedups all records (cheap) and tokenizes
+        only its own documents (the costly part); with one shard, the source's blocks in order."""
         prefix = [self.info.bos_id] if self.info.bos_id is not None else []
-        seen: set[int] = set()
+        seen: set[int] = set(self.exclude)
         pending = np.zeros(0, dtype=np.uint32)
         positions = np.zeros(0, dtype=np.int64)  # position within its document, for document attention
-        log_skips = SkipLog(self.spec.name)
+        log_skips = SkipLog(self.spec.name) if shard == 0 else (lambda notes: None)  # one worker reports
+        documents = 0  # documents kept so far, over all shards
         for chunk in read_chunks(SourceInput.open(self.spec, cache_dir=self.cache_dir), self.spec):
             texts, _, _, notes = format_chunk(self.spec, chunk)
             log_skips(notes)
@@ -1742,9 +1783,11 @@ class StreamedSource:
                         seen.add(h)
                         fresh.append(text)
                 texts = fresh
-            if not texts:
+            mine = texts[(shard - documents) % shards::shards]
+            documents += len(texts)
+            if not mine:
                 continue
-            docs = [prefix + ids + [self.info.eos_id] for ids in _encode(self.info, texts)]
+            docs = [prefix + ids + [self.info.eos_id] for ids in _encode(self.info, mine)]
             pending = np.concatenate([pending, np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32)])
             positions = np.concatenate([positions, *(np.arange(len(d)) for d in docs)])
             n_blocks = len(pending) // self.block_size
@@ -1763,69 +1806,141 @@ class ShuffledBlocks:
     """A map-style source inside a streaming mixture: its blocks in a new seeded order each pass."""
 
     def __init__(self, blocks: "PackedBlocks", seed: int):
-        self.blocks, self.seed, self.passes = blocks, seed, 0
+        self.blocks, self.seed = blocks, seed
 
     def __iter__(self) -> Iterator[dict]:
-        order = np.random.default_rng([self.seed, self.passes]).permutation(len(self.blocks))
-        self.passes += 1
-        return (self.blocks[int(i)] for i in order)
+        return self.blocks_of_pass(0)
+
+    def blocks_of_pass(self, number: int, shard: int = 0, shards: int = 1) -> Iterator[dict]:
+        """Pass `number` over the blocks in its seeded order; one of `shards` workers takes every
+        `shards`-th of them (all of them when there are fewer blocks than workers)."""
+        order = np.random.default_rng([self.seed, number]).permutation(len(self.blocks))
+        mine = order[shard::shards] if len(order) >= shards else order
+        return (self.blocks[int(i)] for i in mine)
 
 
 class StreamingMixture:
     """Blocks from several sources, at least one streaming, mixed by token weight on the fly.
 
-    Each next block comes from the source furthest below its share of the blocks produced so far
-    (deficit round robin), so the mixture holds the weights to within a block at every point with
-    no randomness in the choice; a source that runs out starts its next pass, with a warning past
-    `max_epochs` passes."""
+    The sources take turns in Webster (Sainte-Laguë) order: source s's k-th block has the key
+    (k + 0.5) / share_s and blocks go in key order (ties to the earlier source). Every prefix holds the
+    weights to within a block, and the order depends on the weights alone, not on the data, so the
+    shares of the first n blocks are known exactly (`shares`) however the blocks were made.
 
-    def __init__(self, sources: dict[str, Any], weights: dict[str, float], max_epochs: float):
+    With DataLoader workers, worker w makes the batches w, w + W, w + 2W, ... of that order (the order
+    in which the DataLoader reads its workers), each from its own share of every source (every W-th
+    document of a stream, every W-th block of a stored source). A source that runs out starts its next
+    pass, with a warning past `max_epochs` passes."""
+
+    def __init__(self, sources: dict[str, Any], weights: dict[str, float], max_epochs: float, batch_size: int = 1):
         self.names = list(sources)
         self.sources = [sources[n] for n in self.names]
         share = np.array([weights[n] for n in self.names], dtype=np.float64)
         self.share = share / share.sum()
-        self.max_epochs = max_epochs
-        self.produced = np.zeros(len(self.names), dtype=np.int64)
+        self.max_epochs, self.batch_size = max_epochs, max(int(batch_size), 1)
 
-    def __iter__(self) -> Iterator[dict]:
-        iters = [iter(s) for s in self.sources]
-        passes = np.ones(len(self.sources), dtype=np.int64)
-        self.produced[:] = 0
+    def _key(self, source: int, k: int) -> tuple[float, int]:
+        return (k + 0.5) / float(self.share[source]), source
+
+    def source_order(self) -> Iterator[int]:
+        """The source of each next block, forever."""
+        heap = [self._key(i, 0) for i in range(len(self.names))]
+        heapq.heapify(heap)
+        counts = [0] * len(self.names)
         while True:
-            i = int(np.argmax(self.share * (self.produced.sum() + 1) - self.produced))
+            _, i = heapq.heappop(heap)
+            counts[i] += 1
+            heapq.heappush(heap, self._key(i, counts[i]))
+            yield i
+
+    def source_counts(self, n: int) -> np.ndarray:
+        """How many of the first `n` blocks of `source_order` each source gave, without walking them:
+        start from n x share and trade blocks until the counts are a prefix of the key order."""
+        counts = np.floor(max(n, 0) * self.share).astype(np.int64)  # never more than n in all
+
+        def last():  # the latest key inside the prefix
+            return max(self._key(i, int(c) - 1) for i, c in enumerate(counts) if c > 0)
+
+        def following():  # the earliest key outside it
+            return min(self._key(i, int(c)) for i, c in enumerate(counts))
+
+        while counts.sum() < n:
+            counts[following()[1]] += 1
+        while n > 0 and last() > following():
+            counts[last()[1]] -= 1
+            counts[following()[1]] += 1
+        return counts
+
+    def shares(self, consumed: int) -> dict[str, float]:
+        """Each source's share of the first `consumed` blocks read (by all ranks together)."""
+        counts = self.source_counts(consumed)
+        return {n: float(c) / max(consumed, 1) for n, c in zip(self.names, counts)}
+
+    def blocks(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
+        def one_pass(i: int, number: int):
+            source = self.sources[i]
+            if isinstance(source, ShuffledBlocks):
+                return source.blocks_of_pass(number, worker, workers)
+            return source.blocks(worker, workers) if isinstance(source, StreamedSource) else iter(source)
+
+        passes = [0] * len(self.sources)
+        iters = [one_pass(i, 0) for i in range(len(self.sources))]
+        for n, i in enumerate(self.source_order()):
+            if (n // self.batch_size) % workers != worker:
+                continue
             block = next(iters[i], None)
             if block is None:
                 passes[i] += 1
-                if passes[i] == int(self.max_epochs) + 1:
+                if passes[i] == int(self.max_epochs) and worker == 0:
                     logger.warning("source `%s` started pass %d over its data (more than max_source_epochs %s): "
-                                   "lower its weight or add data.", self.names[i], passes[i], self.max_epochs)
-                iters[i] = iter(self.sources[i])
+                                   "lower its weight or add data.", self.names[i], passes[i] + 1, self.max_epochs)
+                iters[i] = one_pass(i, passes[i])
                 block = next(iters[i], None)
                 if block is None:
-                    raise DataError(f"source `{self.names[i]}` yields no block of the block size.")
-            self.produced[i] += 1
+                    split = (f" (DataLoader worker {worker} of {workers} packs every {workers}th document only: "
+                             "lower `dataloader_num_workers`)" if workers > 1 else "")
+                    raise DataError(f"source `{self.names[i]}` yields no block of the block size{split}. Add data "
+                                    "or lower `block_size`.")
             yield block
 
-    def shares(self, consumed: int = 0) -> dict[str, float]:
-        """Each source's share of the blocks produced so far (read ahead by the data loader)."""
-        total = max(int(self.produced.sum()), 1)
-        return {n: float(c) / total for n, c in zip(self.names, self.produced)}
+    def __iter__(self) -> Iterator[dict]:
+        return self.blocks()
 
     def as_torch_dataset(self):
-        """This mixture as a torch IterableDataset (torch's DataLoader treats only those as streams).
-        torch is imported here, not when data_utils is, so tokenizer worker processes start fast."""
+        """This mixture as a torch IterableDataset (torch's DataLoader treats only those as streams),
+        each DataLoader worker making its batches. torch is imported here, not when data_utils is, so
+        tokenizer worker processes start fast."""
         import torch
 
         mixture = self
 
         class MixtureStream(torch.utils.data.IterableDataset):
             def __iter__(self):
-                return iter(mixture)
+                worker = torch.utils.data.get_worker_info()
+                return mixture.blocks(worker.id, worker.num_workers) if worker else mixture.blocks()
 
-            def shares(self, consumed: int = 0) -> dict[str, float]:
+            def shares(self, consumed: int) -> dict[str, float]:
                 return mixture.shares(consumed)
 
         return MixtureStream()
+
+
+def probe_stream(spec: SourceConfig, cache_dir: Path | None) -> dict:
+    """Opens a streaming source and formats its first records, so a wrong split, path or field stops the
+    run before training starts rather than at its first batch. Returns what the probe read."""
+    texts, counts = 0, collections.Counter()
+    for chunk in read_chunks(SourceInput.open(spec, cache_dir=cache_dir), spec):
+        found, _, chunk_counts, notes = format_chunk(spec, chunk)
+        texts += len(found)
+        counts.update(chunk_counts)
+        if texts:
+            return {"probed_records": counts["records"]}
+        if counts["records"] >= PROBE_RECORDS:
+            break
+    skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if reason != "records") or "none"
+    raise DataError(f"source `{spec.name}` streams no text: its first {counts['records']} records gave none "
+                    f"(skipped: {skipped}). Check `split`, `text_field` or the template, or set `streaming: false` "
+                    "to see every record's problem in the data report.")
 
 
 def inputs_now(store: TokenStore, inputs: SourceInput) -> list[dict]:
@@ -1855,9 +1970,10 @@ def _grouped_counts(counts: dict[str, int]) -> dict:
     return grouped
 
 
-def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> PreparedData:
+def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size: int = 1) -> PreparedData:
     """Sources -> token stores (cached) -> dedup -> split by document -> train blocks of all sources
-    + eval blocks per source, and the data report."""
+    + eval blocks per source, and the data report. `batch_size` is the DataLoader's (per process): the
+    workers of a streaming mixture each make whole batches."""
     start = time.time()
     specs = parse_sources(data_args.sources)
     info = TokenizerInfo.from_tokenizer(tokenizer, data_args.add_bos)
@@ -1932,21 +2048,33 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int) -> Prepared
     max_epochs = getattr(data_args, "max_source_epochs", 4.0)
     weights = {s.name: s.weight for s in specs} if specs[0].weight is not None else None
     if streamed:
+        excluded = {}  # per stream, the hashes of its eval documents, dropped from its training documents
         for spec in streamed:
-            report_sources[spec.name] = {"streaming": True, "weight": spec.weight}
+            report_sources[spec.name] = {"streaming": True, "weight": spec.weight, **probe_stream(spec, cache_dir)}
             if spec.eval_split:
                 eval_spec = dataclasses.replace(spec, streaming=False)
                 eval_store, _ = load_or_build_store(eval_spec, SourceInput.open(eval_spec, True, cache_dir), info,
                                                     cache_dir, num_proc, digests)
-                evals[spec.name] = PackedBlocks(eval_store, np.arange(eval_store.n_docs), block_size, document)
-                report_sources[spec.name]["eval_blocks"] = len(evals[spec.name])
+                hashes = doc_slice(eval_store, "doc_hashes", 0, eval_store.n_docs)
+                first = np.sort(np.unique(hashes, return_index=True)[1]) if dedup else np.arange(eval_store.n_docs)
+                evals[spec.name] = PackedBlocks(eval_store, first, block_size, document)
+                if len(evals[spec.name]) == 0:
+                    raise DataError(f"source `{spec.name}`: its eval split `{spec.eval_split}` has "
+                                    f"{evals[spec.name].n_tokens} tokens, fewer than one block of {block_size}. "
+                                    "Give a larger `eval_split` or lower `block_size`.")
+                excluded[spec.name] = frozenset(int(h) for h in hashes) if dedup else frozenset()
+                report_sources[spec.name].update(
+                    eval_documents=len(first), eval_blocks=len(evals[spec.name]),
+                    eval_input={"files": eval_store.meta["files"], **_grouped_counts(eval_store.meta["counts"])},
+                    duplicates_removed={"within_eval": eval_store.n_docs - len(first)})
             elif (spec.eval_fraction or 0) > 0:
                 logger.warning("source `%s` streams: eval_fraction is not applied to a stream; set `eval_split` "
                                "to evaluate it", spec.name)
         digests.save()
-        sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document) if s.streaming
+        sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document,
+                                           excluded.get(s.name, frozenset())) if s.streaming
                             else ShuffledBlocks(train_parts[s.name], seed)) for s in specs}
-        mixture = StreamingMixture(sources, weights, max_epochs)
+        mixture = StreamingMixture(sources, weights, max_epochs, batch_size)
         for name, share in zip(mixture.names, mixture.share):
             report_sources[name]["share_of_training_tokens"] = round(float(share), 4)
         train_set = mixture.as_torch_dataset()
@@ -1980,27 +2108,34 @@ def data_report_markdown(report: dict) -> str:
             "tokens)" if "train_blocks" in report else f"streamed blocks of {report['block_size']} tokens")
     lines = ["# Data report", "", f"{size}; mixture by {report['mixture']}; exact dedup "
              f"{'on' if report['dedup'] else 'off'}.", "",
-             "| source | records | documents | characters | tokens | tokens/doc | train share | eval docs | "
+             "| source | records | documents | characters | tokens | tokens/doc | train share | epochs | eval docs | "
              "duplicates removed | skipped | cache |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, s in report["sources"].items():
+        removed = f"{sum(s.get('duplicates_removed', {}).values()):,}"
         if s.get("streaming"):
-            lines.append(f"| {name} | streamed | | | | | {s['share_of_training_tokens']:.1%} | | | | – |")
+            lines.append(f"| {name} | streamed | | | | | {s['share_of_training_tokens']:.1%} | | "
+                         f"{s.get('eval_documents', 0):,} | {removed} | | – |")
             continue
         lines.append(f"| {name} | {s.get('records', 0):,} | {s['documents']:,} | {s['characters']:,} | "
                      f"{s['tokens']:,} | {s['mean_tokens_per_document']} | {s['share_of_training_tokens']:.1%} | "
-                     f"{s['eval_documents']:,} | {sum(s['duplicates_removed'].values()):,} | "
-                     f"{sum(s.get('skipped', {}).values()):,} | {s['cache']} |")
-    lines += ["", "## Per source", ""]
+                     f"{s['epochs_per_mixture'] if 'epochs_per_mixture' in s else ''} | {s['eval_documents']:,} | "
+                     f"{removed} | {sum(s.get('skipped', {}).values()):,} | {s['cache']} |")
+    lines += ["", "epochs: how often one pass over the mixture reads a source's training blocks (above 1 repeated, "
+              "below 1 subsampled).", "", "## Per source", ""]
     for name, s in report["sources"].items():
         if s.get("streaming"):
-            lines.append(f"- **{name}**: streamed (tokenized and packed on the fly), weight {s['weight']}")
-            continue
-        lines.append(f"- **{name}**: {_files_markdown(s['files'])}")
-        lines += _counts_markdown(s, "  ")
+            lines.append(f"- **{name}**: streamed (tokenized and packed on the fly), weight {s['weight']}; the first "
+                         f"{s['probed_records']:,} records checked before training")
+        else:
+            lines.append(f"- **{name}**: {_files_markdown(s['files'])}")
+            lines += _counts_markdown(s, "  ")
         if "eval_input" in s:
             lines.append(f"  - eval files: {_files_markdown(s['eval_input']['files'])}")
             lines += _counts_markdown(s["eval_input"], "    ")
+        if s.get("streaming") and s.get("eval_documents"):
+            lines.append("  - training documents equal to an eval document are dropped as they stream past"
+                         if report["dedup"] else "  - dedup off: eval documents may also occur in training")
     return "\n".join(lines) + "\n"
 
 

@@ -1257,7 +1257,8 @@ def load_data(data_args: DataArguments, training_args: PretrainingArguments, tok
     """Phase 4: token stores built by the main process first; the other ranks then hit the cache."""
     start = time.perf_counter()
     with training_args.main_process_first(local=False, desc="prepare data"):
-        data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed)
+        data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed,
+                                           training_args.train_batch_size)
     stored = [s for s in data.report["sources"].values() if not s.get("streaming")]
     cached = all(s["cache"] == "hit" for s in stored)
     logger.info("data ready in %.2f s (%s): %s train blocks of %d tokens, eval sources: %s",

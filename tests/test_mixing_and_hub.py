@@ -1,5 +1,6 @@
 """Token-weighted mixing, hub sources through a local fixture in hub layout, offline failures,
 wikitext article grouping."""
+import itertools
 import logging
 import time
 import types
@@ -187,9 +188,109 @@ def test_streaming_mixture_follows_the_weights(tmp_path, tokenizer):
     stream = iter(data.train)
     blocks = [next(stream) for _ in range(2000)]
     assert all(b["input_ids"].shape == (4,) for b in blocks)
-    shares = data.train.shares()
-    assert shares["med"] == pytest.approx(0.25, abs=0.02) and shares["general"] == pytest.approx(0.75, abs=0.02)
+    shares = data.train.shares(2000)
+    assert shares["med"] == pytest.approx(0.25, abs=0.001) and shares["general"] == pytest.approx(0.75, abs=0.001)
     assert "med" in data.eval and data.report["sources"]["med"]["streaming"] is True
+    assert data.report["sources"]["med"]["eval_documents"] == 10
+    markdown = data_utils.data_report_markdown(data.report)
+    assert "| med | streamed |" in markdown and "records checked before training" in markdown
+
+
+class Tagged:
+    """A stand-in source whose blocks say where they came from."""
+
+    def __init__(self, name):
+        self.name = name
+
+    def __iter__(self):
+        return ({"source": self.name, "i": i} for i in range(10**6))
+
+
+@pytest.mark.parametrize("weights", [{"a": 0.25, "b": 0.75}, {"a": 1, "b": 1, "c": 3}, {"a": 0.07, "b": 0.93}])
+def test_mixture_shares_are_exact_at_every_prefix(weights):
+    mixture = data_utils.StreamingMixture({n: Tagged(n) for n in weights}, weights, 4)
+    read = [b["source"] for b in itertools.islice(mixture, 3000)]
+    total = sum(weights.values())
+    for n in (0, 1, 7, 100, 1234, 3000):
+        counts, shares = mixture.source_counts(n), mixture.shares(n)
+        for i, name in enumerate(weights):
+            assert counts[i] == read[:n].count(name) and shares[name] == pytest.approx(counts[i] / max(n, 1))
+            assert abs(read[:n].count(name) - n * weights[name] / total) <= 1  # within a block everywhere
+
+
+def test_mixture_workers_make_the_batches_in_reading_order():
+    """DataLoader workers each make every W-th batch: the sources arrive in the single-process order,
+    so the achieved shares reported from the step count are the ones trained on."""
+    import torch
+
+    weights = {"a": 0.3, "b": 0.7}
+    mixture = data_utils.StreamingMixture({n: Tagged(n) for n in weights}, weights, 4, batch_size=4)
+    alone = [b["source"] for b in itertools.islice(mixture, 400)]
+    loader = torch.utils.data.DataLoader(mixture.as_torch_dataset(), batch_size=4, num_workers=2,
+                                         collate_fn=lambda items: items)
+    read = [b["source"] for batch in itertools.islice(loader, 100) for b in batch]
+    assert read == alone
+    assert mixture.shares(400)["a"] == read.count("a") / 400
+
+
+def test_streamed_source_shards_split_the_documents(tmp_path, tokenizer):
+    """Two workers' shards of a stream hold every document once: nothing lost, nothing doubled."""
+    hub = make_hub_fixture(tmp_path / "medical")
+    spec = data_utils.SourceConfig.from_dict({"name": "med", "hub": str(hub), "hub_config": "pretrain",
+                                              "streaming": True}, 0)
+    info = data_utils.TokenizerInfo.from_tokenizer(tokenizer, "never")
+    source = data_utils.StreamedSource(spec, info, 1, dedup=True, cache_dir=tmp_path / "cache")
+
+    def documents(blocks):
+        tokens = [int(b["input_ids"][0]) for b in blocks]
+        return tokenizer.decode(tokens).split(tokenizer.eos_token)[:-1]
+
+    whole = documents(source)
+    shards = [documents(source.blocks(k, 2)) for k in range(2)]
+    assert len(whole) == 72 and abs(len(shards[0]) - len(shards[1])) <= 1
+    assert sorted(shards[0] + shards[1]) == sorted(whole)
+
+
+def test_streamed_source_leaves_out_its_eval_documents(tmp_path, tokenizer):
+    rows = [f"{line}（第{i}段）" for i in range(6) for line in ZH_LINES]
+    hub = make_hub_fixture(tmp_path / "medical", rows=rows, eval_rows=rows[:5] + ["只在验证集里的一条文本。"] * 3)
+    source = {"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True, "weight": 1,
+              "eval_split": "validation"}
+    data = build(tmp_path, tokenizer, [source], block_size=1)
+    med = data.report["sources"]["med"]
+    assert med["eval_documents"] == 6 and med["duplicates_removed"] == {"within_eval": 2}
+    tokens = [int(b["input_ids"][0]) for b in itertools.islice(data.train, 5000)]
+    trained = set(tokenizer.decode(tokens).replace(" ", "").split(tokenizer.eos_token))
+    assert not trained & {r.replace(" ", "") for r in rows[:5]}
+    assert {r.replace(" ", "") for r in rows[5:]} <= trained
+
+
+def test_streamed_source_problems_stop_the_run_before_training(tmp_path, tokenizer):
+    hub = make_hub_fixture(tmp_path / "medical", eval_rows=["短。"])
+    base = {"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True, "weight": 1}
+    with pytest.raises(DataError, match="has no field `body`"):
+        build(tmp_path, tokenizer, [{**base, "text_field": "body"}])
+    with pytest.raises(DataError, match="streams no text: its first 72 records gave none .*missing_field"):
+        build(tmp_path, tokenizer, [{**base, "text_field": "body", "on_error": "skip"}])
+    with pytest.raises(DataError, match="Fix `hub_config` / `split`"):
+        build(tmp_path, tokenizer, [{**base, "split": "nonexistent"}])
+    with pytest.raises(DataError, match="fewer than one block of 64"):
+        build(tmp_path, tokenizer, [{**base, "eval_split": "validation"}], block_size=64)
+
+
+def test_missing_local_data_files_are_named(tmp_path, tokenizer):
+    for pattern in (str(tmp_path / "nowhere.jsonl"), str(tmp_path / "nowhere" / "*.jsonl")):
+        with pytest.raises(DataError, match="matches no file"):
+            build(tmp_path, tokenizer, [{"name": "j", "hub": "json", "data_files": pattern}])
+
+
+def test_revision_of_a_local_hub_copy_is_flagged(tmp_path, caplog):
+    make_hub_fixture(tmp_path / "hub" / "owner" / "medical")
+    with caplog.at_level(logging.WARNING, logger="data_utils"):
+        sources, done = data_utils.use_local_hub_copies(
+            [{"hub": "owner/medical", "revision": "v2"}], str(tmp_path / "hub"))
+    assert sources[0]["hub"] == str(tmp_path / "hub" / "owner" / "medical") and done
+    assert "`revision: v2` does not apply to the local copy" in caplog.text
 
 
 def test_streaming_needs_weights(tmp_path, tokenizer):
