@@ -66,14 +66,28 @@ class ModelArguments:
                 "`mixed_precision: bf16_weights` loads them in bfloat16)."})
     attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa | eager | flash_attention_2"})
     trust_remote_code: bool = field(default=False, metadata={"help": "Run model code from the hub. Off: safe."})
+    finetuning: str = field(default="full", metadata={
+        "help": "full: train every weight | lora: freeze the model, train low-rank adapters on its linear layers "
+                "(peft) and the embedding rows of new tokens; the saved model has the adapters merged in (loads "
+                "with AutoModelForCausalLM), the adapter alone is in output_dir/adapter."})
+    lora_rank: int = field(default=64, metadata={
+        "help": "LoRA rank. Continued pretraining learns more than instruction tuning: ranks of 64 to 256 keep more "
+                "of it (LoRA Learns Less and Forgets Less, Biderman et al. 2024)."})
+    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator; unset: 2 x lora_rank."})
+    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_target: str = field(default="all-linear", metadata={
+        "help": "Layers that get adapters: all-linear (every linear layer but the output head) or comma-separated "
+                "module names, e.g. q_proj,k_proj,v_proj,o_proj."})
 
     CHOICES = {"torch_dtype": ("float32", "bfloat16", "float16"), "tokenizer_model_type": ("bpe", "unigram"),
-               "new_token_init": ("subword_mean", "mean")}
+               "new_token_init": ("subword_mean", "mean"), "finetuning": ("full", "lora")}
 
     def __post_init__(self):
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got `{getattr(self, name)}`.")
+        if self.finetuning == "lora" and self.lora_rank < 1:
+            raise ConfigError(f"lora_rank must be at least 1, got {self.lora_rank}.")
 
 
 @dataclass
@@ -353,12 +367,12 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
     return tokenizer
 
 
-def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
+def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> list[int]:
     """Give the tokens the base model never saw their own embedding rows. New tokens are the ids from the base
     tokenizer's size on, so those that land in a model's spare rows (Qwen2.5-0.5B has 271) count too; the
     embeddings are resized where the tokenizer outgrew them. A new token's row starts at the mean of the rows
     of the base-tokenizer pieces it replaces (its text, tokenized the way the model saw it so far), or at the
-    mean of the base tokens' rows; base rows are untouched."""
+    mean of the base tokens' rows; base rows are untouched. Returns the new tokens' ids."""
     rows = model.get_input_embeddings().num_embeddings  # not weight.shape: ZeRO-3 partitions the weight
     base_tokenizer = tokenizer  # the model's own tokenizer: only tokens beyond its rows are new
     if model_args.tokenizer_name_or_path not in (None, model_args.model_name_or_path):
@@ -372,7 +386,7 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
                            "their rows start at the mean of all rows", rows)
     first_new = min(len(base_tokenizer), rows) if base_tokenizer is not None else rows
     if len(tokenizer) <= first_new:
-        return
+        return []
     if len(tokenizer) > rows:
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)
     total = model.get_input_embeddings().num_embeddings
@@ -398,6 +412,7 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> None:
     logger.warning("tokenizer has %d tokens, the base model's %d: %d new token rows (%d start at the mean of the base "
                    "pieces they replace, the others at the mean of the base rows); embedding rows %d -> %d",
                    len(tokenizer), first_new, len(tokenizer) - first_new, sum(map(bool, pieces.values())), rows, total)
+    return list(range(first_new, len(tokenizer)))
 
 
 def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments) -> str:
@@ -408,16 +423,16 @@ def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments
             raise ConfigError(f"mixed_precision bf16_weights trains bfloat16 weights; torch_dtype "
                               f"`{model_args.torch_dtype}` contradicts it: drop torch_dtype.")
         return "bfloat16"
-    if model_args.torch_dtype in ("bfloat16", "float16"):
+    if model_args.torch_dtype in ("bfloat16", "float16") and model_args.finetuning == "full":  # LoRA: frozen
         logger.warning("torch_dtype %s without fp32 master weights: updates smaller than 1/256 of a weight are lost. "
                        "For bf16 training use mixed_precision bf16_weights (fp32 masters in the optimizer) and leave "
                        "torch_dtype at float32.", model_args.torch_dtype)
     return model_args.torch_dtype
 
 
-def build_model(model_args: ModelArguments, tokenizer, block_size: int):
+def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient_checkpointing: bool = False):
     try:
-        model = create_model(model_args, tokenizer)
+        model, new_token_ids = create_model(model_args, tokenizer)
     except ImportError as e:  # flash_attention_2 without flash-attn, say
         raise ConfigError(f"the model cannot be built with attn_implementation `{model_args.attn_implementation}`: "
                           f"{str(e).splitlines()[0]} Install what it names, or set `attn_implementation: sdpa`.") from None
@@ -426,18 +441,75 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int):
         raise ConfigError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_positions}. "
                           f"Lower `block_size`.")
     model.config.use_cache = False  # training: packed position_ids are only isolated without the cache
+    if model_args.finetuning == "lora":
+        model = add_lora(model, model_args, new_token_ids, gradient_checkpointing)
     return model
 
 
+LORA_UNSHARDED = ("finetuning lora runs with one process, DDP or DeepSpeed ZeRO-1/2: its optimizer state is small, "
+                  "and merging the adapters into ZeRO-3/FSDP-sharded weights at the end is not supported. Use "
+                  "deepspeed/ds_zero2.json or plain torchrun.")
+
+
+def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradient_checkpointing: bool):
+    """finetuning lora: the model frozen, LoRA adapters on `lora_target`, and the embedding rows of the new
+    tokens trainable (peft trainable tokens: those rows only, not the whole matrix; with an untied output
+    head its rows too), so an extended vocabulary still learns its tokens."""
+    if is_deepspeed_zero3_enabled():  # before peft meets partitioned weights
+        raise ConfigError(LORA_UNSHARDED)
+    if not model_args.model_name_or_path:
+        raise ConfigError("finetuning lora adapts a pretrained model: set `model_name_or_path`, or train a model "
+                          "from scratch with `finetuning: full`.")
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("finetuning lora needs peft: pip install peft (it is in requirements.txt).") from None
+    targets = ("all-linear" if model_args.lora_target == "all-linear"
+               else [t.strip() for t in model_args.lora_target.split(",") if t.strip()])
+    module_names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    tokens = None
+    if new_token_ids:
+        tokens = {module_names[model.get_input_embeddings()]: new_token_ids}
+        if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
+            tokens[module_names[model.get_output_embeddings()]] = new_token_ids
+    config = peft.LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha or 2 * model_args.lora_rank,
+                             lora_dropout=model_args.lora_dropout, target_modules=targets,
+                             trainable_token_indices=tokens, task_type="CAUSAL_LM")
+    try:
+        model = peft.get_peft_model(model, config)
+    except ValueError as e:  # no module matches lora_target
+        raise ConfigError(f"lora_target `{model_args.lora_target}`: {e} Name linear layers of this model, or use "
+                          "all-linear.") from None
+    if gradient_checkpointing:  # frozen embeddings give checkpointed layers inputs without grad
+        model.enable_input_require_grads()
+    trainable, total = model.get_nb_trainable_parameters()
+    logger.info("finetuning lora: %s trainable parameters of %s (%.2f%%): rank %d on %s%s", f"{trainable:,}",
+                f"{total:,}", 100 * trainable / total, model_args.lora_rank, model_args.lora_target,
+                f", plus the rows of {len(new_token_ids)} new tokens" if new_token_ids else "")
+    return model
+
+
+def is_lora(model) -> bool:
+    return hasattr(model, "peft_config")
+
+
+def plain_output_head(model) -> bool:
+    """Whether the output projection is a plain Linear (not wrapped by LoRA or trainable tokens): fused
+    losses (chunked_loss, Liger) read its weight directly and would miss a wrapper's part."""
+    base = model.get_base_model() if is_lora(model) else model
+    return type(base.get_output_embeddings()) is torch.nn.Linear
+
+
 def create_model(model_args: ModelArguments, tokenizer):
-    """The base model with rows for every token (continued pretraining), or a new one from `model_config`."""
+    """The base model with rows for every token (continued pretraining; also returns the new tokens' ids),
+    or a new one from `model_config`."""
     dtype = getattr(torch, model_args.torch_dtype)
     if model_args.model_name_or_path:
         with hub_access(model_args.model_name_or_path, "model"):
             model = AutoModelForCausalLM.from_pretrained(
                 model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
                 attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code)
-        grow_embeddings(model, tokenizer, model_args)
+        return model, grow_embeddings(model, tokenizer, model_args)
     else:
         if not model_args.model_config:
             raise ConfigError("set `model_name_or_path` (continue pretraining) or `model_config` (from scratch, "
@@ -458,7 +530,7 @@ def create_model(model_args: ModelArguments, tokenizer):
         config = AutoConfig.for_model(model_type, **spec)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=model_args.attn_implementation)
-    return model
+    return model, []
 
 
 CHUNKED_LOSS_MODELS = ("llama", "qwen2", "qwen3", "mistral")  # plain lm_head logits: no softcap, scale or bias
@@ -535,6 +607,10 @@ def use_chunked_loss(model, training_args: PretrainingArguments) -> None:
     if training_args.use_liger_kernel:
         raise ConfigError("chunked_loss and use_liger_kernel both replace the loss: Liger's fused loss is the same "
                           "idea; choose one.")
+    if not plain_output_head(model):
+        raise ConfigError("chunked_loss reads the output projection's weight directly, which finetuning lora wraps "
+                          "here (new tokens' rows, or lm_head in lora_target): drop chunked_loss.")
+    model = model.get_base_model() if is_lora(model) else model  # LoRA layers run inside its decoder
     head = model.get_output_embeddings()
     if model.config.model_type not in CHUNKED_LOSS_MODELS or getattr(head, "bias", None) is not None:
         raise ConfigError(f"chunked_loss supports {', '.join(CHUNKED_LOSS_MODELS)} models (plain output "
@@ -573,14 +649,17 @@ def peak_flops_of(device_name: str) -> float | None:
 
 
 def flops_per_token(model, block_size: int) -> float:
-    """Training FLOPs per token, PaLM's convention: 6 N (N = parameters doing matmuls: all but the input
-    embedding lookup; a tied embedding counts once, as the output projection) + 12 L d S for attention
-    scores and values (S = block size, no discount for the causal mask)."""
+    """Training FLOPs per token, PaLM's convention: 2 N forward + 2 N for the gradients of the activations
+    + 2 T for the gradients of the trainable weights (N = parameters doing matmuls: all but the input
+    embedding lookup; a tied embedding counts once, as the output projection; T = the trainable ones among
+    them: 6 N when all train, about 4 N under LoRA) + 12 L d S for attention scores and values (S = block
+    size, no discount for the causal mask)."""
     config = model.config
-    n = sum(p.numel() for p in model.parameters())
-    if not getattr(config, "tie_word_embeddings", False):
-        n -= model.get_input_embeddings().weight.numel()
-    return 6 * n + 12 * config.num_hidden_layers * config.hidden_size * block_size
+    lookup = model.get_input_embeddings()
+    lookup = set() if getattr(config, "tie_word_embeddings", False) else {id(p) for p in lookup.parameters()}
+    matmul = [p for p in model.parameters() if id(p) not in lookup]
+    n, trainable = sum(p.numel() for p in matmul), sum(p.numel() for p in matmul if p.requires_grad)
+    return 4 * n + 2 * trainable + 12 * config.num_hidden_layers * config.hidden_size * block_size
 
 
 def with_fp32_master_weights(optimizer_cls: type) -> type:
@@ -1044,17 +1123,24 @@ def load_plain_model(directory: str, dtype: torch.dtype = torch.float32):
 
 
 @torch.no_grad()
-def verify_saved_model(model, training_args: PretrainingArguments, data) -> dict | None:
-    """Reload the saved model from output_dir and check that it reproduces the trained model's logits
-    on one held-out block: a ZeRO-3 or FSDP run must never leave an unusable checkpoint behind.
-    Every rank runs the in-memory forward (ZeRO-3 gathers the weights); the main process compares."""
+def probe_logits(model, data) -> tuple[torch.Tensor, torch.Tensor]:
+    """The trained model's logits on one held-out block, before it is saved (LoRA: before the merge).
+    Every rank runs the forward (ZeRO-3 gathers the weights)."""
     block = next(iter(data.eval.values()))[0] if data.eval else next(iter(data.train))
     ids = block["input_ids"][None]
     model.eval()
-    trained = model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
+    return ids, model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
+
+
+def verify_saved_model(probe: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype,
+                       training_args: PretrainingArguments) -> dict | None:
+    """Reload the saved model from output_dir and check that it reproduces the trained model's logits
+    on one held-out block (`probe_logits`): a ZeRO-3 or FSDP run, or a LoRA merge, must never leave an
+    unusable model behind. The main process compares."""
+    ids, trained = probe
     if not training_args.should_save:
         return None
-    saved = load_plain_model(training_args.output_dir, dtype=next(model.parameters()).dtype)  # as it trained
+    saved = load_plain_model(training_args.output_dir, dtype=dtype)  # as it trained
     reloaded = saved(input_ids=ids).logits.float()
     diff = (trained - reloaded).abs().max().item()
     tolerance = 1e-3 * max(1.0, trained.abs().max().item()) * (50 if training_args.low_precision else 1)
@@ -1081,8 +1167,21 @@ def eval_at_step(history: list[dict], step: int) -> dict:
     return found
 
 
-def preflight(training_args: PretrainingArguments, data, n_params: int, tokens_per_step: int) -> None:
+def parameter_counts(model) -> tuple[int, int, int]:
+    """(parameters, trainable parameters, bytes of the frozen ones)."""
+    params = list(model.parameters())
+    return (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
+            sum(p.numel() * p.element_size() for p in params if not p.requires_grad))
+
+
+def preflight(training_args: PretrainingArguments, data, model, tokens_per_step: int) -> None:
     """Before the first step: say what the run will do, and stop on settings that cannot work together."""
+    if is_lora(model):
+        if training_args.fsdp:
+            raise ConfigError(LORA_UNSHARDED)
+        if training_args.use_liger_kernel and not plain_output_head(model):
+            raise ConfigError("Liger's fused loss reads the output projection's weight directly, which finetuning "
+                              "lora wraps here (new tokens' rows, or lm_head in lora_target): drop use_liger_kernel.")
     if training_args.on_nonfinite_loss == "skip" and (training_args.deepspeed or training_args.fsdp or
                                                       training_args.fp16):
         raise ConfigError("on_nonfinite_loss skip works with one process, DDP and bf16/fp32 only: DeepSpeed's engine "
@@ -1103,13 +1202,15 @@ def preflight(training_args: PretrainingArguments, data, n_params: int, tokens_p
         raise ConfigError(f"one optimizer step needs {blocks_per_step} blocks but the training data has "
                           f"{len(data.train)}: lower per_device_train_batch_size or gradient_accumulation_steps, or "
                           "add data.")
+    n_params, trainable, frozen_bytes = parameter_counts(model)
     steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
         training_args.num_train_epochs * len(data.train) / blocks_per_step)
     lines = [f"preflight: {steps} optimizer steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
-             f"{training_args.world_size} process(es), {n_params / 1e6:.1f}M parameters, block "
-             f"{data.report['block_size']}",
-             f"  memory per device for weights, gradients and AdamW states (fp32 masters): "
-             f"~{16 * n_params / 2**30:.2f} GiB before ZeRO/FSDP sharding, plus activations"]
+             f"{training_args.world_size} process(es), {n_params / 1e6:.1f}M parameters "
+             f"({trainable / 1e6:.1f}M trainable), block {data.report['block_size']}",
+             f"  memory per device for weights, gradients and AdamW states (fp32 masters; frozen weights as "
+             f"loaded): ~{(16 * trainable + frozen_bytes) / 2**30:.2f} GiB before ZeRO/FSDP sharding, plus "
+             "activations"]
     for name, source in data.report["sources"].items():
         lines.append(f"  source {name}: " + (f"{source['documents']:,} docs, {source['tokens']:,} tokens, "
                                              if not source.get("streaming") else "streamed, ")
@@ -1226,6 +1327,16 @@ def remove_checkpoints(checkpoints: list[Path], training_args: PretrainingArgume
 def check_resume_matches(checkpoint: str, model, tokenizer) -> None:
     """A checkpoint resumes only into the model and tokenizer it was saved from: another shape would fail
     deep inside the optimizer's state loading, another vocabulary would silently train on other ids."""
+    adapter = Path(checkpoint) / "adapter_config.json"
+    if adapter.is_file() != is_lora(model):
+        raise ConfigError(f"{checkpoint} holds {'LoRA adapters' if adapter.is_file() else 'full weights'} but this run "
+                          f"has finetuning {'lora' if is_lora(model) else 'full'}: resume with the finetuning it was "
+                          "trained with, or start fresh in another `output_dir`.")
+    if adapter.is_file():
+        rank = json.loads(adapter.read_text(encoding="utf-8")).get("r")
+        if rank != model.peft_config["default"].r:
+            raise ConfigError(f"{checkpoint} holds LoRA adapters of rank {rank}, this run's lora_rank is "
+                              f"{model.peft_config['default'].r}: resume with lora_rank {rank}.")
     config = Path(checkpoint) / "config.json"
     saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     now = model.config.to_dict()
@@ -1318,13 +1429,21 @@ def barrier() -> None:
 
 def save_final_model(trainer: Trainer, out: Path) -> None:
     """The final model goes to a temporary directory first and each file is then renamed into output_dir,
-    the weights last: a crash leaves either no new weights or complete ones, never a half-written file."""
+    the weights last: a crash leaves either no new weights or complete ones, never a half-written file.
+    Under finetuning lora the adapters are merged into trainer.model first (and saved alone in adapter/)."""
     staging = out / ".final-model.tmp"
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     barrier()  # no rank writes into the staging directory before it is empty
     try:
-        trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers the weights)
+        if is_lora(trainer.model):  # DDP and ZeRO-1/2 ranks hold whole weights: nothing to gather
+            if trainer.args.should_save:
+                trainer._save(str(staging / "adapter"))  # the adapter alone, as the checkpoints hold it
+            trainer.model = trainer.model.merge_and_unload()  # on every rank, so they keep one model
+            if trainer.args.should_save:
+                trainer._save(str(staging))
+        else:
+            trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers the weights)
     except Exception as e:
         if trainer.is_world_process_zero():
             shutil.rmtree(staging, ignore_errors=True)
@@ -1356,7 +1475,7 @@ def train(argv: list[str]) -> dict:
     stale = [] if resume else earlier_checkpoints(training_args)
     tokenizer = load_tokenizer(model_args, data_args, training_args, resume)
     model_args.torch_dtype = weight_dtype(model_args, training_args)
-    model = build_model(model_args, tokenizer, data_args.block_size)
+    model = build_model(model_args, tokenizer, data_args.block_size, training_args.gradient_checkpointing)
     if resume:
         check_resume_matches(resume, model, tokenizer)
         training_args.eval_on_start = False  # the checkpoint's history holds the step-0 baseline
@@ -1379,11 +1498,10 @@ def train(argv: list[str]) -> dict:
     if not hasattr(data.train, "__len__") and training_args.max_steps <= 0:
         raise ConfigError("streaming sources have no length, so the run cannot count epochs: set `max_steps` or "
                           "`max_train_tokens` (a token budget).")
-    n_params = sum(p.numel() for p in model.parameters())
-
+    n_params, n_trainable, _ = parameter_counts(model)  # before save_final_model merges LoRA adapters away
     watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting and s.name in data.eval]
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
-    preflight(training_args, data, n_params, tokens_per_step)
+    preflight(training_args, data, model, tokens_per_step)
     preemption = PreemptionCallback()
     meter = ThroughputMeter(tokens_per_step, training_args.world_size, flops_per_token(model, data_args.block_size),
                             peak_flops_per_device(training_args))
@@ -1413,9 +1531,11 @@ def train(argv: list[str]) -> dict:
         return {"preempted_at_step": preemption.stopped_at}
     final_eval = trainer.evaluate() if data.eval else {}
 
+    probe = probe_logits(model, data) if training_args.verify_saved_model else None
     model.config.use_cache = True  # the saved model is for inference
-    save_final_model(trainer, out)  # safetensors + config + tokenizer
-    saved_check = verify_saved_model(model, training_args, data) if training_args.verify_saved_model else None
+    save_final_model(trainer, out)  # safetensors + config + tokenizer (LoRA: merged, and adapter/)
+    model = trainer.model
+    saved_check = verify_saved_model(probe, next(model.parameters()).dtype, training_args) if probe else None
     history = trainer.state.log_history
     metrics = {
         "train": {
@@ -1434,7 +1554,8 @@ def train(argv: list[str]) -> dict:
                  "ppl_change_pct_over_baseline": forgetting.changes},
         "mixture": {"planned": {n: s["share_of_training_tokens"] for n, s in data.report["sources"].items()},
                     "achieved": data.train.shares(trainer.state.global_step * tokens_per_step // data_args.block_size)},
-        "model": {"parameters": n_params, "vocab_size": model.config.vocab_size, "block_size": data_args.block_size,
+        "model": {"parameters": n_params, "trainable_parameters": n_trainable, "finetuning": model_args.finetuning, "vocab_size": model.config.vocab_size,
+                  "block_size": data_args.block_size,
                   "saved_model_check": saved_check},
     }
     zero3 = is_deepspeed_zero3_enabled()

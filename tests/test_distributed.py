@@ -213,6 +213,39 @@ def test_deepspeed_zero3_continues_a_model_with_new_tokens(setup, single):
     assert weight.shape[0] >= len(tokenizer) and torch.isfinite(weight).all()
 
 
+@pytest.fixture(scope="module")
+def lora_flags(setup, single):
+    """Continue the single run's model with LoRA and two new tokens (rare: their rows may get no gradient in a
+    step, which DDP must not mistake for an unused parameter)."""
+    from transformers import AutoTokenizer
+
+    base, _ = setup
+    tokenizer = AutoTokenizer.from_pretrained(single[0])
+    tokenizer.add_tokens(["高血压病", "糖尿病人"])
+    tokenizer.save_pretrained(base / "extended-lora")
+    return ["--model_name_or_path", single[0], "--tokenizer_name_or_path", base / "extended-lora", "--finetuning",
+            "lora", "--lora_rank", 4, "--max_steps", 4, "--save_steps", 100]
+
+
+@pytest.fixture(scope="module")
+def lora_single(setup, lora_flags):
+    return launch(setup, "lora-single", "pretrain.py", extra=lora_flags)[0]
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero2"])
+def test_lora_with_new_tokens_two_processes(name, setup, lora_flags, lora_single):
+    from transformers import AutoModelForCausalLM
+
+    one = lora_single
+    two, _ = launch(setup, f"lora-{name}", *LAUNCHERS[name][:2], extra=lora_flags)
+    assert metrics(two)["train"]["world_size"] == 2 and metrics(two)["model"]["finetuning"] == "lora"
+    assert metrics(two)["train"]["final_logged_loss"] == pytest.approx(
+        metrics(one)["train"]["final_logged_loss"], rel=2e-3)  # the same global batch as one process
+    assert metrics(two)["model"]["saved_model_check"]["max_abs_logit_diff"] < 1e-4
+    weight = AutoModelForCausalLM.from_pretrained(two).get_input_embeddings().weight
+    assert torch.isfinite(weight).all() and (two / "adapter" / "adapter_model.safetensors").is_file()
+
+
 def test_deepspeed_config_with_optimizer_or_scheduler_is_refused(tmp_path):
     import pretrain
 

@@ -1,0 +1,149 @@
+"""finetuning lora: adapters on a frozen base, new tokens' rows trainable, a merged model that loads with
+AutoModelForCausalLM (and the adapter alone), resume from adapter checkpoints, honest FLOPs."""
+import json
+import shutil
+import types
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import pretrain
+from conftest import make_text_corpus
+from test_end_to_end import run_pretrain
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, micro_model_config, tokenizer_dir):
+    """A saved 'pretrained' model (untied head, so both embedding matrices are checked) with its tokenizer."""
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    spec = json.loads(micro_model_config.read_text())
+    config_path = tmp_path_factory.mktemp("untied") / "micro_untied.json"
+    config_path.write_text(json.dumps({**spec, "tie_word_embeddings": False}))
+    torch.manual_seed(0)
+    model = pretrain.build_model(pretrain.parse_args(["--model_config", str(config_path)])[0], tokenizer, 32)
+    directory = tmp_path_factory.mktemp("base")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def lora_args(base, *extra):
+    return pretrain.parse_args(["--model_name_or_path", str(base), "--finetuning", "lora", "--lora_rank", "4",
+                                *extra])[0]
+
+
+def test_lora_run_saves_a_merged_model_and_the_adapter(tmp_path, base_model):
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", base_model, "--finetuning", "lora", "--lora_rank", 4, "--sources",
+            json.dumps([{"name": "notes", "path": str(corpus)}]), "--block_size", 32, "--eval_fraction", 0.1,
+            "--cache_dir", tmp_path / "cache", "--output_dir", out, "--per_device_train_batch_size", 4,
+            "--learning_rate", 1e-2, "--logging_steps", 1, "--eval_steps", 2, "--save_steps", 2, "--report_to",
+            "none", "--sample_prompts", "高血压是", "--sample_max_new_tokens", 4, "--gradient_checkpointing", "true"]
+    run_pretrain([*args, "--max_steps", 4])
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["finetuning"] == "lora" and metrics["train"]["steps"] == 4 and metrics["samples"]
+    assert metrics["model"]["trainable_parameters"] < metrics["model"]["parameters"] / 4
+    check = metrics["model"]["saved_model_check"]  # the merged, reloaded model gives the trained model's logits
+    assert check["max_abs_logit_diff"] <= check["tolerance"]
+
+    # resumed from its adapter checkpoint at step 2, the run takes the same steps as the one never stopped
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    run_pretrain([*[resumed if a == out else a for a in args], "--max_steps", 4, "--resume_from_checkpoint", "auto"])
+    losses = [{h["step"]: h["loss"] for h in json.loads((d / "checkpoint-4" / "trainer_state.json").read_text())[
+        "log_history"] if "loss" in h} for d in (out, resumed)]
+    assert losses[1][3] == pytest.approx(losses[0][3], rel=1e-4) and losses[1][4] == pytest.approx(losses[0][4], rel=1e-4)
+
+    base = AutoModelForCausalLM.from_pretrained(base_model)
+    merged = AutoModelForCausalLM.from_pretrained(out)  # a plain model: the adapters are merged in
+    assert not any("lora" in name for name, _ in merged.named_parameters())
+    for name, weight in base.named_parameters():
+        delta = merged.get_parameter(name) - weight
+        if name.endswith(("q_proj.weight", "down_proj.weight")):  # adapted: a change of rank at most 4
+            assert 0 < torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= 4, name
+        elif "proj" not in name:  # embeddings, norms, head: frozen, and no new tokens
+            assert torch.equal(delta, torch.zeros_like(delta)), name
+
+
+def with_new_tokens(base_model):
+    """The base model's tokenizer with 3 tokens beyond its embedding rows (the model's own tokenizer, so only
+    tokens past its rows count as new), and the number of rows."""
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    rows = AutoModelForCausalLM.from_pretrained(base_model).get_input_embeddings().num_embeddings
+    tokenizer.add_tokens([f"新词{i}" for i in range(rows - len(tokenizer) + 3)])
+    return tokenizer, rows
+
+
+def test_new_tokens_train_their_rows_only(tmp_path, base_model):
+    tokenizer, rows = with_new_tokens(base_model)
+    model = pretrain.build_model(lora_args(base_model), tokenizer, 32)
+    new = list(range(rows, len(tokenizer)))
+    before = {n: p.detach().clone() for n, p in model.get_base_model().named_parameters()}
+    ids = torch.tensor([[5, new[0], 7, new[1], 9, new[2], 11, 12]])
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    merged = model.merge_and_unload()
+    for matrix, name in ((merged.get_input_embeddings().weight, "embed_tokens"),
+                         (merged.get_output_embeddings().weight, "lm_head")):
+        old = next(v for k, v in before.items() if name in k and k.endswith("weight"))
+        assert torch.equal(matrix[:rows], old[:rows]), name  # base tokens' rows untouched
+        assert not torch.allclose(matrix[new], old[new]), name  # the new tokens learned
+
+
+def test_flops_count_frozen_weights_without_their_gradients(base_model, tokenizer):
+    full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
+    lora = pretrain.build_model(lora_args(base_model), tokenizer, 32)
+    embedding = full.get_input_embeddings().weight.numel()
+    n = sum(p.numel() for p in full.parameters()) - embedding  # untied: the lookup does no matmul
+    attention = 12 * full.config.num_hidden_layers * full.config.hidden_size * 32
+    assert pretrain.flops_per_token(full, 32) == 6 * n + attention
+    adapters = sum(p.numel() for name, p in lora.named_parameters() if "lora_" in name)
+    assert pretrain.flops_per_token(lora, 32) == 4 * (n + adapters) + 2 * adapters + attention
+
+
+def test_lora_settings_that_cannot_work_are_refused(tmp_path, base_model, micro_model_config, tokenizer):
+    with pytest.raises(pretrain.ConfigError, match="adapts a pretrained model"):
+        pretrain.build_model(pretrain.parse_args(["--model_config", str(micro_model_config), "--finetuning",
+                                                  "lora"])[0], tokenizer, 32)
+    with pytest.raises(pretrain.ConfigError, match="lora_target `nothing_here`"):
+        pretrain.build_model(lora_args(base_model, "--lora_target", "nothing_here"), tokenizer, 32)
+    with pytest.raises(pretrain.ConfigError, match="finetuning must be one of"):
+        pretrain.parse_args(["--finetuning", "qlora"])
+    checkpoint = tmp_path / "checkpoint-2"  # a full-weights checkpoint resumed as LoRA, and the reverse
+    checkpoint.mkdir()
+    lora = pretrain.build_model(lora_args(base_model), tokenizer, 32)
+    with pytest.raises(pretrain.ConfigError, match="holds full weights but this run has finetuning lora"):
+        pretrain.check_resume_matches(str(checkpoint), lora, tokenizer)
+    (checkpoint / "adapter_config.json").write_text(json.dumps({"r": 8}))
+    with pytest.raises(pretrain.ConfigError, match="rank 8, this run's lora_rank is 4"):
+        pretrain.check_resume_matches(str(checkpoint), lora, tokenizer)
+    full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
+    with pytest.raises(pretrain.ConfigError, match="holds LoRA adapters but this run has finetuning full"):
+        pretrain.check_resume_matches(str(checkpoint), full, tokenizer)
+
+
+def test_lora_refuses_sharded_weights_and_fused_losses_that_miss_its_rows(base_model, monkeypatch):
+    with monkeypatch.context() as patched:
+        patched.setattr(pretrain, "is_deepspeed_zero3_enabled", lambda: True)
+        with pytest.raises(pretrain.ConfigError, match="ZeRO-1/2"):
+            pretrain.build_model(lora_args(base_model), AutoTokenizer.from_pretrained(base_model), 32)
+    model = pretrain.build_model(lora_args(base_model), with_new_tokens(base_model)[0], 32)  # untied head: wrapped
+    settings = dict(deepspeed=None, fsdp="", use_liger_kernel=False)
+    with pytest.raises(pretrain.ConfigError, match="ZeRO-1/2"):
+        pretrain.preflight(types.SimpleNamespace(**{**settings, "fsdp": "full_shard"}), None, model, 0)
+    with pytest.raises(pretrain.ConfigError, match="drop use_liger_kernel"):
+        pretrain.preflight(types.SimpleNamespace(**{**settings, "use_liger_kernel": True}), None, model, 0)
+    chunked = pretrain.parse_args(["--chunked_loss", "true", "--use_cpu", "true"])[2]
+    with pytest.raises(pretrain.ConfigError, match="drop chunked_loss"):
+        pretrain.use_chunked_loss(model, chunked)
+    plain = pretrain.build_model(lora_args(base_model), AutoTokenizer.from_pretrained(base_model), 32)
+    pretrain.use_chunked_loss(plain, chunked)  # no new tokens: the head stays plain, the fused loss applies
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    assert torch.isfinite(plain(input_ids=ids, labels=ids).loss)
