@@ -1194,10 +1194,24 @@ def _encode(info: TokenizerInfo, texts: list[str]) -> list[list[int]]:
     return [e.ids for e in _worker_tokenizer[1].encode_batch_fast(texts, add_special_tokens=False)]
 
 
+class MappedArray(np.memmap):
+    """A memory-mapped array file that pickles as its path: DataLoader workers started by spawn or
+    forkserver (macOS; Linux from Python 3.14) map the file again instead of each receiving a copy of
+    the corpus. Views (slices) of it pickle as ordinary arrays."""
+
+    def __reduce_ex__(self, protocol):
+        reopen = self.__dict__.get("reopen")  # set on the whole mapping only: views do not inherit it
+        return (_map, reopen) if reopen else super().__reduce_ex__(protocol)
+
+
 def _map(path: Path, dtype) -> np.ndarray:
     """A raw array file, memory-mapped read-only (an empty file gives an empty array)."""
     size = path.stat().st_size // np.dtype(dtype).itemsize
-    return np.memmap(path, dtype=dtype, mode="r", shape=(size,)) if size else np.zeros(0, dtype=dtype)
+    if not size:
+        return np.zeros(0, dtype=dtype)
+    mapped = MappedArray(path, dtype=dtype, mode="r", shape=(size,))
+    mapped.reopen = (path, dtype)
+    return mapped
 
 
 DOC_ARRAYS = {"doc_files": np.int32, "doc_records": np.int64, "doc_hashes": np.uint64, "doc_chars": np.int64}
@@ -1470,7 +1484,7 @@ class PackedBlocks:
         """`cum`: the documents' token offsets in their concatenation (len(doc_ids) + 1), when already
         computed (DocumentViews maps them from disk); else computed here."""
         self.store, self.block_size, self.document_positions = store, block_size, document_positions
-        self.doc_ids = np.asarray(doc_ids, dtype=np.int64)
+        self.doc_ids = np.asanyarray(doc_ids, dtype=np.int64)  # a mapped array stays one (pickles as its path)
         if cum is None:
             lengths = store.offsets[self.doc_ids + 1] - store.offsets[self.doc_ids]
             cum = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
@@ -1760,18 +1774,21 @@ class StreamedSource:
         self.document_positions, self.exclude = document_positions, exclude
 
     def __iter__(self) -> Iterator[dict]:
-        return self.blocks()
+        return self.blocks_of()
 
-    def blocks(self, shard: int = 0, shards: int = 1) -> Iterator[dict]:
-        """The blocks packed from every `shards`-th document, starting at document `shard`: what one of
-        `shards` DataLoader workers makes. Every worker reads and dedups all records (cheap) and tokenizes
-        only its own documents (the costly part); with one shard, the source's blocks in order."""
+    def blocks_of(self, shard: int = 0, shards: int = 1) -> Iterator[dict]:
+        """The blocks packed from shard `shard` of `shards` of the documents: what one of `shards`
+        DataLoader workers makes. Each document goes to the shard with the fewest characters so far, so
+        the shards hold about equal tokens and are read through at the same pace (by count, one shard
+        could hold the long documents and the other the short ones, and the short ones would repeat
+        sooner). Every worker reads and dedups all records (cheap) to know where each document goes, and
+        tokenizes only its own (the costly part); with one shard, the source's blocks in order."""
         prefix = [self.info.bos_id] if self.info.bos_id is not None else []
         seen: set[int] = set(self.exclude)
         pending = np.zeros(0, dtype=np.uint32)
         positions = np.zeros(0, dtype=np.int64)  # position within its document, for document attention
         log_skips = SkipLog(self.spec.name) if shard == 0 else (lambda notes: None)  # one worker reports
-        documents = 0  # documents kept so far, over all shards
+        loads = np.zeros(shards, dtype=np.int64)  # characters given to each shard so far
         for chunk in read_chunks(SourceInput.open(self.spec, cache_dir=self.cache_dir), self.spec):
             texts, _, _, notes = format_chunk(self.spec, chunk)
             log_skips(notes)
@@ -1783,8 +1800,14 @@ class StreamedSource:
                         seen.add(h)
                         fresh.append(text)
                 texts = fresh
-            mine = texts[(shard - documents) % shards::shards]
-            documents += len(texts)
+            mine = texts
+            if shards > 1:
+                mine = []
+                for text in texts:
+                    target = int(np.argmin(loads))
+                    loads[target] += len(text)
+                    if target == shard:
+                        mine.append(text)
             if not mine:
                 continue
             docs = [prefix + ids + [self.info.eos_id] for ids in _encode(self.info, mine)]
@@ -1803,20 +1826,25 @@ class StreamedSource:
 
 
 class ShuffledBlocks:
-    """A map-style source inside a streaming mixture: its blocks in a new seeded order each pass."""
+    """A map-style source inside a streaming mixture: its blocks in a new seeded order each pass, the
+    passes one endless sequence."""
 
     def __init__(self, blocks: "PackedBlocks", seed: int):
         self.blocks, self.seed = blocks, seed
 
-    def __iter__(self) -> Iterator[dict]:
-        return self.blocks_of_pass(0)
+    def __len__(self) -> int:
+        return len(self.blocks)
 
-    def blocks_of_pass(self, number: int, shard: int = 0, shards: int = 1) -> Iterator[dict]:
-        """Pass `number` over the blocks in its seeded order; one of `shards` workers takes every
-        `shards`-th of them (all of them when there are fewer blocks than workers)."""
-        order = np.random.default_rng([self.seed, number]).permutation(len(self.blocks))
-        mine = order[shard::shards] if len(order) >= shards else order
-        return (self.blocks[int(i)] for i in mine)
+    def blocks_of(self, shard: int = 0, shards: int = 1) -> Iterator[dict]:
+        """Blocks shard, shard + shards, shard + 2 shards, ... of the sequence: what one of `shards`
+        DataLoader workers reads. Workers that read at the same rate thus read its blocks in order
+        together, whatever their number and the source's size."""
+        number, order = -1, None
+        for index in itertools.count(shard, shards):
+            pass_number, position = divmod(index, len(self.blocks))
+            if pass_number != number:
+                number, order = pass_number, np.random.default_rng([self.seed, pass_number]).permutation(len(self.blocks))
+            yield self.blocks[int(order[position])]
 
 
 class StreamingMixture:
@@ -1824,20 +1852,22 @@ class StreamingMixture:
 
     The sources take turns in Webster (Sainte-Laguë) order: source s's k-th block has the key
     (k + 0.5) / share_s and blocks go in key order (ties to the earlier source). Every prefix holds the
-    weights to within a block, and the order depends on the weights alone, not on the data, so the
-    shares of the first n blocks are known exactly (`shares`) however the blocks were made.
+    weights to within a block, and the order depends on the weights alone, not on the data.
 
-    With DataLoader workers, worker w makes the batches w, w + W, w + 2W, ... of that order (the order
-    in which the DataLoader reads its workers), each from its own share of every source (every W-th
-    document of a stream, every W-th block of a stored source). A source that runs out starts its next
-    pass, with a warning past `max_epochs` passes."""
+    With W DataLoader workers, each worker makes its blocks in that same order, from its own share of
+    every source (StreamedSource and ShuffledBlocks shards), and the DataLoader reads whole batches
+    from the workers in turn. So every worker reads each source at the same rate (no shard is starved
+    or read twice as often), and the shares of the first n blocks read are known exactly (`shares`)
+    from n, the batch size and W. A stream that runs out starts its next pass, and any source read
+    more than `max_epochs` times over gets a warning."""
 
-    def __init__(self, sources: dict[str, Any], weights: dict[str, float], max_epochs: float, batch_size: int = 1):
+    def __init__(self, sources: dict[str, Any], weights: dict[str, float], max_epochs: float, batch_size: int = 1,
+                 workers: int = 0):
         self.names = list(sources)
         self.sources = [sources[n] for n in self.names]
         share = np.array([weights[n] for n in self.names], dtype=np.float64)
         self.share = share / share.sum()
-        self.max_epochs, self.batch_size = max_epochs, max(int(batch_size), 1)
+        self.max_epochs, self.batch_size, self.workers = max_epochs, max(int(batch_size), 1), max(int(workers), 1)
 
     def _key(self, source: int, k: int) -> tuple[float, int]:
         return (k + 0.5) / float(self.share[source]), source
@@ -1871,36 +1901,52 @@ class StreamingMixture:
             counts[following()[1]] += 1
         return counts
 
+    def consumed_counts(self, consumed: int) -> np.ndarray:
+        """Each source's blocks among the first `consumed` blocks the DataLoader read: batch j came from
+        worker j % W, as its (j // W)-th batch."""
+        batches, rest = divmod(max(consumed, 0), self.batch_size)
+        counts = sum(self.source_counts(self.batch_size * len(range(w, batches, self.workers)))
+                     for w in range(self.workers))
+        made = self.batch_size * len(range(batches % self.workers, batches, self.workers))  # by the next worker
+        return counts + self.source_counts(made + rest) - self.source_counts(made)
+
     def shares(self, consumed: int) -> dict[str, float]:
         """Each source's share of the first `consumed` blocks read (by all ranks together)."""
-        counts = self.source_counts(consumed)
+        counts = self.consumed_counts(consumed)
         return {n: float(c) / max(consumed, 1) for n, c in zip(self.names, counts)}
 
     def blocks(self, worker: int = 0, workers: int = 1) -> Iterator[dict]:
-        def one_pass(i: int, number: int):
-            source = self.sources[i]
-            if isinstance(source, ShuffledBlocks):
-                return source.blocks_of_pass(number, worker, workers)
-            return source.blocks(worker, workers) if isinstance(source, StreamedSource) else iter(source)
+        """What DataLoader worker `worker` of `workers` makes: every block of the source order, each from
+        this worker's share of its source."""
+        if workers != self.workers:
+            raise DataError(f"the streaming mixture was planned for {self.workers} DataLoader worker(s) but is read "
+                            f"by {workers}: pass dataloader_num_workers to build_datasets.")
 
-        passes = [0] * len(self.sources)
-        iters = [one_pass(i, 0) for i in range(len(self.sources))]
-        for n, i in enumerate(self.source_order()):
-            if (n // self.batch_size) % workers != worker:
-                continue
+        def shard(i: int):
+            source = self.sources[i]
+            return source.blocks_of(worker, workers) if hasattr(source, "blocks_of") else iter(source)
+
+        iters = [shard(i) for i in range(len(self.sources))]
+        passes, taken = [0] * len(self.sources), [0] * len(self.sources)
+        for i in self.source_order():
             block = next(iters[i], None)
-            if block is None:
+            if block is None:  # a stream's shard ran out: its next pass
                 passes[i] += 1
-                if passes[i] == int(self.max_epochs) and worker == 0:
-                    logger.warning("source `%s` started pass %d over its data (more than max_source_epochs %s): "
-                                   "lower its weight or add data.", self.names[i], passes[i] + 1, self.max_epochs)
-                iters[i] = one_pass(i, passes[i])
+                iters[i] = shard(i)
                 block = next(iters[i], None)
                 if block is None:
-                    split = (f" (DataLoader worker {worker} of {workers} packs every {workers}th document only: "
+                    split = (f" (DataLoader worker {worker} of {workers} packs its share of the documents only: "
                              "lower `dataloader_num_workers`)" if workers > 1 else "")
                     raise DataError(f"source `{self.names[i]}` yields no block of the block size{split}. Add data "
                                     "or lower `block_size`.")
+                if passes[i] == int(self.max_epochs) and worker == 0:
+                    logger.warning("source `%s` started pass %d over its data (more than max_source_epochs %s): "
+                                   "lower its weight or add data.", self.names[i], passes[i] + 1, self.max_epochs)
+            taken[i] += 1
+            if worker == 0 and hasattr(self.sources[i], "__len__") and (taken[i] - 1) * workers <= int(
+                    self.max_epochs * len(self.sources[i])) < taken[i] * workers:  # all workers read alike
+                logger.warning("source `%s`: its weight reads its %d blocks more than max_source_epochs %s times: "
+                               "lower its weight or add data.", self.names[i], len(self.sources[i]), self.max_epochs)
             yield block
 
     def __iter__(self) -> Iterator[dict]:
@@ -1919,6 +1965,9 @@ class StreamingMixture:
                 worker = torch.utils.data.get_worker_info()
                 return mixture.blocks(worker.id, worker.num_workers) if worker else mixture.blocks()
 
+            def __reduce__(self):  # a class made here cannot be pickled by name: rebuild it in the worker
+                return mixture.as_torch_dataset, ()
+
             def shares(self, consumed: int) -> dict[str, float]:
                 return mixture.shares(consumed)
 
@@ -1929,14 +1978,18 @@ def probe_stream(spec: SourceConfig, cache_dir: Path | None) -> dict:
     """Opens a streaming source and formats its first records, so a wrong split, path or field stops the
     run before training starts rather than at its first batch. Returns what the probe read."""
     texts, counts = 0, collections.Counter()
-    for chunk in read_chunks(SourceInput.open(spec, cache_dir=cache_dir), spec):
-        found, _, chunk_counts, notes = format_chunk(spec, chunk)
-        texts += len(found)
-        counts.update(chunk_counts)
-        if texts:
-            return {"probed_records": counts["records"]}
-        if counts["records"] >= PROBE_RECORDS:
-            break
+    try:
+        for chunk in read_chunks(SourceInput.open(spec, cache_dir=cache_dir), spec):
+            found, _, chunk_counts, notes = format_chunk(spec, chunk)
+            texts += len(found)
+            counts.update(chunk_counts)
+            if texts:
+                return {"probed_records": counts["records"]}
+            if counts["records"] >= PROBE_RECORDS:
+                break
+    except (ValueError, OSError) as e:  # what `datasets` and pyarrow raise for unreadable files (ArrowInvalid...)
+        raise DataError(f"source `{spec.name}` cannot be read as a stream: {type(e).__name__}: {e}. Fix the "
+                        "file, or set `streaming: false` to find the line.") from None
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if reason != "records") or "none"
     raise DataError(f"source `{spec.name}` streams no text: its first {counts['records']} records gave none "
                     f"(skipped: {skipped}). Check `split`, `text_field` or the template, or set `streaming: false` "
@@ -1970,10 +2023,11 @@ def _grouped_counts(counts: dict[str, int]) -> dict:
     return grouped
 
 
-def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size: int = 1) -> PreparedData:
+def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size: int = 1,
+                   workers: int = 0) -> PreparedData:
     """Sources -> token stores (cached) -> dedup -> split by document -> train blocks of all sources
-    + eval blocks per source, and the data report. `batch_size` is the DataLoader's (per process): the
-    workers of a streaming mixture each make whole batches."""
+    + eval blocks per source, and the data report. `batch_size` and `workers` are the DataLoader's (per
+    process): the workers of a streaming mixture each make whole batches, read in turn."""
     start = time.time()
     specs = parse_sources(data_args.sources)
     info = TokenizerInfo.from_tokenizer(tokenizer, data_args.add_bos)
@@ -2074,7 +2128,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document,
                                            excluded.get(s.name, frozenset())) if s.streaming
                             else ShuffledBlocks(train_parts[s.name], seed)) for s in specs}
-        mixture = StreamingMixture(sources, weights, max_epochs, batch_size)
+        mixture = StreamingMixture(sources, weights, max_epochs, batch_size, workers)
         for name, share in zip(mixture.names, mixture.share):
             report_sources[name]["share_of_training_tokens"] = round(float(share), 4)
         train_set = mixture.as_torch_dataset()

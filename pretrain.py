@@ -1167,6 +1167,23 @@ def eval_at_step(history: list[dict], step: int) -> dict:
     return found
 
 
+def check_streaming_settings(training_args: PretrainingArguments) -> None:
+    """A streaming mixture is read as one ordered stream (rank 0's DataLoader, workers in turn, batches
+    dispatched to the ranks): the logged mixture and resuming rely on that order."""
+    if training_args.max_steps <= 0:
+        raise ConfigError("streaming sources have no length, so the run cannot count epochs: set `max_steps` or "
+                          "`max_train_tokens` (a token budget).")
+    if training_args.auto_find_batch_size:
+        raise ConfigError("auto_find_batch_size changes the batch size after the streaming mixture planned its "
+                          "workers' batches: set per_device_train_batch_size instead.")
+    accelerator = training_args.accelerator_config
+    if not training_args.dataloader_in_order or accelerator.dispatch_batches is False or accelerator.split_batches:
+        raise ConfigError("streaming sources need dataloader_in_order true and accelerator_config without "
+                          "dispatch_batches false or split_batches true: the stream is read in order by the main "
+                          "process and its batches dispatched to the ranks (otherwise every rank would tokenize "
+                          "the whole stream, and the logged mixture and resuming would not match what trained).")
+
+
 def parameter_counts(model) -> tuple[int, int, int]:
     """(parameters, trainable parameters, bytes of the frozen ones)."""
     params = list(model.parameters())
@@ -1369,7 +1386,7 @@ def load_data(data_args: DataArguments, training_args: PretrainingArguments, tok
     start = time.perf_counter()
     with training_args.main_process_first(local=False, desc="prepare data"):
         data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed,
-                                           training_args.train_batch_size)
+                                           training_args.train_batch_size, training_args.dataloader_num_workers)
     stored = [s for s in data.report["sources"].values() if not s.get("streaming")]
     cached = all(s["cache"] == "hit" for s in stored)
     logger.info("data ready in %.2f s (%s): %s train blocks of %d tokens, eval sources: %s",
@@ -1495,9 +1512,8 @@ def train(argv: list[str]) -> dict:
                               "other from the config file).")
         training_args.max_steps = math.ceil(data_args.max_train_tokens / tokens_per_step)
         logger.info("token budget %d: max_steps %d", data_args.max_train_tokens, training_args.max_steps)
-    if not hasattr(data.train, "__len__") and training_args.max_steps <= 0:
-        raise ConfigError("streaming sources have no length, so the run cannot count epochs: set `max_steps` or "
-                          "`max_train_tokens` (a token budget).")
+    if not hasattr(data.train, "__len__"):
+        check_streaming_settings(training_args)
     n_params, n_trainable, _ = parameter_counts(model)  # before save_final_model merges LoRA adapters away
     watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting and s.name in data.eval]
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)

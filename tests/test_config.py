@@ -102,3 +102,18 @@ def test_written_reports_are_readable_by_others_as_the_umask_allows(tmp_path):
 
     data_utils.atomic_write_text(tmp_path / "report.json", "{}")
     assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~data_utils.CURRENT_UMASK
+
+
+def test_streaming_needs_a_length_and_one_ordered_reader():
+    def settings(*flags):
+        return pretrain.parse_args(["--use_cpu", "true", *flags])[2]
+
+    with pytest.raises(ConfigError, match="set `max_steps`"):
+        pretrain.check_streaming_settings(settings())
+    pretrain.check_streaming_settings(settings("--max_steps", "5"))
+    with pytest.raises(ConfigError, match="auto_find_batch_size"):
+        pretrain.check_streaming_settings(settings("--max_steps", "5", "--auto_find_batch_size", "true"))
+    for flags in (["--dataloader_in_order", "false"], ["--accelerator_config", '{"dispatch_batches": false}'],
+                  ["--accelerator_config", '{"split_batches": true}']):
+        with pytest.raises(ConfigError, match="read in order by the main process"):
+            pretrain.check_streaming_settings(settings("--max_steps", "5", *flags))

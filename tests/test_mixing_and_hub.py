@@ -197,13 +197,14 @@ def test_streaming_mixture_follows_the_weights(tmp_path, tokenizer):
 
 
 class Tagged:
-    """A stand-in source whose blocks say where they came from."""
+    """A stand-in source whose blocks say where they came from: block i of one endless sequence, worker
+    w of W reading blocks w, w + W, ... (as ShuffledBlocks does)."""
 
     def __init__(self, name):
         self.name = name
 
-    def __iter__(self):
-        return ({"source": self.name, "i": i} for i in range(10**6))
+    def blocks_of(self, shard=0, shards=1):
+        return ({"source": self.name, "i": i} for i in itertools.count(shard, shards))
 
 
 @pytest.mark.parametrize("weights", [{"a": 0.25, "b": 0.75}, {"a": 1, "b": 1, "c": 3}, {"a": 0.07, "b": 0.93}])
@@ -218,24 +219,34 @@ def test_mixture_shares_are_exact_at_every_prefix(weights):
             assert abs(read[:n].count(name) - n * weights[name] / total) <= 1  # within a block everywhere
 
 
-def test_mixture_workers_make_the_batches_in_reading_order():
-    """DataLoader workers each make every W-th batch: the sources arrive in the single-process order,
-    so the achieved shares reported from the step count are the ones trained on."""
+@pytest.mark.parametrize("weights, batch_size, workers", [
+    ({"a": 1, "b": 1}, 1, 2), ({"a": 1, "b": 3}, 1, 4), ({"a": 0.1, "b": 0.9}, 5, 2), ({"a": 0.3, "b": 0.7}, 4, 3)])
+def test_mixture_workers_read_every_source_evenly(weights, batch_size, workers):
+    """Through a real DataLoader with workers: the shares reported from the count of blocks read are the
+    ones read, and each source's blocks are read in order, none skipped or doubled, whatever the period of
+    the mixture and the batch size (a worker that got all of one source's turns would starve the others'
+    shards)."""
     import torch
 
-    weights = {"a": 0.3, "b": 0.7}
-    mixture = data_utils.StreamingMixture({n: Tagged(n) for n in weights}, weights, 4, batch_size=4)
-    alone = [b["source"] for b in itertools.islice(mixture, 400)]
-    loader = torch.utils.data.DataLoader(mixture.as_torch_dataset(), batch_size=4, num_workers=2,
+    mixture = data_utils.StreamingMixture({n: Tagged(n) for n in weights}, weights, 4, batch_size, workers)
+    loader = torch.utils.data.DataLoader(mixture.as_torch_dataset(), batch_size=batch_size, num_workers=workers,
                                          collate_fn=lambda items: items)
-    read = [b["source"] for batch in itertools.islice(loader, 100) for b in batch]
-    assert read == alone
-    assert mixture.shares(400)["a"] == read.count("a") / 400
+    batches = 60 * workers
+    read = [b for batch in itertools.islice(loader, batches) for b in batch]
+    for n in range(0, len(read) + 1, 7):
+        counts = mixture.consumed_counts(n)
+        assert [counts[i] for i in range(len(weights))] == [sum(b["source"] == s for b in read[:n]) for s in weights]
+    for name in weights:  # a whole number of rounds over the workers: each source's first blocks, once each
+        indices = sorted(b["i"] for b in read if b["source"] == name)
+        assert indices == list(range(len(indices))), name
+    assert mixture.shares(len(read))["a"] == pytest.approx(weights["a"] / sum(weights.values()), abs=2 / len(read))
 
 
 def test_streamed_source_shards_split_the_documents(tmp_path, tokenizer):
-    """Two workers' shards of a stream hold every document once: nothing lost, nothing doubled."""
-    hub = make_hub_fixture(tmp_path / "medical")
+    """Two workers' shards of a stream hold every document once, nothing lost or doubled, and about equal
+    text: long and short documents alternate here, and a split by count would give one shard all the long."""
+    rows = [f"{ZH_LINES[i % 5] * (4 if i % 2 else 1)}（第{i}段）" for i in range(80)]
+    hub = make_hub_fixture(tmp_path / "medical", rows=rows)
     spec = data_utils.SourceConfig.from_dict({"name": "med", "hub": str(hub), "hub_config": "pretrain",
                                               "streaming": True}, 0)
     info = data_utils.TokenizerInfo.from_tokenizer(tokenizer, "never")
@@ -246,9 +257,10 @@ def test_streamed_source_shards_split_the_documents(tmp_path, tokenizer):
         return tokenizer.decode(tokens).split(tokenizer.eos_token)[:-1]
 
     whole = documents(source)
-    shards = [documents(source.blocks(k, 2)) for k in range(2)]
-    assert len(whole) == 72 and abs(len(shards[0]) - len(shards[1])) <= 1
-    assert sorted(shards[0] + shards[1]) == sorted(whole)
+    shards = [documents(source.blocks_of(k, 2)) for k in range(2)]
+    assert len(whole) == 80 and sorted(shards[0] + shards[1]) == sorted(whole)
+    sizes = [sum(map(len, shard)) for shard in shards]
+    assert abs(sizes[0] - sizes[1]) <= max(map(len, whole))
 
 
 def test_streamed_source_leaves_out_its_eval_documents(tmp_path, tokenizer):
@@ -276,6 +288,11 @@ def test_streamed_source_problems_stop_the_run_before_training(tmp_path, tokeniz
         build(tmp_path, tokenizer, [{**base, "split": "nonexistent"}])
     with pytest.raises(DataError, match="fewer than one block of 64"):
         build(tmp_path, tokenizer, [{**base, "eval_split": "validation"}], block_size=64)
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "好的一行"}\n{"text": 不是JSON}\n', encoding="utf-8")
+    with pytest.raises(DataError, match="cannot be read as a stream"):
+        build(tmp_path, tokenizer, [{"name": "j", "hub": "json", "data_files": str(broken), "streaming": True,
+                                     "weight": 1}])
 
 
 def test_missing_local_data_files_are_named(tmp_path, tokenizer):
@@ -306,3 +323,25 @@ def test_preview_path_also_keys_local_hub_directories_by_content(tmp_path):
     for hub, expected in ((first, 2), (second, 3)):
         spec = data_utils.SourceConfig.from_dict({"hub": str(hub), "hub_config": "pretrain"}, 0)
         assert len(list(data_utils.iter_texts(spec))) == expected
+
+
+def test_workers_started_by_spawn_map_the_stores_instead_of_copying_them(tmp_path, tokenizer):
+    """macOS (and Linux from Python 3.14) start DataLoader workers by spawn/forkserver, which pickles the
+    dataset: a stored corpus travels as file paths, and a streaming mixture can be pickled at all."""
+    import pickle
+
+    import torch
+
+    hub = make_hub_fixture(tmp_path / "medical")
+    local = make_text_corpus(tmp_path / "general", repeat=200)
+    stored = build(tmp_path, tokenizer, [{"name": "general", "path": str(local)}], block_size=16)
+    part = stored.train.parts[0]  # its store's arrays and its document ids travel as paths
+    assert len(pickle.dumps(part)) < part.store.tokens.nbytes / 10
+    streamed = build(tmp_path, tokenizer, [
+        {"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True, "weight": 1},
+        {"name": "general", "path": str(local), "weight": 1}], block_size=16)
+    for dataset in (stored.train, streamed.train):
+        alone = list(itertools.islice(torch.utils.data.DataLoader(dataset, batch_size=4), 3))
+        spawned = list(itertools.islice(torch.utils.data.DataLoader(
+            dataset, batch_size=4, num_workers=1, multiprocessing_context="spawn"), 3))
+        assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(alone, spawned))
