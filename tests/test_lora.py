@@ -121,9 +121,14 @@ def test_lora_settings_that_cannot_work_are_refused(tmp_path, base_model, micro_
     lora = pretrain.build_model(lora_args(base_model), tokenizer, 32)
     with pytest.raises(pretrain.ConfigError, match="holds full weights but this run has finetuning lora"):
         pretrain.check_resume_matches(str(checkpoint), lora, tokenizer)
-    (checkpoint / "adapter_config.json").write_text(json.dumps({"r": 8}))
-    with pytest.raises(pretrain.ConfigError, match="rank 8, this run's lora_rank is 4"):
-        pretrain.check_resume_matches(str(checkpoint), lora, tokenizer)
+    saved = lora.peft_config["default"].to_dict()
+    for changed, message in (({"r": 8}, "lora_rank 8 -> 4"), ({"lora_alpha": 64}, "lora_alpha 64.0 -> 8.0"),
+                             ({"target_modules": ["q_proj"]}, r"lora_target \['q_proj'\] -> ")):
+        (checkpoint / "adapter_config.json").write_text(json.dumps({**saved, **changed}, default=list))
+        with pytest.raises(pretrain.ConfigError, match=f"other settings \\({message}"):
+            pretrain.check_resume_matches(str(checkpoint), lora, tokenizer)
+    (checkpoint / "adapter_config.json").write_text(json.dumps(saved, default=list))
+    pretrain.check_resume_matches(str(checkpoint), lora, tokenizer)  # the same settings resume
     full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
     with pytest.raises(pretrain.ConfigError, match="holds LoRA adapters but this run has finetuning full"):
         pretrain.check_resume_matches(str(checkpoint), full, tokenizer)
@@ -147,3 +152,24 @@ def test_lora_refuses_sharded_weights_and_fused_losses_that_miss_its_rows(base_m
     pretrain.use_chunked_loss(plain, chunked)  # no new tokens: the head stays plain, the fused loss applies
     ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
     assert torch.isfinite(plain(input_ids=ids, labels=ids).loss)
+
+
+def test_bf16_base_with_lora_then_a_full_run_in_the_same_output_dir(tmp_path, base_model):
+    """Frozen bf16 weights with fp32 adapters: the merge rounds W + BA to bf16, which the saved-model
+    check allows for; a later full run into the same output_dir leaves no stale adapter/ behind."""
+    from safetensors import safe_open
+
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", base_model, "--sources", json.dumps([{"name": "notes", "path": str(corpus)}]),
+            "--block_size", 32, "--eval_fraction", 0.1, "--cache_dir", tmp_path / "cache", "--output_dir", out,
+            "--per_device_train_batch_size", 4, "--learning_rate", 1e-2, "--max_steps", 2, "--save_steps", 2,
+            "--report_to", "none", "--sample_prompts", ""]
+    run_pretrain([*args, "--finetuning", "lora", "--lora_rank", 4, "--torch_dtype", "bfloat16"])
+    check = json.loads((out / "metrics.json").read_text())["model"]["saved_model_check"]
+    assert 0 < check["max_abs_logit_diff"] <= check["tolerance"]
+    with safe_open(out / "adapter" / "adapter_model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}  # adapters train in fp32
+    assert AutoModelForCausalLM.from_pretrained(out).config.dtype == torch.bfloat16
+    run_pretrain(args)
+    assert not (out / "adapter").exists()
