@@ -2004,6 +2004,31 @@ def inputs_now(store: TokenStore, inputs: SourceInput) -> list[dict]:
     return [{**found, "path": str(path)} for found, path in zip(store.meta["files"], inputs.files)]
 
 
+class SpreadBlocks:
+    """`count` blocks spread evenly over a larger set of blocks: an eval set capped by `max_eval_tokens`
+    keeps blocks from every part of the source (its first blocks would be its first files only)."""
+
+    def __init__(self, blocks: "PackedBlocks", count: int):
+        self.blocks, self.block_size = blocks, blocks.block_size
+        self.index = np.linspace(0, len(blocks) - 1, count).round().astype(np.int64)  # distinct: count <= len
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.blocks[int(self.index[index])]
+
+
+def capped_eval(blocks: "PackedBlocks", max_blocks: int | None, name: str):
+    """A source's eval blocks, at most `max_blocks` of them (evaluating every block of a large held-out
+    split would take longer than the training between evaluations)."""
+    if max_blocks is None or len(blocks) <= max_blocks:
+        return blocks
+    logger.info("source `%s`: evaluating %d of its %d eval blocks, spread over the split (max_eval_tokens)",
+                name, max_blocks, len(blocks))
+    return SpreadBlocks(blocks, max_blocks)
+
+
 @dataclass
 class PreparedData:
     train: Any  # a map-style dataset of {"input_ids", "labels"} blocks
@@ -2037,6 +2062,8 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
     dedup = getattr(data_args, "dedup", True)
     document = getattr(data_args, "attention", "causal") == "document"
     byte_mask = functools.cache(lambda: byte_token_mask(tokenizer))  # computed only when a store is built
+    max_eval_tokens = getattr(data_args, "max_eval_tokens", None)
+    max_eval_blocks = max(max_eval_tokens // block_size, 1) if max_eval_tokens else None
     streamed = [s for s in specs if s.streaming]
     if streamed and specs[0].weight is None:
         raise DataError("a streaming source has no length to take a natural share from: give every source a "
@@ -2075,7 +2102,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                 raise DataError(f"source `{spec.name}`: its eval split has {held_out.n_tokens} tokens, fewer than "
                                 f"one block of {block_size}. Raise `eval_fraction`, give `eval_path`, or lower "
                                 "`block_size`.")
-            evals[spec.name] = held_out
+            evals[spec.name] = capped_eval(held_out, max_eval_blocks, spec.name)
         train_parts[spec.name] = train
         duplicates = view.meta["duplicates"]
         documents = len(view.train_ids) + len(view.eval_ids)
@@ -2091,7 +2118,8 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
             "train_documents": len(view.train_ids), "train_tokens": train.n_tokens, "train_blocks": len(train),
             "unused_tail_tokens": train.unused_tail_tokens,
             "eval_documents": len(view.eval_ids) if held_out else 0,
-            "eval_blocks": len(held_out) if held_out else 0,
+            "eval_blocks": len(evals[spec.name]) if held_out else 0,
+            "eval_blocks_available": len(held_out) if held_out else 0,
         }
         if explicit_eval is not None:  # what reading the eval files skipped and dropped, as for the training files
             report_sources[spec.name]["eval_input"] = {"files": explicit_eval.meta["files"],
@@ -2111,14 +2139,15 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                                                     cache_dir, num_proc, digests)
                 hashes = doc_slice(eval_store, "doc_hashes", 0, eval_store.n_docs)
                 first = np.sort(np.unique(hashes, return_index=True)[1]) if dedup else np.arange(eval_store.n_docs)
-                evals[spec.name] = PackedBlocks(eval_store, first, block_size, document)
-                if len(evals[spec.name]) == 0:
+                held_out = PackedBlocks(eval_store, first, block_size, document)
+                if len(held_out) == 0:
                     raise DataError(f"source `{spec.name}`: its eval split `{spec.eval_split}` has "
-                                    f"{evals[spec.name].n_tokens} tokens, fewer than one block of {block_size}. "
+                                    f"{held_out.n_tokens} tokens, fewer than one block of {block_size}. "
                                     "Give a larger `eval_split` or lower `block_size`.")
+                evals[spec.name] = capped_eval(held_out, max_eval_blocks, spec.name)
                 excluded[spec.name] = frozenset(int(h) for h in hashes) if dedup else frozenset()
                 report_sources[spec.name].update(
-                    eval_documents=len(first), eval_blocks=len(evals[spec.name]),
+                    eval_documents=len(first), eval_blocks=len(evals[spec.name]), eval_blocks_available=len(held_out),
                     eval_input={"files": eval_store.meta["files"], **_grouped_counts(eval_store.meta["counts"])},
                     duplicates_removed={"within_eval": eval_store.n_docs - len(first)})
             elif (spec.eval_fraction or 0) > 0:

@@ -112,6 +112,9 @@ class DataArguments:
         "help": "Exact dedup of texts within and across sources and between train and eval."})
     max_source_epochs: float = field(default=4.0, metadata={
         "help": "Warn when a source's weight repeats its data more often than this per pass over the mixture."})
+    max_eval_tokens: int | None = field(default=1_048_576, metadata={
+        "help": "Evaluate at most this many tokens per source, blocks spread evenly over its held-out split "
+                "(a large split would take longer than the training between evaluations). 0: all of it."})
     max_train_tokens: int | None = field(default=None, metadata={
         "help": "Token budget: sets max_steps to ceil(budget / tokens per step)."})
     hub_local_dir: str | None = field(default="data/hub", metadata={

@@ -171,6 +171,18 @@ def test_eval_split_is_by_document_and_disjoint(tmp_path, tokenizer):
     assert again.eval["c"].doc_ids.tolist() == data.eval["c"].doc_ids.tolist()  # seeded
 
 
+def test_a_large_eval_split_is_capped_by_blocks_spread_over_it(tmp_path, tokenizer):
+    path = make_text_corpus(tmp_path / "d", repeat=40)
+    whole = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}], eval_fraction=0.3).eval["c"]
+    capped = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}], eval_fraction=0.3, max_eval_tokens=16 * 10)
+    assert len(whole) > 30 and len(capped.eval["c"]) == 10
+    report = capped.report["sources"]["c"]
+    assert report["eval_blocks"] == 10 and report["eval_blocks_available"] == len(whole)
+    blocks = [capped.eval["c"][i]["input_ids"].tolist() for i in range(10)]
+    assert blocks[0] == whole[0]["input_ids"].tolist() and blocks[-1] == whole[len(whole) - 1]["input_ids"].tolist()
+    assert len({tuple(b) for b in blocks}) == 10  # distinct blocks from across the split
+
+
 def test_explicit_eval_files(tmp_path, tokenizer):
     train = make_text_corpus(tmp_path / "t", repeat=4)
     held = make_jsonl_corpus(tmp_path / "e", repeat=4)
