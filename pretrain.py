@@ -862,8 +862,11 @@ class PretrainTrainer(Trainer):
         """Checkpoints and the final model also keep a SentencePiece tokenizer's `tokenizer.model` (save_pretrained
         writes tokenizer.json only): the vocabulary can be extended later, also after a resume."""
         super()._save(output_dir, state_dict)
+        directory = Path(output_dir or self.args.output_dir)
         if self.args.should_save and self.sentencepiece_model is not None:
-            (Path(output_dir or self.args.output_dir) / "tokenizer.model").write_bytes(self.sentencepiece_model)
+            (directory / "tokenizer.model").write_bytes(self.sentencepiece_model)
+        if self.args.should_save and directory.name.startswith("checkpoint-"):  # what a resume must keep
+            atomic_write_text(directory / BATCH_PLAN, json.dumps(batch_plan(self.args, self.block_size)))
 
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = last_complete_checkpoint(self.args.output_dir)
@@ -1172,6 +1175,58 @@ def eval_at_step(history: list[dict], step: int) -> dict:
         if h.get("step") == step:
             found.update(loss_and_ppl(h))
     return found
+
+
+BATCH_PLAN = "batch_plan.json"  # in every checkpoint: the batch geometry its data position depends on
+
+
+def batch_plan(training_args: PretrainingArguments, block_size: int) -> dict:
+    return {"block_size": block_size, "per_device_train_batch_size": training_args.per_device_train_batch_size,
+            "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+            "world_size": training_args.world_size, "dataloader_num_workers": training_args.dataloader_num_workers,
+            "tokens_per_step": training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
+            * training_args.world_size * block_size}
+
+
+def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, block_size: int,
+                          streaming: bool) -> None:
+    """A resumed run must read on from where its checkpoint stopped: the Trainer skips steps x accumulation
+    batches of the new geometry, so a different global batch would re-read or skip data (and the learning
+    rate schedule would mean other tokens). On another number of processes (a preempted job resumed on
+    fewer or more nodes) gradient accumulation is set to keep the checkpoint's tokens per step."""
+    path = Path(checkpoint) / BATCH_PLAN
+    if not path.is_file():  # a checkpoint from before batch plans were written
+        return
+    saved, now = json.loads(path.read_text(encoding="utf-8")), batch_plan(training_args, block_size)
+    if saved["block_size"] != block_size:
+        raise ConfigError(f"{checkpoint} trained blocks of {saved['block_size']} tokens, this run {block_size}: blocks "
+                          f"are cut differently, so its data position means nothing here. Resume with block_size "
+                          f"{saved['block_size']}.")
+    if streaming and any(saved[k] != now[k] for k in ("per_device_train_batch_size", "world_size",
+                                                       "dataloader_num_workers", "gradient_accumulation_steps")):
+        raise ConfigError(f"{checkpoint} streamed with per_device_train_batch_size {saved['per_device_train_batch_size']}"
+                          f", gradient_accumulation_steps {saved['gradient_accumulation_steps']}, "
+                          f"{saved['world_size']} process(es) and dataloader_num_workers "
+                          f"{saved['dataloader_num_workers']}: a streaming mixture replays its order only with the "
+                          "same settings. Resume with them.")
+    if saved["tokens_per_step"] == now["tokens_per_step"]:
+        return
+    micro = now["tokens_per_step"] // training_args.gradient_accumulation_steps  # tokens per micro-step, all ranks
+    accumulation, rest = divmod(saved["tokens_per_step"], micro)
+    fix = (f"gradient_accumulation_steps {accumulation}" if not rest else
+           "a per_device_train_batch_size and gradient_accumulation_steps whose product times the processes is "
+           f"{saved['tokens_per_step'] // block_size} blocks")
+    if rest or training_args.deepspeed:  # DeepSpeed fixed its batch sizes when the arguments were parsed
+        raise ConfigError(f"{checkpoint} trained {saved['tokens_per_step']:,} tokens per step "
+                          f"({saved['per_device_train_batch_size']} x {saved['gradient_accumulation_steps']} x "
+                          f"{saved['world_size']} process(es) x {block_size}), this run would train "
+                          f"{now['tokens_per_step']:,}: the data position and learning-rate schedule would not carry "
+                          f"over. Resume with {fix}.")
+    logger.warning("resuming %s on %d process(es) with per_device_train_batch_size %d: gradient_accumulation_steps "
+                   "%d -> %d keeps its %s tokens per step", checkpoint, training_args.world_size,
+                   training_args.per_device_train_batch_size, training_args.gradient_accumulation_steps, accumulation,
+                   f"{saved['tokens_per_step']:,}")
+    training_args.gradient_accumulation_steps = accumulation
 
 
 def check_streaming_settings(training_args: PretrainingArguments) -> None:
@@ -1516,8 +1571,9 @@ def train(argv: list[str]) -> dict:
     if not data.eval and training_args.eval_strategy != "no":
         logger.warning("no eval split (eval_fraction 0 and no eval_path): evaluation is off")
         training_args.eval_strategy, training_args.eval_on_start = "no", False
-    tokens_per_step = (training_args.per_device_train_batch_size * training_args.gradient_accumulation_steps
-                       * training_args.world_size * data_args.block_size)
+    if resume:
+        keep_checkpoint_batch(resume, training_args, data_args.block_size, not hasattr(data.train, "__len__"))
+    tokens_per_step = batch_plan(training_args, data_args.block_size)["tokens_per_step"]
     if data_args.max_train_tokens:
         if training_args.max_steps > 0:
             raise ConfigError(f"max_steps {training_args.max_steps} and max_train_tokens {data_args.max_train_tokens} "

@@ -1,4 +1,6 @@
 """YAML + command-line arguments: every field settable, CLI wins, mistakes named precisely."""
+import json
+
 import pytest
 import yaml
 
@@ -117,3 +119,28 @@ def test_streaming_needs_a_length_and_one_ordered_reader():
                   ["--accelerator_config", '{"split_batches": true}']):
         with pytest.raises(ConfigError, match="read in order by the main process"):
             pretrain.check_streaming_settings(settings("--max_steps", "5", *flags))
+
+
+def test_a_resume_keeps_the_checkpoints_batch_or_says_what_would(tmp_path):
+    checkpoint = tmp_path / "checkpoint-4"
+    checkpoint.mkdir()
+    plan = {"block_size": 32, "per_device_train_batch_size": 4, "gradient_accumulation_steps": 1, "world_size": 2,
+            "dataloader_num_workers": 0, "tokens_per_step": 4 * 2 * 32}
+    (checkpoint / "batch_plan.json").write_text(json.dumps(plan))
+
+    def settings(*flags):
+        return pretrain.parse_args(["--use_cpu", "true", *flags])[2]
+
+    args = settings("--per_device_train_batch_size", "4")  # one process now, two then
+    pretrain.keep_checkpoint_batch(str(checkpoint), args, 32, streaming=False)
+    assert args.gradient_accumulation_steps == 2
+    with pytest.raises(ConfigError, match="blocks of 32 tokens, this run 64"):
+        pretrain.keep_checkpoint_batch(str(checkpoint), settings(), 64, streaming=False)
+    with pytest.raises(ConfigError, match="product times the processes is 8 blocks"):
+        pretrain.keep_checkpoint_batch(str(checkpoint), settings("--per_device_train_batch_size", "3"), 32, False)
+    with pytest.raises(ConfigError, match="replays its order only with the same settings"):
+        pretrain.keep_checkpoint_batch(str(checkpoint), settings("--per_device_train_batch_size", "8"), 32, True)
+    deepspeed = settings("--per_device_train_batch_size", "4")
+    deepspeed.deepspeed = "ds.json"  # its batch sizes were fixed at parse time
+    with pytest.raises(ConfigError, match="Resume with gradient_accumulation_steps 2"):
+        pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)

@@ -117,6 +117,27 @@ def test_resume_from_checkpoint_continues_the_same_run(trained, tmp_path):
         assert losses_resumed[step] == pytest.approx(losses[step], rel=1e-4), step
 
 
+def test_resume_with_another_batch_split_keeps_the_global_batch(trained, tmp_path):
+    """Resumed with half the per-device batch (as on half the GPUs), gradient accumulation doubles: the same
+    blocks per step, so the same data position, schedule and (up to summation order) losses."""
+    base, config, out, _ = trained
+    assert json.loads((out / "checkpoint-6" / "batch_plan.json").read_text())["tokens_per_step"] == 4 * 32
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-6", resumed / "checkpoint-6")
+    proc = run_pretrain([config, "--output_dir", resumed, "--resume_from_checkpoint", "auto",
+                         "--per_device_train_batch_size", 2])
+    assert "gradient_accumulation_steps 1 -> 2 keeps its 128 tokens per step" in proc.stderr
+    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
+    state_resumed = json.loads((resumed / "checkpoint-12" / "trainer_state.json").read_text())
+    losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+    losses_resumed = {h["step"]: h["loss"] for h in state_resumed["log_history"] if "loss" in h}
+    for step in range(7, 13):
+        assert losses_resumed[step] == pytest.approx(losses[step], rel=1e-3), step
+    with pytest.raises(AssertionError, match="Resume with a per_device_train_batch_size"):
+        run_pretrain([config, "--output_dir", resumed, "--resume_from_checkpoint", resumed / "checkpoint-6",
+                      "--per_device_train_batch_size", 3])
+
+
 def test_run_pretrain_sh_passes_config_and_overrides(trained, tmp_path):
     _, config, _, _ = trained
     run_pretrain([config, "--output_dir", tmp_path / "sh", "--max_steps", 2, "--eval_strategy", "no",
