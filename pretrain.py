@@ -629,8 +629,9 @@ def use_chunked_loss(model, training_args: PretrainingArguments) -> None:
 # 5. Trainer: perplexity and throughput in every log, a loss curve on disk
 # --------------------------------------------------------------------------------------------
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts unless named).
-PEAK_TFLOPS = {"H200": 989.5, "H100 PCIe": 756.0, "H100": 989.5, "H800": 989.5, "H20": 148.0, "A100": 312.0,
-               "A800": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0, "A30": 165.0, "V100": 125.0,
+PEAK_TFLOPS = {"H200 NVL": 835.5, "H200": 989.5, "H100 PCIe": 756.0, "H100 NVL": 835.5, "H100": 989.5,
+               "H800 PCIe": 756.0, "H800": 989.5, "H20": 148.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
+               "L40": 181.0, "L4": 121.0, "A10": 125.0, "A30": 165.0, "V100": 125.0,
                "RTX 4090": 165.2}
 
 
@@ -645,7 +646,7 @@ def peak_flops_per_device(training_args: PretrainingArguments) -> float | None:
 
 def peak_flops_of(device_name: str) -> float | None:
     """Dense bf16/fp16 peak FLOP/s of a GPU by its name, from PEAK_TFLOPS; None when not listed."""
-    for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" is listed before "H100"
+    for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" is listed before "H100", "L40S" before "L40" and "L4"
         if all(part in device_name for part in key.split()):
             return tflops * 1e12
     return None
@@ -661,7 +662,7 @@ def flops_per_token(model, block_size: int) -> float:
     lookup = model.get_input_embeddings()
     lookup = set() if getattr(config, "tie_word_embeddings", False) else {id(p) for p in lookup.parameters()}
     matmul = [p for p in model.parameters() if id(p) not in lookup]
-    n, trainable = sum(p.numel() for p in matmul), sum(p.numel() for p in matmul if p.requires_grad)
+    n, trainable = sum(map(numel, matmul)), sum(numel(p) for p in matmul if p.requires_grad)
     return 4 * n + 2 * trainable + 12 * config.num_hidden_layers * config.hidden_size * block_size
 
 
@@ -764,45 +765,62 @@ def master_weights_optimizer(training_args: PretrainingArguments, model=None) ->
 
 class ThroughputMeter(TrainerCallback):
     """Tokens/s (global and per device), step time, share of time waiting for data, MFU and peak memory
-    over each logging window and over the whole run. Evaluation and checkpoint time are excluded; the
-    gap between one step's end and the next step's start (the batch being fetched) counts as data wait.
-    `overall` also reports the steady state: the run after its first logging window, which holds the one-off
-    costs (CUDA start-up, kernel autotuning, torch.compile) that a long run amortises."""
+    over each logging window and over the whole run (to the end of the last step: the final evaluation,
+    save and checks after it are not training).
+
+    Evaluation, checkpoints and the logging itself are excluded. The time from one step's end (or from the
+    end of what ran after it: a log, an evaluation, a save) to the next step's start is the batch being
+    fetched: data wait. The host sync a log makes to read the loss stays in the window, since on a GPU it
+    is the steps' compute draining. Peak memory is the accelerator's over the training steps of the window
+    (evaluation excluded); on a CPU, the process's peak RSS since it started. `overall` also reports the
+    steady state: the run after its first logging window, which holds the one-off costs (CUDA start-up,
+    kernel autotuning, torch.compile) that a long run amortises."""
 
     def __init__(self, tokens_per_step: int, world_size: int, flops_per_token: float, peak_flops: float | None):
         self.tokens_per_step, self.world_size = tokens_per_step, world_size
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.window = self.total = self.steady = None
+        self.ended = None  # when the last training step ended
 
     @staticmethod
     def _fresh(step: int) -> dict:
-        return {"start": time.perf_counter(), "step": step, "wait": 0.0, "excluded": 0.0}
+        return {"start": time.perf_counter(), "step": step, "wait": 0.0, "excluded": 0.0, "peak": 0.0}
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.window, self.total = self._fresh(state.global_step), self._fresh(state.global_step)
         self.last_end = time.perf_counter()
+        reset_peak_memory()
 
     def on_step_begin(self, args, state, control, **kwargs):
         waited = time.perf_counter() - self.last_end
         for span in self._spans():
             span["wait"] += waited
+        reset_peak_memory()  # what ran between the steps (evaluation) is not the training's peak
 
     def on_step_end(self, args, state, control, **kwargs):
+        peak = peak_memory_gib()
+        for span in self._spans():
+            span["peak"] = max(span["peak"], peak)
+        if state.max_steps and state.global_step >= state.max_steps:
+            control.should_log = True  # the last window, also when logging_steps does not divide max_steps
+            if torch.cuda.is_available() and torch.cuda.is_initialized():
+                torch.cuda.synchronize()  # the steps' work is done: the run's end
+            self.ended = time.perf_counter()
         self.last_end = time.perf_counter()
 
     def _exclude(self, args, state, control, **kwargs):
         now = time.perf_counter()
-        for span in self._spans():
+        for span in self._spans() if self.ended is None else []:  # after the last step nothing is measured
             span["excluded"] += now - self.last_end
         self.last_end = now
 
-    on_evaluate = on_save = _exclude
+    on_evaluate = on_save = logged = _exclude  # `logged`: called by PretrainTrainer.log after writing a log
 
     def _spans(self):
         return [span for span in (self.window, self.total, self.steady) if span is not None]
 
-    def _summary(self, span: dict, step: int) -> dict:
-        elapsed = time.perf_counter() - span["start"] - span["excluded"]
+    def _summary(self, span: dict, step: int, end: float | None = None) -> dict:
+        elapsed = (end or time.perf_counter()) - span["start"] - span["excluded"]
         steps = step - span["step"]
         if steps <= 0 or elapsed <= 0:
             return {}
@@ -810,34 +828,44 @@ class ThroughputMeter(TrainerCallback):
         summary = {"tokens_per_second": round(tokens_per_second, 1),
                    "tokens_per_second_per_device": round(tokens_per_second / self.world_size, 1),
                    "step_time_s": round(elapsed / steps, 4),
-                   "data_wait_share": round(min(span["wait"] / elapsed, 1.0), 4),
-                   "peak_memory_gib": round(peak_memory_gib(), 3)}
+                   "data_wait_share": round(span["wait"] / elapsed, 4),
+                   "peak_memory_gib": round(span["peak"], 3)}
         if self.peak_flops:
             summary["mfu"] = round(tokens_per_second / self.world_size * self.flops_per_token / self.peak_flops, 4)
         return summary
 
     def read(self, step: int) -> dict:
-        """The figures since the last read (one logging window)."""
+        """The figures since the last read (one logging window); the next window starts now, and what
+        the log takes after this read is excluded (`logged`)."""
         summary = self._summary(self.window, step) if self.window else {}
+        self.last_end = time.perf_counter()
         self.window = self._fresh(step)
         if self.steady is None:
             self.steady = self._fresh(step)
         return summary
 
     def overall(self, step: int) -> dict:
-        summary = self._summary(self.total, step) if self.total else {}
-        steady = self._summary(self.steady, step) if self.steady else {}
+        summary = self._summary(self.total, step, self.ended) if self.total else {}
+        steady = self._summary(self.steady, step, self.ended) if self.steady else {}
         if steady:
             summary["steady_state"] = {"from_step": self.steady["step"], **steady}
         return summary
 
 
+def reset_peak_memory() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.reset_peak_memory_stats()
+
+
 def peak_memory_gib() -> float:
+    """The accelerator's peak allocated memory since the last reset_peak_memory, or on a CPU the process's
+    peak resident set size since it started (the OS keeps no resettable peak)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return torch.cuda.max_memory_allocated() / 2**30
     import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # CPU: peak resident set size
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
 class PretrainTrainer(Trainer):
@@ -982,6 +1010,8 @@ class PretrainTrainer(Trainer):
                 for name, share in self.train_dataset.shares(consumed).items():
                     logs[f"mix_{name}"] = round(share, 4)
         super().log(logs, start_time)
+        if "loss" in logs:
+            self.meter.logged(self.args, self.state, self.control)
 
 
 class PreemptionCallback(TrainerCallback):
@@ -1246,11 +1276,16 @@ def check_streaming_settings(training_args: PretrainingArguments) -> None:
                           "the whole stream, and the logged mixture and resuming would not match what trained).")
 
 
+def numel(parameter) -> int:
+    """A parameter's size, also when ZeRO-3 partitioned it (numel() is 0 outside a gather)."""
+    return getattr(parameter, "ds_numel", parameter.numel())
+
+
 def parameter_counts(model) -> tuple[int, int, int]:
     """(parameters, trainable parameters, bytes of the frozen ones)."""
     params = list(model.parameters())
-    return (sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad),
-            sum(p.numel() * p.element_size() for p in params if not p.requires_grad))
+    return (sum(map(numel, params)), sum(numel(p) for p in params if p.requires_grad),
+            sum(numel(p) * p.element_size() for p in params if not p.requires_grad))
 
 
 def preflight(training_args: PretrainingArguments, data, model, tokens_per_step: int) -> None:

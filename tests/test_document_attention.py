@@ -65,17 +65,53 @@ def test_throughput_figures_and_mfu_convention(micro_model_config, monkeypatch):
         peak = pretrain.peak_flops_per_device(args)
         assert peak == (tflops * 1e12 if tflops else None), name
     meter = pretrain.ThroughputMeter(tokens_per_step=1000, world_size=2, flops_per_token=1e9, peak_flops=1e12)
-    meter.on_train_begin(None, types.SimpleNamespace(global_step=0), None)
+    state = types.SimpleNamespace(global_step=0, max_steps=100)
+    meter.on_train_begin(None, state, None)
     for _ in range(3):
-        meter.on_step_begin(None, None, None)
-        meter.on_step_end(None, None, None)
+        meter.on_step_begin(None, state, None)
+        meter.on_step_end(None, state, None)
     window = meter.read(3)
     assert window["tokens_per_second_per_device"] == pytest.approx(window["tokens_per_second"] / 2, rel=1e-3)
     assert window["mfu"] == pytest.approx(window["tokens_per_second_per_device"] * 1e9 / 1e12, rel=1e-3, abs=1e-4)
     assert 0 <= window["data_wait_share"] <= 1 and window["step_time_s"] >= 0
     for _ in range(2):  # the steady state starts after the first window, which holds the one-off costs
-        meter.on_step_begin(None, None, None)
-        meter.on_step_end(None, None, None)
+        meter.on_step_begin(None, state, None)
+        meter.on_step_end(None, state, None)
     overall = meter.overall(5)
     assert overall["steady_state"]["from_step"] == 3 and "mfu" in overall["steady_state"]
     assert overall["step_time_s"] >= 0 and "steady_state" not in meter.read(5)
+
+
+def test_meter_excludes_logs_evaluations_and_what_follows_the_last_step(monkeypatch):
+    """A fake clock: steps take 1 s, fetching a batch 0.5 s, a log 2 s (after its reading), an evaluation
+    3 s, and 10 s pass after the last step (final evaluation, saving). None of that but the fetch and the
+    steps may enter the figures, also when a log and an evaluation fall on the same step."""
+    import pretrain
+
+    clock = [0.0]
+    monkeypatch.setattr(pretrain.time, "perf_counter", lambda: clock[0])
+    meter = pretrain.ThroughputMeter(tokens_per_step=100, world_size=1, flops_per_token=1.0, peak_flops=None)
+    state = types.SimpleNamespace(global_step=0, max_steps=4)
+    control = types.SimpleNamespace(should_log=False)
+    meter.on_train_begin(None, state, control)
+    windows = []
+    for step in range(1, 5):
+        clock[0] += 0.5  # fetching the batch
+        meter.on_step_begin(None, state, control)
+        clock[0] += 1.0
+        state.global_step = step
+        meter.on_step_end(None, state, control)
+        if step % 2 == 0:
+            windows.append(meter.read(step))
+            clock[0] += 2.0
+            meter.logged(None, state, control)
+            clock[0] += 3.0
+            meter.on_evaluate(None, state, control)
+    clock[0] += 10.0
+    for figures in (*windows, meter.overall(4), meter.overall(4)["steady_state"]):
+        assert figures["step_time_s"] == pytest.approx(1.5, abs=1e-3) and figures["data_wait_share"] == pytest.approx(1 / 3, abs=1e-3)
+        assert figures["tokens_per_second"] == pytest.approx(100 / 1.5, abs=0.1)
+    assert control.should_log  # the last step is always logged
+    for name, tflops in [("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("NVIDIA H100 NVL", 835.5),
+                         ("NVIDIA H200 NVL", 835.5), ("NVIDIA H200", 989.5), ("NVIDIA H20", 148.0)]:
+        assert pretrain.peak_flops_of(name) == tflops * 1e12, name
