@@ -656,14 +656,17 @@ def flops_per_token(model, block_size: int) -> float:
     """Training FLOPs per token, PaLM's convention: 2 N forward + 2 N for the gradients of the activations
     + 2 T for the gradients of the trainable weights (N = parameters doing matmuls: all but the input
     embedding lookup; a tied embedding counts once, as the output projection; T = the trainable ones among
-    them: 6 N when all train, about 4 N under LoRA) + 12 L d S for attention scores and values (S = block
-    size, no discount for the causal mask)."""
+    them: 6 N when all train, about 4 N under LoRA) + 12 L H Q S for attention scores and values (H heads of
+    width Q, usually H Q = hidden size but not for Qwen3-like configs with a wider head_dim; S = block size,
+    no discount for the causal mask)."""
     config = model.config
     lookup = model.get_input_embeddings()
     lookup = set() if getattr(config, "tie_word_embeddings", False) else {id(p) for p in lookup.parameters()}
     matmul = [p for p in model.parameters() if id(p) not in lookup]
     n, trainable = sum(map(numel, matmul)), sum(numel(p) for p in matmul if p.requires_grad)
-    return 4 * n + 2 * trainable + 12 * config.num_hidden_layers * config.hidden_size * block_size
+    heads = config.num_attention_heads
+    attention_width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 4 * n + 2 * trainable + 12 * config.num_hidden_layers * attention_width * block_size
 
 
 def with_fp32_master_weights(optimizer_cls: type) -> type:

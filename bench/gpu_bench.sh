@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One command, under 8 minutes on one H100: training tokens/s and MFU of the Qwen2-0.5B shape (vocab 151936,
 # bf16, sdpa, fused AdamW) at sequence 2048 and 4096, read from each run's metrics.json (ThroughputMeter:
-# eval and checkpoint time excluded; MFU = 6N + 12 L d S FLOPs per token over the card's dense bf16 peak).
+# eval and checkpoint time excluded; MFU = 6N + 12 L H Q S FLOPs per token over the card's dense bf16 peak).
 # Each run prints its steady state (after the first logging window: start-up, autotuning and compilation
 # excluded) and its whole-run figure.
 #   bash bench/gpu_bench.sh [--torch_compile true] [--use_liger_kernel true] [...any pretrain.py flag]

@@ -57,6 +57,12 @@ def test_throughput_figures_and_mfu_convention(micro_model_config, monkeypatch):
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
     n = sum(p.numel() for p in model.parameters())  # tied embeddings: counted once, as the output projection
     assert pretrain.flops_per_token(model, 128) == 6 * n + 12 * 2 * 32 * 128
+    # Attention width is heads x head_dim, which Qwen3-like configs set wider than the hidden size.
+    wide = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "qwen3", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True))
+    n = sum(p.numel() for p in wide.parameters())
+    assert pretrain.flops_per_token(wide, 128) == 6 * n + 12 * 2 * (4 * 16) * 128
     args = types.SimpleNamespace(peak_tflops=None, use_cpu=False, low_precision=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     for name, tflops in [("NVIDIA H100 80GB HBM3", 989.5), ("NVIDIA H100 PCIe", 756.0), ("NVIDIA A800-SXM4-80GB", 312.0),
