@@ -1545,6 +1545,15 @@ def doc_slice(store: TokenStore, name: str, start: int, stop: int) -> np.ndarray
     return np.fromfile(store.dir / f"{name}.bin", dtype=dtype, count=stop - start, offset=start * dtype.itemsize)
 
 
+def hashes_of(store: TokenStore, ids: np.ndarray) -> Iterator[np.ndarray]:
+    """The content hashes of documents `ids` (sorted) of a store, read in passes of PASS_DOCS documents."""
+    for start in range(0, store.n_docs, PASS_DOCS):
+        stop = min(start + PASS_DOCS, store.n_docs)
+        lo, hi = np.searchsorted(ids, [start, stop])
+        if hi > lo:
+            yield doc_slice(store, "doc_hashes", start, stop)[np.asarray(ids[lo:hi]) - start]
+
+
 def dedup_keep_flags(stores: list[TokenStore], work: Path) -> tuple[list[np.ndarray], list[dict]]:
     """Exact dedup over stores in order (an earlier store keeps its copy), in memory that does not grow with
     the corpus beyond one flag per document: (hash, store, doc) rows are partitioned by hash into bucket
@@ -1764,12 +1773,13 @@ class StreamedSource:
     tokens and block boundaries as its token store would give (dedup within the stream only), with
     nothing materialised but a hash per document seen.
 
-    `exclude` holds the hashes of the source's eval documents: with dedup on, a training document
-    equal to one of them is dropped as it streams past (a stream cannot be read ahead to drop it from
-    the eval set instead, as a token store's split does)."""
+    `exclude` holds the sorted hashes of every source's eval documents: with dedup on, a training
+    document equal to one of them is dropped as it streams past (a stream cannot be read ahead to drop
+    it from the eval set instead, as a token store's split does)."""
 
     def __init__(self, spec: SourceConfig, info: TokenizerInfo, block_size: int, dedup: bool,
-                 cache_dir: Path | None = None, document_positions: bool = False, exclude: frozenset = frozenset()):
+                 cache_dir: Path | None = None, document_positions: bool = False,
+                 exclude: np.ndarray = np.zeros(0, np.uint64)):
         self.spec, self.info, self.block_size, self.dedup, self.cache_dir = spec, info, block_size, dedup, cache_dir
         self.document_positions, self.exclude = document_positions, exclude
 
@@ -1784,7 +1794,7 @@ class StreamedSource:
         sooner). Every worker reads and dedups all records (cheap) to know where each document goes, and
         tokenizes only its own (the costly part); with one shard, the source's blocks in order."""
         prefix = [self.info.bos_id] if self.info.bos_id is not None else []
-        seen: set[int] = set(self.exclude)
+        seen: set[int] = set()
         pending = np.zeros(0, dtype=np.uint32)
         positions = np.zeros(0, dtype=np.int64)  # position within its document, for document attention
         log_skips = SkipLog(self.spec.name) if shard == 0 else (lambda notes: None)  # one worker reports
@@ -1793,10 +1803,11 @@ class StreamedSource:
             texts, _, _, notes = format_chunk(self.spec, chunk)
             log_skips(notes)
             if self.dedup:
+                hashes = np.array([text_hash(text) for text in texts], dtype=np.uint64)
+                held_out = np.isin(hashes, self.exclude)
                 fresh = []
-                for text in texts:
-                    h = text_hash(text)
-                    if h not in seen:
+                for text, h, evaluated in zip(texts, hashes.tolist(), held_out):
+                    if not evaluated and h not in seen:
                         seen.add(h)
                         fresh.append(text)
                 texts = fresh
@@ -2130,7 +2141,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
     max_epochs = getattr(data_args, "max_source_epochs", 4.0)
     weights = {s.name: s.weight for s in specs} if specs[0].weight is not None else None
     if streamed:
-        excluded = {}  # per stream, the hashes of its eval documents, dropped from its training documents
+        # Every source's eval documents, dropped from the streams' training documents; a stream's eval
+        # documents that a stored source trains on are dropped from its eval set instead.
+        eval_hashes = [h for (_, store, _, explicit), view in zip(stored, views.sources if views else [])
+                       for h in hashes_of(explicit or store, view.eval_ids)] if dedup else []
         for spec in streamed:
             report_sources[spec.name] = {"streaming": True, "weight": spec.weight, **probe_stream(spec, cache_dir)}
             if spec.eval_split:
@@ -2139,23 +2153,35 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                                                     cache_dir, num_proc, digests)
                 hashes = doc_slice(eval_store, "doc_hashes", 0, eval_store.n_docs)
                 first = np.sort(np.unique(hashes, return_index=True)[1]) if dedup else np.arange(eval_store.n_docs)
+                in_train = np.zeros(len(first), dtype=bool)
+                if dedup:
+                    for (_, store, *_), view in zip(stored, views.sources if views else []):
+                        for trained in hashes_of(store, view.train_ids):
+                            in_train |= np.isin(hashes[first], trained)
+                    if in_train.all():
+                        raise DataError(f"source `{spec.name}`: every one of the {len(first)} documents of its eval "
+                                        f"split `{spec.eval_split}` also occurs in another source's training data, "
+                                        "and dedup removed them. Give an eval split with other texts, or set "
+                                        "`dedup: false`.")
+                    first = first[~in_train]
+                    eval_hashes.append(hashes[first])
                 held_out = PackedBlocks(eval_store, first, block_size, document)
                 if len(held_out) == 0:
                     raise DataError(f"source `{spec.name}`: its eval split `{spec.eval_split}` has "
                                     f"{held_out.n_tokens} tokens, fewer than one block of {block_size}. "
                                     "Give a larger `eval_split` or lower `block_size`.")
                 evals[spec.name] = capped_eval(held_out, max_eval_blocks, spec.name)
-                excluded[spec.name] = frozenset(int(h) for h in hashes) if dedup else frozenset()
                 report_sources[spec.name].update(
                     eval_documents=len(first), eval_blocks=len(evals[spec.name]), eval_blocks_available=len(held_out),
                     eval_input={"files": eval_store.meta["files"], **_grouped_counts(eval_store.meta["counts"])},
-                    duplicates_removed={"within_eval": eval_store.n_docs - len(first)})
+                    duplicates_removed={"within_eval": eval_store.n_docs - len(first) - int(in_train.sum()),
+                                        "eval_of_train": int(in_train.sum())})
             elif (spec.eval_fraction or 0) > 0:
                 logger.warning("source `%s` streams: eval_fraction is not applied to a stream; set `eval_split` "
                                "to evaluate it", spec.name)
         digests.save()
-        sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document,
-                                           excluded.get(s.name, frozenset())) if s.streaming
+        excluded = np.unique(np.concatenate([np.zeros(0, np.uint64), *eval_hashes]).astype(np.uint64))
+        sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document, excluded) if s.streaming
                             else ShuffledBlocks(train_parts[s.name], seed)) for s in specs}
         mixture = StreamingMixture(sources, weights, max_epochs, batch_size, workers)
         for name, share in zip(mixture.names, mixture.share):

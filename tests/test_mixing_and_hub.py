@@ -270,11 +270,33 @@ def test_streamed_source_leaves_out_its_eval_documents(tmp_path, tokenizer):
               "eval_split": "validation"}
     data = build(tmp_path, tokenizer, [source], block_size=1)
     med = data.report["sources"]["med"]
-    assert med["eval_documents"] == 6 and med["duplicates_removed"] == {"within_eval": 2}
+    assert med["eval_documents"] == 6 and med["duplicates_removed"] == {"within_eval": 2, "eval_of_train": 0}
     tokens = [int(b["input_ids"][0]) for b in itertools.islice(data.train, 5000)]
     trained = set(tokenizer.decode(tokens).replace(" ", "").split(tokenizer.eos_token))
     assert not trained & {r.replace(" ", "") for r in rows[:5]}
     assert {r.replace(" ", "") for r in rows[5:]} <= trained
+
+
+def test_streams_and_stored_sources_never_train_on_each_others_eval_documents(tmp_path, tokenizer):
+    rows = [f"{line}（第{i}段）" for i in range(6) for line in ZH_LINES]
+    local = [f"本地文本{i}：{ZH_LINES[i % len(ZH_LINES)]}" for i in range(30)]
+    stream_eval = local[:3] + ["只在流验证集里的文本甲。", "只在流验证集里的文本乙。"]
+    hub = make_hub_fixture(tmp_path / "medical", rows=rows, eval_rows=stream_eval)
+    (tmp_path / "local.txt").write_text("\n".join(local) + "\n", encoding="utf-8")
+    (tmp_path / "local_eval.txt").write_text("\n".join(rows[:4] + ["只在本地验证集里的文本。"]) + "\n", encoding="utf-8")
+    data = build(tmp_path, tokenizer, [
+        {"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True, "weight": 1,
+         "eval_split": "validation"},
+        {"name": "local", "path": str(tmp_path / "local.txt"), "eval_path": str(tmp_path / "local_eval.txt"),
+         "weight": 1}], block_size=1)
+    med = data.report["sources"]["med"]
+    assert med["eval_documents"] == 2 and med["duplicates_removed"] == {"within_eval": 0, "eval_of_train": 3}
+    assert data.report["sources"]["local"]["eval_documents"] == 5
+    # equal weights alternate block by block, the stream first: the even blocks are the stream's, in order
+    tokens = [int(b["input_ids"][0]) for b in itertools.islice(data.train, 0, 10000, 2)]
+    trained = set(tokenizer.decode(tokens).replace(" ", "").split(tokenizer.eos_token))
+    assert not trained & {r.replace(" ", "") for r in rows[:4]}  # the stored source evaluates on them
+    assert {r.replace(" ", "") for r in rows[4:]} <= trained
 
 
 def test_streamed_source_problems_stop_the_run_before_training(tmp_path, tokenizer):
