@@ -9,8 +9,10 @@ arguments -> tokenizer -> model -> data (data_utils) -> Trainer -> evaluate, sav
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import functools
+import importlib.util
 import json
 import logging
 import math
@@ -27,8 +29,8 @@ from pathlib import Path
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
-from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, Trainer,
-                          TrainerCallback, TrainingArguments, default_data_collator, set_seed)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, HfArgumentParser,
+                          Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
@@ -78,9 +80,16 @@ class ModelArguments:
     lora_target: str = field(default="all-linear", metadata={
         "help": "Layers that get adapters: all-linear (every linear layer but the output head) or comma-separated "
                 "module names, e.g. q_proj,k_proj,v_proj,o_proj."})
+    quantization_bit: int | None = field(default=None, metadata={
+        "help": "QLoRA (with finetuning lora): hold the frozen model's linear layers in 4 or 8 bits (bitsandbytes) "
+                "while the adapters train; the saved model is the base in torch_dtype with the adapters merged in."})
+    quantization_type: str = field(default="nf4", metadata={"help": "4-bit data type: nf4 (QLoRA's) | fp4."})
+    double_quantization: bool = field(default=True, metadata={
+        "help": "4-bit: quantize the quantization constants too (about 0.4 bits per weight less)."})
 
     CHOICES = {"torch_dtype": ("float32", "bfloat16", "float16"), "tokenizer_model_type": ("bpe", "unigram"),
-               "new_token_init": ("subword_mean", "mean"), "finetuning": ("full", "lora")}
+               "new_token_init": ("subword_mean", "mean"), "finetuning": ("full", "lora"),
+               "quantization_type": ("nf4", "fp4")}
 
     def __post_init__(self):
         for name, allowed in self.CHOICES.items():
@@ -88,6 +97,11 @@ class ModelArguments:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got `{getattr(self, name)}`.")
         if self.finetuning == "lora" and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be at least 1, got {self.lora_rank}.")
+        if self.quantization_bit not in (None, 4, 8):
+            raise ConfigError(f"quantization_bit must be 4 or 8 (or unset), got {self.quantization_bit}.")
+        if self.quantization_bit and self.finetuning != "lora":
+            raise ConfigError(f"quantization_bit {self.quantization_bit}: quantized weights cannot be trained "
+                              "directly. Set `finetuning: lora` (QLoRA), or drop quantization_bit.")
 
 
 @dataclass
@@ -433,9 +447,13 @@ def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments
     return model_args.torch_dtype
 
 
-def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient_checkpointing: bool = False):
+def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient_checkpointing: bool = False,
+                compute_dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """The model to train: `create_model`, checked against the block size, with LoRA adapters when asked.
+    `compute_dtype` and `device` matter under quantization_bit only: bitsandbytes computes in that dtype, and
+    the quantized weights are loaded straight onto this process's device."""
     try:
-        model, new_token_ids = create_model(model_args, tokenizer)
+        model, new_token_ids = create_model(model_args, tokenizer, compute_dtype, device)
     except ImportError as e:  # flash_attention_2 without flash-attn, say
         raise ConfigError(f"the model cannot be built with attn_implementation `{model_args.attn_implementation}`: "
                           f"{str(e).splitlines()[0]} Install what it names, or set `attn_implementation: sdpa`.") from None
@@ -461,8 +479,9 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
     if is_deepspeed_zero3_enabled():  # before peft meets partitioned weights
         raise ConfigError(LORA_UNSHARDED)
     if not model_args.model_name_or_path:
-        raise ConfigError("finetuning lora adapts a pretrained model: set `model_name_or_path`, or train a model "
-                          "from scratch with `finetuning: full`.")
+        raise ConfigError(f"finetuning lora{' with quantization_bit' if model_args.quantization_bit else ''} adapts a "
+                          "pretrained model: set `model_name_or_path`, or train a model from scratch with "
+                          "`finetuning: full`.")
     try:
         import peft
     except ImportError:
@@ -496,6 +515,12 @@ def is_lora(model) -> bool:
     return hasattr(model, "peft_config")
 
 
+def is_quantized(model) -> bool:
+    """Whether the (base) model's weights are bitsandbytes-quantized: quantization_bit, QLoRA."""
+    base = model.get_base_model() if is_lora(model) else model
+    return bool(getattr(base, "is_quantized", False))
+
+
 def plain_output_head(model) -> bool:
     """Whether the output projection is a plain Linear (not wrapped by LoRA or trainable tokens): fused
     losses (chunked_loss, Liger) read its weight directly and would miss a wrapper's part."""
@@ -503,15 +528,34 @@ def plain_output_head(model) -> bool:
     return type(base.get_output_embeddings()) is torch.nn.Linear
 
 
-def create_model(model_args: ModelArguments, tokenizer):
+def quantization_config(model_args: ModelArguments, compute_dtype: torch.dtype):
+    """bitsandbytes settings for quantization_bit (QLoRA: NF4 with double quantization by default)."""
+    if importlib.util.find_spec("bitsandbytes") is None:  # transformers' own message comes later and says less
+        raise ConfigError("quantization_bit needs bitsandbytes: pip install bitsandbytes (CUDA GPUs; recent versions "
+                          "also run on CPUs).")
+    if model_args.quantization_bit == 8:
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=model_args.quantization_type,
+                              bnb_4bit_use_double_quant=model_args.double_quantization,
+                              bnb_4bit_compute_dtype=compute_dtype)
+
+
+def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dtype = torch.float32,
+                 device: str = "cpu"):
     """The base model with rows for every token (continued pretraining; also returns the new tokens' ids),
-    or a new one from `model_config`."""
+    or a new one from `model_config`. Under quantization_bit its linear layers are quantized as they load,
+    onto `device` (bitsandbytes weights cannot move after loading)."""
     dtype = getattr(torch, model_args.torch_dtype)
     if model_args.model_name_or_path:
+        quantized = {}
+        if model_args.quantization_bit:
+            quantized = {"quantization_config": quantization_config(model_args, compute_dtype),
+                         "device_map": {"": device}}
         with hub_access(model_args.model_name_or_path, "model"):
             model = AutoModelForCausalLM.from_pretrained(
                 model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
-                attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code)
+                attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
+                **quantized)
         return model, grow_embeddings(model, tokenizer, model_args)
     else:
         if not model_args.model_config:
@@ -1171,6 +1215,12 @@ def probe_logits(model, data) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, model(input_ids=ids.to(next(model.parameters()).device)).logits.float().cpu()
 
 
+def probe_loss(probe: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """Next-token loss of `probe_logits`' logits on its block."""
+    ids, logits = probe
+    return round(torch.nn.functional.cross_entropy(logits[0, :-1], ids[0, 1:]).item(), 6)
+
+
 def verify_saved_model(probe: tuple[torch.Tensor, torch.Tensor], dtype: torch.dtype,
                        training_args: PretrainingArguments) -> dict | None:
     """Reload the saved model from output_dir and check that it reproduces the trained model's logits
@@ -1193,7 +1243,8 @@ def verify_saved_model(probe: tuple[torch.Tensor, torch.Tensor], dtype: torch.dt
         raise CheckpointError(f"the model saved in {training_args.output_dir} does not reproduce the trained model: "
                               f"logits differ by up to {diff:.3g} (tolerance {tolerance:.3g}). Do not use it; the "
                               f"checkpoints are intact.{zero3}")
-    logger.info("saved model verified: reloaded logits match the trained model (max diff %.2e)", diff)
+    logger.info("saved model verified: reloaded, it gives the logits of the model it was saved from (max diff %.2e)",
+                diff)
     return check
 
 
@@ -1280,15 +1331,19 @@ def check_streaming_settings(training_args: PretrainingArguments) -> None:
 
 
 def numel(parameter) -> int:
-    """A parameter's size, also when ZeRO-3 partitioned it (numel() is 0 outside a gather)."""
+    """A parameter's number of weights, also when ZeRO-3 partitioned it (numel() is 0 outside a gather) or
+    bitsandbytes packed it (two 4-bit weights per byte: its quant_state has the real shape)."""
+    quant_state = getattr(parameter, "quant_state", None)
+    if quant_state is not None:
+        return math.prod(quant_state.shape)
     return getattr(parameter, "ds_numel", parameter.numel())
 
 
 def parameter_counts(model) -> tuple[int, int, int]:
-    """(parameters, trainable parameters, bytes of the frozen ones)."""
+    """(parameters, trainable parameters, bytes of the frozen ones as stored)."""
     params = list(model.parameters())
     return (sum(map(numel, params)), sum(numel(p) for p in params if p.requires_grad),
-            sum(numel(p) * p.element_size() for p in params if not p.requires_grad))
+            sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params if not p.requires_grad))
 
 
 def preflight(training_args: PretrainingArguments, data, model, tokens_per_step: int) -> None:
@@ -1549,16 +1604,32 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
-def save_final_model(trainer: Trainer, out: Path) -> None:
+def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
     """The final model goes to a temporary directory first and each file is then renamed into output_dir,
     the weights last: a crash leaves either no new weights or complete ones, never a half-written file.
-    Under finetuning lora the adapters are merged into trainer.model first (and saved alone in adapter/)."""
+    Under finetuning lora the adapters are merged into trainer.model first (and saved alone in adapter/).
+    Under QLoRA they are merged into the base model loaded again unquantized (`unquantized_base()`, on the
+    CPU of the main process), not into rounded 4-bit weights, and that merged model is returned (None on the
+    other ranks, and without QLoRA); trainer.model stays the model that trained."""
     staging = out / ".final-model.tmp"
+    merged = None
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     barrier()  # no rank writes into the staging directory before it is empty
     try:
-        if is_lora(trainer.model):  # DDP and ZeRO-1/2 ranks hold whole weights: nothing to gather
+        if is_lora(trainer.model) and is_quantized(trainer.model):
+            if trainer.args.should_save:
+                import peft
+
+                trainer._save(str(staging / "adapter"))
+                merged = peft.PeftModel.from_pretrained(unquantized_base(), staging / "adapter").merge_and_unload()
+                merged.config.use_cache = True
+                trained, trainer.model = trainer.model, merged
+                try:
+                    trainer._save(str(staging))
+                finally:
+                    trainer.model = trained
+        elif is_lora(trainer.model):  # DDP and ZeRO-1/2 ranks hold whole weights: nothing to gather
             if trainer.args.should_save:
                 trainer._save(str(staging / "adapter"))  # the adapter alone, as the checkpoints hold it
             trainer.model = trainer.model.merge_and_unload()  # on every rank, so they keep one model
@@ -1583,6 +1654,7 @@ def save_final_model(trainer: Trainer, out: Path) -> None:
             os.replace(path, out / path.name)
         staging.rmdir()
     barrier()
+    return merged
 
 
 def train(argv: list[str]) -> dict:
@@ -1598,7 +1670,10 @@ def train(argv: list[str]) -> dict:
     stale = [] if resume else earlier_checkpoints(training_args)
     tokenizer = load_tokenizer(model_args, data_args, training_args, resume)
     model_args.torch_dtype = weight_dtype(model_args, training_args)
-    model = build_model(model_args, tokenizer, data_args.block_size, training_args.gradient_checkpointing)
+    compute_dtype = (torch.bfloat16 if training_args.bf16 or training_args.bf16_weights else
+                     torch.float16 if training_args.fp16 else torch.float32)
+    model = build_model(model_args, tokenizer, data_args.block_size, training_args.gradient_checkpointing,
+                        compute_dtype, str(training_args.device))
     if resume:
         check_resume_matches(resume, model, tokenizer)
         training_args.eval_on_start = False  # the checkpoint's history holds the step-0 baseline
@@ -1656,9 +1731,21 @@ def train(argv: list[str]) -> dict:
 
     probe = probe_logits(model, data) if training_args.verify_saved_model else None
     model.config.use_cache = True  # the saved model is for inference
-    save_final_model(trainer, out)  # safetensors + config + tokenizer (LoRA: merged, and adapter/)
+    unquantized = dataclasses.replace(model_args, quantization_bit=None)
+    merged = save_final_model(trainer, out, lambda: create_model(unquantized, tokenizer)[0])  # LoRA: + adapter/
     model = trainer.model
-    saved_check = verify_saved_model(probe, next(model.parameters()).dtype, training_args) if probe else None
+    saved_dtype = next((merged or model).parameters()).dtype
+    quantization_gap = None
+    if merged is not None and probe is not None:  # QLoRA: the saved model computes with unquantized weights
+        quantized_probe, probe = probe, probe_logits(merged, data)
+        quantization_gap = {"probe_loss_quantized": probe_loss(quantized_probe), "probe_loss_saved": probe_loss(probe)}
+        logger.info("QLoRA: on a held-out block the saved model (adapters merged into the unquantized weights) has "
+                    "loss %.4f, the %d-bit model that trained %.4f", quantization_gap["probe_loss_saved"],
+                    model_args.quantization_bit, quantization_gap["probe_loss_quantized"])
+    del merged
+    saved_check = verify_saved_model(probe, saved_dtype, training_args) if probe else None
+    if saved_check and quantization_gap:
+        saved_check["quantization"] = quantization_gap
     history = trainer.state.log_history
     metrics = {
         "train": {

@@ -246,6 +246,33 @@ def test_lora_with_new_tokens_two_processes(name, setup, lora_flags, lora_single
     assert torch.isfinite(weight).all() and (two / "adapter" / "adapter_model.safetensors").is_file()
 
 
+def test_qlora_under_deepspeed_zero2_matches_one_process(setup, tmp_path):
+    """4-bit frozen weights in DeepSpeed's engine (which casts and wraps the module) train as in one process,
+    and the merge into the unquantized base is saved once."""
+    pytest.importorskip("bitsandbytes")
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    base, config = setup
+    tokenizer_dir = yaml.safe_load(config.read_text(encoding="utf-8"))["tokenizer_name_or_path"]
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)  # hidden size 64: bitsandbytes packs 4-bit weights for CPU inference in blocks of 64
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(
+        "llama", vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=2, max_position_embeddings=128, tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    flags = ["--model_name_or_path", tmp_path / "base", "--finetuning", "lora", "--lora_rank", 4,
+             "--quantization_bit", 4, "--max_steps", 4, "--save_steps", 100]
+    one, _ = launch(setup, "qlora-single", "pretrain.py", extra=flags)
+    two, _ = launch(setup, "qlora-zero2", *LAUNCHERS["zero2"][:2], extra=flags)
+    assert metrics(two)["train"]["world_size"] == 2
+    assert metrics(two)["train"]["final_logged_loss"] == pytest.approx(
+        metrics(one)["train"]["final_logged_loss"], rel=2e-3)
+    check = metrics(two)["model"]["saved_model_check"]
+    assert check["max_abs_logit_diff"] <= check["tolerance"] and check["quantization"]["probe_loss_saved"] > 0
+    assert "quantization_config" not in json.loads((two / "config.json").read_text())
+
+
 def test_deepspeed_config_with_optimizer_or_scheduler_is_refused(tmp_path):
     import pretrain
 

@@ -13,19 +13,30 @@ from conftest import make_text_corpus
 from test_end_to_end import run_pretrain
 
 
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, micro_model_config, tokenizer_dir):
+def save_base_model(tmp_path_factory, micro_model_config, tokenizer_dir, **shape):
     """A saved 'pretrained' model (untied head, so both embedding matrices are checked) with its tokenizer."""
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     spec = json.loads(micro_model_config.read_text())
     config_path = tmp_path_factory.mktemp("untied") / "micro_untied.json"
-    config_path.write_text(json.dumps({**spec, "tie_word_embeddings": False}))
+    config_path.write_text(json.dumps({**spec, "tie_word_embeddings": False, **shape}))
     torch.manual_seed(0)
     model = pretrain.build_model(pretrain.parse_args(["--model_config", str(config_path)])[0], tokenizer, 32)
     directory = tmp_path_factory.mktemp("base")
     model.save_pretrained(directory)
     tokenizer.save_pretrained(directory)
     return directory
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory, micro_model_config, tokenizer_dir):
+    return save_base_model(tmp_path_factory, micro_model_config, tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def base_model_64(tmp_path_factory, micro_model_config, tokenizer_dir):
+    """Hidden size 64: bitsandbytes packs 4-bit weights for CPU inference in blocks of 64 inputs."""
+    return save_base_model(tmp_path_factory, micro_model_config, tokenizer_dir, hidden_size=64,
+                           intermediate_size=128)
 
 
 def lora_args(base, *extra):
@@ -173,3 +184,62 @@ def test_bf16_base_with_lora_then_a_full_run_in_the_same_output_dir(tmp_path, ba
     assert AutoModelForCausalLM.from_pretrained(out).config.dtype == torch.bfloat16
     run_pretrain(args)
     assert not (out / "adapter").exists()
+
+
+def test_qlora_trains_on_4bit_weights_and_saves_the_merge_into_unquantized_ones(tmp_path, base_model_64):
+    """quantization_bit 4: the frozen linear layers are NF4 while the adapters and new tokens' rows train;
+    the saved model is the base loaded again in float32 with the adapters merged in (not rounded 4-bit
+    weights), checked against that merge and compared with the quantized model on a held-out block; a
+    QLoRA checkpoint resumes exactly."""
+    pytest.importorskip("bitsandbytes")
+    tokenizer, rows = with_new_tokens(base_model_64)
+    quantized = pretrain.build_model(lora_args(base_model_64, "--quantization_bit", "4"), tokenizer, 32)
+    plain = pretrain.build_model(lora_args(base_model_64), tokenizer, 32)
+    assert pretrain.is_quantized(quantized) and not pretrain.is_quantized(plain)
+    assert type(quantized.get_base_model().model.layers[0].mlp.down_proj.base_layer).__name__ == "Linear4bit"
+    assert pretrain.parameter_counts(quantized)[:2] == pretrain.parameter_counts(plain)[:2]  # 4-bit weights counted
+    assert pretrain.flops_per_token(quantized, 32) == pretrain.flops_per_token(plain, 32)  # as the weights they are
+    assert pretrain.parameter_counts(quantized)[2] < pretrain.parameter_counts(plain)[2]  # stored in fewer bytes
+
+    tokenizer_dir = tmp_path / "tokenizer"
+    tokenizer.save_pretrained(tokenizer_dir)
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", base_model_64, "--tokenizer_name_or_path", tokenizer_dir, "--finetuning", "lora",
+            "--lora_rank", 4, "--quantization_bit", 4, "--sources", json.dumps([{"name": "notes", "path": str(corpus)}]),
+            "--block_size", 32, "--eval_fraction", 0.1, "--cache_dir", tmp_path / "cache", "--output_dir", out,
+            "--per_device_train_batch_size", 4, "--learning_rate", 1e-2, "--logging_steps", 1, "--eval_steps", 2,
+            "--save_steps", 2, "--report_to", "none", "--sample_prompts", "高血压是", "--sample_max_new_tokens", 4]
+    run_pretrain([*args, "--max_steps", 4])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["samples"] and metrics["train"]["steps"] == 4
+    check = metrics["model"]["saved_model_check"]
+    assert check["max_abs_logit_diff"] <= check["tolerance"]  # the saved model is the merge it claims to be
+    gap = check["quantization"]  # and it scores the held-out block about as the 4-bit model did
+    assert gap["probe_loss_saved"] == pytest.approx(gap["probe_loss_quantized"], rel=0.05)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    base = AutoModelForCausalLM.from_pretrained(base_model_64)
+    assert merged.config.dtype == torch.float32 and not any("lora" in n for n, _ in merged.named_parameters())
+    assert merged.get_input_embeddings().num_embeddings > rows  # the new tokens' rows are in it
+    delta = merged.get_parameter("model.layers.0.mlp.down_proj.weight") - base.get_parameter(
+        "model.layers.0.mlp.down_proj.weight")
+    assert 0 < torch.linalg.matrix_rank(delta.double(), atol=1e-6) <= 4  # full-precision base + a rank-4 update
+    assert torch.equal(merged.get_parameter("model.norm.weight"), base.get_parameter("model.norm.weight"))
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    run_pretrain([*[resumed if a == out else a for a in args], "--max_steps", 4, "--resume_from_checkpoint", "auto"])
+    losses = [{h["step"]: h["loss"] for h in json.loads((d / "checkpoint-4" / "trainer_state.json").read_text())[
+        "log_history"] if "loss" in h} for d in (out, resumed)]
+    assert losses[1][4] == pytest.approx(losses[0][4], rel=1e-4)
+
+
+def test_quantization_settings_that_cannot_work_are_refused(base_model):
+    with pytest.raises(pretrain.ConfigError, match="cannot be trained directly. Set `finetuning: lora`"):
+        pretrain.parse_args(["--model_name_or_path", str(base_model), "--quantization_bit", "4"])
+    with pytest.raises(pretrain.ConfigError, match="quantization_bit must be 4 or 8"):
+        lora_args(base_model, "--quantization_bit", "3")
+    with pytest.raises(pretrain.ConfigError, match="quantization_type must be one of nf4, fp4"):
+        lora_args(base_model, "--quantization_bit", "4", "--quantization_type", "int4")
