@@ -75,11 +75,19 @@ class ModelArguments:
     lora_rank: int = field(default=64, metadata={
         "help": "LoRA rank. Continued pretraining learns more than instruction tuning: ranks of 64 to 256 keep more "
                 "of it (LoRA Learns Less and Forgets Less, Biderman et al. 2024)."})
-    lora_alpha: float | None = field(default=None, metadata={"help": "LoRA scale numerator; unset: 2 x lora_rank."})
+    lora_alpha: float | None = field(default=None, metadata={
+        "help": "LoRA scale numerator; unset: 2 x lora_rank (scale 2 at any rank), with use_rslora 16 (scale "
+                "16 / sqrt(rank): 2 at rank 64, 1 at rank 256)."})
     lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
     lora_target: str = field(default="all-linear", metadata={
         "help": "Layers that get adapters: all-linear (every linear layer but the output head) or comma-separated "
                 "module names, e.g. q_proj,k_proj,v_proj,o_proj."})
+    use_rslora: bool = field(default=False, metadata={
+        "help": "Rank-stabilised LoRA: scale the adapters by alpha / sqrt(rank), not alpha / rank, so high ranks "
+                "(64-256, as continued pretraining wants) still learn at a sane learning rate."})
+    use_dora: bool = field(default=False, metadata={
+        "help": "DoRA: learn each adapted weight's magnitude apart from its LoRA-updated direction (more "
+                "parameters per layer and slower steps; merged at the end like LoRA)."})
     quantization_bit: int | None = field(default=None, metadata={
         "help": "QLoRA (with finetuning lora): hold the frozen model's linear layers in 4 or 8 bits (bitsandbytes) "
                 "while the adapters train; the saved model is the base in torch_dtype with the adapters merged in."})
@@ -494,8 +502,10 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
         tokens = {module_names[model.get_input_embeddings()]: new_token_ids}
         if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
             tokens[module_names[model.get_output_embeddings()]] = new_token_ids
-    config = peft.LoraConfig(r=model_args.lora_rank, lora_alpha=model_args.lora_alpha or 2 * model_args.lora_rank,
+    alpha = model_args.lora_alpha or (16 if model_args.use_rslora else 2 * model_args.lora_rank)
+    config = peft.LoraConfig(r=model_args.lora_rank, lora_alpha=alpha,
                              lora_dropout=model_args.lora_dropout, target_modules=targets,
+                             use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
                              trainable_token_indices=tokens, task_type="CAUSAL_LM")
     try:
         model = peft.get_peft_model(model, config)
@@ -1508,6 +1518,7 @@ def check_resume_matches(checkpoint: str, model, tokenizer) -> None:
         saved_lora, now_lora = json.loads(adapter.read_text(encoding="utf-8")), model.peft_config["default"]
         settings = {"lora_rank": ("r", lambda v: v), "lora_alpha": ("lora_alpha", float),
                     "lora_target": ("target_modules", lambda v: sorted([v] if isinstance(v, str) else v or [])),
+                    "use_rslora": ("use_rslora", bool), "use_dora": ("use_dora", bool),
                     "new tokens": ("trainable_token_indices", lambda v: v or None)}
         changed = [f"{name} {norm(saved_lora.get(key))} -> {norm(getattr(now_lora, key))}"
                    for name, (key, norm) in settings.items() if norm(saved_lora.get(key)) != norm(getattr(now_lora, key))]

@@ -243,3 +243,30 @@ def test_quantization_settings_that_cannot_work_are_refused(base_model):
         lora_args(base_model, "--quantization_bit", "3")
     with pytest.raises(pretrain.ConfigError, match="quantization_type must be one of nf4, fp4"):
         lora_args(base_model, "--quantization_bit", "4", "--quantization_type", "int4")
+
+
+def test_rslora_scales_by_the_root_of_the_rank_and_dora_merges_exactly(base_model, tokenizer, tmp_path):
+    rs = pretrain.build_model(lora_args(base_model, "--use_rslora", "true"), tokenizer, 32)
+    layer = rs.get_base_model().model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == pytest.approx(16 / 4 ** 0.5)  # default alpha 16 over sqrt(rank 4)
+    plain = pretrain.build_model(lora_args(base_model), tokenizer, 32)
+    assert plain.get_base_model().model.layers[0].self_attn.q_proj.scaling["default"] == pytest.approx(2.0)
+    checkpoint = tmp_path / "checkpoint-2"  # an rsLoRA checkpoint does not resume as plain LoRA
+    checkpoint.mkdir()
+    (checkpoint / "adapter_config.json").write_text(json.dumps(rs.peft_config["default"].to_dict(), default=list))
+    with pytest.raises(pretrain.ConfigError, match="use_rslora True -> False"):
+        pretrain.check_resume_matches(str(checkpoint), plain, tokenizer)
+
+    dora = pretrain.build_model(lora_args(base_model, "--use_dora", "true"), tokenizer, 32)
+    assert any("lora_magnitude_vector" in name for name, p in dora.named_parameters() if p.requires_grad)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12]])
+    optimizer = torch.optim.AdamW([p for p in dora.parameters() if p.requires_grad], lr=0.05)
+    for _ in range(3):
+        dora(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    dora.eval()
+    with torch.no_grad():
+        trained = dora(input_ids=ids).logits
+        merged = dora.merge_and_unload()(input_ids=ids).logits
+    assert torch.allclose(trained, merged, atol=1e-4)
