@@ -88,6 +88,13 @@ class ModelArguments:
     use_dora: bool = field(default=False, metadata={
         "help": "DoRA: learn each adapted weight's magnitude apart from its LoRA-updated direction (more "
                 "parameters per layer and slower steps; merged at the end like LoRA)."})
+    rope_scaling: str | None = field(default=None, metadata={
+        "help": "Continue pretraining at a block_size beyond the model's max_position_embeddings: linear (position "
+                "interpolation) | yarn. The factor is block_size / max_position_embeddings rounded up; the saved "
+                "config keeps it, so the model runs at the new length."})
+    rope_theta: float | None = field(default=None, metadata={
+        "help": "A new RoPE base frequency for the pretrained model (raised for long contexts: adjusted base "
+                "frequency, as Llama 3 and Qwen long-context training do). Unset: the model's own."})
     quantization_bit: int | None = field(default=None, metadata={
         "help": "QLoRA (with finetuning lora): hold the frozen model's linear layers in 4 or 8 bits (bitsandbytes) "
                 "while the adapters train; the saved model is the base in torch_dtype with the adapters merged in."})
@@ -105,6 +112,8 @@ class ModelArguments:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got `{getattr(self, name)}`.")
         if self.finetuning == "lora" and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be at least 1, got {self.lora_rank}.")
+        if self.rope_scaling not in (None, "linear", "yarn"):
+            raise ConfigError(f"rope_scaling must be linear or yarn (or unset), got `{self.rope_scaling}`.")
         if self.quantization_bit not in (None, 4, 8):
             raise ConfigError(f"quantization_bit must be 4 or 8 (or unset), got {self.quantization_bit}.")
         if self.quantization_bit and self.finetuning != "lora":
@@ -461,14 +470,16 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient
     `compute_dtype` and `device` matter under quantization_bit only: bitsandbytes computes in that dtype, and
     the quantized weights are loaded straight onto this process's device."""
     try:
-        model, new_token_ids = create_model(model_args, tokenizer, compute_dtype, device)
+        model, new_token_ids = create_model(model_args, tokenizer, compute_dtype, device, block_size)
     except ImportError as e:  # flash_attention_2 without flash-attn, say
         raise ConfigError(f"the model cannot be built with attn_implementation `{model_args.attn_implementation}`: "
                           f"{str(e).splitlines()[0]} Install what it names, or set `attn_implementation: sdpa`.") from None
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and block_size > max_positions:
+        scale = ("" if model_args.rope_scaling or not model_args.model_name_or_path else
+                 ", or set `rope_scaling: yarn` (or linear) to train the pretrained model at the longer length")
         raise ConfigError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_positions}. "
-                          f"Lower `block_size`.")
+                          f"Lower `block_size`{scale}.")
     model.config.use_cache = False  # training: packed position_ids are only isolated without the cache
     if model_args.finetuning == "lora":
         model = add_lora(model, model_args, new_token_ids, gradient_checkpointing)
@@ -550,27 +561,65 @@ def quantization_config(model_args: ModelArguments, compute_dtype: torch.dtype):
                               bnb_4bit_compute_dtype=compute_dtype)
 
 
+def extend_context(config, model_args: ModelArguments, block_size: int | None) -> None:
+    """rope_theta and rope_scaling applied to a pretrained model's config before its weights load, so the
+    rotary embeddings are built for the new length and the saved config carries the change."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict) or "rope_type" not in rope:  # no RoPE, or one per layer type
+        raise ConfigError(f"rope_scaling / rope_theta: `{model_args.model_name_or_path}` has no single RoPE setting "
+                          f"(rope_parameters: {rope!r}). Drop them, or edit the model's config.json.")
+    rope = dict(rope)
+    if model_args.rope_theta:
+        rope["rope_theta"] = float(model_args.rope_theta)
+    original = config.max_position_embeddings
+    if model_args.rope_scaling and block_size is not None and block_size <= original:
+        logger.warning("rope_scaling %s: block_size %d fits the model's %d positions; positions are not scaled",
+                       model_args.rope_scaling, block_size, original)
+    elif model_args.rope_scaling and block_size is not None:
+        if rope["rope_type"] != "default":
+            raise ConfigError(f"rope_scaling {model_args.rope_scaling}: `{model_args.model_name_or_path}` already "
+                              f"scales its positions ({rope['rope_type']}, factor {rope.get('factor')}). Drop "
+                              "rope_scaling, or edit its rope_parameters in config.json.")
+        factor = float(math.ceil(block_size / original))
+        rope.update(rope_type=model_args.rope_scaling, factor=factor)
+        if model_args.rope_scaling == "yarn":
+            rope["original_max_position_embeddings"] = original
+        config.max_position_embeddings = int(original * factor)
+    config.rope_parameters = rope
+    config.validate_rope()
+    logger.warning("RoPE for continued pretraining: %s, max_position_embeddings %d -> %d", rope, original,
+                   config.max_position_embeddings)
+
+
 def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dtype = torch.float32,
-                 device: str = "cpu"):
+                 device: str = "cpu", block_size: int | None = None):
     """The base model with rows for every token (continued pretraining; also returns the new tokens' ids),
     or a new one from `model_config`. Under quantization_bit its linear layers are quantized as they load,
-    onto `device` (bitsandbytes weights cannot move after loading)."""
+    onto `device` (bitsandbytes weights cannot move after loading); rope_scaling scales its positions to
+    `block_size`."""
     dtype = getattr(torch, model_args.torch_dtype)
     if model_args.model_name_or_path:
-        quantized = {}
+        options = {}
         if model_args.quantization_bit:
-            quantized = {"quantization_config": quantization_config(model_args, compute_dtype),
-                         "device_map": {"": device}}
+            options = {"quantization_config": quantization_config(model_args, compute_dtype), "device_map": {"": device}}
         with hub_access(model_args.model_name_or_path, "model"):
+            if model_args.rope_scaling or model_args.rope_theta:
+                options["config"] = AutoConfig.from_pretrained(
+                    model_args.model_name_or_path, revision=model_args.model_revision,
+                    trust_remote_code=model_args.trust_remote_code)
+                extend_context(options["config"], model_args, block_size)
             model = AutoModelForCausalLM.from_pretrained(
                 model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
                 attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
-                **quantized)
+                **options)
         return model, grow_embeddings(model, tokenizer, model_args)
     else:
         if not model_args.model_config:
             raise ConfigError("set `model_name_or_path` (continue pretraining) or `model_config` (from scratch, "
                               "e.g. configs/model/tiny.json).")
+        if model_args.rope_scaling or model_args.rope_theta:
+            raise ConfigError("rope_scaling and rope_theta change a pretrained model's positions: from scratch, set "
+                              f"max_position_embeddings and the RoPE settings in {model_args.model_config}.")
         try:
             spec = json.loads(Path(model_args.model_config).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
@@ -1541,7 +1590,8 @@ def check_resume_matches(checkpoint: str, model, tokenizer) -> None:
 
 
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-              "num_attention_heads", "num_key_value_heads", "tie_word_embeddings")
+              "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "rope_parameters",
+              "max_position_embeddings")
 
 
 def setup_logging(training_args: PretrainingArguments, data_args: DataArguments) -> None:
@@ -1743,7 +1793,8 @@ def train(argv: list[str]) -> dict:
     probe = probe_logits(model, data) if training_args.verify_saved_model else None
     model.config.use_cache = True  # the saved model is for inference
     unquantized = dataclasses.replace(model_args, quantization_bit=None)
-    merged = save_final_model(trainer, out, lambda: create_model(unquantized, tokenizer)[0])  # LoRA: + adapter/
+    merged = save_final_model(trainer, out,  # LoRA: + adapter/
+                              lambda: create_model(unquantized, tokenizer, block_size=data_args.block_size)[0])
     model = trainer.model
     saved_dtype = next((merged or model).parameters()).dtype
     quantization_gap = None

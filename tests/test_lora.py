@@ -13,32 +13,6 @@ from conftest import make_text_corpus
 from test_end_to_end import run_pretrain
 
 
-def save_base_model(tmp_path_factory, micro_model_config, tokenizer_dir, **shape):
-    """A saved 'pretrained' model (untied head, so both embedding matrices are checked) with its tokenizer."""
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    spec = json.loads(micro_model_config.read_text())
-    config_path = tmp_path_factory.mktemp("untied") / "micro_untied.json"
-    config_path.write_text(json.dumps({**spec, "tie_word_embeddings": False, **shape}))
-    torch.manual_seed(0)
-    model = pretrain.build_model(pretrain.parse_args(["--model_config", str(config_path)])[0], tokenizer, 32)
-    directory = tmp_path_factory.mktemp("base")
-    model.save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory, micro_model_config, tokenizer_dir):
-    return save_base_model(tmp_path_factory, micro_model_config, tokenizer_dir)
-
-
-@pytest.fixture(scope="module")
-def base_model_64(tmp_path_factory, micro_model_config, tokenizer_dir):
-    """Hidden size 64: bitsandbytes packs 4-bit weights for CPU inference in blocks of 64 inputs."""
-    return save_base_model(tmp_path_factory, micro_model_config, tokenizer_dir, hidden_size=64,
-                           intermediate_size=128)
-
-
 def lora_args(base, *extra):
     return pretrain.parse_args(["--model_name_or_path", str(base), "--finetuning", "lora", "--lora_rank", "4",
                                 *extra])[0]
