@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import sys
@@ -71,7 +72,13 @@ class ModelArguments:
     finetuning: str = field(default="full", metadata={
         "help": "full: train every weight | lora: freeze the model, train low-rank adapters on its linear layers "
                 "(peft) and the embedding rows of new tokens; the saved model has the adapters merged in (loads "
-                "with AutoModelForCausalLM), the adapter alone is in output_dir/adapter."})
+                "with AutoModelForCausalLM), the adapter alone is in output_dir/adapter | freeze: train only "
+                "`freeze_trainable_layers` decoder layers and `freeze_extra_modules`."})
+    freeze_trainable_layers: int = field(default=2, metadata={
+        "help": "finetuning freeze: train the last N decoder layers (negative: the first -N; 0: none)."})
+    freeze_extra_modules: str = field(default="", metadata={
+        "help": "finetuning freeze: comma-separated modules outside the decoder layers that train too, e.g. "
+                "embed_tokens,lm_head (with 0 layers: Chinese-LLaMA's first stage after extending the vocabulary)."})
     lora_rank: int = field(default=64, metadata={
         "help": "LoRA rank. Continued pretraining learns more than instruction tuning: ranks of 64 to 256 keep more "
                 "of it (LoRA Learns Less and Forgets Less, Biderman et al. 2024)."})
@@ -103,7 +110,7 @@ class ModelArguments:
         "help": "4-bit: quantize the quantization constants too (about 0.4 bits per weight less)."})
 
     CHOICES = {"torch_dtype": ("float32", "bfloat16", "float16"), "tokenizer_model_type": ("bpe", "unigram"),
-               "new_token_init": ("subword_mean", "mean"), "finetuning": ("full", "lora"),
+               "new_token_init": ("subword_mean", "mean"), "finetuning": ("full", "lora", "freeze"),
                "quantization_type": ("nf4", "fp4")}
 
     def __post_init__(self):
@@ -457,7 +464,7 @@ def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments
             raise ConfigError(f"mixed_precision bf16_weights trains bfloat16 weights; torch_dtype "
                               f"`{model_args.torch_dtype}` contradicts it: drop torch_dtype.")
         return "bfloat16"
-    if model_args.torch_dtype in ("bfloat16", "float16") and model_args.finetuning == "full":  # LoRA: frozen
+    if model_args.torch_dtype in ("bfloat16", "float16") and model_args.finetuning != "lora":  # LoRA: frozen
         logger.warning("torch_dtype %s without fp32 master weights: updates smaller than 1/256 of a weight are lost. "
                        "For bf16 training use mixed_precision bf16_weights (fp32 masters in the optimizer) and leave "
                        "torch_dtype at float32.", model_args.torch_dtype)
@@ -483,7 +490,50 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient
     model.config.use_cache = False  # training: packed position_ids are only isolated without the cache
     if model_args.finetuning == "lora":
         model = add_lora(model, model_args, new_token_ids, gradient_checkpointing)
+    elif model_args.finetuning == "freeze":
+        freeze(model, model_args, new_token_ids, gradient_checkpointing)
     return model
+
+
+LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")  # decoder layer i's parameters: model.layers.i.*
+
+
+def layer_of(name: str) -> int | None:
+    found = LAYER_INDEX.search(f".{name}")
+    return int(found.group(1)) if found else None
+
+
+def freeze(model, model_args: ModelArguments, new_token_ids: list[int], gradient_checkpointing: bool) -> None:
+    """finetuning freeze (LLaMA-Factory's): only the chosen decoder layers and extra modules train; the rest
+    keeps its weights, needs no gradients and no optimizer state. The saved model is a whole model."""
+    layers, n = model.config.num_hidden_layers, model_args.freeze_trainable_layers
+    if abs(n) > layers:
+        raise ConfigError(f"freeze_trainable_layers {n}: the model has {layers} decoder layers. Use -{layers}..{layers}.")
+    chosen = set(range(layers - n, layers) if n > 0 else range(-n))
+    extras = {m.strip() for m in model_args.freeze_extra_modules.split(",") if m.strip()}
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and layer_of(name + ".") is None}
+    if extras - names:
+        raise ConfigError(f"freeze_extra_modules: no module {', '.join(sorted(extras - names))} outside the decoder "
+                          f"layers of this model; it has {', '.join(sorted(names))}.")
+    for name, parameter in model.named_parameters():
+        parameter.requires_grad = layer_of(name) in chosen
+    for name, module in model.named_modules():
+        if name.rsplit(".", 1)[-1] in extras:
+            for parameter in module.parameters():  # a tied lm_head is embed_tokens' weight: it trains too
+                parameter.requires_grad = True
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    if not trainable:
+        raise ConfigError("finetuning freeze with freeze_trainable_layers 0 and no freeze_extra_modules trains "
+                          "nothing: choose layers or modules.")
+    embeddings_train = model.get_input_embeddings().weight.requires_grad
+    if new_token_ids and not embeddings_train:
+        logger.warning("finetuning freeze: %d new tokens keep their initial embedding rows; add embed_tokens (and "
+                       "lm_head when untied) to freeze_extra_modules to train them", len(new_token_ids))
+    if gradient_checkpointing and not embeddings_train:  # frozen embeddings give checkpointed layers inputs without grad
+        model.enable_input_require_grads()
+    logger.info("finetuning freeze: %s trainable parameters of %s: decoder layers %s, modules %s",
+                f"{sum(map(numel, trainable)):,}", f"{sum(map(numel, model.parameters())):,}",
+                sorted(chosen) or "none", ", ".join(sorted(extras)) or "none")
 
 
 LORA_UNSHARDED = ("finetuning lora runs with one process, DDP or DeepSpeed ZeRO-1/2: its optimizer state is small, "
@@ -756,20 +806,31 @@ def peak_flops_of(device_name: str) -> float | None:
 
 
 def flops_per_token(model, block_size: int) -> float:
-    """Training FLOPs per token, PaLM's convention: 2 N forward + 2 N for the gradients of the activations
-    + 2 T for the gradients of the trainable weights (N = parameters doing matmuls: all but the input
-    embedding lookup; a tied embedding counts once, as the output projection; T = the trainable ones among
-    them: 6 N when all train, about 4 N under LoRA) + 12 L H Q S for attention scores and values (H heads of
-    width Q, usually H Q = hidden size but not for Qwen3-like configs with a wider head_dim; S = block size,
-    no discount for the causal mask)."""
+    """Training FLOPs per token, PaLM's convention: 2 N forward + 2 N' for the gradients of the activations
+    + 2 T for the gradients of the trainable weights, + 12 L H Q S for attention scores and values.
+    N = parameters doing matmuls (all but the input embedding lookup; a tied embedding counts once, as the
+    output projection); T = the trainable ones among them; N' = those that activation gradients pass
+    through: all (N' = N, so 6 N when all train, about 4 N under LoRA) unless the lowest trainable decoder
+    layer is above the first (finetuning freeze: backward stops there, and attention's backward 8 of the 12
+    runs in the layers above only). H heads of width Q (usually H Q = hidden size, not for Qwen3-like configs
+    with a wider head_dim); S = block size, no discount for the causal mask."""
     config = model.config
-    lookup = model.get_input_embeddings()
-    lookup = set() if getattr(config, "tie_word_embeddings", False) else {id(p) for p in lookup.parameters()}
-    matmul = [p for p in model.parameters() if id(p) not in lookup]
-    n, trainable = sum(map(numel, matmul)), sum(numel(p) for p in matmul if p.requires_grad)
+    embedding = model.get_input_embeddings()
+    lookup = set() if getattr(config, "tie_word_embeddings", False) else {id(p) for p in embedding.parameters()}
+    prefix = next((name + "." for name, module in model.named_modules() if module is embedding), "\0")
+    named = list(model.named_parameters())
+    layers = config.num_hidden_layers
+    trained_layers = [layers if layer_of(name) is None else layer_of(name) for name, p in named if p.requires_grad
+                      and not name.startswith(prefix)]  # the head and final norm count as above every layer
+    embedding_trains = any(p.requires_grad for name, p in named if name.startswith(prefix))
+    lowest = 0 if embedding_trains else min(trained_layers, default=layers)
+    matmul = [(name, p) for name, p in named if id(p) not in lookup]
+    n = sum(numel(p) for _, p in matmul)
+    trainable = sum(numel(p) for _, p in matmul if p.requires_grad)
+    backward = sum(numel(p) for name, p in matmul if (layer_of(name) if layer_of(name) is not None else layers) >= lowest)
     heads = config.num_attention_heads
-    attention_width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return 4 * n + 2 * trainable + 12 * config.num_hidden_layers * attention_width * block_size
+    width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+    return 2 * n + 2 * backward + 2 * trainable + (4 * layers + 8 * (layers - lowest)) * width * block_size
 
 
 def with_fp32_master_weights(optimizer_cls: type) -> type:
@@ -1001,6 +1062,7 @@ class PretrainTrainer(Trainer):
             (directory / "tokenizer.model").write_bytes(self.sentencepiece_model)
         if self.args.should_save and directory.name.startswith("checkpoint-"):  # what a resume must keep
             atomic_write_text(directory / BATCH_PLAN, json.dumps(batch_plan(self.args, self.block_size)))
+            atomic_write_text(directory / TRAINABLE, json.dumps(trainable_names(self.model)))
 
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = last_complete_checkpoint(self.args.output_dir)
@@ -1321,6 +1383,12 @@ def eval_at_step(history: list[dict], step: int) -> dict:
 
 
 BATCH_PLAN = "batch_plan.json"  # in every checkpoint: the batch geometry its data position depends on
+TRAINABLE = "trainable_parameters.json"  # in every checkpoint: the parameters its optimizer state belongs to
+
+
+def trainable_names(model) -> list[str]:
+    """Names of the trainable parameters, as the uncompiled model has them (torch.compile wraps modules)."""
+    return [name.replace("_orig_mod.", "") for name, p in model.named_parameters() if p.requires_grad]
 
 
 def batch_plan(training_args: PretrainingArguments, block_size: int) -> dict:
@@ -1574,6 +1642,15 @@ def check_resume_matches(checkpoint: str, model, tokenizer) -> None:
         if changed:
             raise ConfigError(f"{checkpoint} holds LoRA adapters trained with other settings ({'; '.join(changed)}): "
                               "resume with the settings it was trained with, or start fresh in another `output_dir`.")
+    trained = Path(checkpoint) / TRAINABLE
+    if trained.is_file():  # finetuning freeze with other layers or modules: the optimizer state would not fit
+        saved_names, now_names = json.loads(trained.read_text(encoding="utf-8")), trainable_names(model)
+        if saved_names != now_names:
+            only_saved, only_now = sorted(set(saved_names) - set(now_names)), sorted(set(now_names) - set(saved_names))
+            raise ConfigError(
+                f"{checkpoint} trained other parameters than this run would ({len(saved_names)} then, {len(now_names)} "
+                f"now; only then: {', '.join(only_saved[:3]) or 'none'}; only now: {', '.join(only_now[:3]) or 'none'}"
+                "). Resume with the finetuning settings it was trained with, or start fresh in another `output_dir`.")
     config = Path(checkpoint) / "config.json"
     saved = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
     now = model.config.to_dict()

@@ -1,0 +1,85 @@
+"""finetuning freeze: only the chosen decoder layers and extra modules train, the saved model is whole, the
+FLOPs count only the backward that runs, and a checkpoint resumes only with the parameters it trained."""
+import json
+import shutil
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import pretrain
+from conftest import make_text_corpus
+from test_end_to_end import run_pretrain
+
+
+def freeze_model(base, tokenizer, *flags):
+    args = pretrain.parse_args(["--model_name_or_path", str(base), "--finetuning", "freeze", *flags])[0]
+    return pretrain.build_model(args, tokenizer, 32)
+
+
+def sizes(model, where):
+    return sum(p.numel() for name, p in model.named_parameters() if where(name))
+
+
+def test_only_the_chosen_layers_and_modules_train_and_flops_count_what_runs(base_model, tokenizer):
+    model = freeze_model(base_model, tokenizer, "--freeze_trainable_layers", "1", "--freeze_extra_modules", "lm_head")
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trained and all(name.startswith(("model.layers.1.", "lm_head.")) for name in trained)
+    assert "lm_head.weight" in trained and "model.layers.1.mlp.down_proj.weight" in trained
+
+    n = sizes(model, lambda name: "embed_tokens" not in name)  # untied: the lookup does no matmul
+    above = sizes(model, lambda name: name.startswith(("model.layers.1.", "model.norm.", "lm_head.")))
+    trainable = sizes(model, lambda name: name in trained)
+    width, layers = model.config.hidden_size, model.config.num_hidden_layers
+    # backward stops at layer 1: activation gradients for it and the head only, attention backward in 1 layer
+    assert pretrain.flops_per_token(model, 32) == 2 * n + 2 * above + 2 * trainable + (4 * layers + 8) * width * 32
+
+    first = freeze_model(base_model, tokenizer, "--freeze_trainable_layers", "-1")
+    assert {name.split(".")[2] for name, p in first.named_parameters() if p.requires_grad} == {"0"}
+
+    embeddings = freeze_model(base_model, tokenizer, "--freeze_trainable_layers", "0", "--freeze_extra_modules",
+                              "embed_tokens,lm_head")  # Chinese-LLaMA's first stage: the layers frozen
+    assert {name for name, p in embeddings.named_parameters() if p.requires_grad} == {
+        "model.embed_tokens.weight", "lm_head.weight"}
+    n_all = sizes(embeddings, lambda name: "embed_tokens" not in name)
+    head = sizes(embeddings, lambda name: name.startswith("lm_head."))
+    # the embeddings train: activation gradients run through every layer
+    assert pretrain.flops_per_token(embeddings, 32) == 4 * n_all + 2 * head + 12 * layers * width * 32
+
+
+def test_freeze_settings_that_cannot_work_are_refused(base_model, tokenizer):
+    with pytest.raises(pretrain.ConfigError, match="has 2 decoder layers. Use -2..2"):
+        freeze_model(base_model, tokenizer, "--freeze_trainable_layers", "3")
+    with pytest.raises(pretrain.ConfigError, match="no module embeddings outside the decoder layers.*embed_tokens"):
+        freeze_model(base_model, tokenizer, "--freeze_extra_modules", "embeddings")
+    with pytest.raises(pretrain.ConfigError, match="trains nothing"):
+        freeze_model(base_model, tokenizer, "--freeze_trainable_layers", "0")
+
+
+def test_a_freeze_run_changes_only_what_trains_and_resumes_only_as_it_trained(tmp_path, base_model):
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", base_model, "--finetuning", "freeze", "--freeze_trainable_layers", 1,
+            "--freeze_extra_modules", "norm", "--sources", json.dumps([{"name": "notes", "path": str(corpus)}]),
+            "--block_size", 32, "--eval_fraction", 0.1, "--cache_dir", tmp_path / "cache", "--output_dir", out,
+            "--per_device_train_batch_size", 4, "--learning_rate", 1e-2, "--logging_steps", 1, "--save_steps", 2,
+            "--report_to", "none", "--sample_prompts", "", "--gradient_checkpointing", "true"]
+    run_pretrain([*args, "--max_steps", 4])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["finetuning"] == "freeze"
+    assert metrics["model"]["trainable_parameters"] < metrics["model"]["parameters"] / 2
+    base, trained = AutoModelForCausalLM.from_pretrained(base_model), AutoModelForCausalLM.from_pretrained(out)
+    for name, weight in base.named_parameters():
+        changed = not torch.equal(trained.get_parameter(name), weight)
+        assert changed == name.startswith(("model.layers.1.", "model.norm.")), name
+
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    again = [resumed if a == out else a for a in args]
+    run_pretrain([*again, "--max_steps", 4, "--resume_from_checkpoint", "auto"])
+    losses = [{h["step"]: h["loss"] for h in json.loads((d / "checkpoint-4" / "trainer_state.json").read_text())[
+        "log_history"] if "loss" in h} for d in (out, resumed)]
+    assert losses[1][4] == pytest.approx(losses[0][4], rel=1e-4)
+    other = [2 if a == 1 else a for a in again]  # two layers now: the optimizer state would not fit
+    proc = run_pretrain([*other, "--max_steps", 6, "--resume_from_checkpoint", str(out / "checkpoint-2")], check=False)
+    assert proc.returncode != 0 and "trained other parameters than this run would" in proc.stderr
