@@ -2146,7 +2146,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         eval_hashes = [h for (_, store, _, explicit), view in zip(stored, views.sources if views else [])
                        for h in hashes_of(explicit or store, view.eval_ids)] if dedup else []
         for spec in streamed:
-            report_sources[spec.name] = {"streaming": True, "weight": spec.weight, **probe_stream(spec, cache_dir)}
+            settings = {k: v for k, v in dataclasses.asdict(spec).items()  # what its training blocks depend on
+                        if k not in ("name", "weight", "watch_forgetting", "eval_fraction")}
+            report_sources[spec.name] = {"streaming": True, "weight": spec.weight, "settings": settings,
+                                         **probe_stream(spec, cache_dir)}
             if spec.eval_split:
                 eval_spec = dataclasses.replace(spec, streaming=False)
                 eval_store, _ = load_or_build_store(eval_spec, SourceInput.open(eval_spec, True, cache_dir), info,

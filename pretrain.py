@@ -27,6 +27,10 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+# Where bitsandbytes is installed, importing transformers' Trainer imports it, and on CPUs with AVX512-BF16 it
+# warns that an optional kernel from the hub (the `kernels` package) is missing: noise for every run.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
 import torch
 import yaml
 from torch.nn.parallel import DistributedDataParallel
@@ -364,7 +368,12 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
 @contextlib.contextmanager
 def hub_access(name: str, what: str):
     """Load a model or tokenizer from a local directory, or from the hub, failing within seconds with
-    the fixes when the hub cannot be reached (the hub client alone retries for tens of seconds)."""
+    the fixes when the hub cannot be reached (the hub client alone retries for tens of seconds). A name
+    that can only be a path (absolute, ./, ../, ~, or deeper than owner/name) and is missing is named as such."""
+    path_like = name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1
+    if path_like and not os.path.exists(os.path.expanduser(name)):
+        raise ConfigError(f"{what} directory `{name}` does not exist (relative paths start from {os.getcwd()}; the "
+                          "shell scripts run from the repository root). Fix the path.")
     offline = data_utils.must_use_cache(name)
     try:
         with data_utils.offline_hub() if offline else contextlib.nullcontext():
@@ -376,8 +385,28 @@ def hub_access(name: str, what: str):
             else str(e).splitlines()[0]
         raise ConfigError(f"{what} `{name}` cannot be loaded: {reason}. Fixes: (1) set HF_ENDPOINT to a reachable "
                           f"mirror, e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first: `hf download {name} "
-                          f"--local-dir models/{name.split('/')[-1]}` and pass that directory; (3) check the id "
-                          "and, for gated models, HF_TOKEN.") from None
+                          f"--local-dir models/{name.split('/')[-1]}` and pass that directory as "
+                          f"`{'tokenizer_name_or_path' if what == 'tokenizer' else 'model_name_or_path'}`; (3) check "
+                          f"the id (no directory `{name}` under {os.getcwd()} either) and, for gated models, "
+                          "HF_TOKEN.") from None
+
+
+TOKENIZER_PROBE = "高血压患者应定期测量血压。Hypertension 2024."
+
+
+def check_tokenizer_encodes(tokenizer, source: str) -> None:
+    """A model directory without tokenizer files gives an empty tokenizer in transformers 5 (it encodes every
+    text to nothing, and a run would train on end-of-document tokens alone): stop before that."""
+    ids = tokenizer(TOKENIZER_PROBE, add_special_tokens=False)["input_ids"]
+    unknown = tokenizer.unk_token_id
+    if len(tokenizer) < 16 or not ids or all(i == unknown for i in ids):
+        raise ConfigError(f"the tokenizer from `{source}` is unusable: {len(tokenizer)} tokens, `{TOKENIZER_PROBE}` -> "
+                          f"{ids}. {missing_tokenizer_hint(source)}")
+
+
+def missing_tokenizer_hint(source: str) -> str:
+    return (f"Is `{source}` missing its tokenizer files (tokenizer.json, tokenizer_config.json)? Copy them next to "
+            "the model, or set `tokenizer_name_or_path`.")
 
 
 def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments,
@@ -394,8 +423,13 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
                 model_args.tokenizer_model_type, model_args.tokenizer_character_coverage))
         logger.info("tokenizer: %s (SentencePiece %s, trained on the sources)", source, model_args.tokenizer_model_type)
     with hub_access(source, "tokenizer"):
-        tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.model_revision,
-                                                  trust_remote_code=model_args.trust_remote_code)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.model_revision,
+                                                      trust_remote_code=model_args.trust_remote_code)
+        except ValueError as e:  # no tokenizer file, and no slow tokenizer to convert
+            raise ConfigError(f"the tokenizer from `{source}` cannot be built: {str(e).splitlines()[0]} "
+                              f"{missing_tokenizer_hint(source)}") from None
+    check_tokenizer_encodes(tokenizer, source)
     if tokenizer.pad_token is None:  # pretraining never pads; generation and collators want one
         tokenizer.pad_token = tokenizer.eos_token
     if trained and resume and (Path(resume) / "tokenizer.json").is_file():
@@ -1041,9 +1075,10 @@ class PretrainTrainer(Trainer):
     (stop: a device-side check read before logs, evaluations and checkpoints; skip: a per-step decision) and
     builds the fp32-master optimizer of `mixed_precision: bf16_weights`."""
 
-    def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, **kwargs):
+    def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, data_plan: dict,
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.tokens_per_step, self.block_size, self.meter = tokens_per_step, block_size, meter
+        self.tokens_per_step, self.block_size, self.meter, self.data_plan = tokens_per_step, block_size, meter, data_plan
         self.skipped_steps: list[int] = []  # steps whose update was skipped for a non-finite loss or gradient
         self.consecutive_skips = 0
         self.reduces_in_fp32 = False  # bf16 weights under DDP: gradients averaged in fp32 (allreduce_in_fp32)
@@ -1063,6 +1098,7 @@ class PretrainTrainer(Trainer):
         if self.args.should_save and directory.name.startswith("checkpoint-"):  # what a resume must keep
             atomic_write_text(directory / BATCH_PLAN, json.dumps(batch_plan(self.args, self.block_size)))
             atomic_write_text(directory / TRAINABLE, json.dumps(trainable_names(self.model)))
+            atomic_write_text(directory / DATA_PLAN, json.dumps(self.data_plan, ensure_ascii=False))
 
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = last_complete_checkpoint(self.args.output_dir)
@@ -1384,6 +1420,59 @@ def eval_at_step(history: list[dict], step: int) -> dict:
 
 BATCH_PLAN = "batch_plan.json"  # in every checkpoint: the batch geometry its data position depends on
 TRAINABLE = "trainable_parameters.json"  # in every checkpoint: the parameters its optimizer state belongs to
+
+
+DATA_PLAN = "data_plan.json"  # in every checkpoint: what its data position is a position in
+
+
+def data_plan(report: dict, training_args: PretrainingArguments) -> dict:
+    """What a checkpoint's data position depends on besides the batch: the mixture order's seed, and per
+    source the token store (its key covers the files' content, formatting and tokenizer), the split and
+    the share; for a stream, its settings."""
+    sources = {}
+    for name, source in report["sources"].items():
+        kept = {k: source[k] for k in ("train_blocks", "eval_documents", "share_of_training_tokens") if k in source}
+        if "store" in source:
+            kept["store"] = Path(source["store"]).name
+        else:
+            kept["stream"] = source.get("settings")
+        sources[name] = kept
+    return {"seed": training_args.seed, "dedup": report["dedup"], "sources": sources,
+            "learning_rate": training_args.learning_rate}
+
+
+def check_resume_data(checkpoint: str, plan: dict, training_args: PretrainingArguments) -> None:
+    """A resumed run skips the batches its checkpoint trained: in other data (other files, split, mixture or
+    seed) that position means nothing, and documents it trained on could land in eval. Refused, unless
+    ignore_data_skip reads the new data from its start. A new learning_rate cannot take effect: the
+    scheduler resumes from its state."""
+    path = Path(checkpoint) / DATA_PLAN
+    if not path.is_file():  # a checkpoint from before data plans were written
+        return
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved["learning_rate"] != plan["learning_rate"]:
+        logger.warning("learning_rate %s -> %s has no effect on a resumed run: the optimizer and scheduler continue "
+                       "from %s's state (peak %s). Start a new run with --model_name_or_path %s to change it.",
+                       saved["learning_rate"], plan["learning_rate"], checkpoint, saved["learning_rate"], checkpoint)
+    changes = [f"{key} {saved[key]} -> {plan[key]}" for key in ("seed", "dedup") if saved[key] != plan[key]]
+    for name in saved["sources"].keys() | plan["sources"].keys():
+        before, now = saved["sources"].get(name), plan["sources"].get(name)
+        if before is None or now is None:
+            changes.append(f"source `{name}` {'added' if before is None else 'removed'}")
+            continue
+        changes += [f"source `{name}` {key} {before.get(key)} -> {now.get(key)}"
+                    for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
+    if not changes:
+        return
+    if training_args.ignore_data_skip:
+        logger.warning("resuming %s on other data (%s): ignore_data_skip reads it from its start", checkpoint,
+                       "; ".join(changes))
+        return
+    raise ConfigError(f"{checkpoint} trained on other data ({'; '.join(sorted(changes))}; a changed store means "
+                      "other file contents, formatting or tokenizer): its data position means nothing here. Resume "
+                      "with the data settings it trained with; or keep its optimizer and schedule but read this data "
+                      "from the start with `--ignore_data_skip true`; or start a new run from its model with "
+                      f"`--model_name_or_path {checkpoint}`.")
 
 
 def trainable_names(model) -> list[str]:
@@ -1824,6 +1913,7 @@ def train(argv: list[str]) -> dict:
         training_args.eval_strategy, training_args.eval_on_start = "no", False
     if resume:
         keep_checkpoint_batch(resume, training_args, data_args.block_size, not hasattr(data.train, "__len__"))
+        check_resume_data(resume, data_plan(data.report, training_args), training_args)
     tokens_per_step = batch_plan(training_args, data_args.block_size)["tokens_per_step"]
     if data_args.max_train_tokens:
         if training_args.max_steps > 0:
@@ -1845,7 +1935,7 @@ def train(argv: list[str]) -> dict:
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
-        block_size=data_args.block_size, meter=meter)
+        block_size=data_args.block_size, meter=meter, data_plan=data_plan(data.report, training_args))
     if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole
         trainer.accelerator.state.dynamo_plugin.use_regional_compilation = training_args.torch_compile_scope == "blocks"
     remove_checkpoints(stale, training_args)  # only now: a run that fails to start leaves them where they were

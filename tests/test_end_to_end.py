@@ -138,6 +138,19 @@ def test_resume_with_another_batch_split_keeps_the_global_batch(trained, tmp_pat
                       "--per_device_train_batch_size", 3])
 
 
+def test_resume_on_other_data_is_refused_unless_it_reads_that_data_from_its_start(trained, tmp_path):
+    base, config, out, _ = trained
+    resumed = tmp_path / "resumed"
+    shutil.copytree(out / "checkpoint-6", resumed / "checkpoint-6")
+    resume = [config, "--output_dir", resumed, "--resume_from_checkpoint", "auto"]
+    for change, expected in ((["--eval_fraction", 0.3], "source `notes` eval_documents"), (["--seed", 8], "seed 7 -> 8")):
+        proc = run_pretrain([*resume, *change], check=False)
+        assert proc.returncode != 0 and "trained on other data (" in proc.stderr and expected in proc.stderr, change
+    proc = run_pretrain([*resume, "--seed", 8, "--ignore_data_skip", "true", "--learning_rate", 1e-2])
+    assert "ignore_data_skip reads it from its start" in proc.stderr
+    assert "learning_rate 0.003 -> 0.01 has no effect on a resumed run" in proc.stderr
+
+
 def test_run_pretrain_sh_passes_config_and_overrides(trained, tmp_path):
     _, config, _, _ = trained
     run_pretrain([config, "--output_dir", tmp_path / "sh", "--max_steps", 2, "--eval_strategy", "no",
