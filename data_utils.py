@@ -392,6 +392,10 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
         hub_cache = str(root / "hub_datasets" / hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
     if spec.hub in PACKAGED_BUILDERS:
         check_local_data_files(spec)
+        remote = [str(f) for f in data_file_entries(spec.data_files) if str(f).startswith("hf://")]
+        if remote and must_use_cache(hub_repo_id(spec.hub, spec.data_files)):  # datasets fails on them offline
+            raise DataError(f"source `{spec.name}`: " + unreachable_message(hub_repo_id(spec.hub, spec.data_files),
+                                                                           f"data files {', '.join(remote)}"))
     logger.info("source `%s`: loading hub dataset %s (config %s, split %s)%s", spec.name, name, spec.hub_config,
                 split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)" if offline else "")
     try:
@@ -399,7 +403,16 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
             return datasets.load_dataset(name, spec.hub_config, split=split, revision=spec.revision,
                                          data_files=spec.data_files, streaming=spec.streaming, cache_dir=hub_cache)
     except ValueError as e:  # unknown config or split: datasets lists the valid ones
-        raise DataError(f"source `{spec.name}`: hub dataset `{name}`: {e}. Fix `hub_config` / `split`.") from None
+        raise DataError(f"source `{spec.name}`: hub dataset `{name}`: {str(e).rstrip('.')}. Fix `hub_config` / "
+                        "`split`.") from None
+    except RuntimeError as e:
+        if "scripts are no longer supported" not in str(e):
+            raise
+        fix = ("point `path:` at the data files in it" if local else
+               f"`hub: json` (or csv, parquet) with `data_files: hf://datasets/{name}/<file in the repository>`; "
+               "configs/stage2_medical.yaml does this for shibing624/medical")
+        raise DataError(f"source `{spec.name}`: hub dataset `{name}` is built by a loading script, which `datasets` 4 "
+                        f"and later no longer run ({e}). Read its data files directly: {fix}.") from None
     except FileNotFoundError as e:  # a hub id the hub does not know (offline, datasets raises ConnectionError)
         if local or spec.hub in PACKAGED_BUILDERS:
             raise DataError(f"source `{spec.name}`: `{name}`: a file it names is missing: {e}") from None
@@ -1998,6 +2011,8 @@ def probe_stream(spec: SourceConfig, cache_dir: Path | None) -> dict:
                 return {"probed_records": counts["records"]}
             if counts["records"] >= PROBE_RECORDS:
                 break
+    except DataError:  # already names the source and the fix
+        raise
     except (ValueError, OSError) as e:  # what `datasets` and pyarrow raise for unreadable files (ArrowInvalid...)
         raise DataError(f"source `{spec.name}` cannot be read as a stream: {type(e).__name__}: {e}. Fix the "
                         "file, or set `streaming: false` to find the line.") from None

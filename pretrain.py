@@ -23,6 +23,7 @@ import signal
 import sys
 import time
 import types
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -370,7 +371,8 @@ def hub_access(name: str, what: str):
     """Load a model or tokenizer from a local directory, or from the hub, failing within seconds with
     the fixes when the hub cannot be reached (the hub client alone retries for tens of seconds). A name
     that can only be a path (absolute, ./, ../, ~, or deeper than owner/name) and is missing is named as such."""
-    path_like = name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1
+    path_like = (name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1
+                 or os.path.isdir(name.split("/")[0]))  # outputs/run1: a path, not the hub's OWNER/NAME
     if path_like and not os.path.exists(os.path.expanduser(name)):
         raise ConfigError(f"{what} directory `{name}` does not exist (relative paths start from {os.getcwd()}; the "
                           "shell scripts run from the repository root). Fix the path.")
@@ -1076,9 +1078,10 @@ class PretrainTrainer(Trainer):
     builds the fp32-master optimizer of `mixed_precision: bf16_weights`."""
 
     def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, data_plan: dict,
-                 **kwargs):
+                 run_id: str, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_per_step, self.block_size, self.meter, self.data_plan = tokens_per_step, block_size, meter, data_plan
+        self.run_id = run_id
         self.skipped_steps: list[int] = []  # steps whose update was skipped for a non-finite loss or gradient
         self.consecutive_skips = 0
         self.reduces_in_fp32 = False  # bf16 weights under DDP: gradients averaged in fp32 (allreduce_in_fp32)
@@ -1096,7 +1099,8 @@ class PretrainTrainer(Trainer):
         if self.args.should_save and self.sentencepiece_model is not None:
             (directory / "tokenizer.model").write_bytes(self.sentencepiece_model)
         if self.args.should_save and directory.name.startswith("checkpoint-"):  # what a resume must keep
-            atomic_write_text(directory / BATCH_PLAN, json.dumps(batch_plan(self.args, self.block_size)))
+            atomic_write_text(directory / BATCH_PLAN, json.dumps({**batch_plan(self.args, self.block_size),
+                                                                  "run_id": self.run_id}))
             atomic_write_text(directory / TRAINABLE, json.dumps(trainable_names(self.model)))
             atomic_write_text(directory / DATA_PLAN, json.dumps(self.data_plan, ensure_ascii=False))
 
@@ -1687,15 +1691,38 @@ def resolve_resume(training_args: PretrainingArguments) -> str | None:
     return resume
 
 
+def saved_run_id(path: Path) -> str | None:
+    """The run_id in a checkpoint's batch plan or in metrics.json (None where absent or unreadable)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8")).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def run_id_of(resume: str | None) -> str:
+    """One id per run, kept across resumes: it tells whether metrics.json and the checkpoints beside it
+    belong to the same run, also after a copy that reorders their modification times."""
+    return (saved_run_id(Path(resume) / BATCH_PLAN) if resume else None) or uuid.uuid4().hex[:12]
+
+
+def finished_run(out: Path, newest: Path) -> bool:
+    """Whether output_dir's metrics.json was written by the run of its newest checkpoint, at its end."""
+    metrics = out / "metrics.json"
+    if not metrics.is_file():
+        return False
+    finished, checkpointed = saved_run_id(metrics), saved_run_id(newest / BATCH_PLAN)
+    if finished and checkpointed:
+        return finished == checkpointed
+    return metrics.stat().st_mtime >= newest.stat().st_mtime  # written before run ids: by time
+
+
 def earlier_checkpoints(training_args: PretrainingArguments) -> list[Path]:
     """The checkpoints a fresh run must remove before its first step: left in output_dir they would mix with its
     own (rotation deletes by age, `auto` resumes the highest step). A finished run's go (its final model is being
     replaced anyway); an unfinished run's stop this one now, unless `overwrite_output_dir` says they may go."""
     out = Path(training_args.output_dir)
     found = checkpoints_newest_first(out)
-    metrics = out / "metrics.json"
-    if found and not (metrics.is_file() and metrics.stat().st_mtime >= max(p.stat().st_mtime for p in found)
-                      or training_args.overwrite_output_dir):
+    if found and not (finished_run(out, found[0]) or training_args.overwrite_output_dir):
         raise ConfigError(f"output_dir `{out}` holds {', '.join(p.name for p in found)} of a run that did not finish. "
                           "Pass `--resume_from_checkpoint auto` to continue it, `--overwrite_output_dir true` to start "
                           "fresh and delete them, or choose another `output_dir`.")
@@ -1935,7 +1962,8 @@ def train(argv: list[str]) -> dict:
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
         data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
-        block_size=data_args.block_size, meter=meter, data_plan=data_plan(data.report, training_args))
+        block_size=data_args.block_size, meter=meter, data_plan=data_plan(data.report, training_args),
+        run_id=run_id_of(resume))
     if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole
         trainer.accelerator.state.dynamo_plugin.use_regional_compilation = training_args.torch_compile_scope == "blocks"
     remove_checkpoints(stale, training_args)  # only now: a run that fails to start leaves them where they were
@@ -1977,6 +2005,7 @@ def train(argv: list[str]) -> dict:
         saved_check["quantization"] = quantization_gap
     history = trainer.state.log_history
     metrics = {
+        "run_id": trainer.run_id,
         "train": {
             "loss": result.training_loss,
             "final_logged_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),

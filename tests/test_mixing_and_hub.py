@@ -317,6 +317,20 @@ def test_streamed_source_problems_stop_the_run_before_training(tmp_path, tokeniz
                                      "weight": 1}])
 
 
+def test_script_datasets_and_offline_hf_data_files_get_one_clear_message(tmp_path, tokenizer):
+    scripted = tmp_path / "medical"
+    scripted.mkdir()
+    (scripted / "medical.py").write_text("import datasets\n")
+    with pytest.raises(DataError, match="built by a loading script.*point `path:` at the data files"):
+        build(tmp_path, tokenizer, [{"name": "med", "hub": str(scripted)}])
+    remote = "hf://datasets/shibing624/medical/pretrain/train_encyclopedia.json"  # offline in every test
+    with pytest.raises(DataError, match="`shibing624/medical` cannot be loaded: the hub .* is unreachable"):
+        build(tmp_path, tokenizer, [{"name": "med", "hub": "json", "data_files": remote}])
+    with pytest.raises(DataError, match="^source `med`: hub dataset `shibing624/medical` cannot be loaded"):
+        build(tmp_path, tokenizer, [{"name": "med", "hub": "json", "data_files": remote, "streaming": True,
+                                     "weight": 1}])
+
+
 def test_missing_local_data_files_are_named(tmp_path, tokenizer):
     for pattern in (str(tmp_path / "nowhere.jsonl"), str(tmp_path / "nowhere" / "*.jsonl")):
         with pytest.raises(DataError, match="matches no file"):

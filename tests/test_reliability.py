@@ -170,6 +170,10 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, micr
     code, err = main(capsys, run, "--max_steps", 2)  # after a finished run: its checkpoints go, with a warning
     assert code == 0 and "checkpoint-2 of an earlier run: this run starts fresh and removes them" in err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
+    later = time.time() + 100  # a copy (cp, rsync without -t) that left the checkpoint newer than metrics.json
+    os.utime(out / "checkpoint-2", (later, later))
+    code, err = main(capsys, run, "--max_steps", 2)  # the run id says it finished
+    assert code == 0 and "checkpoint-2 of an earlier run: this run starts fresh and removes them" in err
 
 
 def test_a_resume_keeps_its_tokenizer_and_refuses_another_model(tmp_path, micro_model_config, capsys):
