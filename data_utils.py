@@ -397,7 +397,8 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
             raise DataError(f"source `{spec.name}`: " + unreachable_message(hub_repo_id(spec.hub, spec.data_files),
                                                                            f"data files {', '.join(remote)}"))
     logger.info("source `%s`: loading hub dataset %s (config %s, split %s)%s", spec.name, name, spec.hub_config,
-                split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)" if offline else "")
+                split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)"
+                if offline and spec.hub not in PACKAGED_BUILDERS else "")  # a builder's files are local here
     try:
         with offline_hub() if offline else contextlib.nullcontext():
             return datasets.load_dataset(name, spec.hub_config, split=split, revision=spec.revision,
@@ -492,7 +493,9 @@ def _require(obj: dict, field_name: str, option: str) -> Any:
 def _require_text(obj: dict, field_name: str, option: str) -> str:
     value = _require(obj, field_name, option)
     if not isinstance(value, str):
-        raise RecordError(f"field `{field_name}` is a {type(value).__name__} ({str(value)[:40]!r}), not a string.",
+        kind = "null" if value is None else type(value).__name__
+        raise RecordError(f"field `{field_name}` holds {'' if value is None else 'a '}{kind} ({str(value)[:40]!r}), "
+                          "not a string. Fix the record, or point `text_field` (or a template) at a text field.",
                           "not_a_string")
     return value
 
@@ -1058,7 +1061,8 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                 if e.reason == "missing_field" and chunk.fmt in ("csv", "tsv") and spec.columns is None:
                     e = RecordError(f"{e} If the file has no header row, name its columns with `columns: [...]`.",
                                     e.reason)
-                raise RecordError(f"source `{spec.name}`: `{chunk.path}` {unit} {number} {e}", e.reason) from None
+                skip = " If only some records are like this, `on_error: skip` counts and reports them instead."
+                raise RecordError(f"source `{spec.name}`: `{chunk.path}` {unit} {number} {e}{skip}", e.reason) from None
             _count(counts, f"skipped:{e.reason}")
             if counts[f"skipped:{e.reason}"] <= SkipLog.LIMIT:
                 notes.append((e.reason, f"`{chunk.path}` {unit} {number}: {e}"))
@@ -2116,8 +2120,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         eval_store = explicit_eval or store
         train = PackedBlocks(store, view.train_ids, block_size, document, cum=view.train_cum)
         if len(train) == 0:
-            raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens make no block of "
-                            f"block_size {block_size}. Add data or lower `block_size`.")
+            held = f" ({len(view.eval_ids)} of its documents are held out for eval)" if len(view.eval_ids) else ""
+            raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens{held} make no block of "
+                            f"block_size {block_size}. Add data or lower `block_size`"
+                            f"{' or its `eval_fraction`' if held and explicit_eval is None else ''}.")
         if explicit_eval is not None and len(view.eval_ids) == 0:
             raise DataError(f"source `{spec.name}`: every one of the {explicit_eval.n_docs} documents of its eval set "
                             "also occurs in the training data, and dedup removed them. Give eval files with other "

@@ -121,7 +121,10 @@ class ModelArguments:
     def __post_init__(self):
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got `{getattr(self, name)}`.")
+                auto = (" (`auto` loads a model in its saved dtype elsewhere; here weights stay float32 masters and "
+                        "`mixed_precision` picks bf16 compute)" if name == "torch_dtype" and self.torch_dtype == "auto"
+                        else "")
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got `{getattr(self, name)}`{auto}.")
         if self.finetuning == "lora" and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be at least 1, got {self.lora_rank}.")
         if self.rope_scaling not in (None, "linear", "yarn"):
@@ -178,6 +181,9 @@ class DataArguments:
             raise DataError(f"attention must be causal or document, got `{self.attention}`.")
         if self.block_size < 2:
             raise DataError(f"block_size must be at least 2, got {self.block_size}.")
+        if not 0 <= self.eval_fraction < 1:
+            raise DataError(f"eval_fraction must be in [0, 1) (0.02 holds out 2% of each source's documents), got "
+                            f"{self.eval_fraction}.")
 
 
 @dataclass
@@ -241,6 +247,8 @@ class PretrainingArguments(TrainingArguments):
                 "(an audit of what each rank trained on)."})
 
     def __post_init__(self):
+        if self.mixed_precision == "auto" and (self.fp16 or self.bf16):  # the Trainer's own switches decide
+            self.mixed_precision = "fp16" if self.fp16 else "bf16"
         if self.mixed_precision == "auto":
             has_bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
             self.mixed_precision = "bf16" if has_bf16 else "no"
@@ -303,6 +311,37 @@ class ConfigArgumentParser(HfArgumentParser):
         raise ConfigError(f"invalid setting: {message} (from the config file or the command line).")
 
 
+# Options of MedicalGPT's pretraining.py, LLaMA-Factory's pt stage and run_clm.py that this toolkit spells
+# otherwise: an unknown option names its counterpart here instead of a look-alike ("use_peft" -> "use_cpu").
+FOREIGN_OPTIONS = {
+    "use_peft": "`finetuning: lora`", "finetuning_type": "`finetuning` (full, lora, freeze)",
+    "qlora": "`quantization_bit: 4` with `finetuning: lora`", "load_in_4bit": "`quantization_bit: 4`",
+    "load_in_8bit": "`quantization_bit: 8`", "target_modules": "`lora_target`", "lora_r": "`lora_rank`",
+    "modules_to_save": "nothing under finetuning lora: new tokens' rows train by themselves; whole matrices: "
+                       "`finetuning: freeze` with `freeze_extra_modules: embed_tokens,lm_head`",
+    "train_file_dir": "`sources` (a directory, file or glob: `--sources data/my_dir`, or a list in the config)",
+    "train_file": "`sources`", "dataset": "`sources` (local files: `path:`, hub datasets: `hub:`)",
+    "dataset_name": "a source's `hub:` (in `sources`)", "dataset_config_name": "a source's `hub_config:`",
+    "dataset_dir": "`sources` (`path:` of the files)", "validation_file_dir": "a source's `eval_path:`",
+    "validation_file": "a source's `eval_path:`",
+    "validation_split_percentage": "`eval_fraction` (a fraction: 0.05 for 5%)", "val_size": "`eval_fraction`",
+    "cutoff_len": "`block_size`", "max_seq_length": "`block_size`", "model_max_length": "`block_size`",
+    "text_column_name": "a source's `text_field:`", "streaming": "a source's `streaming: true`",
+    "template": "a source's `template:` (records -> text)", "keep_linebreaks": "a source's `keep_newlines:`",
+    "flash_attn": "`attn_implementation: flash_attention_2`", "config_name": "`model_config` (a JSON)",
+    "model_type": "`model_type` inside the `model_config` JSON", "max_train_samples": "`max_train_tokens`",
+    "max_eval_samples": "`max_eval_tokens`", "neat_packing": "`attention: document`", "packing": "nothing: "
+    "blocks are always packed without padding", "mix_strategy": "a source's `weight:` (share of training tokens)",
+    "interleave_probs": "each source's `weight:`", "deepspeed_config": "`deepspeed`",
+}
+
+
+def unknown_option_hint(key: str, valid: set[str]) -> str:
+    if key in FOREIGN_OPTIONS:
+        return f" This toolkit's counterpart: {FOREIGN_OPTIONS[key]} (README, Config reference)."
+    return closest_key_hint(key, valid)
+
+
 def load_config(path: str, valid_keys: set[str]) -> dict:
     if not Path(path).is_file():
         raise ConfigError(f"config file `{path}` does not exist.")
@@ -318,7 +357,7 @@ def load_config(path: str, valid_keys: set[str]) -> dict:
         raise ConfigError(f"config file `{path}` must be a mapping of `key: value`, got {type(config).__name__}.")
     for key in config:
         if key not in valid_keys:
-            raise ConfigError(f"{path}: unknown key `{key}`.{closest_key_hint(str(key), valid_keys)}")
+            raise ConfigError(f"{path}: unknown key `{key}`.{unknown_option_hint(str(key), valid_keys)}")
     return config
 
 
@@ -350,9 +389,13 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
     given = {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
     for key in given:
         if f"--{key}" not in options and f"--{key.replace('_', '-')}" not in options:
-            raise ConfigError(f"unknown command-line option `--{key}`.{closest_key_hint(key, valid)}")
-    for length, other in (("max_steps", "max_train_tokens"), ("max_train_tokens", "max_steps")):
-        if length in given and other not in given:
+            nested = key.split(".")[0]
+            hint = (f" `{nested}` is replaced whole from the command line: `--{nested} '[...]'` (YAML or JSON)."
+                    if "." in key and nested in valid else unknown_option_hint(key, valid))
+            raise ConfigError(f"unknown command-line option `--{key}`.{hint}")
+    lengths = {"max_steps", "max_train_tokens", "num_train_epochs"}
+    if given & lengths:
+        for other in lengths - given:
             config.pop(other, None)  # a run length on the command line replaces the config file's
     try:
         return parser.parse_args_into_dataclasses(args=config_to_argv(config, parser) + argv,
@@ -591,7 +634,7 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
         import peft
     except ImportError:
         raise ConfigError("finetuning lora needs peft: pip install peft (it is in requirements.txt).") from None
-    targets = ("all-linear" if model_args.lora_target == "all-linear"
+    targets = ("all-linear" if model_args.lora_target in ("all-linear", "all")  # all: MedicalGPT's, LLaMA-Factory's
                else [t.strip() for t in model_args.lora_target.split(",") if t.strip()])
     module_names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
     tokens = None
@@ -1821,11 +1864,15 @@ def prepare_only(argv: list[str]) -> dict:
     return data.report
 
 
-def check_output_dir_writable(training_args: PretrainingArguments) -> None:
+def check_output_dir_writable(training_args: PretrainingArguments, model_args: ModelArguments) -> None:
     """Fail in the first second, not after hours of tokenizing, when the outputs cannot be written."""
+    out = Path(training_args.output_dir)
+    base = model_args.model_name_or_path
+    if base and os.path.isdir(base) and out.resolve() == Path(base).resolve():
+        raise ConfigError(f"output_dir `{out}` is the model being continued (model_name_or_path): the trained model "
+                          "would overwrite it. Choose another `output_dir`.")
     if not training_args.should_save:
         return
-    out = Path(training_args.output_dir)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write-probe-{os.getpid()}"
@@ -1915,7 +1962,7 @@ def train(argv: list[str]) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args, data_args)
     set_seed(training_args.seed)
-    check_output_dir_writable(training_args)
+    check_output_dir_writable(training_args, model_args)
     if training_args.deepspeed and training_args.use_cpu and training_args.world_size > 1:
         import deepspeed  # on CPU accelerate sets up gloo but not deepspeed.comm, which ZeRO-3's zero.Init asks
 

@@ -144,3 +144,38 @@ def test_a_resume_keeps_the_checkpoints_batch_or_says_what_would(tmp_path):
     deepspeed.deepspeed = "ds.json"  # its batch sizes were fixed at parse time
     with pytest.raises(ConfigError, match="Resume with gradient_accumulation_steps 2"):
         pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)
+
+
+def test_options_of_other_toolkits_name_their_counterparts(tmp_path):
+    for option, counterpart in (("use_peft", "`finetuning: lora`"), ("cutoff_len", "`block_size`"),
+                                ("train_file_dir", "`sources`"), ("validation_split_percentage", "`eval_fraction`")):
+        with pytest.raises(ConfigError, match=f"`--{option}`. This toolkit's counterpart: {counterpart}"):
+            pretrain.parse_args([f"--{option}", "1"])
+    with pytest.raises(ConfigError, match="unknown key `load_in_4bit`. This toolkit's counterpart: `quantization_bit: 4`"):
+        pretrain.parse_args([write_config(tmp_path, load_in_4bit=True)])
+    with pytest.raises(ConfigError, match=r"`sources` is replaced whole from the command line: `--sources '\[...\]'`"):
+        pretrain.parse_args(["--sources.0.path", "x.txt"])
+    with pytest.raises(pretrain.DataError, match=r"eval_fraction must be in \[0, 1\)"):
+        pretrain.parse_args(["--eval_fraction", "-0.1"])
+    with pytest.raises(ConfigError, match="torch_dtype must be one of .*`auto` loads a model in its saved dtype"):
+        pretrain.parse_args(["--torch_dtype", "auto"])
+
+
+def test_any_run_length_on_the_command_line_replaces_the_configs(tmp_path):
+    config = write_config(tmp_path, max_steps=20, max_train_tokens=1000)
+    training = pretrain.parse_args([config, "--num_train_epochs", "1"])[2]
+    assert training.max_steps == -1 and training.num_train_epochs == 1
+    assert pretrain.parse_args([config, "--num_train_epochs", "1"])[1].max_train_tokens is None
+    assert pretrain.parse_args([write_config(tmp_path, num_train_epochs=2), "--max_steps", "5"])[2].max_steps == 5
+
+
+def test_fp16_asked_for_wins_over_the_automatic_precision():
+    training = pretrain.parse_args(["--fp16", "true", "--use_cpu", "true"])[2]
+    assert training.fp16 and not training.bf16 and training.mixed_precision != "bf16"
+
+
+def test_training_into_the_continued_models_directory_is_refused(tmp_path, base_model):
+    model, _, training = pretrain.parse_args(["--model_name_or_path", str(base_model), "--output_dir",
+                                              str(base_model)])
+    with pytest.raises(ConfigError, match="is the model being continued"):
+        pretrain.check_output_dir_writable(training, model)
