@@ -1845,9 +1845,9 @@ def load_data(data_args: DataArguments, training_args: PretrainingArguments, tok
         data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed,
                                            training_args.train_batch_size, training_args.dataloader_num_workers)
     stored = [s for s in data.report["sources"].values() if not s.get("streaming")]
-    cached = all(s["cache"] == "hit" for s in stored)
+    how = ("streamed" if not stored else "cache hit" if all(s["cache"] == "hit" for s in stored) else "tokenized")
     logger.info("data ready in %.2f s (%s): %s train blocks of %d tokens, eval sources: %s",
-                time.perf_counter() - start, "cache hit" if cached else "tokenized",
+                time.perf_counter() - start, how,
                 len(data.train) if hasattr(data.train, "__len__") else "streamed", data_args.block_size,
                 ", ".join(data.eval) or "none")
     if training_args.should_save:
