@@ -741,6 +741,13 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
                 model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
                 attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
                 **options)
+        if model_args.quantization_bit:
+            for module in model.modules():  # see below
+                if hasattr(module, "support_avx512bf16_for_cpu"):
+                    # bitsandbytes repacks 4-bit weights for CPU inference at the first forward without grad (an
+                    # evaluation), and its training backward through repacked weights is wrong (measured: LoRA
+                    # gradients off by ~100% after an eval; tests/test_lora.py). Keep the training layout.
+                    module.support_avx512bf16_for_cpu = False
         return model, grow_embeddings(model, tokenizer, model_args)
     else:
         if not model_args.model_config:

@@ -244,3 +244,33 @@ def test_rslora_scales_by_the_root_of_the_rank_and_dora_merges_exactly(base_mode
         trained = dora(input_ids=ids).logits
         merged = dora.merge_and_unload()(input_ids=ids).logits
     assert torch.allclose(trained, merged, atol=1e-4)
+
+
+def test_qlora_gradients_match_the_dequantized_model_also_after_an_evaluation(base_model_64, tokenizer):
+    """The 4-bit layers' backward gives the gradients of the weights they hold (dequantized), also after an
+    evaluation's forward without grad, after which bitsandbytes would repack the weights for CPU inference
+    (and get the backward wrong) unless told not to."""
+    bnb = pytest.importorskip("bitsandbytes")
+    quantized = pretrain.build_model(lora_args(base_model_64, "--quantization_bit", "4", "--lora_dropout", "0"),
+                                     tokenizer, 32)
+    plain = pretrain.build_model(lora_args(base_model_64, "--lora_dropout", "0"), tokenizer, 32)
+    for name, module in quantized.named_modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            weight = bnb.functional.dequantize_4bit(module.weight.data, module.weight.quant_state)
+            plain.get_submodule(name).weight.data.copy_(weight)
+    torch.manual_seed(0)
+    for model in (quantized, plain):  # the same non-zero adapters in both
+        for name, p in sorted(model.named_parameters()):
+            if "lora_" in name:
+                p.data.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.1)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12] * 4])
+    grads = []
+    for model in (quantized, plain):
+        model.eval()
+        with torch.no_grad():
+            model(input_ids=ids)  # an evaluation first
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    for name, grad in grads[1].items():
+        assert torch.allclose(grads[0][name], grad, rtol=1e-3, atol=1e-6), name
