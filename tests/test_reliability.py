@@ -191,9 +191,11 @@ def test_a_resume_keeps_its_tokenizer_and_refuses_another_model(tmp_path, micro_
         f.write("新增的句子改变了分词器的训练数据。\n" * 50)
     (tmp_path / "out" / "metrics.json").unlink()
     vocab = AutoTokenizer.from_pretrained(checkpoint).get_vocab()
-    code, err = main(capsys, run, "--resume_from_checkpoint", "auto", "--max_steps", 4, "--save_steps", 1,
-                     "--save_total_limit", 1)  # rotation deletes checkpoint-2, where the tokenizer came from
-    assert code == 0 and "it resumes with the tokenizer it was trained with" in err
+    resume = ["--resume_from_checkpoint", "auto", "--max_steps", 4, "--save_steps", 1, "--save_total_limit", 1]
+    code, err = main(capsys, run, *resume)  # other data: its data position means nothing
+    assert code == 2 and "trained on other data (source `corpus` store" in err and "--ignore_data_skip true" in err
+    code, err = main(capsys, run, *resume, "--ignore_data_skip", "true")  # rotation deletes checkpoint-2, where
+    assert code == 0 and "it resumes with the tokenizer it was trained with" in err  # the tokenizer came from
     assert AutoTokenizer.from_pretrained(tmp_path / "out").get_vocab() == vocab
     checkpoint = tmp_path / "out" / "checkpoint-4"
     assert (checkpoint / "tokenizer.model").is_file() and (tmp_path / "out" / "tokenizer.model").is_file()  # extendable
