@@ -383,6 +383,9 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
     parser = ConfigArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
     valid = {a.dest for a in parser._actions if a.dest != "help"}
     config = {}
+    if argv and argv[0].startswith("--local_rank"):  # the deepspeed launcher puts it before the config path
+        n = 1 if "=" in argv[0] else 2
+        argv = [*argv[n:], *argv[:n]]
     if argv and not argv[0].startswith("-"):
         config, argv = load_config(argv[0], valid), argv[1:]
     options = set(parser._option_string_actions)

@@ -4,10 +4,13 @@
 # Environment:
 #   DS_CONFIG    ZeRO config (default deepspeed/ds_zero2.json): ds_zero1 / ds_zero2 / ds_zero3 /
 #                ds_zero2_offload / ds_zero3_offload .json
-#   NUM_GPUS     processes on this node (default: the GPU count; 2 on a machine without GPUs)
+#   NUM_GPUS     processes per node (default: the GPU count; 2 on a machine without GPUs)
 #   HOSTFILE     several nodes: a DeepSpeed hostfile ("node1 slots=8" per line), launched over ssh/pdsh by
 #                the `deepspeed` launcher from node 0 (run it from the repository root, which must be at the
 #                same path on every node); MASTER_ADDR (default: the first host), MASTER_PORT (default 29500)
+#   DS_LAUNCHER_ARGS  more options for the deepspeed launcher with HOSTFILE, e.g. "--launcher openmpi" or
+#                "--ssh_port 2222"
+#   PYTHON       the interpreter (default python); with HOSTFILE the same path on every node
 # One node goes through torchrun/run_torchrun.sh (also the way to run single-process DeepSpeed), which
 # trains on the CPU over gloo when there is no CUDA (--use_cpu true: otherwise each rank trains alone).
 set -euo pipefail
@@ -24,7 +27,14 @@ if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
 HOSTFILE=$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")
 [ -f "$DS_CONFIG" ] && DS_CONFIG=$(cd "$(dirname "$DS_CONFIG")" && pwd)/$(basename "$DS_CONFIG")
 cd "$ROOT"
+PYTHON=${PYTHON:-python}
+GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+LAUNCHER=(--hostfile "$HOSTFILE" --no_local_rank)  # --local_rank=N before the config path would hide it
+[ -n "${NUM_GPUS:-}" ] && LAUNCHER+=(--num_gpus "$NUM_GPUS")
+read -r -a MORE <<< "${DS_LAUNCHER_ARGS:-}"
+EXTRA=()
+[ "$GPUS" -eq 0 ] && EXTRA+=(--use_cpu true)
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
-echo "run_deepspeed.sh: nodes from $HOSTFILE, master $MASTER_ADDR:${MASTER_PORT:-29500}, $DS_CONFIG"
-exec deepspeed --hostfile "$HOSTFILE" --master_addr "$MASTER_ADDR" --master_port "${MASTER_PORT:-29500}" \
-    pretrain.py "$CONFIG" --deepspeed "$DS_CONFIG" "$@"
+echo "run_deepspeed.sh: nodes from $HOSTFILE, master $MASTER_ADDR:${MASTER_PORT:-29500}, $DS_CONFIG$([ "$GPUS" -eq 0 ] && echo ", CPU/gloo")"
+exec "$PYTHON" -m deepspeed.launcher.runner "${LAUNCHER[@]}" "${MORE[@]}" --master_addr "$MASTER_ADDR" \
+    --master_port "${MASTER_PORT:-29500}" pretrain.py "$CONFIG" --deepspeed "$DS_CONFIG" "${EXTRA[@]}" "$@"

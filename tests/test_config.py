@@ -36,6 +36,13 @@ def test_command_line_overrides_yaml(tmp_path):
     assert data_args.sources == [{"path": "data/x.txt"}]
 
 
+@pytest.mark.parametrize("local_rank", [["--local_rank=1"], ["--local_rank", "1"]])
+def test_the_config_path_is_found_behind_the_deepspeed_launchers_local_rank(tmp_path, local_rank):
+    config = write_config(tmp_path, block_size=64, output_dir=str(tmp_path / "out"))
+    _, data_args, training_args = pretrain.parse_args([*local_rank, config, "--max_steps", "3"])
+    assert (data_args.block_size, training_args.max_steps, training_args.local_rank) == (64, 3, 1)
+
+
 def test_misspelt_yaml_key_names_the_closest_valid_key(tmp_path):
     config = write_config(tmp_path, blok_size=64)
     with pytest.raises(ConfigError, match=r"unknown key `blok_size`.*Did you mean `block_size`"):

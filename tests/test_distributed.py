@@ -5,6 +5,7 @@ same launcher, ends with the weights of the uninterrupted run and trains on exac
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 
@@ -130,6 +131,19 @@ def test_fsdp_two_processes(setup, single):
 
 def test_deepspeed_zero2_two_processes(zero2, single):
     check_two_process_run(*zero2, single[0])
+
+
+def test_deepspeed_over_a_hostfile_trains_on_every_slot(setup, single, tmp_path):
+    """The multi-node path of run_deepspeed.sh (the deepspeed launcher), on one host named in the hostfile."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=2\n", encoding="utf-8")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out, proc = launch(setup, "zero2_hostfile", "deepspeed/run_deepspeed.sh", env={
+        "HOSTFILE": str(hostfile), "DS_LAUNCHER_ARGS": "--no_ssh_check", "MASTER_PORT": str(port)})
+    assert "--no_local_rank" in proc.stdout + proc.stderr
+    check_two_process_run(out, proc, single[0])
 
 
 def block_lines(out, rank):
