@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import errno
 import functools
+import hashlib
 import importlib.util
 import json
 import logging
@@ -20,6 +21,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import sys
 import time
 import types
@@ -265,6 +267,8 @@ class PretrainingArguments(TrainingArguments):
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to
         check_deepspeed_config(self.deepspeed)
+        if isinstance(self.fsdp, str) and self.fsdp.strip().lower() in ("true", "yes", "1", "false", "no", "0", ""):
+            self.fsdp = self.fsdp.strip().lower() in ("true", "yes", "1") or None  # `fsdp: true` from a config
         self.bf16_weights = self.mixed_precision == "bf16_weights"
         self.bf16 = self.bf16 or self.mixed_precision == "bf16"
         self.fp16 = self.fp16 or self.mixed_precision == "fp16"
@@ -286,6 +290,12 @@ def check_deepspeed_config(deepspeed_config) -> None:
             Path(deepspeed_config).read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
         raise ConfigError(f"deepspeed config `{deepspeed_config}` cannot be read as JSON: {e}") from None
+    zero = config.get("zero_optimization") or {}
+    if str(zero.get("stage")) == "3" and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+        raise ConfigError(f"deepspeed config `{deepspeed_config}` is ZeRO-3 without "
+                          "`stage3_gather_16bit_weights_on_model_save: true` (DeepSpeed's default is false): the "
+                          "final model could not be gathered and written at the end of the run. Add it to "
+                          "`zero_optimization` (see deepspeed/ds_zero3.json).")
     blocks = [k for k in ("optimizer", "scheduler") if k in config]
     if blocks:
         raise ConfigError(f"deepspeed config `{deepspeed_config}` has {' and '.join(f'`{b}`' for b in blocks)} "
@@ -296,6 +306,8 @@ def check_deepspeed_config(deepspeed_config) -> None:
 
 class ConfigError(ValueError):
     """A config file or command-line setting that cannot be used; the message says which and why."""
+
+    on_every_rank = False  # raised alike on all ranks (printed once per node)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -379,13 +391,20 @@ def config_to_argv(config: dict, parser: ConfigArgumentParser) -> list[str]:
     return argv
 
 
+def split_local_rank(argv: list[str]) -> tuple[list[str], list[str]]:
+    """The command line without, and the leading `--local_rank` the deepspeed launcher puts before the config path."""
+    if argv and argv[0].startswith("--local_rank"):
+        n = 1 if "=" in argv[0] else 2
+        return argv[n:], argv[:n]
+    return argv, []
+
+
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, PretrainingArguments]:
     parser = ConfigArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
     valid = {a.dest for a in parser._actions if a.dest != "help"}
     config = {}
-    if argv and argv[0].startswith("--local_rank"):  # the deepspeed launcher puts it before the config path
-        n = 1 if "=" in argv[0] else 2
-        argv = [*argv[n:], *argv[:n]]
+    argv, local_rank = split_local_rank(argv)
+    argv = [*argv, *local_rank]
     if argv and not argv[0].startswith("-"):
         config, argv = load_config(argv[0], valid), argv[1:]
     options = set(parser._option_string_actions)
@@ -465,7 +484,7 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     trained = source is None
     if trained:
-        with training_args.main_process_first(local=False, desc="train tokenizer"):
+        with node_by_node(training_args):
             source = str(data_utils.train_sentencepiece_tokenizer(
                 data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size,
                 model_args.tokenizer_model_type, model_args.tokenizer_character_coverage))
@@ -1848,12 +1867,31 @@ def setup_logging(training_args: PretrainingArguments, data_args: DataArguments)
         logger.info("hub source read from a local copy: %s", line)
 
 
+@contextlib.contextmanager
+def node_by_node(training_args: PretrainingArguments):
+    """Rank 0 first (it fills the cache), then the first rank of every other node (it reads the cache if shared, or
+    fills its node's own), then all others (they read their node's cache): tokenizing never runs on two ranks of a
+    node, whether cache_dir is shared or node-local."""
+    turn = 0 if training_args.process_index == 0 else 1 if training_args.local_process_index == 0 else 2
+    for _ in range(turn):
+        barrier()
+    try:
+        yield
+    finally:
+        for _ in range(2 - turn):
+            barrier()
+
+
 def load_data(data_args: DataArguments, training_args: PretrainingArguments, tokenizer) -> data_utils.PreparedData:
     """Phase 4: token stores built by the main process first; the other ranks then hit the cache."""
     start = time.perf_counter()
-    with training_args.main_process_first(local=False, desc="prepare data"):
+    with node_by_node(training_args):
         data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed,
                                            training_args.train_batch_size, training_args.dataloader_num_workers)
+    same_on_every_rank("data (the files' content, the tokenizer or the split)",
+                       {"tokenizer": data.report["tokenizer"], **data_plan(data.report, training_args)},
+                       "Every node must read the same data files with the same tokenizer: put `sources` and "
+                       "`cache_dir` on a shared filesystem, or copy them to the same paths on every node.")
     stored = [s for s in data.report["sources"].values() if not s.get("streaming")]
     how = ("streamed" if not stored else "cache hit" if all(s["cache"] == "hit" for s in stored) else "tokenized")
     logger.info("data ready in %.2f s (%s): %s train blocks of %d tokens, eval sources: %s",
@@ -1915,6 +1953,86 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def settings_fingerprint(argv: list[str]) -> str:
+    """What every rank must be started with: the same command line and config file (by content)."""
+    argv, _ = split_local_rank(argv)
+    digest = hashlib.sha256(json.dumps(argv).encode())
+    if argv and os.path.isfile(argv[0]):
+        digest.update(Path(argv[0]).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def from_every_rank(value) -> list:
+    gathered = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(gathered, value)
+    return gathered
+
+
+def same_on_every_rank(what: str, value, fix: str) -> None:
+    """Stop every rank with the same error when one rank's `value` differs from rank 0's."""
+    if not distributed():
+        return
+    ranks = from_every_rank((socket.gethostname(), value))
+    other = next((i for i, (_, v) in enumerate(ranks) if v != ranks[0][1]), None)
+    if other is not None:
+        raise every_rank(ConfigError(f"rank {other} on {ranks[other][0]} has other {what} than rank 0 on "
+                                     f"{ranks[0][0]}. {fix}"))
+
+
+def every_rank(error: ConfigError) -> ConfigError:
+    error.on_every_rank = True
+    return error
+
+
+def start_decisions(argv: list[str], model_args: ModelArguments,
+                    training_args: PretrainingArguments) -> tuple[str | None, list[Path]]:
+    """The checks and decisions each rank makes from its own view of the disk (output_dir writable, where to
+    resume, which checkpoints of an earlier run go), taken by all ranks alike or by none: a rank that stops or
+    decides alone would leave the others waiting in a collective until ddp_timeout (two hours). Across nodes
+    this also proves output_dir is one shared directory: checkpoints, resume and the final model need it."""
+    same_on_every_rank("settings (its command line or config file differ)", settings_fingerprint(argv),
+                       "Start every node with the same config file and options.")
+    out = Path(training_args.output_dir)
+    marker = f".shared-check-{uuid.uuid4().hex[:12]}" if distributed() and training_args.process_index == 0 else None
+    resume, stale, error = None, [], None
+    try:
+        check_output_dir_writable(training_args, model_args)
+        if marker:
+            (out / marker).write_bytes(b"")
+        resume = resolve_resume(training_args)
+        stale = [] if resume else earlier_checkpoints(training_args)
+    except (ConfigError, OSError) as e:
+        error = str(e)
+    if not distributed():
+        if error:
+            raise ConfigError(error)
+        return resume, stale
+    try:
+        ranks = from_every_rank({"host": socket.gethostname(), "error": error, "marker": marker, "resume": resume,
+                                 "stale": [p.name for p in stale]})
+        where = [f"rank {rank} on {r['host']}" for rank, r in enumerate(ranks)]
+        failed = next((i for i, r in enumerate(ranks) if r["error"]), None)
+        if failed is not None:
+            alike = all(r["error"] == ranks[failed]["error"] for r in ranks)
+            raise every_rank(ConfigError(("" if alike else f"{where[failed]}: ") + ranks[failed]["error"]))
+        blind = [w for w, sees in zip(where, from_every_rank((out / ranks[0]["marker"]).is_file())) if not sees]
+        if blind:
+            raise every_rank(ConfigError(f"output_dir `{out}` is not one shared directory: {', '.join(blind)} cannot see the "
+                              f"file {where[0]} wrote there. Checkpoints, resuming and the final model need every "
+                              "node to read and write the same output_dir: put it on a filesystem all nodes mount at "
+                              "the same path (NFS, Lustre, a cluster filesystem)."))
+        other = next((i for i, r in enumerate(ranks) if (r["resume"], r["stale"]) != (ranks[0]["resume"],
+                                                                                       ranks[0]["stale"])), None)
+        if other is not None:
+            raise every_rank(ConfigError(f"{where[other]} sees other checkpoints in `{out}` than {where[0]} (it would resume from "
+                              f"{ranks[other]['resume']}, the other from {ranks[0]['resume']}): the shared filesystem "
+                              "is not in sync. Rerun when every node sees the same files."))
+    finally:
+        if marker:
+            (out / marker).unlink(missing_ok=True)
+    return resume, stale
+
+
 def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
     """The final model goes to a temporary directory first and each file is then renamed into output_dir,
     the weights last: a crash leaves either no new weights or complete ones, never a half-written file.
@@ -1972,13 +2090,11 @@ def train(argv: list[str]) -> dict:
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args, data_args)
     set_seed(training_args.seed)
-    check_output_dir_writable(training_args, model_args)
     if training_args.deepspeed and training_args.use_cpu and training_args.world_size > 1:
         import deepspeed  # on CPU accelerate sets up gloo but not deepspeed.comm, which ZeRO-3's zero.Init asks
 
         deepspeed.init_distributed(dist_backend="gloo")
-    resume = resolve_resume(training_args)
-    stale = [] if resume else earlier_checkpoints(training_args)
+    resume, stale = start_decisions(argv, model_args, training_args)
     tokenizer = load_tokenizer(model_args, data_args, training_args, resume)
     model_args.torch_dtype = weight_dtype(model_args, training_args)
     compute_dtype = (torch.bfloat16 if training_args.bf16 or training_args.bf16_weights else
@@ -2101,7 +2217,8 @@ def main(argv: list[str], job=train) -> int:
     try:
         job(argv)
     except (ConfigError, DataError, NonFiniteLossError, CheckpointError) as e:
-        print(f"\nerror: {e}", file=sys.stderr)  # on its own line, even after an unfinished progress bar
+        if not getattr(e, "on_every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":  # once per node
+            print(f"\nerror: {e}", file=sys.stderr)  # on its own line, even after an unfinished progress bar
         return 2
     finally:
         if distributed():
