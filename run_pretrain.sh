@@ -2,7 +2,8 @@
 # Single machine, local data:  bash run_pretrain.sh [CONFIG.yaml] [--any_field value ...]
 #   CONFIG defaults to configs/pretrain_tiny.yaml (a tiny model on the bundled data/, a few CPU minutes).
 #   No GPU: trains on the CPU. One GPU: uses it. Several GPUs: one process per GPU through
-#   torchrun/run_torchrun.sh (DDP); set NUM_GPUS to use fewer. DeepSpeed ZeRO: deepspeed/run_deepspeed.sh.
+#   torchrun/run_torchrun.sh (DDP); NUM_GPUS=N uses N of them (1: the first one; 0: the CPU).
+#   DeepSpeed ZeRO: deepspeed/run_deepspeed.sh.
 #   Paths in configs are relative to the repository root.
 set -euo pipefail
 CONFIG=configs/pretrain_tiny.yaml
@@ -10,9 +11,20 @@ if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
 [ -f "$CONFIG" ] && CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")
 cd "$(dirname "${BASH_SOURCE[0]}")"
 PYTHON=${PYTHON:-python}
-NUM_GPUS=${NUM_GPUS:-$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)}
+GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
+NUM_GPUS=${NUM_GPUS:-$GPUS}
+[[ "$NUM_GPUS" =~ ^[0-9]+$ ]] || { echo "run_pretrain.sh: NUM_GPUS must be a whole number, got '$NUM_GPUS'" >&2; exit 2; }
+if [ "$GPUS" -gt 0 ] && [ "$NUM_GPUS" -gt "$GPUS" ]; then
+    echo "run_pretrain.sh: NUM_GPUS=$NUM_GPUS but this machine has $GPUS GPU(s) visible" >&2; exit 2
+fi
 if [ "$NUM_GPUS" -gt 1 ]; then
-    echo "run_pretrain.sh: $NUM_GPUS GPUs found, handing over to torchrun/run_torchrun.sh (DDP, one process per GPU)"
+    echo "run_pretrain.sh: $NUM_GPUS processes (DDP$([ "$GPUS" -eq 0 ] && echo ", on the CPU")) through torchrun/run_torchrun.sh"
     NPROC_PER_NODE=$NUM_GPUS exec bash torchrun/run_torchrun.sh "$CONFIG" "$@"
+fi
+if [ "$GPUS" -gt "$NUM_GPUS" ]; then
+    # one process sees one GPU (with several the Trainer would split each batch over them with DataParallel);
+    # NUM_GPUS=0 hides them all: the CPU trains
+    VISIBLE=${CUDA_VISIBLE_DEVICES:-0}
+    export CUDA_VISIBLE_DEVICES=$([ "$NUM_GPUS" -eq 1 ] && echo "${VISIBLE%%,*}")
 fi
 exec "$PYTHON" pretrain.py "$CONFIG" "$@"

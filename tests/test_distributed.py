@@ -287,12 +287,15 @@ def test_qlora_under_deepspeed_zero2_matches_one_process(setup, tmp_path):
     assert "quantization_config" not in json.loads((two / "config.json").read_text())
 
 
-def test_deepspeed_config_with_optimizer_or_scheduler_is_refused(tmp_path):
+def test_deepspeed_configs_that_would_replace_settings_or_lose_the_model_are_refused(tmp_path):
     import pretrain
 
     bad = tmp_path / "ds.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}))
     with pytest.raises(pretrain.ConfigError, match="`scheduler` block"):
+        pretrain.check_deepspeed_config(str(bad))
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
+    with pytest.raises(pretrain.ConfigError, match="stage3_gather_16bit_weights_on_model_save: true"):
         pretrain.check_deepspeed_config(str(bad))
     for shipped in sorted((ROOT / "deepspeed").glob("ds_*.json")):
         pretrain.check_deepspeed_config(str(shipped))  # the shipped ones leave both to the Trainer

@@ -6,7 +6,8 @@
 #   NNODES          nodes (default 1)      NODE_RANK   this node's rank (default 0)
 #   MASTER_ADDR     node 0's address       MASTER_PORT its port (default 29500)
 #   RDZV_ENDPOINT   host:port for c10d rendezvous instead of MASTER_ADDR/NODE_RANK (elastic, any start order)
-#   FSDP=1          shard parameters, gradients and optimizer state (FULL_SHARD, transformer-block auto wrap)
+#   FSDP=1          shard parameters, gradients and optimizer state (FSDP2, one unit per decoder layer;
+#                   torchrun/fsdp_config.json)
 #   DS_CONFIG       DeepSpeed ZeRO config instead (deepspeed/ds_zero*.json; deepspeed/run_deepspeed.sh sets it)
 #   PYTHON          the interpreter (default python)
 # Without CUDA the processes train on the CPU over gloo (--use_cpu true: otherwise each rank trains alone).
@@ -22,9 +23,17 @@ PYTHON=${PYTHON:-python}
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
 NNODES=${NNODES:-1}
+for name in NPROC_PER_NODE NNODES; do
+    [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "run_torchrun.sh: $name must be a whole number of at least 1, got '${!name}'" >&2; exit 2; }
+done
+case "${FSDP:-0}" in
+    1|true|yes) FSDP=1 ;;
+    0|false|no|"") FSDP=0 ;;
+    *) echo "run_torchrun.sh: FSDP must be 1 (on) or 0 (off), got '$FSDP'" >&2; exit 2 ;;
+esac
 EXTRA=()
 [ "$GPUS" -eq 0 ] && EXTRA+=(--use_cpu true)
-[ "${FSDP:-0}" = 1 ] && EXTRA+=(--fsdp "full_shard auto_wrap" --fsdp_config torchrun/fsdp_config.json)
+[ "$FSDP" = 1 ] && EXTRA+=(--fsdp true --fsdp_config torchrun/fsdp_config.json)
 [ -n "${DS_CONFIG:-}" ] && EXTRA+=(--deepspeed "$DS_CONFIG")
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
     LAUNCH=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"
@@ -35,5 +44,5 @@ elif [ "$NNODES" -gt 1 ]; then
 else
     LAUNCH=(--standalone --nproc_per_node "$NPROC_PER_NODE")
 fi
-echo "run_torchrun.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), $([ "$GPUS" -gt 0 ] && echo GPU || echo CPU/gloo)$([ "${FSDP:-0}" = 1 ] && echo ", FSDP")${DS_CONFIG:+, DeepSpeed $DS_CONFIG}"
+echo "run_torchrun.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), $([ "$GPUS" -gt 0 ] && echo GPU || echo CPU/gloo)$([ "$FSDP" = 1 ] && echo ", FSDP")${DS_CONFIG:+, DeepSpeed $DS_CONFIG}"
 exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" pretrain.py "$CONFIG" "${EXTRA[@]}" "$@"

@@ -1,0 +1,87 @@
+"""The shell launchers' decisions, read off the command they start: a stand-in interpreter (PYTHON) reports a
+chosen GPU count and prints what it was asked to run, with the GPUs it was left to see."""
+import os
+import subprocess
+
+import pytest
+
+from conftest import ROOT
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+if [ "$1" = "-c" ]; then echo "${FAKE_GPUS:-0}"; exit 0; fi
+echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} RUN $*"
+"""
+
+
+@pytest.fixture
+def launch(tmp_path):
+    python = tmp_path / "python"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+
+    def run(script, gpus=0, **env):
+        full = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "FSDP",
+                                                                  "NPROC_PER_NODE", "HOSTFILE", "DS_CONFIG")}
+        full.update(PYTHON=str(python), FAKE_GPUS=str(gpus), **env)
+        proc = subprocess.run(["bash", str(ROOT / script)], cwd=tmp_path, env=full, capture_output=True, text=True,
+                              timeout=60)
+        return proc.returncode, proc.stdout + proc.stderr
+
+    return run
+
+
+def test_one_process_on_a_machine_with_several_gpus_sees_one(launch):
+    rc, out = launch("run_pretrain.sh", gpus=4, NUM_GPUS="1")
+    assert rc == 0 and "CUDA_VISIBLE_DEVICES=0 RUN pretrain.py" in out
+    rc, out = launch("run_pretrain.sh", gpus=2, NUM_GPUS="1", CUDA_VISIBLE_DEVICES="2,3")
+    assert rc == 0 and "CUDA_VISIBLE_DEVICES=2 RUN pretrain.py" in out
+    rc, out = launch("run_pretrain.sh", gpus=4, NUM_GPUS="0")
+    assert rc == 0 and "CUDA_VISIBLE_DEVICES= RUN pretrain.py" in out
+    rc, out = launch("run_pretrain.sh", gpus=1)
+    assert rc == 0 and "CUDA_VISIBLE_DEVICES=unset RUN pretrain.py" in out
+
+
+def test_several_gpus_go_to_torchrun_one_process_each(launch):
+    rc, out = launch("run_pretrain.sh", gpus=4)
+    assert rc == 0 and "-m torch.distributed.run --standalone --nproc_per_node 4 pretrain.py" in out
+    assert "--use_cpu" not in out
+    rc, out = launch("run_pretrain.sh", gpus=0, NUM_GPUS="2")
+    assert rc == 0 and "--nproc_per_node 2" in out and "--use_cpu true" in out and "on the CPU" in out
+
+
+@pytest.mark.parametrize("script, env, message", [
+    ("run_pretrain.sh", {"NUM_GPUS": "two"}, "NUM_GPUS must be a whole number, got 'two'"),
+    ("run_pretrain.sh", {"NUM_GPUS": "4", "FAKE_GPUS": "2"}, "NUM_GPUS=4 but this machine has 2 GPU(s) visible"),
+    ("torchrun/run_torchrun.sh", {"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE must be a whole number of at least 1"),
+    ("torchrun/run_torchrun.sh", {"FSDP": "maybe"}, "FSDP must be 1 (on) or 0 (off), got 'maybe'"),
+    ("deepspeed/run_deepspeed.sh", {"NUM_GPUS": "0"}, "NPROC_PER_NODE must be a whole number of at least 1"),
+])
+def test_launcher_settings_that_cannot_work_are_named(launch, script, env, message):
+    gpus = env.pop("FAKE_GPUS", "0")
+    rc, out = launch(script, gpus=gpus, **env)
+    assert rc == 2 and message in out and "RUN" not in out
+
+
+def test_fsdp_is_switched_on_the_transformers_5_way(launch):
+    for value in ("1", "true"):
+        rc, out = launch("torchrun/run_torchrun.sh", FSDP=value)
+        assert rc == 0 and "--fsdp true --fsdp_config torchrun/fsdp_config.json" in out
+
+
+def test_a_hostfile_run_goes_through_the_deepspeed_launcher_of_the_chosen_interpreter(launch, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("node1 slots=8\nnode2 slots=8\n")
+    rc, out = launch("deepspeed/run_deepspeed.sh", HOSTFILE=str(hostfile), NUM_GPUS="4",
+                     DS_LAUNCHER_ARGS="--launcher openmpi")
+    assert rc == 0, out
+    assert (f"RUN -m deepspeed.launcher.runner --hostfile {hostfile} --no_local_rank --num_gpus 4 --launcher openmpi "
+            "--master_addr node1 --master_port 29500 pretrain.py") in out
+    assert "--use_cpu true" in out  # node 0 has no CUDA here
+
+
+def test_fsdp_true_from_a_config_file_turns_fsdp_on(tmp_path):
+    import pretrain
+
+    for value, on in (("true", True), ("yes", True), ("false", None), ("", None)):
+        _, _, training_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--fsdp", value, "--use_cpu", "true"])
+        assert training_args.fsdp == on, value
