@@ -484,7 +484,7 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     trained = source is None
     if trained:
-        with node_by_node(training_args):
+        with node_by_node(training_args, "train the tokenizer"):
             source = str(data_utils.train_sentencepiece_tokenizer(
                 data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size,
                 model_args.tokenizer_model_type, model_args.tokenizer_character_coverage))
@@ -1868,11 +1868,13 @@ def setup_logging(training_args: PretrainingArguments, data_args: DataArguments)
 
 
 @contextlib.contextmanager
-def node_by_node(training_args: PretrainingArguments):
+def node_by_node(training_args: PretrainingArguments, what: str):
     """Rank 0 first (it fills the cache), then the first rank of every other node (it reads the cache if shared, or
     fills its node's own), then all others (they read their node's cache): tokenizing never runs on two ranks of a
     node, whether cache_dir is shared or node-local."""
     turn = 0 if training_args.process_index == 0 else 1 if training_args.local_process_index == 0 else 2
+    if turn == 1:  # the other nodes' logs would be silent for as long as rank 0 works
+        logger.warning("waiting for rank 0 to %s first (at most ddp_timeout, %d s)", what, training_args.ddp_timeout)
     for _ in range(turn):
         barrier()
     try:
@@ -1885,7 +1887,7 @@ def node_by_node(training_args: PretrainingArguments):
 def load_data(data_args: DataArguments, training_args: PretrainingArguments, tokenizer) -> data_utils.PreparedData:
     """Phase 4: token stores built by the main process first; the other ranks then hit the cache."""
     start = time.perf_counter()
-    with node_by_node(training_args):
+    with node_by_node(training_args, "prepare the data"):
         data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed,
                                            training_args.train_batch_size, training_args.dataloader_num_workers)
     same_on_every_rank("data (the files' content, the tokenizer or the split)",

@@ -103,4 +103,5 @@ def test_a_node_local_cache_is_prepared_once_per_node(config, tmp_path):
         assert rc == 0, log[-5000:]
     for node, (_, log) in enumerate(results):
         assert len(re.findall(r"tokenize notes:\s+0%", log)) == 1, (node, log[-5000:])
+    assert "waiting for rank 0 to prepare the data first" in results[1][1]
     assert (tmp_path / "out" / "metrics.json").is_file()
