@@ -2089,7 +2089,10 @@ def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
 
 
 def train(argv: list[str]) -> dict:
-    model_args, data_args, training_args = parse_args(argv)
+    try:
+        model_args, data_args, training_args = parse_args(argv)
+    except ConfigError as e:
+        raise every_rank(e)  # every rank parses the same command line: printed once per node
     setup_logging(training_args, data_args)
     set_seed(training_args.seed)
     if training_args.deepspeed and training_args.use_cpu and training_args.world_size > 1:

@@ -85,3 +85,11 @@ def test_fsdp_true_from_a_config_file_turns_fsdp_on(tmp_path):
     for value, on in (("true", True), ("yes", True), ("false", None), ("", None)):
         _, _, training_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--fsdp", value, "--use_cpu", "true"])
         assert training_args.fsdp == on, value
+
+
+def test_a_setting_error_under_torchrun_is_printed_once_per_node():
+    env = dict(os.environ, NPROC_PER_NODE="2", CUDA_VISIBLE_DEVICES="", HF_HUB_OFFLINE="1")
+    proc = subprocess.run(["bash", str(ROOT / "torchrun/run_torchrun.sh"), "--block_size", "abc"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert proc.stderr.count("error: invalid setting") == 1, proc.stderr[-3000:]
