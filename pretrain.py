@@ -27,6 +27,7 @@ import time
 import types
 import uuid
 import zipfile
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -86,6 +87,12 @@ class ModelArguments:
     freeze_extra_modules: str = field(default="", metadata={
         "help": "finetuning freeze: comma-separated modules outside the decoder layers that train too, e.g. "
                 "embed_tokens,lm_head (with 0 layers: Chinese-LLaMA's first stage after extending the vocabulary)."})
+    expand_layers: int = field(default=0, metadata={
+        "help": "finetuning freeze: LLaMA Pro block expansion. Insert N copies of decoder layers into the pretrained "
+                "model, one after every (layers / N)-th, with their attention and MLP output projections zeroed so "
+                "the expanded model computes exactly what the base did; only the new layers train (instead of "
+                "`freeze_trainable_layers`; `freeze_extra_modules` still adds modules), so the base layers keep what "
+                "they know. The saved model has layers + N decoder layers."})
     lora_rank: int = field(default=64, metadata={
         "help": "LoRA rank. Continued pretraining learns more than instruction tuning: ranks of 64 to 256 keep more "
                 "of it (LoRA Learns Less and Forgets Less, Biderman et al. 2024)."})
@@ -133,6 +140,9 @@ class ModelArguments:
             raise ConfigError(f"rope_scaling must be linear or yarn (or unset), got `{self.rope_scaling}`.")
         if self.quantization_bit not in (None, 4, 8):
             raise ConfigError(f"quantization_bit must be 4 or 8 (or unset), got {self.quantization_bit}.")
+        if self.expand_layers < 0 or self.expand_layers and (self.finetuning != "freeze" or not self.model_name_or_path):
+            raise ConfigError(f"expand_layers {self.expand_layers}: block expansion adds N >= 1 layers to a pretrained "
+                              "model (`model_name_or_path`) and trains them with `finetuning: freeze`.")
         if self.quantization_bit and self.finetuning != "lora":
             raise ConfigError(f"quantization_bit {self.quantization_bit}: quantized weights cannot be trained "
                               "directly. Set `finetuning: lora` (QLoRA), or drop quantization_bit.")
@@ -345,6 +355,8 @@ FOREIGN_OPTIONS = {
     "max_eval_samples": "`max_eval_tokens`", "neat_packing": "`attention: document`", "packing": "nothing: "
     "blocks are always packed without padding", "mix_strategy": "a source's `weight:` (share of training tokens)",
     "interleave_probs": "each source's `weight:`", "deepspeed_config": "`deepspeed`",
+    "use_llama_pro": "`expand_layers: N` with `finetuning: freeze` (expands the model itself; no separate script)",
+    "num_expand": "`expand_layers`",
 }
 
 
@@ -592,8 +604,57 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient
     if model_args.finetuning == "lora":
         model = add_lora(model, model_args, new_token_ids, gradient_checkpointing)
     elif model_args.finetuning == "freeze":
-        freeze(model, model_args, new_token_ids, gradient_checkpointing)
+        new_layers = expand_layers(model, model_args.expand_layers) if model_args.expand_layers else None
+        freeze(model, model_args, new_token_ids, gradient_checkpointing, new_layers)
     return model
+
+
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj")  # what a decoder layer adds to the residual stream (Llama, Qwen, Mistral)
+
+
+def expand_layers(model, n: int) -> list[int]:
+    """LLaMA Pro (Wu et al., 2024): after every (layers / n)-th decoder layer, a copy of it whose output projections
+    are zero, so it adds nothing to the residual stream and the expanded model computes exactly what the base did;
+    trained alone, the copies learn the new domain while the base layers keep what they know. Returns their indices."""
+    if is_deepspeed_zero3_enabled():
+        raise ConfigError("expand_layers copies decoder layers as the model loads, which ZeRO-3 has already "
+                          "partitioned: use deepspeed/ds_zero2.json (freeze trains few weights anyway) or FSDP.")
+    decoder = model.get_decoder()
+    base = list(decoder.layers)
+    if len(base) % n:
+        divisors = [d for d in range(1, len(base) + 1) if len(base) % d == 0]
+        raise ConfigError(f"expand_layers {n}: the model has {len(base)} decoder layers, which do not split into {n} "
+                          f"equal groups. Use one of {', '.join(map(str, divisors))}.")
+    types = getattr(model.config, "layer_types", None)  # per layer: full or sliding-window attention
+    layers, new, new_types = [], [], []
+    for i, layer in enumerate(base):
+        layers.append(layer)
+        new_types += [types[i]] if types else []
+        if (i + 1) % (len(base) // n) == 0:
+            copy = deepcopy(layer)
+            projections = [m for name, m in copy.named_modules() if name.rsplit(".", 1)[-1] in OUTPUT_PROJECTIONS]
+            if len(projections) != len(OUTPUT_PROJECTIONS):
+                raise ConfigError(f"expand_layers needs decoder layers with {' and '.join(OUTPUT_PROJECTIONS)} output "
+                                  f"projections (Llama, Qwen, Mistral); {type(layer).__name__} has other names.")
+            with torch.no_grad():
+                for projection in projections:
+                    projection.weight.zero_()
+                    if projection.bias is not None:
+                        projection.bias.zero_()
+            new.append(len(layers))
+            layers.append(copy)
+            new_types += [types[i]] if types else []
+    decoder.layers = torch.nn.ModuleList(layers)
+    for index, layer in enumerate(layers):  # the KV cache and per-layer attention types go by position
+        for module in (layer, getattr(layer, "self_attn", None)):
+            if hasattr(module, "layer_idx"):
+                module.layer_idx = index
+    if types:
+        model.config.layer_types = new_types
+    model.config.num_hidden_layers = len(layers)
+    logger.info("expand_layers %d: %d -> %d decoder layers; the new ones %s start as identities (output projections "
+                "zero)", n, len(base), len(layers), new)
+    return new
 
 
 LAYER_INDEX = re.compile(r"\.(?:layers|h|blocks)\.(\d+)\.")  # decoder layer i's parameters: model.layers.i.*
@@ -604,13 +665,15 @@ def layer_of(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def freeze(model, model_args: ModelArguments, new_token_ids: list[int], gradient_checkpointing: bool) -> None:
-    """finetuning freeze (LLaMA-Factory's): only the chosen decoder layers and extra modules train; the rest
-    keeps its weights, needs no gradients and no optimizer state. The saved model is a whole model."""
+def freeze(model, model_args: ModelArguments, new_token_ids: list[int], gradient_checkpointing: bool,
+           new_layers: list[int] | None = None) -> None:
+    """finetuning freeze (LLaMA-Factory's): only the chosen decoder layers (or the layers block expansion added)
+    and extra modules train; the rest keeps its weights, needs no gradients and no optimizer state. The saved
+    model is a whole model."""
     layers, n = model.config.num_hidden_layers, model_args.freeze_trainable_layers
-    if abs(n) > layers:
+    if new_layers is None and abs(n) > layers:
         raise ConfigError(f"freeze_trainable_layers {n}: the model has {layers} decoder layers. Use -{layers}..{layers}.")
-    chosen = set(range(layers - n, layers) if n > 0 else range(-n))
+    chosen = set(new_layers) if new_layers is not None else set(range(layers - n, layers) if n > 0 else range(-n))
     extras = {m.strip() for m in model_args.freeze_extra_modules.split(",") if m.strip()}
     names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and layer_of(name + ".") is None}
     if extras - names:

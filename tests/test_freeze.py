@@ -83,3 +83,54 @@ def test_a_freeze_run_changes_only_what_trains_and_resumes_only_as_it_trained(tm
     other = [2 if a == 1 else a for a in again]  # two layers now: the optimizer state would not fit
     proc = run_pretrain([*other, "--max_steps", 6, "--resume_from_checkpoint", str(out / "checkpoint-2")], check=False)
     assert proc.returncode != 0 and "trained other parameters than this run would" in proc.stderr
+
+
+def test_block_expansion_starts_from_the_base_models_outputs_and_trains_only_the_new_layers(base_model, tokenizer):
+    base = AutoModelForCausalLM.from_pretrained(base_model).eval()
+    model = freeze_model(base_model, tokenizer, "--expand_layers", "2", "--freeze_extra_modules", "norm").eval()
+    assert model.config.num_hidden_layers == 4  # 2 + 2: a copy after each layer
+    assert [layer.self_attn.layer_idx for layer in model.model.layers] == [0, 1, 2, 3]
+    ids = torch.randint(0, len(tokenizer), (2, 24))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, base(ids).logits)  # the copies add exactly zero
+    trained = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert {name.split(".")[2] for name in trained if name.startswith("model.layers.")} == {"1", "3"}
+    assert "model.norm.weight" in trained
+    assert torch.equal(model.model.layers[1].mlp.up_proj.weight, base.model.layers[0].mlp.up_proj.weight)
+    assert not model.model.layers[3].self_attn.o_proj.weight.any()
+
+
+def test_block_expansion_settings_that_cannot_work_are_refused(base_model, tokenizer):
+    with pytest.raises(pretrain.ConfigError, match="has 2 decoder layers, which do not split into 3 equal groups. "
+                                                   "Use one of 1, 2"):
+        freeze_model(base_model, tokenizer, "--expand_layers", "3")
+    for flags in (["--model_name_or_path", str(base_model)], ["--model_config", "configs/model/tiny.json",
+                                                              "--finetuning", "freeze"]):
+        with pytest.raises(pretrain.ConfigError, match="expand_layers 2: block expansion adds"):
+            pretrain.parse_args([*flags, "--expand_layers", "2"])
+
+
+def test_a_block_expansion_run_saves_the_grown_model_with_the_base_layers_unchanged(tmp_path, base_model):
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    out = tmp_path / "out"
+    args = ["--model_name_or_path", base_model, "--finetuning", "freeze", "--expand_layers", 1,
+            "--sources", json.dumps([{"name": "notes", "path": str(corpus)}]), "--block_size", 32,
+            "--eval_fraction", 0.1, "--cache_dir", tmp_path / "cache", "--output_dir", out,
+            "--per_device_train_batch_size", 4, "--learning_rate", 1e-2, "--max_steps", 3, "--report_to", "none",
+            "--sample_prompts", "", "--save_steps", 2, "--logging_steps", 1]
+    run_pretrain(args)
+    base, trained = AutoModelForCausalLM.from_pretrained(base_model), AutoModelForCausalLM.from_pretrained(out)
+    assert trained.config.num_hidden_layers == 3  # the copy goes after the last of 2 layers
+    for name, weight in base.named_parameters():
+        assert torch.equal(trained.get_parameter(name), weight), name  # layers 0 and 1 stay the base's
+    new = trained.model.layers[2]
+    assert new.self_attn.o_proj.weight.any() and new.mlp.down_proj.weight.any()  # the copy learned
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["model"]["saved_model_check"]["max_abs_logit_diff"] == 0
+
+    resumed = tmp_path / "resumed"  # the expansion is rebuilt, then the checkpoint's weights load into it
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    run_pretrain([resumed if a == out else a for a in args] + ["--resume_from_checkpoint", "auto"])
+    losses = [{h["step"]: h["loss"] for h in json.loads((d / "checkpoint-3" / "trainer_state.json").read_text())[
+        "log_history"] if "loss" in h} for d in (out, resumed)]
+    assert losses[1][3] == pytest.approx(losses[0][3], rel=1e-4)
