@@ -1804,6 +1804,10 @@ def last_complete_checkpoint(output_dir: str | Path, before: Path | None = None)
 
 def resolve_resume(training_args: PretrainingArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart and not resume:  # torchrun --max_restarts started the run again after a failure: continue it
+        logger.warning("torchrun restart %d: resuming from the newest complete checkpoint in output_dir", restart)
+        resume = "auto"
     if resume == "auto":
         last = last_complete_checkpoint(training_args.output_dir)
         found = checkpoints_newest_first(training_args.output_dir)

@@ -194,6 +194,26 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(na
         assert len({i for batch in uninterrupted[:STEPS] for i in batch}) == STEPS * PER_DEVICE * 2 // world
 
 
+def test_a_torchrun_restart_after_a_lost_rank_resumes_and_ends_like_the_uninterrupted_run(setup, ddp):
+    """MAX_RESTARTS: torchrun starts the processes again after they die right after checkpoint-3; without any resume
+    option the restart continues from it, and the run ends with the uninterrupted run's weights."""
+    from safetensors.torch import load_file
+
+    base, config = setup
+    out = base / "ddp-restarted"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max_restarts", "1",
+         str(ROOT / "tests" / "kill_after_checkpoint.py"), str(config), "--output_dir", str(out), "--cache_dir",
+         str(base / "cache-ddp"), "--per_device_train_batch_size", str(PER_DEVICE), "--use_cpu", "true"],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, KILL_AFTER_CHECKPOINT="3", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "torchrun restart 1: resuming from the newest complete checkpoint" in proc.stderr
+    a, b = load_file(ddp[0] / "model.safetensors"), load_file(out / "model.safetensors")
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-6)
+
+
 def test_deepspeed_zero3_saves_a_model_with_the_engine_outputs(setup, single):
     from transformers import AutoModelForCausalLM
 

@@ -43,7 +43,7 @@ def test_one_process_on_a_machine_with_several_gpus_sees_one(launch):
 
 def test_several_gpus_go_to_torchrun_one_process_each(launch):
     rc, out = launch("run_pretrain.sh", gpus=4)
-    assert rc == 0 and "-m torch.distributed.run --standalone --nproc_per_node 4 pretrain.py" in out
+    assert rc == 0 and "-m torch.distributed.run --standalone --nproc_per_node 4 --max_restarts 0 pretrain.py" in out
     assert "--use_cpu" not in out
     rc, out = launch("run_pretrain.sh", gpus=0, NUM_GPUS="2")
     assert rc == 0 and "--nproc_per_node 2" in out and "--use_cpu true" in out and "on the CPU" in out
@@ -53,6 +53,7 @@ def test_several_gpus_go_to_torchrun_one_process_each(launch):
     ("run_pretrain.sh", {"NUM_GPUS": "two"}, "NUM_GPUS must be a whole number, got 'two'"),
     ("run_pretrain.sh", {"NUM_GPUS": "4", "FAKE_GPUS": "2"}, "NUM_GPUS=4 but this machine has 2 GPU(s) visible"),
     ("torchrun/run_torchrun.sh", {"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE must be a whole number of at least 1"),
+    ("torchrun/run_torchrun.sh", {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a whole number, got '-1'"),
     ("torchrun/run_torchrun.sh", {"FSDP": "maybe"}, "FSDP must be 1 (on) or 0 (off), got 'maybe'"),
     ("deepspeed/run_deepspeed.sh", {"NUM_GPUS": "0"}, "NPROC_PER_NODE must be a whole number of at least 1"),
 ])

@@ -9,6 +9,8 @@
 #   FSDP=1          shard parameters, gradients and optimizer state (FSDP2, one unit per decoder layer;
 #                   torchrun/fsdp_config.json)
 #   DS_CONFIG       DeepSpeed ZeRO config instead (deepspeed/ds_zero*.json; deepspeed/run_deepspeed.sh sets it)
+#   MAX_RESTARTS    restart all processes this many times after one fails (default 0); each restart resumes from
+#                   the newest complete checkpoint in output_dir
 #   PYTHON          the interpreter (default python)
 # Without CUDA the processes train on the CPU over gloo (--use_cpu true: otherwise each rank trains alone).
 set -euo pipefail
@@ -23,9 +25,11 @@ PYTHON=${PYTHON:-python}
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
 NNODES=${NNODES:-1}
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 for name in NPROC_PER_NODE NNODES; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "run_torchrun.sh: $name must be a whole number of at least 1, got '${!name}'" >&2; exit 2; }
 done
+[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || { echo "run_torchrun.sh: MAX_RESTARTS must be a whole number, got '$MAX_RESTARTS'" >&2; exit 2; }
 case "${FSDP:-0}" in
     1|true|yes) FSDP=1 ;;
     0|false|no|"") FSDP=0 ;;
@@ -45,4 +49,4 @@ else
     LAUNCH=(--standalone --nproc_per_node "$NPROC_PER_NODE")
 fi
 echo "run_torchrun.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), $([ "$GPUS" -gt 0 ] && echo GPU || echo CPU/gloo)$([ "$FSDP" = 1 ] && echo ", FSDP")${DS_CONFIG:+, DeepSpeed $DS_CONFIG}"
-exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" pretrain.py "$CONFIG" "${EXTRA[@]}" "$@"
+exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" --max_restarts "$MAX_RESTARTS" pretrain.py "$CONFIG" "${EXTRA[@]}" "$@"
