@@ -274,3 +274,31 @@ def test_qlora_gradients_match_the_dequantized_model_also_after_an_evaluation(ba
         grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     for name, grad in grads[1].items():
         assert torch.allclose(grads[0][name], grad, rtol=1e-3, atol=1e-6), name
+
+
+def test_loraplus_gives_the_b_matrices_their_own_faster_groups_through_a_run(tmp_path, base_model, tokenizer):
+    model = pretrain.build_model(lora_args(base_model), tokenizer, 32)
+    _, _, training_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--learning_rate", "1e-3",
+                                               "--loraplus_lr_ratio", "16", "--use_cpu", "true"])
+    optimizer_cls, kwargs = pretrain.optimizer_of(training_args, model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = optimizer_cls([{"params": trainable, "weight_decay": 0.0}], **kwargs)
+    b = {id(p) for name, p in model.named_parameters() if "lora_B" in name}
+    assert b and len(optimizer.param_groups) == 2
+    for group in optimizer.param_groups:
+        assert group["lr"] == (16e-3 if all(id(p) in b for p in group["params"]) else 1e-3)
+        assert all((id(p) in b) == (group["lr"] == 16e-3) for p in group["params"])
+
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    out = tmp_path / "out"
+    run_pretrain(["--model_name_or_path", base_model, "--finetuning", "lora", "--lora_rank", 4, "--sources",
+                  json.dumps([{"name": "notes", "path": str(corpus)}]), "--block_size", 32, "--cache_dir",
+                  tmp_path / "cache", "--output_dir", out, "--per_device_train_batch_size", 4, "--learning_rate", 1e-3,
+                  "--loraplus_lr_ratio", 16, "--max_steps", 2, "--save_steps", 2, "--warmup_steps", 0,
+                  "--lr_scheduler_type", "constant", "--report_to", "none", "--sample_prompts", ""])
+    groups = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
+    assert sorted(g["initial_lr"] for g in groups) == pytest.approx([1e-3, 16e-3])
+
+    with pytest.raises(pretrain.ConfigError, match="loraplus_lr_ratio speeds up LoRA's B matrices"):
+        run_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--loraplus_lr_ratio", "16"])[2]
+        pretrain.preflight(run_args, None, AutoModelForCausalLM.from_pretrained(base_model), 0)
