@@ -2067,10 +2067,9 @@ def barrier() -> None:
 def settings_fingerprint(argv: list[str]) -> str:
     """What every rank must be started with: the same command line and config file (by content)."""
     argv, _ = split_local_rank(argv)
-    digest = hashlib.sha256(json.dumps(argv).encode())
-    if argv and os.path.isfile(argv[0]):
-        digest.update(Path(argv[0]).read_bytes())
-    return digest.hexdigest()[:16]
+    config = Path(argv[0]).read_bytes() if argv and os.path.isfile(argv[0]) else b""
+    options = argv[1:] if config else argv  # the config by content: the repository may sit elsewhere on a node
+    return hashlib.sha256(json.dumps(options).encode() + config).hexdigest()[:16]
 
 
 def from_every_rank(value) -> list:

@@ -105,3 +105,17 @@ def test_a_node_local_cache_is_prepared_once_per_node(config, tmp_path):
         assert len(re.findall(r"tokenize notes:\s+0%", log)) == 1, (node, log[-5000:])
     assert "waiting for rank 0 to prepare the data first" in results[1][1]
     assert (tmp_path / "out" / "metrics.json").is_file()
+
+
+def test_the_settings_compared_across_nodes_are_the_options_and_the_configs_content(tmp_path):
+    import pretrain
+
+    here, there = tmp_path / "a" / "run.yaml", tmp_path / "b" / "run.yaml"
+    for path in (here, there):
+        path.parent.mkdir()
+        path.write_text("max_steps: 3\n")
+    fingerprint = pretrain.settings_fingerprint([str(here), "--seed", "1"])
+    assert pretrain.settings_fingerprint(["--local_rank=1", str(there), "--seed", "1"]) == fingerprint  # same content
+    assert pretrain.settings_fingerprint([str(here), "--seed", "2"]) != fingerprint
+    there.write_text("max_steps: 4\n")
+    assert pretrain.settings_fingerprint([str(there), "--seed", "1"]) != fingerprint
