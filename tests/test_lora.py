@@ -125,7 +125,7 @@ def test_lora_refuses_sharded_weights_and_fused_losses_that_miss_its_rows(base_m
         with pytest.raises(pretrain.ConfigError, match="ZeRO-1/2"):
             pretrain.build_model(lora_args(base_model), AutoTokenizer.from_pretrained(base_model), 32)
     model = pretrain.build_model(lora_args(base_model), with_new_tokens(base_model)[0], 32)  # untied head: wrapped
-    settings = dict(deepspeed=None, fsdp="", use_liger_kernel=False)
+    settings = dict(deepspeed=None, fsdp="", use_liger_kernel=False, loraplus_lr_ratio=None)
     with pytest.raises(pretrain.ConfigError, match="ZeRO-1/2"):
         pretrain.preflight(types.SimpleNamespace(**{**settings, "fsdp": "full_shard"}), None, model, 0)
     with pytest.raises(pretrain.ConfigError, match="drop use_liger_kernel"):
