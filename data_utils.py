@@ -2300,6 +2300,9 @@ def write_data_report(report: dict, output_dir: str | Path) -> None:
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}
 
 
+TOKENIZER_MAX_LINES = 5_000_000  # SentencePiece's in-memory limit; it would sample beyond it, unseedably
+
+
 def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int, model_type: str = "bpe",
                                   character_coverage: float = 0.9995, max_chars: int = 200_000_000,
                                   user_defined_symbols: list[str] | None = None) -> Path:
@@ -2316,7 +2319,8 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
     inputs_per_spec = [(spec, SourceInput.open(spec, cache_dir=Path(cache_dir))) for spec in specs]
     symbols = list(user_defined_symbols or [])
     settings = {"vocab_size": vocab_size, "model_type": model_type, "character_coverage": character_coverage,
-                "max_chars": max_chars, "sentencepiece": spm.__version__, "version": STORE_VERSION,
+                "max_chars": max_chars, "max_lines": TOKENIZER_MAX_LINES, "sentencepiece": spm.__version__,
+                "version": STORE_VERSION,
                 "user_defined_symbols": symbols}
     material = {"settings": settings, "sources": [
         {"text": spec.text_settings(), "input": inputs.identity(digests)} for spec, inputs in inputs_per_spec]}
@@ -2328,13 +2332,13 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
         return out_dir
     tmp = staging_dir(out_dir)
     try:
-        corpus, written = tmp / "corpus.txt", 0
+        corpus, written, lines = tmp / "corpus.txt", 0, 0
         with open(corpus, "w", encoding="utf-8") as f:
             for text in itertools.chain.from_iterable(iter_texts(s, fs) for s, fs in inputs_per_spec):
                 f.write(text + "\n")  # SentencePiece reads one sentence per line
-                written += len(text)
-                if written >= max_chars:
-                    break
+                written, lines = written + len(text), lines + 1
+                if written >= max_chars or lines >= TOKENIZER_MAX_LINES:
+                    break  # the same lines every time: every node (with its own cache_dir) trains the same vocabulary
         logger.info("tokenizer: training SentencePiece %s, vocab %d, on %d characters", model_type, vocab_size, written)
         try:
             spm.SentencePieceTrainer.train(
@@ -2343,9 +2347,9 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
                 normalization_rule_name="identity", add_dummy_prefix=False, remove_extra_whitespaces=False,
                 allow_whitespace_only_pieces=True, unk_id=0, bos_id=1, eos_id=2, pad_id=3,
                 unk_piece=SPECIAL_TOKENS["unk"], bos_piece=SPECIAL_TOKENS["bos"], eos_piece=SPECIAL_TOKENS["eos"],
-                pad_piece=SPECIAL_TOKENS["pad"], max_sentence_length=1 << 16, input_sentence_size=5_000_000,
-                shuffle_input_sentence=True, num_threads=os.cpu_count() or 1, minloglevel=2,
-                user_defined_symbols=symbols)
+                pad_piece=SPECIAL_TOKENS["pad"], max_sentence_length=1 << 16,
+                input_sentence_size=0, shuffle_input_sentence=False,
+                num_threads=os.cpu_count() or 1, minloglevel=2, user_defined_symbols=symbols)
         except RuntimeError as e:
             fix = ("Raise `tokenizer_vocab_size` (it must hold every kept character plus 256 bytes) or lower "
                    "`tokenizer_character_coverage`" if "smaller than required_chars" in str(e)

@@ -349,3 +349,18 @@ def test_a_models_own_tokenizer_larger_than_its_embeddings_gets_rows(tmp_path, m
     assert weight.shape[0] >= len(tokenizer) and weight.shape[0] % 64 == 0
     assert torch.equal(weight[:rows], model.get_input_embeddings().weight)
     assert torch.allclose(weight[len(tokenizer) - 1], model.get_input_embeddings().weight.mean(0), atol=1e-6)
+
+
+def test_a_tokenizer_trained_on_a_sample_of_the_corpus_is_the_same_on_every_node(tmp_path, monkeypatch):
+    """SentencePiece would train on a random sample of the lines above its limit (not seedable in 0.2): the corpus it
+    gets stops at TOKENIZER_MAX_LINES, so two nodes with their own cache_dir (or two reruns) get the same vocabulary."""
+    corpus = make_text_corpus(tmp_path / "data", repeat=60)
+    monkeypatch.setattr(data_utils, "TOKENIZER_MAX_LINES", 150)
+    import sentencepiece as spm
+
+    vocabularies = []
+    for node in ("node0", "node1"):
+        model = data_utils.train_sentencepiece_tokenizer([{"path": str(corpus)}], str(tmp_path / node), vocab_size=600)
+        sp = spm.SentencePieceProcessor(model_file=str(model / "tokenizer.model"))
+        vocabularies.append([(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())])
+    assert vocabularies[0] == vocabularies[1]
