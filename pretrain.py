@@ -304,7 +304,9 @@ def check_deepspeed_config(deepspeed_config) -> None:
     except (OSError, ValueError) as e:
         raise ConfigError(f"deepspeed config `{deepspeed_config}` cannot be read as JSON: {e}") from None
     zero = config.get("zero_optimization") or {}
-    if str(zero.get("stage")) == "3" and zero.get("stage3_gather_16bit_weights_on_model_save") is not True:
+    gathers = (zero.get(k) for k in ("stage3_gather_16bit_weights_on_model_save", "gather_16bit_weights_on_model_save",
+                                      "stage3_gather_fp16_weights_on_model_save"))  # the names DeepSpeed reads
+    if str(zero.get("stage")) == "3" and True not in gathers:
         raise ConfigError(f"deepspeed config `{deepspeed_config}` is ZeRO-3 without "
                           "`stage3_gather_16bit_weights_on_model_save: true` (DeepSpeed's default is false): the "
                           "final model could not be gathered and written at the end of the run. Add it to "
@@ -654,6 +656,9 @@ def expand_layers(model, n: int) -> list[int]:
                 module.layer_idx = index
     if types:
         model.config.layer_types = new_types
+        sliding = [i for i, t in enumerate(new_types) if t != "full_attention"]
+        if sliding and getattr(model.config, "max_window_layers", None) is not None:  # Qwen2/3: full attention below
+            model.config.max_window_layers = sliding[0]
     model.config.num_hidden_layers = len(layers)
     logger.info("expand_layers %d: %d -> %d decoder layers; the new ones %s start as identities (output projections "
                 "zero)", n, len(base), len(layers), new)

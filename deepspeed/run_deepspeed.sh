@@ -4,7 +4,8 @@
 # Environment:
 #   DS_CONFIG    ZeRO config (default deepspeed/ds_zero2.json): ds_zero1 / ds_zero2 / ds_zero3 /
 #                ds_zero2_offload / ds_zero3_offload .json
-#   NUM_GPUS     processes per node (default: the GPU count; 2 on a machine without GPUs)
+#   NUM_GPUS     processes per node (default: the GPU count, 2 on a machine without GPUs; with HOSTFILE the
+#                hostfile's slots)
 #   HOSTFILE     several nodes: a DeepSpeed hostfile ("node1 slots=8" per line), launched over ssh/pdsh by
 #                the `deepspeed` launcher from node 0 (run it from the repository root, which must be at the
 #                same path on every node); MASTER_ADDR (default: the first host), MASTER_PORT (default 29500)
@@ -16,6 +17,9 @@
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DS_CONFIG=${DS_CONFIG:-deepspeed/ds_zero2.json}
+if [ -n "${NUM_GPUS:-}" ] && ! [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]]; then
+    echo "run_deepspeed.sh: NUM_GPUS must be a whole number of at least 1, got '$NUM_GPUS'" >&2; exit 2
+fi
 if [ -z "${HOSTFILE:-}" ]; then
     [ -n "${NUM_GPUS:-}" ] && export NPROC_PER_NODE=$NUM_GPUS
     exec bash "$ROOT/torchrun/run_torchrun.sh" "$@"
@@ -36,5 +40,5 @@ EXTRA=()
 [ "$GPUS" -eq 0 ] && EXTRA+=(--use_cpu true)
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
 echo "run_deepspeed.sh: nodes from $HOSTFILE, master $MASTER_ADDR:${MASTER_PORT:-29500}, $DS_CONFIG$([ "$GPUS" -eq 0 ] && echo ", CPU/gloo")"
-exec "$PYTHON" -m deepspeed.launcher.runner "${LAUNCHER[@]}" "${MORE[@]}" --master_addr "$MASTER_ADDR" \
-    --master_port "${MASTER_PORT:-29500}" pretrain.py "$CONFIG" --deepspeed "$DS_CONFIG" "${EXTRA[@]}" "$@"
+exec "$PYTHON" -m deepspeed.launcher.runner "${LAUNCHER[@]}" ${MORE[@]+"${MORE[@]}"} --master_addr "$MASTER_ADDR" \
+    --master_port "${MASTER_PORT:-29500}" pretrain.py "$CONFIG" --deepspeed "$DS_CONFIG" ${EXTRA[@]+"${EXTRA[@]}"} "$@"

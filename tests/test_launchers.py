@@ -55,7 +55,7 @@ def test_several_gpus_go_to_torchrun_one_process_each(launch):
     ("torchrun/run_torchrun.sh", {"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE must be a whole number of at least 1"),
     ("torchrun/run_torchrun.sh", {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a whole number, got '-1'"),
     ("torchrun/run_torchrun.sh", {"FSDP": "maybe"}, "FSDP must be 1 (on) or 0 (off), got 'maybe'"),
-    ("deepspeed/run_deepspeed.sh", {"NUM_GPUS": "0"}, "NPROC_PER_NODE must be a whole number of at least 1"),
+    ("deepspeed/run_deepspeed.sh", {"NUM_GPUS": "0"}, "NUM_GPUS must be a whole number of at least 1, got '0'"),
 ])
 def test_launcher_settings_that_cannot_work_are_named(launch, script, env, message):
     gpus = env.pop("FAKE_GPUS", "0")

@@ -49,4 +49,4 @@ else
     LAUNCH=(--standalone --nproc_per_node "$NPROC_PER_NODE")
 fi
 echo "run_torchrun.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), $([ "$GPUS" -gt 0 ] && echo GPU || echo CPU/gloo)$([ "$FSDP" = 1 ] && echo ", FSDP")${DS_CONFIG:+, DeepSpeed $DS_CONFIG}"
-exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" --max_restarts "$MAX_RESTARTS" pretrain.py "$CONFIG" "${EXTRA[@]}" "$@"
+exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" --max_restarts "$MAX_RESTARTS" pretrain.py "$CONFIG" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
