@@ -1280,7 +1280,8 @@ class PretrainTrainer(Trainer):
             (directory / "tokenizer.model").write_bytes(self.sentencepiece_model)
         if self.args.should_save and directory.name.startswith("checkpoint-"):  # what a resume must keep
             atomic_write_text(directory / BATCH_PLAN, json.dumps({**batch_plan(self.args, self.block_size),
-                                                                  "run_id": self.run_id}))
+                                                                  "run_id": self.run_id,
+                                                                  "loraplus_lr_ratio": self.args.loraplus_lr_ratio}))
             atomic_write_text(directory / TRAINABLE, json.dumps(trainable_names(self.model)))
             atomic_write_text(directory / DATA_PLAN, json.dumps(self.data_plan, ensure_ascii=False))
 
@@ -1682,6 +1683,11 @@ def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, 
     if not path.is_file():  # a checkpoint from before batch plans were written
         return
     saved, now = json.loads(path.read_text(encoding="utf-8")), batch_plan(training_args, block_size)
+    if saved.get("loraplus_lr_ratio") != training_args.loraplus_lr_ratio:  # the optimizer's groups follow it
+        raise ConfigError(f"{checkpoint} trained with loraplus_lr_ratio {saved.get('loraplus_lr_ratio')}, this run has "
+                          f"{training_args.loraplus_lr_ratio}: its optimizer state holds the parameter groups and "
+                          "learning rates of the first. Resume with the same loraplus_lr_ratio, or start fresh in "
+                          "another `output_dir`.")
     if saved["block_size"] != block_size:
         raise ConfigError(f"{checkpoint} trained blocks of {saved['block_size']} tokens, this run {block_size}: blocks "
                           f"are cut differently, so its data position means nothing here. Resume with block_size "

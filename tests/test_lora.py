@@ -291,13 +291,17 @@ def test_loraplus_gives_the_b_matrices_their_own_faster_groups_through_a_run(tmp
 
     corpus = make_text_corpus(tmp_path / "data", repeat=30)
     out = tmp_path / "out"
-    run_pretrain(["--model_name_or_path", base_model, "--finetuning", "lora", "--lora_rank", 4, "--sources",
-                  json.dumps([{"name": "notes", "path": str(corpus)}]), "--block_size", 32, "--cache_dir",
-                  tmp_path / "cache", "--output_dir", out, "--per_device_train_batch_size", 4, "--learning_rate", 1e-3,
-                  "--loraplus_lr_ratio", 16, "--max_steps", 2, "--save_steps", 2, "--warmup_steps", 0,
-                  "--lr_scheduler_type", "constant", "--report_to", "none", "--sample_prompts", ""])
+    args = ["--model_name_or_path", base_model, "--finetuning", "lora", "--lora_rank", 4, "--sources",
+            json.dumps([{"name": "notes", "path": str(corpus)}]), "--block_size", 32, "--cache_dir",
+            tmp_path / "cache", "--output_dir", out, "--per_device_train_batch_size", 4, "--learning_rate", 1e-3,
+            "--max_steps", 2, "--save_steps", 2, "--warmup_steps", 0, "--lr_scheduler_type", "constant",
+            "--report_to", "none", "--sample_prompts", ""]
+    run_pretrain([*args, "--loraplus_lr_ratio", 16])
     groups = torch.load(out / "checkpoint-2" / "optimizer.pt", weights_only=True)["param_groups"]
     assert sorted(g["initial_lr"] for g in groups) == pytest.approx([1e-3, 16e-3])
+    for other in ([], ["--loraplus_lr_ratio", 4]):  # the optimizer state holds the groups and rates of the first
+        proc = run_pretrain([*args, "--max_steps", 3, "--resume_from_checkpoint", "auto", *other], check=False)
+        assert proc.returncode == 2 and "trained with loraplus_lr_ratio 16.0, this run has" in proc.stderr
 
     with pytest.raises(pretrain.ConfigError, match="loraplus_lr_ratio speeds up LoRA's B matrices"):
         run_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--loraplus_lr_ratio", "16"])[2]
