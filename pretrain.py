@@ -1857,10 +1857,14 @@ def last_complete_checkpoint(output_dir: str | Path, before: Path | None = None)
 
 def resolve_resume(training_args: PretrainingArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
+    max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if max_restarts and resume != "auto":
+        raise ConfigError(f"torchrun may restart this run after a failure (MAX_RESTARTS {max_restarts}), and every "
+                          "start must then continue from the newest checkpoint: pass `--resume_from_checkpoint auto` "
+                          "(to start from another checkpoint, copy it into output_dir first), or set MAX_RESTARTS=0.")
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart and not resume:  # torchrun --max_restarts started the run again after a failure: continue it
+    if restart:
         logger.warning("torchrun restart %d: resuming from the newest complete checkpoint in output_dir", restart)
-        resume = "auto"
     if resume == "auto":
         last = last_complete_checkpoint(training_args.output_dir)
         found = checkpoints_newest_first(training_args.output_dir)

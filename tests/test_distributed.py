@@ -195,8 +195,9 @@ def test_sigkill_after_a_checkpoint_then_resume_matches_the_uninterrupted_run(na
 
 
 def test_a_torchrun_restart_after_a_lost_rank_resumes_and_ends_like_the_uninterrupted_run(setup, ddp):
-    """MAX_RESTARTS: torchrun starts the processes again after they die right after checkpoint-3; without any resume
-    option the restart continues from it, and the run ends with the uninterrupted run's weights."""
+    """MAX_RESTARTS: torchrun starts the processes again after they die right after checkpoint-3; the restart continues
+    from it (resume_from_checkpoint auto, which restarts require), and the run ends with the uninterrupted run's
+    weights."""
     from safetensors.torch import load_file
 
     base, config = setup
@@ -204,7 +205,8 @@ def test_a_torchrun_restart_after_a_lost_rank_resumes_and_ends_like_the_uninterr
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "--max_restarts", "1",
          str(ROOT / "tests" / "kill_after_checkpoint.py"), str(config), "--output_dir", str(out), "--cache_dir",
-         str(base / "cache-ddp"), "--per_device_train_batch_size", str(PER_DEVICE), "--use_cpu", "true"],
+         str(base / "cache-ddp"), "--per_device_train_batch_size", str(PER_DEVICE), "--use_cpu", "true",
+         "--resume_from_checkpoint", "auto"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
         env=dict(os.environ, KILL_AFTER_CHECKPOINT="3", CUDA_VISIBLE_DEVICES=""))
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -94,3 +94,16 @@ def test_a_setting_error_under_torchrun_is_printed_once_per_node():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("error: invalid setting") == 1, proc.stderr[-3000:]
+
+
+def test_restarts_need_resume_from_the_newest_checkpoint(tmp_path, monkeypatch):
+    import pretrain
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "3")
+    for resume in ([], ["--resume_from_checkpoint", str(tmp_path / "checkpoint-2")]):
+        training_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", *resume])[2]
+        with pytest.raises(pretrain.ConfigError, match="MAX_RESTARTS 3.*pass `--resume_from_checkpoint auto`"):
+            pretrain.resolve_resume(training_args)
+    training_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true",
+                                         "--resume_from_checkpoint", "auto"])[2]
+    assert pretrain.resolve_resume(training_args) is None  # nothing there yet: a fresh start

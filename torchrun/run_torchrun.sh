@@ -9,8 +9,8 @@
 #   FSDP=1          shard parameters, gradients and optimizer state (FSDP2, one unit per decoder layer;
 #                   torchrun/fsdp_config.json)
 #   DS_CONFIG       DeepSpeed ZeRO config instead (deepspeed/ds_zero*.json; deepspeed/run_deepspeed.sh sets it)
-#   MAX_RESTARTS    restart all processes this many times after one fails (default 0); each restart resumes from
-#                   the newest complete checkpoint in output_dir
+#   MAX_RESTARTS    restart all processes this many times after one fails (default 0); needs
+#                   --resume_from_checkpoint auto: each start continues from the newest complete checkpoint
 #   PYTHON          the interpreter (default python)
 # Without CUDA the processes train on the CPU over gloo (--use_cpu true: otherwise each rank trains alone).
 set -euo pipefail
