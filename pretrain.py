@@ -501,10 +501,9 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
     source = model_args.tokenizer_name_or_path or model_args.model_name_or_path
     trained = source is None
     if trained:
-        with node_by_node(training_args, "train the tokenizer"):
-            source = str(data_utils.train_sentencepiece_tokenizer(
-                data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size,
-                model_args.tokenizer_model_type, model_args.tokenizer_character_coverage))
+        source = str(on_every_rank(lambda: data_utils.train_sentencepiece_tokenizer(
+            data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size, model_args.tokenizer_model_type,
+            model_args.tokenizer_character_coverage), in_turns=training_args, what="train the tokenizer"))
         logger.info("tokenizer: %s (SentencePiece %s, trained on the sources)", source, model_args.tokenizer_model_type)
     with hub_access(source, "tokenizer"):
         try:
@@ -1991,29 +1990,12 @@ def setup_logging(training_args: PretrainingArguments, data_args: DataArguments)
         logger.info("hub source read from a local copy: %s", line)
 
 
-@contextlib.contextmanager
-def node_by_node(training_args: PretrainingArguments, what: str):
-    """Rank 0 first (it fills the cache), then the first rank of every other node (it reads the cache if shared, or
-    fills its node's own), then all others (they read their node's cache): tokenizing never runs on two ranks of a
-    node, whether cache_dir is shared or node-local."""
-    turn = 0 if training_args.process_index == 0 else 1 if training_args.local_process_index == 0 else 2
-    if turn == 1:  # the other nodes' logs would be silent for as long as rank 0 works
-        logger.warning("waiting for rank 0 to %s first (at most ddp_timeout, %d s)", what, training_args.ddp_timeout)
-    for _ in range(turn):
-        barrier()
-    try:
-        yield
-    finally:
-        for _ in range(2 - turn):
-            barrier()
-
-
 def load_data(data_args: DataArguments, training_args: PretrainingArguments, tokenizer) -> data_utils.PreparedData:
     """Phase 4: token stores built by the main process first; the other ranks then hit the cache."""
     start = time.perf_counter()
-    with node_by_node(training_args, "prepare the data"):
-        data = data_utils.build_datasets(data_args, tokenizer, data_args.block_size, training_args.seed,
-                                           training_args.train_batch_size, training_args.dataloader_num_workers)
+    data = on_every_rank(lambda: data_utils.build_datasets(
+        data_args, tokenizer, data_args.block_size, training_args.seed, training_args.train_batch_size,
+        training_args.dataloader_num_workers), in_turns=training_args, what="prepare the data")
     same_on_every_rank("data (the files' content, the tokenizer or the split)",
                        {"tokenizer": data.report["tokenizer"], **data_plan(data.report, training_args)},
                        "Every node must read the same data files with the same tokenizer: put `sources` and "
@@ -2104,9 +2086,47 @@ def same_on_every_rank(what: str, value, fix: str) -> None:
                                      f"{ranks[0][0]}. {fix}"))
 
 
-def every_rank(error: ConfigError) -> ConfigError:
+def every_rank(error: Exception) -> Exception:
     error.on_every_rank = True
     return error
+
+
+class RankFailure(RuntimeError):
+    """Another rank failed where this one did not; the message names it and its error."""
+
+
+def on_every_rank(work, in_turns: PretrainingArguments | None = None, what: str = ""):
+    """`work()` on every rank, then a gather of how it went: an error on some ranks (a file missing on one node)
+    stops all of them with it, instead of leaving the others in the next collective until ddp_timeout. With
+    `in_turns`: rank 0 first (it fills the cache), then the first rank of every other node (it reads the cache if
+    shared, or fills its node's own), then all others (they read their node's cache), so tokenizing never runs on
+    two ranks of a node, whether cache_dir is shared or node-local."""
+    if not distributed():
+        return work()
+    turn = 0 if in_turns is None or in_turns.process_index == 0 else 1 if in_turns.local_process_index == 0 else 2
+    if turn == 1:  # the other nodes' logs would be silent for as long as rank 0 works
+        logger.warning("waiting for rank 0 to %s first (at most ddp_timeout, %d s)", what, in_turns.ddp_timeout)
+    result, failure = None, None
+    for now in range(1 if in_turns is None else 3):
+        if now == turn:
+            try:
+                result = work()
+            except Exception as e:
+                if getattr(e, "on_every_rank", False):
+                    raise  # agreed on inside `work`: every rank raises it there
+                failure = e
+        failed = [(rank, *f) for rank, f in enumerate(from_every_rank(
+            (socket.gethostname(), type(failure).__name__, str(failure)) if failure else None)) if f]
+        if failed:
+            break
+    else:
+        return result
+    if failure is not None and not isinstance(failure, (ConfigError, DataError)):
+        raise failure  # a bug: its traceback, from the rank it happened on
+    rank, host, kind, message = failed[0]
+    alike = len(failed) == torch.distributed.get_world_size() and all(f[3] == message for f in failed)
+    text = message if alike else f"rank {rank} on {host}: {message}"
+    raise every_rank({"ConfigError": ConfigError, "DataError": DataError}.get(kind, RankFailure)(text))
 
 
 def start_decisions(argv: list[str], model_args: ModelArguments,
@@ -2118,43 +2138,48 @@ def start_decisions(argv: list[str], model_args: ModelArguments,
     same_on_every_rank("settings (its command line or config file differ)", settings_fingerprint(argv),
                        "Start every node with the same config file and options.")
     out = Path(training_args.output_dir)
-    marker = f".shared-check-{uuid.uuid4().hex[:12]}" if distributed() and training_args.process_index == 0 else None
-    resume, stale, error = None, [], None
-    try:
-        check_output_dir_writable(training_args, model_args)
-        if marker:
-            (out / marker).write_bytes(b"")
+    marker = out / f".shared-check-{uuid.uuid4().hex[:12]}"
+
+    def create_output_dir():  # by rank 0 before any other rank looks (NFS would cache "no such directory")
+        if training_args.process_index == 0:
+            check_output_dir_writable(training_args, model_args)
+            if distributed():
+                marker.write_bytes(b"")
+
+    def decide():
         resume = resolve_resume(training_args)
-        stale = [] if resume else earlier_checkpoints(training_args)
-    except (ConfigError, OSError) as e:
-        error = str(e)
-    if not distributed():
-        if error:
-            raise ConfigError(error)
-        return resume, stale
+        return resume, [] if resume else earlier_checkpoints(training_args)
+
+    on_every_rank(create_output_dir)
     try:
-        ranks = from_every_rank({"host": socket.gethostname(), "error": error, "marker": marker, "resume": resume,
+        resume, stale = on_every_rank(decide)
+        if not distributed():
+            return resume, stale
+        marker = from_every_rank(marker)[0]  # rank 0's
+        seen = marker.is_file()
+        if not seen:  # a new file can take a moment to show on a network filesystem
+            time.sleep(2)
+            seen = marker.is_file()
+        ranks = from_every_rank({"host": socket.gethostname(), "seen": seen, "resume": resume,
                                  "stale": [p.name for p in stale]})
         where = [f"rank {rank} on {r['host']}" for rank, r in enumerate(ranks)]
-        failed = next((i for i, r in enumerate(ranks) if r["error"]), None)
-        if failed is not None:
-            alike = all(r["error"] == ranks[failed]["error"] for r in ranks)
-            raise every_rank(ConfigError(("" if alike else f"{where[failed]}: ") + ranks[failed]["error"]))
-        blind = [w for w, sees in zip(where, from_every_rank((out / ranks[0]["marker"]).is_file())) if not sees]
+        blind = [w for w, r in zip(where, ranks) if not r["seen"]]
         if blind:
-            raise every_rank(ConfigError(f"output_dir `{out}` is not one shared directory: {', '.join(blind)} cannot see the "
-                              f"file {where[0]} wrote there. Checkpoints, resuming and the final model need every "
-                              "node to read and write the same output_dir: put it on a filesystem all nodes mount at "
-                              "the same path (NFS, Lustre, a cluster filesystem)."))
+            raise every_rank(ConfigError(
+                f"output_dir `{out}` is not one shared directory: {', '.join(blind)} cannot see the file {where[0]} "
+                "wrote there. Checkpoints, resuming and the final model need every node to read and write the same "
+                "output_dir: put it on a filesystem all nodes mount at the same path (NFS, Lustre, a cluster "
+                "filesystem)."))
         other = next((i for i, r in enumerate(ranks) if (r["resume"], r["stale"]) != (ranks[0]["resume"],
                                                                                        ranks[0]["stale"])), None)
         if other is not None:
-            raise every_rank(ConfigError(f"{where[other]} sees other checkpoints in `{out}` than {where[0]} (it would resume from "
-                              f"{ranks[other]['resume']}, the other from {ranks[0]['resume']}): the shared filesystem "
-                              "is not in sync. Rerun when every node sees the same files."))
+            raise every_rank(ConfigError(
+                f"{where[other]} sees other checkpoints in `{out}` than {where[0]} (it would resume from "
+                f"{ranks[other]['resume']}, the other from {ranks[0]['resume']}): the shared filesystem is not in "
+                "sync. Rerun when every node sees the same files."))
     finally:
-        if marker:
-            (out / marker).unlink(missing_ok=True)
+        if training_args.process_index == 0:
+            marker.unlink(missing_ok=True)
     return resume, stale
 
 
@@ -2223,12 +2248,13 @@ def train(argv: list[str]) -> dict:
 
         deepspeed.init_distributed(dist_backend="gloo")
     resume, stale = start_decisions(argv, model_args, training_args)
-    tokenizer = load_tokenizer(model_args, data_args, training_args, resume)
+    tokenizer = on_every_rank(lambda: load_tokenizer(model_args, data_args, training_args, resume))
     model_args.torch_dtype = weight_dtype(model_args, training_args)
     compute_dtype = (torch.bfloat16 if training_args.bf16 or training_args.bf16_weights else
                      torch.float16 if training_args.fp16 else torch.float32)
-    model = build_model(model_args, tokenizer, data_args.block_size, training_args.gradient_checkpointing,
-                        compute_dtype, str(training_args.device))
+    model = on_every_rank(lambda: build_model(model_args, tokenizer, data_args.block_size,
+                                              training_args.gradient_checkpointing, compute_dtype,
+                                              str(training_args.device)))
     if resume:
         check_resume_matches(resume, model, tokenizer)
         training_args.eval_on_start = False  # the checkpoint's history holds the step-0 baseline
@@ -2344,7 +2370,7 @@ def train(argv: list[str]) -> dict:
 def main(argv: list[str], job=train) -> int:
     try:
         job(argv)
-    except (ConfigError, DataError, NonFiniteLossError, CheckpointError) as e:
+    except (ConfigError, DataError, NonFiniteLossError, CheckpointError, RankFailure) as e:
         if not getattr(e, "on_every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":  # once per node
             print(f"\nerror: {e}", file=sys.stderr)  # on its own line, even after an unfinished progress bar
         return 2

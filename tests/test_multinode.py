@@ -93,6 +93,23 @@ def test_an_output_dir_that_is_not_shared_stops_every_rank_at_start(config, tmp_
 
 
 @needs_unshare
+def test_data_missing_on_one_node_stops_every_rank(config, tmp_path):
+    """Node 1 sees an empty data directory: its error, raised while it prepares the data, stops node 0 too."""
+    data = tmp_path / "data"
+    data.mkdir()
+    run = yaml.safe_load(config.read_text(encoding="utf-8"))
+    for source in run["sources"]:
+        source["path"] = shutil.copy(source["path"], data)
+    own = tmp_path / "run.yaml"
+    own.write_text(yaml.safe_dump(run, allow_unicode=True), encoding="utf-8")
+    results = two_nodes(own, ["--output_dir", tmp_path / "out", "--cache_dir", tmp_path / "cache"],
+                        node1_private=[data])
+    for rc, log in results:
+        assert rc != 0
+    assert re.search(r"error: rank 1 on \S+: source `notes`", results[0][1]), results[0][1][-3000:]
+
+
+@needs_unshare
 def test_a_node_local_cache_is_prepared_once_per_node(config, tmp_path):
     """Rank 0 tokenizes into its cache; on node 1, whose cache_dir is its own disk, local rank 0 tokenizes next
     and its other rank reads that cache: two preparations, not one per rank of node 1."""
