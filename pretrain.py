@@ -322,7 +322,7 @@ def check_deepspeed_config(deepspeed_config) -> None:
 class ConfigError(ValueError):
     """A config file or command-line setting that cannot be used; the message says which and why."""
 
-    on_every_rank = False  # raised alike on all ranks (printed once per node)
+    raised_on_every_rank = False  # raised alike on all ranks (printed once per node)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -2087,7 +2087,7 @@ def same_on_every_rank(what: str, value, fix: str) -> None:
 
 
 def every_rank(error: Exception) -> Exception:
-    error.on_every_rank = True
+    error.raised_on_every_rank = True
     return error
 
 
@@ -2112,7 +2112,7 @@ def on_every_rank(work, in_turns: PretrainingArguments | None = None, what: str 
             try:
                 result = work()
             except Exception as e:
-                if getattr(e, "on_every_rank", False):
+                if getattr(e, "raised_on_every_rank", False):
                     raise  # agreed on inside `work`: every rank raises it there
                 failure = e
         failed = [(rank, *f) for rank, f in enumerate(from_every_rank(
@@ -2371,7 +2371,7 @@ def main(argv: list[str], job=train) -> int:
     try:
         job(argv)
     except (ConfigError, DataError, NonFiniteLossError, CheckpointError, RankFailure) as e:
-        if not getattr(e, "on_every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":  # once per node
+        if not getattr(e, "raised_on_every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":  # once per node
             print(f"\nerror: {e}", file=sys.stderr)  # on its own line, even after an unfinished progress bar
         return 2
     finally:
