@@ -2236,8 +2236,21 @@ def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
     return merged
 
 
+def refuse_restarts_on_a_shared_store() -> None:
+    """torchrun's workers share the rendezvous store by default, and it outlives a restart with the dead attempt's
+    process-group keys: restarted ranks can read their peers' old addresses and hang in init_process_group
+    (pytorch#135712; seen here in 3 of 6 restarts). Checked before the process group forms, which is where it hangs."""
+    max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if max_restarts and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        raise ConfigError(f"torchrun may restart this run (--max_restarts {max_restarts}) on its shared rendezvous "
+                          "store, where a restart can hang before training (pytorch#135712). Launch with "
+                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 and the c10d rendezvous (--standalone or "
+                          "--rdzv_backend c10d), as torchrun/run_torchrun.sh does with MAX_RESTARTS, or without restarts.")
+
+
 def train(argv: list[str]) -> dict:
     try:
+        refuse_restarts_on_a_shared_store()
         model_args, data_args, training_args = parse_args(argv)
     except ConfigError as e:
         raise every_rank(e)  # every rank parses the same command line: printed once per node

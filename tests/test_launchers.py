@@ -10,6 +10,7 @@ from conftest import ROOT
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-c" ]; then echo "${FAKE_GPUS:-0}"; exit 0; fi
 echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} RUN $*"
+[ -z "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-}" ] || echo "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
 """
 
 
@@ -94,6 +95,27 @@ def test_a_setting_error_under_torchrun_is_printed_once_per_node():
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     assert proc.stderr.count("error: invalid setting") == 1, proc.stderr[-3000:]
+
+
+def test_restarts_get_a_fresh_store_for_each_attempt(launch, tmp_path, monkeypatch):
+    """torchrun's shared store keeps a dead attempt's addresses: restarts go through the c10d rendezvous without it,
+    and a run started on it with restarts is refused before it can hang."""
+    import pretrain
+
+    rc, out = launch("torchrun/run_torchrun.sh", MAX_RESTARTS="1")
+    assert rc == 0 and "--standalone" in out and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out
+    rc, out = launch("torchrun/run_torchrun.sh", MAX_RESTARTS="2", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
+    assert rc == 0 and "--rdzv_backend c10d --rdzv_endpoint 10.0.0.1:29500" in out and "--node_rank" not in out
+    assert "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1" in out
+    rc, out = launch("torchrun/run_torchrun.sh", NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.1")
+    assert rc == 0 and "--node_rank 1" in out and "TORCH_DISABLE_SHARE_RDZV_TCP_STORE" not in out
+
+    monkeypatch.setenv("TORCHELASTIC_MAX_RESTARTS", "1")
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "True")
+    with pytest.raises(pretrain.ConfigError, match="TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1"):
+        pretrain.train(["--output_dir", str(tmp_path), "--use_cpu", "true", "--resume_from_checkpoint", "auto"])
+    monkeypatch.setenv("TORCHELASTIC_USE_AGENT_STORE", "False")
+    pretrain.refuse_restarts_on_a_shared_store()  # a store of the attempt's own
 
 
 def test_restarts_need_resume_from_the_newest_checkpoint(tmp_path, monkeypatch):

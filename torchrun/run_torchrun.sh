@@ -10,7 +10,10 @@
 #                   torchrun/fsdp_config.json)
 #   DS_CONFIG       DeepSpeed ZeRO config instead (deepspeed/ds_zero*.json; deepspeed/run_deepspeed.sh sets it)
 #   MAX_RESTARTS    restart all processes this many times after one fails (default 0); needs
-#                   --resume_from_checkpoint auto: each start continues from the newest complete checkpoint
+#                   --resume_from_checkpoint auto: each start continues from the newest complete checkpoint.
+#                   Each attempt gets a fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; several nodes use the c10d
+#                   rendezvous at MASTER_ADDR:MASTER_PORT): on torchrun's shared store a restart can read the dead
+#                   attempt's addresses and hang in init_process_group (pytorch#135712)
 #   PYTHON          the interpreter (default python)
 # Without CUDA the processes train on the CPU over gloo (--use_cpu true: otherwise each rank trains alone).
 set -euo pipefail
@@ -42,11 +45,15 @@ EXTRA=()
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
     LAUNCH=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"
             --rdzv_id "${RDZV_ID:-pretrain}")
+elif [ "$NNODES" -gt 1 ] && [ "$MAX_RESTARTS" -gt 0 ]; then  # the static rendezvous always shares its store
+    LAUNCH=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d
+            --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR to node 0}:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-pretrain}")
 elif [ "$NNODES" -gt 1 ]; then
     LAUNCH=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK on each node}" --nproc_per_node "$NPROC_PER_NODE"
             --master_addr "${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port "${MASTER_PORT:-29500}")
 else
     LAUNCH=(--standalone --nproc_per_node "$NPROC_PER_NODE")
 fi
+[ "$MAX_RESTARTS" -gt 0 ] && export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 echo "run_torchrun.sh: ${NNODES} node(s) x ${NPROC_PER_NODE} process(es), $([ "$GPUS" -gt 0 ] && echo GPU || echo CPU/gloo)$([ "$FSDP" = 1 ] && echo ", FSDP")${DS_CONFIG:+, DeepSpeed $DS_CONFIG}"
 exec "$PYTHON" -m torch.distributed.run "${LAUNCH[@]}" --max_restarts "$MAX_RESTARTS" pretrain.py "$CONFIG" ${EXTRA[@]+"${EXTRA[@]}"} "$@"
