@@ -1113,6 +1113,9 @@ def with_lora_plus(optimizer_cls: type, ratio: float, model) -> type:
                 split += [{**group, "params": quick, "lr": group.get("lr", kwargs["lr"]) * ratio}] if quick else []
             super().__init__(split, **kwargs)
 
+    # the Trainer knows optimizers by their class's printed name: bitsandbytes' 8-bit ones get 32-bit embeddings
+    LoraPlus.__module__, LoraPlus.__qualname__ = optimizer_cls.__module__, optimizer_cls.__qualname__
+    LoraPlus.__name__ = optimizer_cls.__name__
     return LoraPlus
 
 
