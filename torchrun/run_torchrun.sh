@@ -42,12 +42,12 @@ EXTRA=()
 [ "$GPUS" -eq 0 ] && EXTRA+=(--use_cpu true)
 [ "$FSDP" = 1 ] && EXTRA+=(--fsdp true --fsdp_config torchrun/fsdp_config.json)
 [ -n "${DS_CONFIG:-}" ] && EXTRA+=(--deepspeed "$DS_CONFIG")
+if [ "$NNODES" -gt 1 ] && [ "$MAX_RESTARTS" -gt 0 ] && [ -z "${RDZV_ENDPOINT:-}" ]; then
+    RDZV_ENDPOINT=${MASTER_ADDR:?set MASTER_ADDR to node 0}:${MASTER_PORT:-29500}  # the static rendezvous always shares its store
+fi
 if [ -n "${RDZV_ENDPOINT:-}" ]; then
     LAUNCH=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d --rdzv_endpoint "$RDZV_ENDPOINT"
             --rdzv_id "${RDZV_ID:-pretrain}")
-elif [ "$NNODES" -gt 1 ] && [ "$MAX_RESTARTS" -gt 0 ]; then  # the static rendezvous always shares its store
-    LAUNCH=(--nnodes "$NNODES" --nproc_per_node "$NPROC_PER_NODE" --rdzv_backend c10d
-            --rdzv_endpoint "${MASTER_ADDR:?set MASTER_ADDR to node 0}:${MASTER_PORT:-29500}" --rdzv_id "${RDZV_ID:-pretrain}")
 elif [ "$NNODES" -gt 1 ]; then
     LAUNCH=(--nnodes "$NNODES" --node_rank "${NODE_RANK:?set NODE_RANK on each node}" --nproc_per_node "$NPROC_PER_NODE"
             --master_addr "${MASTER_ADDR:?set MASTER_ADDR to node 0}" --master_port "${MASTER_PORT:-29500}")
