@@ -10,7 +10,9 @@ from conftest import ROOT
 FAKE_PYTHON = """#!/usr/bin/env bash
 if [ "$1" = "-c" ]; then echo "${FAKE_GPUS:-0}"; exit 0; fi
 echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} RUN $*"
-[ -z "${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-}" ] || echo "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=$TORCH_DISABLE_SHARE_RDZV_TCP_STORE"
+for name in TORCH_DISABLE_SHARE_RDZV_TCP_STORE TORCH_ELASTIC_SHUTDOWN_TIMEOUT; do
+    [ -z "${!name:-}" ] || echo "$name=${!name}"
+done
 """
 
 
@@ -55,6 +57,8 @@ def test_several_gpus_go_to_torchrun_one_process_each(launch):
     ("run_pretrain.sh", {"NUM_GPUS": "4", "FAKE_GPUS": "2"}, "NUM_GPUS=4 but this machine has 2 GPU(s) visible"),
     ("torchrun/run_torchrun.sh", {"NPROC_PER_NODE": "0"}, "NPROC_PER_NODE must be a whole number of at least 1"),
     ("torchrun/run_torchrun.sh", {"MAX_RESTARTS": "-1"}, "MAX_RESTARTS must be a whole number, got '-1'"),
+    ("torchrun/run_torchrun.sh", {"TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "5m"},
+     "TORCH_ELASTIC_SHUTDOWN_TIMEOUT must be a whole number, got '5m'"),
     ("torchrun/run_torchrun.sh", {"FSDP": "maybe"}, "FSDP must be 1 (on) or 0 (off), got 'maybe'"),
     ("deepspeed/run_deepspeed.sh", {"NUM_GPUS": "0"}, "NUM_GPUS must be a whole number of at least 1, got '0'"),
 ])
@@ -62,6 +66,15 @@ def test_launcher_settings_that_cannot_work_are_named(launch, script, env, messa
     gpus = env.pop("FAKE_GPUS", "0")
     rc, out = launch(script, gpus=gpus, **env)
     assert rc == 2 and message in out and "RUN" not in out
+
+
+def test_preempted_ranks_get_time_to_save_a_checkpoint(launch):
+    """torchrun passes SIGTERM on and kills the ranks 30 s later by default, before a large model's checkpoint is
+    written: the launcher gives them 300 s unless told otherwise."""
+    rc, out = launch("torchrun/run_torchrun.sh")
+    assert rc == 0 and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=300" in out
+    rc, out = launch("torchrun/run_torchrun.sh", TORCH_ELASTIC_SHUTDOWN_TIMEOUT="900")
+    assert rc == 0 and "TORCH_ELASTIC_SHUTDOWN_TIMEOUT=900" in out
 
 
 def test_fsdp_is_switched_on_the_transformers_5_way(launch):

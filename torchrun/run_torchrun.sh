@@ -14,6 +14,9 @@
 #                   Each attempt gets a fresh store (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1; several nodes use the c10d
 #                   rendezvous at MASTER_ADDR:MASTER_PORT): on torchrun's shared store a restart can read the dead
 #                   attempt's addresses and hang in init_process_group (pytorch#135712)
+#   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun lets the ranks finish after it passes on SIGTERM (a scheduler
+#                   preempting the job: they save a checkpoint at the next step) before it kills them (default here
+#                   300; torch's own is 30, too short to save a large model; read by torch >= 2.11)
 #   PYTHON          the interpreter (default python)
 # Without CUDA the processes train on the CPU over gloo (--use_cpu true: otherwise each rank trains alone).
 set -euo pipefail
@@ -29,10 +32,13 @@ GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
 NNODES=${NNODES:-1}
 MAX_RESTARTS=${MAX_RESTARTS:-0}
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-300}
 for name in NPROC_PER_NODE NNODES; do
     [[ "${!name}" =~ ^[1-9][0-9]*$ ]] || { echo "run_torchrun.sh: $name must be a whole number of at least 1, got '${!name}'" >&2; exit 2; }
 done
-[[ "$MAX_RESTARTS" =~ ^[0-9]+$ ]] || { echo "run_torchrun.sh: MAX_RESTARTS must be a whole number, got '$MAX_RESTARTS'" >&2; exit 2; }
+for name in MAX_RESTARTS TORCH_ELASTIC_SHUTDOWN_TIMEOUT; do
+    [[ "${!name}" =~ ^[0-9]+$ ]] || { echo "run_torchrun.sh: $name must be a whole number, got '${!name}'" >&2; exit 2; }
+done
 case "${FSDP:-0}" in
     1|true|yes) FSDP=1 ;;
     0|false|no|"") FSDP=0 ;;
