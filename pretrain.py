@@ -2383,12 +2383,24 @@ def train(argv: list[str]) -> dict:
     return metrics
 
 
+def tell_the_launcher(message: str) -> None:
+    """torchrun ends a failed run with a box that names each failed rank's traceback, or only a link where it has
+    none: hand it this rank's message (through its per-rank error file), so that the box, the last thing in the
+    log, names the reason instead of hiding the line printed above it."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        record = {"message": message, "extraInfo": {"py_callstack": message, "timestamp": str(int(time.time()))}}
+        with contextlib.suppress(OSError):
+            Path(path).write_text(json.dumps({"message": record}), encoding="utf-8")
+
+
 def main(argv: list[str], job=train) -> int:
     try:
         job(argv)
     except (ConfigError, DataError, NonFiniteLossError, CheckpointError, RankFailure) as e:
         if not getattr(e, "raised_on_every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":  # once per node
             print(f"\nerror: {e}", file=sys.stderr)  # on its own line, even after an unfinished progress bar
+            tell_the_launcher(f"error: {e}")
         return 2
     finally:
         if distributed():
@@ -2397,4 +2409,6 @@ def main(argv: list[str], job=train) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    from torch.distributed.elastic.multiprocessing.errors import record  # an unexpected error's traceback in the box
+
+    sys.exit(record(main)(sys.argv[1:]))
