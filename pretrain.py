@@ -42,6 +42,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import is_torch_bf16_gpu_available
 
 import data_utils
 from data_utils import DataError, atomic_write_text, closest_key_hint
@@ -284,6 +285,11 @@ class PretrainingArguments(TrainingArguments):
             self.fsdp = self.fsdp.strip().lower() in ("true", "yes", "1") or None  # `fsdp: true` from a config
         self.bf16_weights = self.mixed_precision == "bf16_weights"
         self.bf16 = self.bf16 or self.mixed_precision == "bf16"
+        if self.bf16 and not self.use_cpu and not is_torch_bf16_gpu_available():
+            if torch.cuda.is_available():
+                raise ValueError(f"mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 "
+                                 "(V100, T4 and older): use `mixed_precision: fp16`.")
+            self.use_cpu = True  # no accelerator: bf16 autocast on the CPU, as asked (the Trainer wants it said)
         self.fp16 = self.fp16 or self.mixed_precision == "fp16"
         super().__post_init__()
 
@@ -542,6 +548,8 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> list[int]:
             base_tokenizer = None
             logger.warning("no tokenizer next to the model: the tokens beyond its %d embedding rows count as new, and "
                            "their rows start at the mean of all rows", rows)
+    if base_tokenizer is not tokenizer and base_tokenizer is not None:
+        check_tokenizer_extends(tokenizer, base_tokenizer, model_args)
     first_new = min(len(base_tokenizer), rows) if base_tokenizer is not None else rows
     if len(tokenizer) <= first_new:
         return []
@@ -571,6 +579,28 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> list[int]:
                    "pieces they replace, the others at the mean of the base rows); embedding rows %d -> %d",
                    len(tokenizer), first_new, len(tokenizer) - first_new, sum(map(bool, pieces.values())), rows, total)
     return list(range(first_new, len(tokenizer)))
+
+
+def check_tokenizer_extends(tokenizer, base_tokenizer, model_args: ModelArguments) -> None:
+    """A tokenizer for a pretrained model must keep every token of the model's own at its id (an extension adds
+    tokens after them): with another tokenizer each id would read a row the model learned for another text, and
+    the run would train, silently, on nonsense. Added special tokens may differ (a warning)."""
+    base, new = base_tokenizer.get_vocab(), tokenizer.get_vocab()
+    special = set(base_tokenizer.get_added_vocab())
+    moved = sorted((i, t) for t, i in base.items() if new.get(t) != i)
+    regular = [(i, t) for i, t in moved if t not in special]
+    if regular:
+        examples = ", ".join(f"{t!r} (id {i}: {'now ' + str(new[t]) if t in new else 'gone'})" for i, t in regular[:5])
+        raise ConfigError(
+            f"tokenizer `{model_args.tokenizer_name_or_path}` does not extend the tokenizer of "
+            f"`{model_args.model_name_or_path}`: {len(regular):,} of its {len(base):,} tokens are missing or at other "
+            f"ids ({examples}), so the model's embeddings would be read for the wrong tokens. Extend the model's own "
+            f"tokenizer instead (`python tools/vocab.py extend --base {model_args.model_name_or_path} --add "
+            f"{model_args.tokenizer_name_or_path} --out OUT`, then `tokenizer_name_or_path: OUT`), or, to train with "
+            "this tokenizer from scratch, give `model_config` instead of `model_name_or_path`.")
+    if moved:
+        logger.warning("tokenizer %s moves %d special token(s) of the model's tokenizer: %s",
+                       model_args.tokenizer_name_or_path, len(moved), ", ".join(t for _, t in moved[:5]))
 
 
 def weight_dtype(model_args: ModelArguments, training_args: PretrainingArguments) -> str:
@@ -729,6 +759,14 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
     targets = ("all-linear" if model_args.lora_target in ("all-linear", "all")  # all: MedicalGPT's, LLaMA-Factory's
                else [t.strip() for t in model_args.lora_target.split(",") if t.strip()])
     module_names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    if targets != "all-linear":  # peft ignores a name that matches nothing when another one matches
+        paths = [name for name, _ in model.named_modules()]
+        unknown = [t for t in targets if not any(p == t or p.endswith("." + t) for p in paths)]
+        if unknown:
+            linear = sorted({module_names[m] for m in model.modules() if isinstance(m, torch.nn.Linear)})
+            raise ConfigError(f"lora_target `{model_args.lora_target}`: {', '.join(f'`{t}`' for t in unknown)} "
+                              f"name(s) no module of this model. Its linear layers: {', '.join(linear)}; or use "
+                              "all-linear.")
     tokens = None
     if new_token_ids:
         tokens = {module_names[model.get_input_embeddings()]: new_token_ids}
@@ -746,7 +784,7 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
                           "all-linear.") from None
     if gradient_checkpointing:  # frozen embeddings give checkpointed layers inputs without grad
         model.enable_input_require_grads()
-    trainable, total = model.get_nb_trainable_parameters()
+    total, trainable, _ = parameter_counts(model)  # peft counts the new-token rows twice
     logger.info("finetuning lora: %s trainable parameters of %s (%.2f%%): rank %d on %s%s", f"{trainable:,}",
                 f"{total:,}", 100 * trainable / total, model_args.lora_rank, model_args.lora_target,
                 f", plus the rows of {len(new_token_ids)} new tokens" if new_token_ids else "")
@@ -855,6 +893,10 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
         model_type = spec.pop("model_type", None)
         if not model_type:
             raise ConfigError(f"model_config `{model_args.model_config}` has no `model_type` (llama, qwen2, ...).")
+        if model_args.model_vocab_size and model_args.model_vocab_size < len(tokenizer):
+            raise ConfigError(f"model_vocab_size {model_args.model_vocab_size} is smaller than the tokenizer "
+                              f"({len(tokenizer)} tokens): every token needs an embedding row. Leave it unset (the "
+                              "tokenizer's size rounded up to 64), or set at least the tokenizer's size.")
         vocab = max(math.ceil(len(tokenizer) / 64) * 64, model_args.model_vocab_size or 0)  # multiple of 64: fast
         if spec.get("vocab_size") != vocab:
             logger.info("vocab_size %s in %s set to %d to fit the tokenizer (%d tokens)",
@@ -1002,9 +1044,12 @@ def flops_per_token(model, block_size: int) -> float:
                       and not name.startswith(prefix)]  # the head and final norm count as above every layer
     embedding_trains = any(p.requires_grad for name, p in named if name.startswith(prefix))
     lowest = 0 if embedding_trains else min(trained_layers, default=layers)
-    matmul = [(name, p) for name, p in named if id(p) not in lookup]
+    # LoRA's new-token rows (peft trainable tokens) stand in for rows of a matrix already counted: their gradient
+    # is computed, they add no matmul of their own
+    rows = {id(p) for name, p in named if "trainable_tokens_delta" in name and id(p) not in lookup}
+    matmul = [(name, p) for name, p in named if id(p) not in lookup and id(p) not in rows]
     n = sum(numel(p) for _, p in matmul)
-    trainable = sum(numel(p) for _, p in matmul if p.requires_grad)
+    trainable = sum(numel(p) for _, p in matmul if p.requires_grad) + sum(numel(p) for _, p in named if id(p) in rows)
     backward = sum(numel(p) for name, p in matmul if (layer_of(name) if layer_of(name) is not None else layers) >= lowest)
     heads = config.num_attention_heads
     width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
@@ -1748,9 +1793,12 @@ def numel(parameter) -> int:
 
 
 def parameter_counts(model) -> tuple[int, int, int]:
-    """(parameters, trainable parameters, bytes of the frozen ones as stored)."""
-    params = list(model.parameters())
-    return (sum(map(numel, params)), sum(numel(p) for p in params if p.requires_grad),
+    """(parameters, trainable parameters, bytes of the frozen ones as stored). LoRA's new-token rows (peft
+    trainable tokens) are trainable copies of rows the count already holds, not parameters of their own."""
+    named = list(model.named_parameters())
+    params = [p for _, p in named]
+    return (sum(numel(p) for name, p in named if "trainable_tokens_delta" not in name),
+            sum(numel(p) for p in params if p.requires_grad),
             sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params if not p.requires_grad))
 
 

@@ -181,8 +181,52 @@ def test_fp16_asked_for_wins_over_the_automatic_precision():
     assert training.fp16 and not training.bf16 and training.mixed_precision != "bf16"
 
 
+def test_bf16_asked_for_trains_on_the_cpu_where_there_is_no_gpu_and_is_refused_on_a_gpu_without_it(monkeypatch):
+    training = pretrain.parse_args(["--mixed_precision", "bf16"])[2]  # this machine has no GPU
+    assert training.bf16 and training.use_cpu
+    monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(pretrain.torch.cuda, "get_device_name", lambda *_: "Tesla V100-SXM2-32GB")
+    with pytest.raises(ConfigError, match=r"this GPU \(Tesla V100-SXM2-32GB\) has no bfloat16.*mixed_precision: fp16"):
+        pretrain.parse_args(["--mixed_precision", "bf16"])
+
+
 def test_training_into_the_continued_models_directory_is_refused(tmp_path, base_model):
     model, _, training = pretrain.parse_args(["--model_name_or_path", str(base_model), "--output_dir",
                                               str(base_model)])
     with pytest.raises(ConfigError, match="is the model being continued"):
         pretrain.check_output_dir_writable(training, model)
+
+
+def test_a_tokenizer_that_does_not_extend_the_models_own_is_refused(caplog):
+    """Continuing a model with another tokenizer reads each id's row for another text: only an extension (the
+    model's tokens at their ids, new ones after) may train; moved special tokens are warned about."""
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    def tokenizer(vocab, special=()):
+        fast = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel(
+            {t: i for i, t in enumerate(vocab)}, unk_token="<unk>")))
+        fast.add_special_tokens({"additional_special_tokens": list(special)})
+        return fast
+
+    base = tokenizer(["<unk>", "高", "血", "压"], special=["<eos>"])
+    args = pretrain.ModelArguments(model_name_or_path="base-model", tokenizer_name_or_path="other")
+    pretrain.check_tokenizer_extends(tokenizer(["<unk>", "高", "血", "压", "<eos>", "高血压"]), base, args)
+    with pytest.raises(ConfigError, match=r"does not extend the tokenizer of `base-model`: 2 of its 5 tokens are "
+                                          r"missing or at other ids \('血' \(id 2: now 3\), '压' \(id 3: now 2\)\)"
+                                          r".*tools/vocab.py extend --base base-model --add other"):
+        pretrain.check_tokenizer_extends(tokenizer(["<unk>", "高", "压", "血"], special=["<eos>"]), base, args)
+    with caplog.at_level("WARNING"):
+        pretrain.check_tokenizer_extends(tokenizer(["<unk>", "高", "血", "压"], special=["<|endoftext|>"]), base, args)
+    assert "moves 1 special token(s) of the model's tokenizer: <eos>" in caplog.text
+
+
+def test_a_model_vocab_size_below_the_tokenizers_is_refused(tmp_path, micro_model_config, tokenizer):
+    model_args = pretrain.parse_args([write_config(tmp_path, model_config=str(micro_model_config),
+                                                   model_vocab_size=len(tokenizer) - 1)])[0]
+    with pytest.raises(ConfigError, match=rf"model_vocab_size {len(tokenizer) - 1} is smaller than the tokenizer "
+                                          rf"\({len(tokenizer)} tokens\)"):
+        pretrain.build_model(model_args, tokenizer, 32)
+    model_args.model_vocab_size = len(tokenizer) + 100
+    model = pretrain.build_model(model_args, tokenizer, 32)
+    assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 100

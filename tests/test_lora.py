@@ -92,6 +92,16 @@ def test_flops_count_frozen_weights_without_their_gradients(base_model, tokenize
     adapters = sum(p.numel() for name, p in lora.named_parameters() if "lora_" in name)
     assert pretrain.flops_per_token(lora, 32) == 4 * (n + adapters) + 2 * adapters + attention
 
+    tokenizer, _ = with_new_tokens(base_model)  # their rows train: gradients, but no matmul of their own
+    full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
+    lora = pretrain.build_model(lora_args(base_model), tokenizer, 32)
+    n = sum(p.numel() for p in full.parameters()) - full.get_input_embeddings().weight.numel()
+    new_rows = 3 * full.config.hidden_size  # the output head's: the input lookup does no matmul
+    assert pretrain.flops_per_token(lora, 32) == 4 * (n + adapters) + 2 * (adapters + new_rows) + attention
+    total, trainable, _ = pretrain.parameter_counts(lora)
+    assert total == sum(p.numel() for p in full.parameters()) + adapters  # the rows' copies are no new parameters
+    assert trainable == adapters + 2 * new_rows
+
 
 def test_lora_settings_that_cannot_work_are_refused(tmp_path, base_model, micro_model_config, tokenizer):
     with pytest.raises(pretrain.ConfigError, match="adapts a pretrained model"):
@@ -99,6 +109,9 @@ def test_lora_settings_that_cannot_work_are_refused(tmp_path, base_model, micro_
                                                   "lora"])[0], tokenizer, 32)
     with pytest.raises(pretrain.ConfigError, match="lora_target `nothing_here`"):
         pretrain.build_model(lora_args(base_model, "--lora_target", "nothing_here"), tokenizer, 32)
+    with pytest.raises(pretrain.ConfigError, match=r"lora_target `q_proj,v_porj`: `v_porj` name\(s\) no module of "
+                                                   r"this model. Its linear layers: down_proj, .*v_proj"):
+        pretrain.build_model(lora_args(base_model, "--lora_target", "q_proj,v_porj"), tokenizer, 32)
     with pytest.raises(pretrain.ConfigError, match="finetuning must be one of"):
         pretrain.parse_args(["--finetuning", "qlora"])
     checkpoint = tmp_path / "checkpoint-2"  # a full-weights checkpoint resumed as LoRA, and the reverse
