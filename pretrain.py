@@ -259,8 +259,9 @@ class PretrainingArguments(TrainingArguments):
         "help": "finetuning lora: LoRA+ (Hayou et al., 2024): the adapters' B matrices learn this many times faster "
                 "than the rest (16 is the paper's default), which reaches a given loss in fewer steps."})
     record_block_ids: bool = field(default=False, metadata={
-        "help": "Append the ids of the blocks in every training batch to output_dir/block_ids/rank<R>.jsonl "
-                "(an audit of what each rank trained on)."})
+        "help": "Write the ids of the blocks each micro-batch trains on to output_dir/block_ids/rank<R>.jsonl, one "
+                "line per micro-batch ({\"step\": S, \"block_ids\": [...]}): an audit of what each rank trained on "
+                "(costs a host read per step on a GPU)."})
 
     def __post_init__(self):
         if self.mixed_precision == "auto" and (self.fp16 or self.bf16):  # the Trainer's own switches decide
@@ -1305,10 +1306,10 @@ class PretrainTrainer(Trainer):
     builds the fp32-master optimizer of `mixed_precision: bf16_weights`."""
 
     def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, data_plan: dict,
-                 run_id: str, **kwargs):
+                 run_id: str, block_record: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_per_step, self.block_size, self.meter, self.data_plan = tokens_per_step, block_size, meter, data_plan
-        self.run_id = run_id
+        self.run_id, self.block_record = run_id, block_record
         self.skipped_steps: list[int] = []  # steps whose update was skipped for a non-finite loss or gradient
         self.consecutive_skips = 0
         self.reduces_in_fp32 = False  # bf16 weights under DDP: gradients averaged in fp32 (allreduce_in_fp32)
@@ -1341,6 +1342,10 @@ class PretrainTrainer(Trainer):
             "--resume_from_checkpoint auto.")
 
     def training_step(self, model, inputs, num_items_in_batch=None):
+        ids = inputs.pop("block_id", None)
+        if self.block_record is not None and ids is not None:  # this micro-batch trains now: record it
+            with open(self.block_record, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": self.state.global_step + 1, "block_ids": ids.tolist()}) + "\n")
         ddp = getattr(model, "_orig_mod", model)  # torch_compile_scope model compiles the DDP wrapper
         if self.args.bf16_weights and isinstance(ddp, DistributedDataParallel) and not self.reduces_in_fp32:
             ddp.register_comm_hook(None, allreduce_in_fp32)  # before the first backward, as DDP requires
@@ -1350,6 +1355,10 @@ class PretrainTrainer(Trainer):
         bad = ~torch.isfinite(loss.detach()).all()  # stays on the device: no host sync per step
         self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
         return loss
+
+    def prediction_step(self, model, inputs, *args, **kwargs):
+        inputs.pop("block_id", None)
+        return super().prediction_step(model, inputs, *args, **kwargs)
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
         """on_nonfinite_loss stop: note the first step whose loss or gradient norm is non-finite, on the device,
@@ -1480,18 +1489,19 @@ class PreemptionCallback(TrainerCallback):
 
 
 class BlockCollator:
-    """default_data_collator, minus the `block_id` each training block carries (the model takes no such
-    input); with `record_to`, appends each batch's block ids to that file to audit what a rank read."""
+    """default_data_collator, minus the `block_id` each training block carries (the model takes no such input);
+    with `keep_ids` the batch carries them as `block_id`, for PretrainTrainer to record once the batch trains
+    (the DataLoader collates ahead of the step, and in worker processes)."""
 
-    def __init__(self, record_to: Path | None = None):
-        self.record_to = record_to
+    def __init__(self, keep_ids: bool = False):
+        self.keep_ids = keep_ids
 
     def __call__(self, features: list[dict]) -> dict:
-        ids = [f.pop("block_id") for f in features if "block_id" in f]
-        if self.record_to is not None and ids:
-            with open(self.record_to, "a", encoding="utf-8") as f:
-                f.write(json.dumps([int(i) for i in ids]) + "\n")
-        return default_data_collator(features)
+        ids = [int(f.pop("block_id")) for f in features if "block_id" in f]
+        batch = default_data_collator(features)
+        if self.keep_ids and ids:
+            batch["block_id"] = torch.tensor(ids)
+        return batch
 
 
 class LossCurveCallback(TrainerCallback):
@@ -1849,11 +1859,19 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
     logger.info("\n".join(lines))
 
 
-def block_record_path(training_args: PretrainingArguments) -> Path | None:
+def start_block_record(training_args: PretrainingArguments, resume: str | None) -> Path | None:
+    """record_block_ids: this rank's record of the blocks each step trains on. A fresh run starts it anew; a resumed
+    one keeps the steps up to its checkpoint (those after it, trained before a crash, are trained again)."""
     if not training_args.record_block_ids:
         return None
     path = Path(training_args.output_dir) / "block_ids" / f"rank{training_args.process_index}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
+    kept = ""
+    if resume and path.is_file():
+        step = int(Path(resume).name.rsplit("-", 1)[-1])
+        kept = "".join(line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
+                       if line.strip() and json.loads(line)["step"] <= step)
+    atomic_write_text(path, kept)
     return path
 
 
@@ -2351,10 +2369,10 @@ def train(argv: list[str]) -> dict:
                             peak_flops_per_device(training_args))
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
-        data_collator=BlockCollator(block_record_path(training_args)), processing_class=tokenizer,
+        data_collator=BlockCollator(keep_ids=training_args.record_block_ids), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter, data_plan=data_plan(data.report, training_args),
-        run_id=run_id_of(resume))
+        run_id=run_id_of(resume), block_record=start_block_record(training_args, resume))
     if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole
         trainer.accelerator.state.dynamo_plugin.use_regional_compilation = training_args.torch_compile_scope == "blocks"
     remove_checkpoints(stale, training_args)  # only now: a run that fails to start leaves them where they were

@@ -230,3 +230,14 @@ def test_a_model_vocab_size_below_the_tokenizers_is_refused(tmp_path, micro_mode
     model_args.model_vocab_size = len(tokenizer) + 100
     model = pretrain.build_model(model_args, tokenizer, 32)
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 100
+
+
+def test_the_block_record_restarts_with_a_fresh_run_and_keeps_a_resumes_steps(tmp_path):
+    training = pretrain.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--record_block_ids", "true"])[2]
+    path = tmp_path / "block_ids" / "rank0.jsonl"
+    path.parent.mkdir()
+    path.write_text("".join(json.dumps({"step": s, "block_ids": [s]}) + "\n" for s in range(1, 6)))  # died at 5
+    assert pretrain.start_block_record(training, str(tmp_path / "checkpoint-3")) == path
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
+    pretrain.start_block_record(training, None)
+    assert path.read_text() == ""
