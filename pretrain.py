@@ -1545,31 +1545,43 @@ class ForgettingCallback(TrainerCallback):
                                ppl, self.changes[name], base, self.threshold_pct, state.global_step)
 
 
+CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei",
+             "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC", "Arial Unicode MS")
+
+
 def plot_loss_curve(history: list[dict], path: Path) -> None:
+    import warnings
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib import font_manager
 
-    fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h]
-    if train:
-        ax_loss.plot(*zip(*train), label="train loss")
-    ax_loss.set(xlabel="step", ylabel="loss", title="train loss")
-    names = sorted({k for h in history for k in h if k.startswith("eval") and k.endswith("_ppl")})
-    for name in names:
-        points = [(h["step"], h[name]) for h in history if name in h]
-        ax_ppl.plot(*zip(*points), marker="o", label=name)
-    ax_ppl.set(xlabel="step", ylabel="perplexity", title="eval perplexity", yscale="log")
-    for ax in (ax_loss, ax_ppl):
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend()
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(tmp, dpi=100)
-    plt.close(fig)
+    installed = {font.name for font in font_manager.fontManager.ttflist}
+    fonts = [name for name in CJK_FONTS if name in installed] + plt.rcParams["font.sans-serif"]
+    # Chinese source names need a CJK font; without one installed they show as boxes, warned about at every glyph
+    with plt.rc_context({"font.sans-serif": fonts}), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+        train = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        if train:
+            ax_loss.plot(*zip(*train), label="train loss")
+        ax_loss.set(xlabel="step", ylabel="loss", title="train loss")
+        names = sorted({k for h in history for k in h if k.startswith("eval") and k.endswith("_ppl")})
+        for name in names:
+            points = [(h["step"], h[name]) for h in history if name in h]
+            ax_ppl.plot(*zip(*points), marker="o", label=name)
+        ax_ppl.set(xlabel="step", ylabel="perplexity", title="eval perplexity", yscale="log")
+        for ax in (ax_loss, ax_ppl):
+            ax.grid(alpha=0.3)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend()
+        fig.tight_layout()
+        tmp = path.with_name(f".{path.name}.tmp.png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
     os.replace(tmp, path)
 
 
