@@ -1356,9 +1356,30 @@ class PretrainTrainer(Trainer):
         self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
         return loss
 
-    def prediction_step(self, model, inputs, *args, **kwargs):
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("block_id", None)
-        return super().prediction_step(model, inputs, *args, **kwargs)
+        state = self.accelerator.gradient_state
+        if prediction_loss_only and self.args.world_size > 1 and state.end_of_dataloader and state.remainder > 0:
+            loss = self.padded_batch_loss(model, self._prepare_inputs(inputs))
+            if loss is not None:
+                return loss, None, None
+        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+
+    def padded_batch_loss(self, model, inputs) -> torch.Tensor | None:
+        """The last eval batch of a split whose blocks do not fill every rank's batch is padded with copies of
+        blocks (accelerate's even batches), and the Trainer averages batch means, so the copies would count and
+        the source's loss would differ from one process's. Here each block's loss is taken on its own, the copies
+        are dropped (gather_for_metrics), and every rank returns the mean of the real blocks, which the Trainer's
+        average (cut to the real blocks' number) then weighs exactly. None where the ranks' batches differ in size
+        (not accelerate's padding): the Trainer's own average then."""
+        size = len(inputs["input_ids"])
+        sizes = self.accelerator.gather(torch.tensor([size], device=inputs["input_ids"].device))
+        if not bool((sizes == size).all()):
+            return None
+        with torch.no_grad(), self.compute_loss_context_manager():  # one pass per block, alike on every rank
+            losses = torch.stack([self.compute_loss(model, {k: v[i:i + 1] for k, v in inputs.items()}).detach()
+                                  for i in range(size)]).float()
+        return self.accelerator.gather_for_metrics(losses).mean()
 
     def _maybe_log_save_evaluate(self, tr_loss, grad_norm, model, *args, **kwargs):
         """on_nonfinite_loss stop: note the first step whose loss or gradient norm is non-finite, on the device,
