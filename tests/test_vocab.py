@@ -218,6 +218,98 @@ def test_cli_train_and_extend_with_report(tmp_path, bases):
     assert set(report["zh"]) == {str(bases[1]["byte-level BPE"]), str(tmp_path / "ext")}
 
 
+def test_user_defined_symbols_stay_whole_after_extension(bases, tmp_path):
+    """`train --user_defined_symbols` terms stay one token in both families. Appended to a Llama-2-style
+    tokenizer.model as normal pieces they had no merge path (冠心病: neither it nor its characters are in the
+    corpus, so ['▁', bytes, '心', bytes]); a term the byte-level pre-tokenizer splits (2型糖尿病, COVID-19) was
+    skipped."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    base_dir, _, _ = bases
+    terms = ["高血压", "糖尿病", "冠心病", "2型糖尿病", "COVID-19"]
+    zh = make_text_corpus(tmp_path / "zh", repeat=20)
+    add = data_utils.train_sentencepiece_tokenizer([{"path": str(zh)}], str(tmp_path / "cache"), vocab_size=600,
+                                                   user_defined_symbols=terms)
+    english = (base_dir / "en" / "en.txt").read_text(encoding="utf-8").splitlines()
+    text = "患者有2型糖尿病、冠心病和高血压，COVID-19 阴性。"
+    for name, base in (("llama2", llama2_style_base(tmp_path / "llama", english)),
+                       ("qwen2", qwen2_style_base(tmp_path / "qwen2", english))):
+        out = tmp_path / f"{name}_extended"
+        vocab.extend_tokenizer(base, add, out)
+        before, extended = AutoTokenizer.from_pretrained(base), AutoTokenizer.from_pretrained(out)
+        for term in terms:
+            ids = extended(term, add_special_tokens=False)["input_ids"]
+            assert len(ids) == 1 and extended.decode(ids) == term, (name, extended.convert_ids_to_tokens(ids))
+        ids = extended(text)["input_ids"]
+        assert [extended.decode([i]) for i in ids if extended.decode([i]) in terms] == \
+            ["2型糖尿病", "冠心病", "高血压", "COVID-19"], (name, extended.convert_ids_to_tokens(ids))
+        assert extended.decode(ids, skip_special_tokens=True) == text
+        assert extended("1234567890")["input_ids"] == before("1234567890")["input_ids"]
+    # tokenizer.model too, which a later extension starts from
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "llama2_extended" / "tokenizer.model"))
+    assert all(sp.encode(term, out_type=str)[-1] == term for term in terms)
+
+
+def test_a_hub_tokenizer_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch, capsys):
+    """Offline, a hub id not in the cache used to end in an OSError traceback (after ~50 s of retries where the
+    network is down but HF_HUB_OFFLINE is not set): now exit code 2 and the fixes, at once."""
+    import time
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never the network
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"sources": [{"path": str(make_text_corpus(tmp_path / "zh"))}],
+                                      "cache_dir": str(tmp_path / "cache")}), encoding="utf-8")
+    hub_id = "example-org/tokenizer-not-in-any-cache"
+    start = time.monotonic()
+    assert vocab.main(["report", str(config), "--tokenizer", hub_id]) == 2
+    err = capsys.readouterr().err
+    assert time.monotonic() - start < 30
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert f"--tokenizer `{hub_id}` cannot be loaded" in err and "local tokenizer directory" in err
+    assert f"hf download {hub_id}" in err and "HF_ENDPOINT" in err
+    assert vocab.main(["extend", "--base", hub_id, "--add", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"--base `{hub_id}` is not a directory" in err and f"hf download {hub_id}" in err
+    assert vocab.main(["report", str(config), "--tokenizer", str(tmp_path / "missing")]) == 2
+    assert "is not a tokenizer directory" in capsys.readouterr().err
+
+
+def test_train_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys):
+    """`train` used to copy the tokenizer into any --out, over and next to what was there; now it writes --out whole,
+    like `extend`: a directory it did not write is never touched, an earlier `train` is replaced with --overwrite."""
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"sources": [{"path": str(make_text_corpus(tmp_path / "zh", repeat=20))}],
+                                      "cache_dir": str(tmp_path / "cache")}), encoding="utf-8")
+    train = ["train", str(config), "--vocab_size", "600", "--out"]
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "tokenizer.json").write_text("mine")
+    for overwrite in ([], ["--overwrite"]):
+        assert vocab.main(train + [str(notes), *overwrite]) == 2
+        assert "did not write" in capsys.readouterr().err
+    assert sorted(f.name for f in notes.iterdir()) == ["tokenizer.json"] and \
+        (notes / "tokenizer.json").read_text() == "mine"
+    assert vocab.main(train + [str(tmp_path), "--overwrite"]) == 2  # holds the cache (and the config)
+    assert "is or holds the input" in capsys.readouterr().err
+
+    out = tmp_path / "tok"
+    out.mkdir()  # an empty directory is fine
+    assert vocab.main(train + [str(out)]) == 0
+    written = sorted(f.name for f in out.iterdir())
+    assert "vocab_train.json" in written and "tokenizer.model" in written
+    assert vocab.main(train + [str(out)]) == 2
+    assert "add --overwrite to replace it" in capsys.readouterr().err
+    assert vocab.main(train + [str(out), "--overwrite", "--user_defined_symbols", "高血压"]) == 0
+    assert sorted(f.name for f in out.iterdir()) == written
+    assert json.loads((out / "vocab_train.json").read_text(encoding="utf-8"))["user_defined_symbols"] == ["高血压"]
+    (out / "model.safetensors").write_bytes(b"weights")
+    assert vocab.main(train + [str(out), "--overwrite"]) == 2
+    assert "did not write (model.safetensors)" in capsys.readouterr().err and (out / "model.safetensors").is_file()
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["c.yaml", "cache", "notes", "tok", "zh"]  # no temporaries
+
+
 def test_qwen2_style_special_tokens_after_the_vocabulary_keep_their_ids(bases, tmp_path):
     from tokenizers import Tokenizer
     from transformers import AutoTokenizer

@@ -2,9 +2,9 @@
 with its pieces, and measure what that buys.
 
     python tools/vocab.py train CONFIG.yaml --vocab_size N --out DIR [--model_type bpe|unigram]
-                                [--character_coverage C] [--user_defined_symbols FILE|a,b,c]
+                                [--character_coverage C] [--user_defined_symbols FILE|a,b,c] [--overwrite]
     python tools/vocab.py extend --base DIR --add DIR_OR_FILE --out DIR [--config CONFIG.yaml] [--overwrite]
-    python tools/vocab.py report CONFIG.yaml --tokenizer DIR [--tokenizer DIR ...]
+    python tools/vocab.py report CONFIG.yaml --tokenizer DIR_OR_HUB_ID [--tokenizer DIR_OR_HUB_ID ...]
 
 Why a separate tool: these are one-off preparation steps run before training (like `hf download`),
 with their own inputs and outputs; pretrain.py only needs their result, a tokenizer directory, and
@@ -14,19 +14,25 @@ Extending keeps every base token's id and text, appends the new ones, and leaves
 text without the new pieces unchanged, for both tokenizer families:
   * SentencePiece-model tokenizers (Llama-2 style, tokenizer.model): new pieces are appended to the
     model proto (as Chinese-LLaMA does, but scored below every base piece, in their own order, so the
-    base merges keep their priority) and the fast tokenizer is rebuilt from it;
+    base merges keep their priority; user-defined symbols stay USER_DEFINED, whole wherever they occur)
+    and to the fast tokenizer's tokenizer.json (user-defined symbols as non-special added tokens);
   * byte-level BPE tokenizer.json tokenizers (Qwen2 / Llama-3 style): each new piece is written in the
     byte alphabet, built from the tokens the current vocabulary splits it into by merges appended
-    after all existing merges, and its intermediate tokens join the vocabulary.
+    after all existing merges, and its intermediate tokens join the vocabulary (a user-defined symbol
+    the pre-tokenizer would split, such as 2型糖尿病, becomes a non-special added token instead).
 Special tokens numbered after the vocabulary (Qwen2, Llama-3, a Llama-2 <pad>) keep their ids too, and
 check_extension compares ids with the tokenizer's own BOS/EOS on sample texts before anything is written.
-The output directory is built in a temporary sibling and renamed into place; it is never an input or a
-directory holding one, and an existing non-empty one is replaced only if an earlier `extend` wrote it
-(vocab_extension.json lists its files), nothing else is in it, and --overwrite is given.
+The output directory of `train` and `extend` is built in a temporary sibling and renamed into place; it is
+never an input or a directory holding one, and an existing non-empty one is replaced only if an earlier
+`train` or `extend` wrote it (vocab_train.json or vocab_extension.json lists its files), nothing else is in
+it, and --overwrite is given. Tokenizers given by hub id (`report --tokenizer`) load as in pretrain.py: where
+the hub is unreachable, from the local cache only, failing within seconds with the fixes; `extend --base`
+must be a local directory.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -46,19 +52,22 @@ BYTE_TO_CHAR = data_utils.byte_level_alphabet()
 # --------------------------------------------------------------------------------------------
 # What to add
 # --------------------------------------------------------------------------------------------
-def pieces_to_add(add: Path) -> list[str]:
-    """New pieces, in order: the normal and user-defined pieces of a SentencePiece model (a directory
-    holding tokenizer.model, or the .model file), or a text file with one piece per line."""
+def pieces_to_add(add: Path) -> tuple[list[str], set[str]]:
+    """New pieces, in order, and which of them are user-defined symbols: the normal and user-defined pieces of a
+    SentencePiece model (a directory holding tokenizer.model, or the .model file), or a text file with one piece
+    per line (none user-defined). User-defined symbols (`train --user_defined_symbols`) are whole tokens wherever
+    they occur rather than the result of merges, so they need no pieces to merge from."""
     model = add / "tokenizer.model" if add.is_dir() else add
     if model.suffix == ".model" and model.is_file():
         from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
+        Piece = sp_pb2.ModelProto.SentencePiece
         proto = sp_pb2.ModelProto()
         proto.ParseFromString(model.read_bytes())
-        keep = (sp_pb2.ModelProto.SentencePiece.NORMAL, sp_pb2.ModelProto.SentencePiece.USER_DEFINED)
-        return [p.piece for p in proto.pieces if p.type in keep]
+        return ([p.piece for p in proto.pieces if p.type in (Piece.NORMAL, Piece.USER_DEFINED)],
+                {p.piece for p in proto.pieces if p.type == Piece.USER_DEFINED})
     if add.is_file():
-        return [line.rstrip("\n") for line in add.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return [line.rstrip("\n") for line in add.read_text(encoding="utf-8").splitlines() if line.strip()], set()
     raise DataError(f"--add `{add}` is neither a SentencePiece tokenizer (a directory with tokenizer.model, or a "
                     ".model file) nor a text file of pieces. Train one with `python tools/vocab.py train`.")
 
@@ -91,10 +100,21 @@ def _keep_added_token_ids(vocab: dict[str, int], added: list[tuple[int, str]], w
         vocab[content] = owners[token_id] = token_id
 
 
-def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path) -> int:
+def _added_token(token_id: int, content: str) -> dict:
+    """A user-defined symbol in tokenizer.json: matched whole in the raw text, before the normalizer and the
+    pre-tokenizer, and decoded as its text (not special: skip_special_tokens keeps it)."""
+    return {"id": token_id, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
+            "normalized": False, "special": False}
+
+
+def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path,
+                         user_defined: set[str] = frozenset()) -> int:
     """Append the pieces to tokenizer.model and, when the base has one, to tokenizer.json's BPE model: the
     tokenizer.json keeps its normalizer, pre-tokenizer and post-processor (the BOS a Llama-2 tokenizer saved by
-    transformers adds lives only there), its vocabulary and merges; the new merges come after all of them."""
+    transformers adds lives only there), its vocabulary and merges; the new merges come after all of them.
+    User-defined symbols stay USER_DEFINED in the proto and become non-special added tokens in tokenizer.json
+    (as transformers converts them): appended as normal pieces, a term whose halves are not pieces could never
+    be produced by a merge."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     Piece = sp_pb2.ModelProto.SentencePiece
@@ -115,9 +135,13 @@ def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path) -> 
     existing = {p.piece for p in proto.pieces}
     lowest = min((p.score for p in proto.pieces if p.type == Piece.NORMAL), default=0.0)
     for piece in pieces:
-        if piece not in existing:  # scored below every base piece: base merges always win, in their order
+        if piece in existing:
+            continue
+        if piece in user_defined:  # matched whole before any merge, as the trained model has it
+            proto.pieces.append(Piece(piece=piece, score=0.0, type=Piece.USER_DEFINED))
+        else:  # scored below every base piece: base merges always win, in their order
             proto.pieces.append(Piece(piece=piece, score=lowest - (len(proto.pieces) - first_new + 1)))
-            existing.add(piece)
+        existing.add(piece)
     _copy_base(base, tmp, skip=("tokenizer.json", "tokenizer.model"))
     (tmp / "tokenizer.model").write_bytes(proto.SerializeToString())
     if (base / "tokenizer.json").is_file():
@@ -142,6 +166,9 @@ def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path) -> 
                     merges.append(pair)
                     known.add(pair)
         model["merges"] = [list(m) for m in merges]
+        spec.setdefault("added_tokens", []).extend(_added_token(i, p.piece) for i, p in
+                                                   enumerate(proto.pieces[first_new:], first_new)
+                                                   if p.type == Piece.USER_DEFINED)
         (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     return len(proto.pieces) - first_new
 
@@ -166,7 +193,10 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
     return word
 
 
-def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path) -> int:
+def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
+                          user_defined: set[str] = frozenset()) -> int:
+    """Add each piece by merges, or, for a user-defined symbol the pre-tokenizer would split (2型糖尿病, COVID-19:
+    digits and punctuation are pre-tokens of their own), as a non-special added token, so it stays whole too."""
     from tokenizers import Tokenizer
 
     spec = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
@@ -180,7 +210,14 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path) ->
     added = 0
     for piece in sorted(dict.fromkeys(pieces), key=len):  # short pieces first: longer ones build on them
         text = piece.replace("▁", " ")
-        if not text or (pre_tokenizer is not None and len(pre_tokenizer.pre_tokenize_str(text)) != 1):
+        if not text:
+            continue
+        if pre_tokenizer is not None and len(pre_tokenizer.pre_tokenize_str(text)) != 1:
+            if piece in user_defined and text not in vocab:  # matched in the raw text before pre-tokenization
+                vocab[text] = next_id
+                spec.setdefault("added_tokens", []).append(_added_token(next_id, text))
+                next_id += 1
+                added += 1
             continue  # the pre-tokenizer would split it: no merge could ever produce it
         target = "".join(BYTE_TO_CHAR[b] for b in text.encode("utf-8"))
         if target in vocab:
@@ -203,18 +240,20 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path) ->
 
 
 MARKER = "vocab_extension.json"  # written into every extension: what it is made of and which files the tool wrote
+TRAINED = "vocab_train.json"  # the same, written into every `train` output
 REPORT = "compression_report.json"  # written next to it by `extend --config`
 
 
 def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
-    """`extend` replaces --out as a whole, so it refuses an --out whose loss could hurt: an input (or a directory
-    holding one, such as the base model's), and a non-empty directory unless it is an earlier extension that
-    holds only files this tool wrote and --overwrite is given."""
+    """`train` and `extend` replace --out as a whole, so they refuse an --out whose loss could hurt: an input (or a
+    directory holding one, such as the base model's), and a non-empty directory unless an earlier `train` or `extend`
+    wrote it (its vocab_train.json or vocab_extension.json lists the files), nothing else is in it, and --overwrite
+    is given."""
     target = out.resolve()
     for path in inputs:
         if target == path.resolve() or target in path.resolve().parents:
             raise DataError(f"--out `{out}` is or holds the input `{path}`, which writing there would delete: choose "
-                            f"a new directory, e.g. `{out.with_name(out.name + '_extended')}`.")
+                            f"a new directory, e.g. `{out.with_name(out.name + '_new')}`.")
     if not out.exists():
         return
     if not out.is_dir():
@@ -222,19 +261,36 @@ def check_output_dir(out: Path, inputs: list[Path], overwrite: bool) -> None:
     present = {f.name for f in out.iterdir()}
     if not present:
         return
-    try:
-        written = {*json.loads((out / MARKER).read_text(encoding="utf-8"))["files"], MARKER, REPORT}
-    except (OSError, ValueError, KeyError, TypeError):
-        raise DataError(f"--out `{out}` is a non-empty directory that `tools/vocab.py extend` did not write (no "
-                        f"readable {MARKER}): choose a new or empty directory.") from None
+    record = {}
+    for marker in (MARKER, TRAINED):
+        try:
+            record = json.loads((out / marker).read_text(encoding="utf-8"))
+            break
+        except (OSError, ValueError):
+            continue
+    files = record.get("files") if isinstance(record, dict) else None
+    if not isinstance(files, list):
+        raise DataError(f"--out `{out}` is a non-empty directory that tools/vocab.py did not write (no readable "
+                        f"{TRAINED} or {MARKER}): choose a new or empty directory.")
     if not overwrite:
-        raise DataError(f"--out `{out}` holds an earlier extension: add --overwrite to replace it, or choose "
-                        "another directory.")
-    foreign = sorted(present - written)
+        raise DataError(f"--out `{out}` holds the output of an earlier `{record.get('written_by', 'tools/vocab.py')}`: "
+                        "add --overwrite to replace it, or choose another directory.")
+    foreign = sorted(present - {*map(str, files), MARKER, TRAINED, REPORT})
     if foreign:
-        raise DataError(f"--out `{out}` holds files that `tools/vocab.py extend` did not write "
-                        f"({', '.join(foreign[:5])}): --overwrite would delete them. Move them out or choose another "
-                        "directory.")
+        raise DataError(f"--out `{out}` holds files that tools/vocab.py did not write ({', '.join(foreign[:5])}): "
+                        "--overwrite would delete them. Move them out or choose another directory.")
+
+
+@contextlib.contextmanager
+def staging(out: Path):
+    """A temporary sibling of `out` to build the new directory in (the same filesystem, so renaming it into place is
+    atomic), removed afterwards whatever happens."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _replace_dir(staged: Path, out: Path, trash: Path) -> None:
@@ -250,11 +306,60 @@ def _replace_dir(staged: Path, out: Path, trash: Path) -> None:
         raise
 
 
+def save_trained_tokenizer(cached: Path, out: Path, overwrite: bool, settings: dict) -> None:
+    """Copy the trained tokenizer from the cache to `out` whole, as `extend` writes: never merged into a directory
+    holding other files (a copy over them would mix two tokenizers), and replaced only with --overwrite."""
+    check_output_dir(out, [cached], overwrite)
+    with staging(out) as tmp:
+        staged = tmp / "saved"
+        shutil.copytree(cached, staged)
+        files = sorted(f.name for f in staged.iterdir())
+        (staged / TRAINED).write_text(json.dumps({"written_by": "tools/vocab.py train", **settings, "files": files},
+                                                 indent=1, ensure_ascii=False))
+        _replace_dir(staged, out, tmp / "replaced")
+
+
+def hub_download_hint(name: str) -> str:
+    return (f"download it first where there is network: `hf download {name} --local-dir models/{name.split('/')[-1]}` "
+            "(or through a mirror: HF_ENDPOINT=https://hf-mirror.com), and pass that directory")
+
+
+def load_tokenizer(name: str, flag: str):
+    """AutoTokenizer for a tokenizer directory or a hub id, as pretrain.py loads one: where the hub is unreachable
+    (or HF_HUB_OFFLINE is set) a hub id is looked up in the local cache only, so a missing one fails within seconds
+    with the fixes, not after the hub client's retries (most of a minute) with an OSError traceback."""
+    from transformers import AutoTokenizer
+
+    local = Path(os.path.expanduser(name))
+    if local.is_dir():
+        try:
+            return AutoTokenizer.from_pretrained(local)
+        except (OSError, ValueError) as e:
+            raise DataError(f"{flag} `{name}`: no tokenizer loads from this directory ({str(e).splitlines()[0]}). "
+                            "Point it at a directory holding tokenizer.json or tokenizer.model.") from None
+    if local.exists() or name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1:
+        raise DataError(f"{flag} `{name}` is not a tokenizer directory (relative paths start from {os.getcwd()}). "
+                        "Fix the path.")
+    offline = data_utils.must_use_cache(name)
+    try:
+        with data_utils.offline_hub() if offline else contextlib.nullcontext():
+            return AutoTokenizer.from_pretrained(name)
+    except (OSError, ValueError) as e:
+        reason = ("the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache" if offline
+                  else str(e).splitlines()[0])
+        raise DataError(f"{flag} `{name}` cannot be loaded: {reason}. Fixes: pass a local tokenizer directory, or "
+                        f"{hub_download_hint(name)}; check the id (no directory `{name}` under {os.getcwd()} "
+                        "either).") from None
+
+
 def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) -> dict:
     """Extend the tokenizer in `base` with the pieces of `add`; write a tokenizer directory to `out`, built in a
     temporary sibling and renamed into place only after check_extension passed."""
     from transformers import AutoTokenizer
 
+    if not base.is_dir():
+        raise DataError(f"--base `{base}` is not a directory: extending reads and rewrites a tokenizer's files, so "
+                        f"they must be on disk. For a hub model, {hub_download_hint(str(base))}.")
     check_output_dir(out, [base, add], overwrite)
     if (base / "tokenizer.model").is_file():
         family, extend = "sentencepiece", extend_sentencepiece
@@ -263,13 +368,11 @@ def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) 
     else:
         raise DataError(f"--base `{base}` holds neither tokenizer.model (SentencePiece) nor a byte-level BPE "
                         "tokenizer.json: these are the two families that can be extended.")
-    pieces = pieces_to_add(add)
-    base_tok = AutoTokenizer.from_pretrained(base)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))  # same filesystem: renames are atomic
-    try:
+    pieces, user_defined = pieces_to_add(add)
+    base_tok = load_tokenizer(str(base), "--base")
+    with staging(out) as tmp:
         (tmp / "work").mkdir()
-        added = extend(base, base_tok, pieces, tmp / "work")
+        added = extend(base, base_tok, pieces, tmp / "work", user_defined)
         staged = tmp / "saved"
         AutoTokenizer.from_pretrained(tmp / "work").save_pretrained(staged)
         if family == "sentencepiece":
@@ -282,8 +385,6 @@ def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) 
         (staged / MARKER).write_text(json.dumps({"written_by": "tools/vocab.py extend", "base": str(base),
                                                  "add": str(add), **result, "files": files}, indent=1))
         _replace_dir(staged, out, tmp / "replaced")
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return result
 
 
@@ -327,9 +428,7 @@ def compression(tokenizer, texts: list[str]) -> dict:
 
 
 def report(sources, tokenizer_dirs: list[str], max_chars: int = 5_000_000) -> dict:
-    from transformers import AutoTokenizer
-
-    tokenizers = {d: AutoTokenizer.from_pretrained(d) for d in tokenizer_dirs}
+    tokenizers = {d: load_tokenizer(d, "--tokenizer") for d in tokenizer_dirs}
     table = {}
     for spec in data_utils.parse_sources(sources):
         texts, total = [], 0
@@ -373,6 +472,8 @@ def main(argv: list[str]) -> int:
     train.add_argument("--character_coverage", type=float, default=0.9995)
     train.add_argument("--user_defined_symbols", default="",
                        help="pieces that must be whole tokens (e.g. medical terms): a file, one per line, or a,b,c")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace an --out that an earlier `train` wrote (never a directory with other files)")
     extend = sub.add_parser("extend", help="extend a base tokenizer with the pieces of another")
     extend.add_argument("--base", required=True)
     extend.add_argument("--add", required=True)
@@ -392,10 +493,13 @@ def main(argv: list[str]) -> int:
             symbols = (Path(symbols).read_text(encoding="utf-8").split() if symbols and Path(symbols).is_file()
                        else [s for s in symbols.split(",") if s])
             data_args = load_sources(args.config, overrides)
+            check_output_dir(Path(args.out), [Path(data_args.cache_dir)], args.overwrite)  # before training, not after
             cached = data_utils.train_sentencepiece_tokenizer(
                 data_args.sources, data_args.cache_dir, args.vocab_size, args.model_type, args.character_coverage,
                 user_defined_symbols=symbols)
-            shutil.copytree(cached, args.out, dirs_exist_ok=True)
+            save_trained_tokenizer(cached, Path(args.out), args.overwrite, {
+                "config": args.config, "vocab_size": args.vocab_size, "model_type": args.model_type,
+                "character_coverage": args.character_coverage, "user_defined_symbols": symbols})
             print(f"wrote a {args.vocab_size}-token SentencePiece {args.model_type} tokenizer to {args.out}")
         elif args.command == "extend":
             result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out), args.overwrite)
