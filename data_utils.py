@@ -32,6 +32,7 @@ import itertools
 import json
 import logging
 import lzma
+import math
 import multiprocessing
 import os
 import re
@@ -41,6 +42,7 @@ import string
 import sys
 import tempfile
 import time
+import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,7 +52,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 3  # bump when the on-disk layout or the text formatting rules change
+STORE_VERSION = 4  # bump when the on-disk layout or the text formatting rules change
 CHUNK_LINES = 2048  # records per unit of work sent to a tokenizer process
 PROBE_RECORDS = 4 * CHUNK_LINES  # records a streaming source may skip before its first text
 POOL_MIN_BYTES = 8 << 20  # below this, starting worker processes costs more than it saves
@@ -93,8 +95,33 @@ def open_text(path: Path, encoding: str, errors: str = "strict") -> Iterator[tup
             text.detach()  # the stream is open_input's to close
 
 
+def yaml_left_as_string(text: str) -> bool:
+    """Would YAML read `text` unquoted as a string? True for numbers that YAML 1.2 knows and PyYAML's
+    YAML 1.1 does not (`5e-2`, `2e7`): the user may have written them without quotes. False for `3` or
+    `0.1`, which only quotes keep a string."""
+    import yaml
+
+    try:
+        return isinstance(yaml.safe_load(text), str)
+    except yaml.YAMLError:
+        return True
+
+
 class DataError(ValueError):
     """Bad input data or data settings. The message names the source, file, line and a fix."""
+
+
+def a_kind(value: Any) -> str:
+    """A value's type with its article, for messages: `an int`, `a list`, `null`."""
+    if value is None:
+        return "null"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
+
+
+def counted(n: int, noun: str) -> str:
+    """`1 document`, `2 documents`."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 def closest_key_hint(key: str, valid: list[str] | set[str]) -> str:
@@ -161,6 +188,10 @@ class SourceConfig:
         raw = dict(raw)
         for key, value in raw.items():
             types, description = cls.KEY_TYPES.get(key, ((str,), "a string"))
+            if str not in types and isinstance(value, str) and yaml_left_as_string(value):
+                with contextlib.suppress(ValueError):  # `5e-2`: YAML 1.1 reads it as a string, yet it is a number
+                    number = float(value)
+                    raw[key] = value = number if math.isfinite(number) else value
             if types == (int,) and isinstance(value, float) and value.is_integer():
                 raw[key] = value = int(value)  # YAML reads 2.0e+7 as a float
             elif str in types and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -239,8 +270,9 @@ def resolve_files(patterns: str | list[str], source_name: str) -> list[Path]:
             found = sorted(p for p in visible if is_data_file(p))
             if len(found) < len(visible):
                 others = sorted(str(p.relative_to(path)) for p in visible if not is_data_file(p))
-                logger.warning("source `%s`: directory `%s`: %d file(s) without a data extension are not read (%s%s); "
-                               "name them in `path` to read them", source_name, pattern, len(others),
+                logger.warning("source `%s`: directory `%s`: %s without a data extension %s not read (%s%s); "
+                               "name them in `path` to read them", source_name, pattern, counted(len(others), "file"),
+                               "is" if len(others) == 1 else "are",
                                ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
             if not found:
                 raise DataError(f"source `{source_name}`: directory `{pattern}` holds no data files "
@@ -493,8 +525,7 @@ def _require(obj: dict, field_name: str, option: str) -> Any:
 def _require_text(obj: dict, field_name: str, option: str) -> str:
     value = _require(obj, field_name, option)
     if not isinstance(value, str):
-        kind = "null" if value is None else type(value).__name__
-        raise RecordError(f"field `{field_name}` holds {'' if value is None else 'a '}{kind} ({str(value)[:40]!r}), "
+        raise RecordError(f"field `{field_name}` holds {a_kind(value)} ({str(value)[:40]!r}), "
                           "not a string. Fix the record, or point `text_field` (or a template) at a text field.",
                           "not_a_string")
     return value
@@ -580,6 +611,10 @@ def make_renderer(template: str | dict | None, text_field: str, where: str):
     kind, opts = template_options(template, where)
     if kind == "record":
         opts["labels"] = {**MEDICAL_RECORD_LABELS, **opts["labels"]}
+    if kind == "dialog":  # labels for some roles keep the defaults of the others (a system turn needs one too)
+        opts["role_labels"] = {**TEMPLATE_DEFAULTS["dialog"]["role_labels"],
+                               **{ROLE_ALIASES.get(str(role).lower(), role): label
+                                  for role, label in opts["role_labels"].items()}}
     if kind == "format":
         if not isinstance(opts["format"], str):
             raise DataError(f"{where}: template `format` needs `format: \"{{title}}\\n{{content}}\"`.")
@@ -590,20 +625,31 @@ def make_renderer(template: str | dict | None, text_field: str, where: str):
     return functools.partial(RENDERERS[kind], opts)
 
 
+def labelled(label: str, text: str) -> str:
+    """`[User] text`, but `患者：text`: no space after a label that ends in full-width punctuation (a CJK
+    colon already separates) or in whitespace."""
+    last = label[-1:]
+    glued = not last or last.isspace() or (unicodedata.category(last).startswith("P")
+                                           and unicodedata.east_asian_width(last) in ("W", "F"))
+    return f"{label}{text}" if glued else f"{label} {text}"
+
+
 def _render_qa_concat(o: dict, obj: dict) -> str:
+    """An empty question or answer leaves out its label too (the gap is counted by the caller)."""
     question = render_value(_require(obj, o["question_field"], "question_field"))
     answer = render_value(_require(obj, o["answer_field"], "answer_field"))
-    return f"{o['question_label']} {question}{o['separator']}{o['answer_label']} {answer}"
+    parts = [labelled(label, text) for label, text in ((o["question_label"], question), (o["answer_label"], answer))
+             if text]
+    return o["separator"].join(parts)
 
 
 def _render_qa_instruction(o: dict, obj: dict) -> str:
+    """One line per non-empty field: an empty instruction, input or output leaves out its label (and prefix)."""
     instruction = render_value(_require(obj, o["instruction_field"], "instruction_field"))
     output = render_value(_require(obj, o["output_field"], "output_field"))
-    parts = [f"{o['instruction_label']}{o['instruction_prefix']}{instruction}"]
     extra = render_value(obj.get(o["input_field"]))
-    if extra:
-        parts.append(f"{o['input_label']}{extra}")
-    parts.append(f"{o['output_label']}{output}")
+    parts = [f"{label}{text}" for label, text in ((o["instruction_label"] + o["instruction_prefix"], instruction),
+                                                  (o["input_label"], extra), (o["output_label"], output)) if text]
     return o["separator"].join(parts)
 
 
@@ -613,11 +659,11 @@ def _render_dialog(o: dict, obj: dict) -> str:
         field_name = next((f for f in ("conversations", "messages") if f in obj), "conversations")
     turns = _require(obj, field_name, "messages_field")
     if not isinstance(turns, list):
-        raise RecordError(f"field `{field_name}` is a {type(turns).__name__}, not a list of turns.", "bad_dialog")
+        raise RecordError(f"field `{field_name}` is {a_kind(turns)}, not a list of turns.", "bad_dialog")
     lines = []
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
-            raise RecordError(f"turn {i} of `{field_name}` is a {type(turn).__name__}, not an object.", "bad_dialog")
+            raise RecordError(f"turn {i} of `{field_name}` is {a_kind(turn)}, not an object.", "bad_dialog")
         role = turn.get("from", turn.get("role"))
         content = turn.get("value", turn.get("content"))
         if isinstance(content, list) and all(isinstance(part, dict) for part in content):  # OpenAI content parts
@@ -628,7 +674,7 @@ def _render_dialog(o: dict, obj: dict) -> str:
             raise RecordError(f"turn {i} has role `{role}`, which `role_labels` does not name. Add it, e.g. "
                               f"role_labels: {{{role}: '[{role}]'}}.", "unknown_role")
         if content:
-            lines.append(f"{label} {content}")
+            lines.append(labelled(label, content))
     return o["separator"].join(lines)
 
 
@@ -687,9 +733,19 @@ UNICODE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32")
                 (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32-LE's starts like UTF-16-LE's
 
 
-def detect_encoding(path: Path, declared: str) -> str:
+def _decodes(data: bytes, encoding: str) -> bool:
+    try:
+        codecs.getincrementaldecoder(encoding)().decode(data, final=False)
+        return True
+    except UnicodeDecodeError:
+        return False
+
+
+def detect_encoding(path: Path, declared: str, skip_bad_lines: bool = False) -> str:
     """`auto`: the encoding a byte-order mark names (UTF-8/16/32), else utf-8 if the first MB decodes as
-    utf-8, else gb18030 (a superset of GBK)."""
+    utf-8, else gb18030 (a superset of GBK). A file whose lines are each UTF-8 or GB18030, some one and some
+    the other, has no one encoding: an error, or with `skip_bad_lines` (on_error: skip) utf-8, so that
+    the other lines are skipped and counted rather than read as garbled GB18030."""
     if declared != "auto":
         return declared
     with open_input(path) as (f, _):
@@ -700,11 +756,24 @@ def detect_encoding(path: Path, declared: str) -> str:
         if head.startswith(bom):
             return encoding
     for candidate in ("utf-8", "gb18030"):
-        try:
-            codecs.getincrementaldecoder(candidate)().decode(head, final=False)
+        if _decodes(head, candidate):
             return candidate
-        except UnicodeDecodeError:
-            continue
+    lines = head.splitlines()[:-1] if len(head) == 1 << 20 else head.splitlines()  # the last may be cut off
+    utf8 = [_decodes(line, "utf-8") and not line.isascii() for line in lines]
+    other = [not _decodes(line, "utf-8") for line in lines]
+    if any(utf8) and all(_decodes(line, "gb18030") for line, bad in zip(lines, other) if bad):
+        first_utf8, first_other = utf8.index(True) + 1, other.index(True) + 1
+        verb = "is" if sum(other) == 1 else "are"
+        if skip_bad_lines:
+            logger.warning("file `%s` mixes encodings: %d of its first %d lines %s not UTF-8 (GB18030?), the "
+                           "first is line %d; reading it as UTF-8 and skipping such lines (`bad_encoding`)",
+                           path, sum(other), len(lines), verb, first_other)
+            return "utf-8"
+        raise DataError(f"file `{path}` mixes encodings: line {first_utf8} is UTF-8 but line {first_other} is not "
+                        f"(it reads as GB18030), and {sum(other)} of the first {len(lines)} lines {verb} like it, so "
+                        "no `encoding:` reads it all. Convert the file to one encoding (iconv converts a file "
+                        "that is in one encoding: convert the GB18030 lines on their own), or set `on_error: skip` "
+                        "for this source to read the UTF-8 lines and skip the others (counted as `bad_encoding`).")
     raise DataError(f"file `{path}`: the first MB is neither UTF-8 nor GB18030 text. If it is text, set "
                     "`encoding:` for this source (e.g. big5, utf-16); if it is binary, remove it.")
 
@@ -735,6 +804,30 @@ def table_quoting(fmt: str, lines: list[str]) -> int:
     return csv.QUOTE_NONE
 
 
+def json_list_lines_fix(path: str | Path, lists: list) -> str:
+    """How to make jsonl (which the reader takes) of lines that hold JSON arrays: of objects, jq splits them."""
+    if lists and all(isinstance(item, dict) for items in lists for item in items):
+        return (f"Write one object per line instead, e.g. `jq -c '.[]' {path} > {Path(path).stem}_lines.jsonl` "
+                "(each array's objects become lines of their own).")
+    return "Write one JSON object per line instead, such as {\"text\": \"...\"}."
+
+
+def _json_list(line: str) -> list | None:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return None
+    return value if isinstance(value, list) else None
+
+
+def not_an_object(obj: Any, chunk: "Chunk") -> "RecordError":
+    """A JSON record that is no object; an array on a jsonl line gets the conversion that makes it jsonl."""
+    fix = "Each record must be an object such as {\"text\": \"...\"}."
+    if isinstance(obj, list) and chunk.fmt in ("jsonl", "article"):
+        fix = json_list_lines_fix(chunk.path, [obj])
+    return RecordError(f"is a JSON {type(obj).__name__}, not an object. {fix}", "not_an_object")
+
+
 def detect_format(path: Path, declared: str, encoding: str) -> str:
     """`auto` looks at the content, not the extension: parquet magic, `[` then an object, string or array
     -> JSON array, a `{...}` first line -> jsonl, a header of two or more tab- (comma-) separated fields that
@@ -751,6 +844,11 @@ def detect_format(path: Path, declared: str, encoding: str) -> str:
     lines, cut_off = sample_lines(path, encoding)
     stripped = "".join(lines).lstrip()
     if re.match(r'\[\s*([{["\]]|$)', stripped):
+        lists = [_json_list(line) for line in (lines[:-1] if cut_off else lines) if line.strip()]
+        if len(lists) >= 2 and all(items is not None for items in lists):
+            raise DataError(f"file `{path}` line 1 is a JSON array (a list) and so is every line after it: "
+                            "neither JSON Lines (one object per line) nor one JSON array. "
+                            + json_list_lines_fix(path, lists))
         return "json"
     if stripped.startswith("{"):
         first = next(line for line in lines if line.strip())
@@ -788,6 +886,7 @@ class Chunk:
     first_record: int  # 1-based line number (text/jsonl) or record number (json/csv/parquet, 1-based)
     records: list  # bytes lines (text/jsonl) or parsed records with their numbers (others)
     nbytes: int  # input bytes this chunk covers (progress bar)
+    line_encoding: str | None = None  # the byte lines' encoding where it is not the file's (decoded, re-encoded)
 
 
 def _chunks_of(items: list, file_index: int, path: Path, fmt: str, encoding: str, size: int) -> Iterator[Chunk]:
@@ -814,7 +913,8 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
                     continue
                 if len(row) != len(names):
                     rows.append((reader.line_num, RecordError(
-                        f"has {len(row)} columns but the header has {len(names)} ({', '.join(names)}). Quote "
+                        f"has {counted(len(row), 'column')} but the header has {len(names)} "
+                        f"({', '.join(names)}). Quote "
                         "fields that contain the delimiter, or set `columns:`.", "bad_row")))
                     continue
                 rows.append((reader.line_num, dict(zip(names, row))))
@@ -858,7 +958,7 @@ def _text_lines(chunks: Iterator[Chunk], spec: SourceConfig) -> Iterator[tuple[i
                 if isinstance(obj, dict):
                     obj = _require_text(obj, spec.text_field, "text_field")
                 elif obj is not None and not isinstance(obj, (str, RecordError)):
-                    raise RecordError(f"is a JSON {type(obj).__name__}, not an object.", "not_an_object")
+                    raise not_an_object(obj, chunk)
             except RecordError as e:
                 obj = e
             yield number, obj or ""
@@ -892,8 +992,11 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
             number += len(batch)
         return
     for file_index, path in enumerate(inputs.files):
-        encoding = detect_encoding(path, spec.encoding)
-        fmt = detect_format(path, spec.format, encoding)
+        try:
+            encoding = detect_encoding(path, spec.encoding, skip_bad_lines=spec.on_error == "skip")
+            fmt = detect_format(path, spec.format, encoding)
+        except DataError as e:
+            raise DataError(f"source `{spec.name}`: {e}") from None
         size = path.stat().st_size
         if fmt in ("text", "jsonl"):
             yield from _line_chunks(path, file_index, fmt, encoding, spec)
@@ -927,7 +1030,8 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
 def _line_chunks(path: Path, file_index: int, fmt: str, encoding: str, spec: SourceConfig) -> Iterator[Chunk]:
     """A line-based file in chunks of byte lines, which the tokenizer processes decode. Where the byte \\n is
     not the line break (UTF-16/32, or a file breaking lines with a lone CR), the lines are decoded here
-    and handed on as UTF-8."""
+    and handed on as UTF-8; bytes that do not decode stay bytes (surrogateescape), so the line that holds
+    them is named, or skipped, like a bad line of any file. The chunk keeps the file's encoding for the report."""
     with open_input(path) as (f, _):
         head = f.read(1 << 16)
     line_no, done = 1, 0
@@ -937,29 +1041,38 @@ def _line_chunks(path: Path, file_index: int, fmt: str, encoding: str, spec: Sou
                 yield Chunk(file_index, str(path), fmt, encoding, line_no, lines, raw.tell() - done)
                 line_no, done = line_no + len(lines), raw.tell()
         return
-    with open_text(path, encoding) as (f, raw):
+    with open_text(path, encoding, errors="surrogateescape") as (f, raw):
         while True:
             lines = []
             try:
-                lines.extend(line.encode("utf-8") for line in itertools.islice(f, CHUNK_LINES))
+                lines.extend(line.encode("utf-8", "surrogateescape") for line in itertools.islice(f, CHUNK_LINES))
             except UnicodeDecodeError as e:  # decoded 8 KB at a time: the bad byte is at or after this line
                 raise DataError(_decode_error_message(spec, str(path), line_no + len(lines), encoding, e,
                                                       near=True)) from None
             if not lines:
                 return
-            yield Chunk(file_index, str(path), fmt, "utf-8", line_no, lines, raw.tell() - done)
+            yield Chunk(file_index, str(path), fmt, encoding, line_no, lines, raw.tell() - done, "utf-8")
             line_no, done = line_no + len(lines), raw.tell()
 
 
 def _decode_error_message(spec: SourceConfig, path: str, line_no: int | None, encoding: str,
-                          err: UnicodeDecodeError, near: bool = False) -> str:
+                          err: UnicodeDecodeError, near: bool = False, line: bytes | None = None) -> str:
+    """Names the file, line and byte; a line that reads in the other common encoding may be one line of a
+    file that mixes encodings, where `encoding:` cannot help and converting or skipping does."""
     where = f"line {line_no}" if line_no is not None else f"byte {err.start}"
     where = f"{where} or a line shortly after it" if near else where
-    detected = " (detected from the first MB)" if spec.encoding == "auto" else ""
+    bom = encoding.startswith(("utf-16", "utf-32"))
+    detected = f" (detected from the {'byte-order mark' if bom else 'first MB'})" if spec.encoding == "auto" else ""
     other = "gb18030" if encoding.replace("-", "").lower().startswith("utf8") else "utf-8"
-    return (f"source `{spec.name}`: file `{path}` {where} is not valid {encoding}{detected} "
-            f"(byte 0x{err.object[err.start]:02x}). Set `encoding: {other}` (or the file's real encoding) "
-            "for this source, or re-save the file as UTF-8.")
+    problem = (f"source `{spec.name}`: file `{path}` {where} is not valid {encoding}{detected} "
+               f"(byte 0x{err.object[err.start]:02x})")
+    if line is not None and line_no != 1 and _decodes(line, other):
+        return (f"{problem}, but reads as {other}. If the whole file is {other}, set `encoding: {other}` for this "
+                "source; if it mixes encodings, convert it to one (e.g. with iconv, part by part) or set "
+                f"`on_error: skip` to skip the lines that are not {encoding} (counted as `bad_encoding`).")
+    setting = "the file's real encoding" if bom else f"`encoding: {other}` (or the file's real encoding)"
+    skip = "" if near else "; if only some lines are like this, `on_error: skip` skips and counts them"
+    return f"{problem}. Set {setting} for this source, or re-save the file as UTF-8{skip}."
 
 
 _SPACES = re.compile(r"[ \t\f\v]+")
@@ -980,16 +1093,20 @@ def clean_text(text: str, spec: SourceConfig) -> str:
 
 
 def _parse_record(spec: SourceConfig, chunk: Chunk, index: int) -> tuple[int, str | dict | None]:
-    """(record number, a text line | a record | a RecordError | None for a blank line). Raises DataError
-    for what no skip policy can fix (bytes that are not in the source's encoding)."""
+    """(record number, a text line | a record | a RecordError | None for a blank line). A line whose bytes
+    are not in the file's encoding is a `bad_encoding` RecordError under `on_error: skip`, else a DataError
+    (it is not the record that is wrong, but the file or the `encoding` setting)."""
     record = chunk.records[index]
     if chunk.fmt not in ("text", "jsonl"):
         return record  # (number, record | RecordError for a malformed csv row)
     number = chunk.first_record + index
     try:
-        line = record.decode(chunk.encoding)
+        line = record.decode(chunk.line_encoding or chunk.encoding)
     except UnicodeDecodeError as e:
-        raise DataError(_decode_error_message(spec, chunk.path, number, chunk.encoding, e)) from None
+        if spec.on_error == "skip":
+            return number, RecordError(f"is not valid {chunk.encoding} (byte 0x{e.object[e.start]:02x}): a line in "
+                                       "another encoding?", "bad_encoding")
+        raise DataError(_decode_error_message(spec, chunk.path, number, chunk.encoding, e, line=record)) from None
     if number == 1:
         line = line.removeprefix("\ufeff")
     line = line.rstrip("\r\n")
@@ -1044,8 +1161,7 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                                       "parquet). Remove `template` or fix `format`.", "not_an_object")
                 text = obj
             elif not isinstance(obj, dict):
-                raise RecordError(f"is a JSON {type(obj).__name__}, not an object. Each record must be an object "
-                                  "such as {\"text\": \"...\"}.", "not_an_object")
+                raise not_an_object(obj, chunk)
             else:
                 text = render(obj)
                 for missing in record_missing_fields(fields, obj):
@@ -1616,7 +1732,7 @@ def eval_positions(n_docs: int, eval_fraction: float, seed: int, name: str) -> n
         return np.zeros(0, dtype=np.int64)
     n_eval = max(1, round(n_docs * eval_fraction))
     if n_eval >= n_docs:
-        raise DataError(f"source `{name}`: eval_fraction {eval_fraction} of {n_docs} document(s) leaves no "
+        raise DataError(f"source `{name}`: eval_fraction {eval_fraction} of {counted(n_docs, 'document')} leaves no "
                         "training documents. Lower `eval_fraction` or give `eval_path`.")
     rng = np.random.default_rng([seed, zlib.crc32(name.encode())])
     return np.sort(rng.choice(n_docs, size=n_eval, replace=False))
@@ -1690,8 +1806,10 @@ class DocumentViews:
         for i, ((spec, store, _, eval_store), fraction) in enumerate(zip(stored, fractions)):
             n_kept = int(keep[i].sum())
             if n_kept == 0:
-                raise DataError(f"source `{spec.name}`: all {store.n_docs} documents duplicate documents of earlier "
-                                "sources. Remove the source or set `dedup: false`.")
+                every = (f"all {store.n_docs} documents duplicate documents" if store.n_docs != 1
+                         else "its one document duplicates a document")
+                raise DataError(f"source `{spec.name}`: {every} of earlier sources. Remove the source or set "
+                                "`dedup: false`.")
             held = eval_positions(n_kept, fraction, seed, spec.name) if eval_store is None else np.zeros(0, np.int64)
             eval_ids, chars = [], {"train_chars": 0, "eval_chars": 0, "store_chars": 0}
             rank, total = 0, 0
@@ -1973,8 +2091,9 @@ class StreamingMixture:
             taken[i] += 1
             if worker == 0 and hasattr(self.sources[i], "__len__") and (taken[i] - 1) * workers <= int(
                     self.max_epochs * len(self.sources[i])) < taken[i] * workers:  # all workers read alike
-                logger.warning("source `%s`: its weight reads its %d blocks more than max_source_epochs %s times: "
-                               "lower its weight or add data.", self.names[i], len(self.sources[i]), self.max_epochs)
+                logger.warning("source `%s`: its weight reads its %s more than max_source_epochs %s times: "
+                               "lower its weight or add data.", self.names[i], counted(len(self.sources[i]), "block"),
+                               self.max_epochs)
             yield block
 
     def __iter__(self) -> Iterator[dict]:
@@ -2120,20 +2239,22 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         eval_store = explicit_eval or store
         train = PackedBlocks(store, view.train_ids, block_size, document, cum=view.train_cum)
         if len(train) == 0:
-            held = f" ({len(view.eval_ids)} of its documents are held out for eval)" if len(view.eval_ids) else ""
+            n_held = len(view.eval_ids)
+            held = f" ({n_held} of its documents {'is' if n_held == 1 else 'are'} held out for eval)" if n_held else ""
             raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens{held} make no block of "
                             f"block_size {block_size}. Add data or lower `block_size`"
                             f"{' or its `eval_fraction`' if held and explicit_eval is None else ''}.")
         if explicit_eval is not None and len(view.eval_ids) == 0:
-            raise DataError(f"source `{spec.name}`: every one of the {explicit_eval.n_docs} documents of its eval set "
-                            "also occurs in the training data, and dedup removed them. Give eval files with other "
-                            "texts, or set `dedup: false`.")
+            every = (f"every one of the {explicit_eval.n_docs} documents" if explicit_eval.n_docs != 1
+                     else "the one document")
+            raise DataError(f"source `{spec.name}`: {every} of its eval set also occurs in the training data, and "
+                            "dedup removed it. Give eval files with other texts, or set `dedup: false`.")
         held_out = PackedBlocks(eval_store, view.eval_ids, block_size, document) if len(view.eval_ids) else None
         if held_out is not None:
             if len(held_out) == 0:
-                raise DataError(f"source `{spec.name}`: its eval split has {held_out.n_tokens} tokens, fewer than "
-                                f"one block of {block_size}. Raise `eval_fraction`, give `eval_path`, or lower "
-                                "`block_size`.")
+                raise DataError(f"source `{spec.name}`: its eval split has {counted(held_out.n_tokens, 'token')}, "
+                                f"fewer than one block of {block_size}. Raise `eval_fraction`, give `eval_path`, or "
+                                "lower `block_size`.")
             evals[spec.name] = capped_eval(held_out, max_eval_blocks, spec.name)
         train_parts[spec.name] = train
         duplicates = view.meta["duplicates"]
@@ -2183,16 +2304,16 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                         for trained in hashes_of(store, view.train_ids):
                             in_train |= np.isin(hashes[first], trained)
                     if in_train.all():
-                        raise DataError(f"source `{spec.name}`: every one of the {len(first)} documents of its eval "
-                                        f"split `{spec.eval_split}` also occurs in another source's training data, "
-                                        "and dedup removed them. Give an eval split with other texts, or set "
-                                        "`dedup: false`.")
+                        every = f"every one of the {len(first)} documents" if len(first) != 1 else "the one document"
+                        raise DataError(f"source `{spec.name}`: {every} of its eval split `{spec.eval_split}` also "
+                                        "occurs in another source's training data, and dedup removed it. Give an "
+                                        "eval split with other texts, or set `dedup: false`.")
                     first = first[~in_train]
                     eval_hashes.append(hashes[first])
                 held_out = PackedBlocks(eval_store, first, block_size, document)
                 if len(held_out) == 0:
                     raise DataError(f"source `{spec.name}`: its eval split `{spec.eval_split}` has "
-                                    f"{held_out.n_tokens} tokens, fewer than one block of {block_size}. "
+                                    f"{counted(held_out.n_tokens, 'token')}, fewer than one block of {block_size}. "
                                     "Give a larger `eval_split` or lower `block_size`.")
                 evals[spec.name] = capped_eval(held_out, max_eval_blocks, spec.name)
                 report_sources[spec.name].update(
@@ -2223,9 +2344,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
             share_of_training_tokens=round(float(train_set.counts[i]) / len(train_set), 4),
             epochs_per_mixture=round(float(train_set.epochs[i]), 3))
         if train_set.epochs[i] > max_epochs:
-            logger.warning("source `%s`: its weight repeats its %d blocks %.1f times per pass over the mixture "
+            logger.warning("source `%s`: its weight repeats its %s %.1f times per pass over the mixture "
                            "(more than max_source_epochs %s): the model may memorise it. Lower its weight or add "
-                           "data.", name, train_set.available[i], train_set.epochs[i], max_epochs)
+                           "data.", name, counted(int(train_set.available[i]), "block"), train_set.epochs[i],
+                           max_epochs)
     report = {
         "block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
         "dedup": dedup, "train_blocks": len(train_set), "train_tokens": len(train_set) * block_size,
@@ -2354,7 +2476,8 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
             fix = ("Raise `tokenizer_vocab_size` (it must hold every kept character plus 256 bytes) or lower "
                    "`tokenizer_character_coverage`" if "smaller than required_chars" in str(e)
                    else "Lower `tokenizer_vocab_size` or add data")
-            raise DataError(f"SentencePiece could not train a {vocab_size}-token vocabulary on {written} "
+            article = "an" if re.match(r"8|1[18](...)*$", str(vocab_size)) else "a"  # an 8000-, an 11000-token
+            raise DataError(f"SentencePiece could not train {article} {vocab_size}-token vocabulary on {written} "
                             f"characters ({e}). {fix}.") from None
         corpus.unlink()
         hf_dir = tmp / "hf"

@@ -77,6 +77,12 @@ def case_setup(case: str, d: Path) -> dict:
                                                         encoding="utf-8")},
         "json_array_as_jsonl": lambda: {"sources": source(jsonl("arr.jsonl", f"[{good_record},", f"{good_record}]"),
                                                           format="jsonl")},
+        "json_array_on_each_line": lambda: {"sources": source(jsonl("lists.jsonl", f"[{good_record}]",
+                                                                    f"[{good_record}]"))},
+        "json_array_on_each_line_as_jsonl": lambda: {"sources": source(jsonl("lists2.jsonl", f"[{good_record}]",
+                                                                             f"[{good_record}]"), format="jsonl")},
+        "mixed_encodings": lambda: {"sources": source(write_bytes(
+            d / "mixed.txt", "\n".join(ZH_LINES[:2]).encode() + b"\n" + "\n".join(ZH_LINES[2:]).encode("gbk")))},
         "truncated_last_line": lambda: {"sources": source(jsonl("cut.jsonl", good_record, '{"text": "高血压是以'))},
         "line_not_an_object": lambda: {"sources": source(jsonl("arr2.jsonl", good_record, "[1, 2, 3]"))},
         "missing_text_field": lambda: {"sources": source(jsonl("qa.jsonl", good_record, '{"question": "q", "answer": "a"}'))},
@@ -113,6 +119,9 @@ CASES = {  # case: what the one error line must say (the file and line where the
     "invalid_utf8": r"bad\.txt.*line 121.*encoding",
     "gbk_declared_utf8": r"gbk\.txt.*line 1\b.*gb18030",
     "json_array_as_jsonl": r"arr\.jsonl.*line 1 .*one JSON array, not JSON Lines.*format: json",
+    "json_array_on_each_line": r"lists\.jsonl.*line 1 is a JSON array \(a list\) and so is every line.*jq -c '\.\[\]'",
+    "json_array_on_each_line_as_jsonl": r"lists2\.jsonl.*line 1 is a JSON list, not an object.*jq -c '\.\[\]'",
+    "mixed_encodings": r"`bad`.*mixed\.txt.*mixes encodings: line 1 is UTF-8 but line 3 is not.*iconv.*on_error: skip",
     "truncated_last_line": r"cut\.jsonl.*line 2 .*no line break: the file looks truncated",
     "line_not_an_object": r"arr2\.jsonl.*line 2 is a JSON list, not an object",
     "missing_text_field": r"qa\.jsonl.*line 2 .*no field `text`",
@@ -155,17 +164,30 @@ def test_yaml_syntax_error_names_the_file_and_line(tmp_path, capsys):
 
 
 def test_bom_crlf_and_gbk_are_read_without_any_option(tmp_path, capsys, micro_model_config, tokenizer_dir):
-    """Not errors: decoded and reported (the encoding appears in data_report.json)."""
+    """Not errors: decoded and reported (the encoding detected, not the one lines are handed on in, appears in
+    data_report.json). A file that mixes encodings is read under `on_error: skip`, its odd lines counted."""
     lines = [f"{line}（第{i}例）" for i in range(20) for line in ZH_LINES]
     bom_crlf = write_bytes(tmp_path / "bom_crlf.txt", "\ufeff".encode() + "\r\n".join(lines).encode() + b"\r\n")
     gbk = write_bytes(tmp_path / "gbk.txt", "\n".join(lines).encode("gb18030"))
+    utf16 = write_bytes(tmp_path / "utf16.txt", "\n".join(lines).encode("utf-16"))  # with a byte-order mark
+    gbk_cr = write_bytes(tmp_path / "gbk_cr.txt", "\r".join(lines).encode("gbk"))  # old Mac line breaks
+    mixed = write_bytes(tmp_path / "mixed.txt", b"\n".join(line.encode("gbk" if i % 10 == 3 else "utf-8")
+                                                           for i, line in enumerate(lines)))
     config = write_run(tmp_path, micro_model_config, tokenizer_dir, max_steps=1, sources=[
-        {"name": "bom_crlf", "path": str(bom_crlf)}, {"name": "gbk", "path": str(gbk)}], dedup=False)
+        {"name": "bom_crlf", "path": str(bom_crlf)}, {"name": "gbk", "path": str(gbk)},
+        {"name": "utf16", "path": str(utf16)}, {"name": "gbk_cr", "path": str(gbk_cr)},
+        {"name": "mixed", "path": str(mixed), "on_error": "skip"}], dedup=False)
     code, err = run(capsys, [config])
     assert code == 0, err[-3000:]
     report = json.loads((tmp_path / "out" / "data_report.json").read_text())["sources"]
-    assert report["bom_crlf"]["documents"] == report["gbk"]["documents"] == len(lines)
-    assert report["bom_crlf"]["characters"] == report["gbk"]["characters"] == sum(map(len, lines))
+    for name, encoding in (("bom_crlf", "utf-8"), ("gbk", "gb18030"), ("utf16", "utf-16"), ("gbk_cr", "gb18030")):
+        assert report[name]["files"][0]["encoding"] == encoding, (name, report[name]["files"])
+        assert report[name]["documents"] == len(lines) and report[name]["characters"] == sum(map(len, lines))
+    bad = [i + 1 for i in range(len(lines)) if i % 10 == 3]
+    assert report["mixed"]["documents"] == len(lines) - len(bad)
+    assert report["mixed"]["skipped"] == {"bad_encoding": len(bad)}, report["mixed"]
+    assert re.search(r"mixed\.txt` mixes encodings", err)
+    assert [int(n) for n in re.findall(r"skipped `\S*mixed\.txt` line (\d+): is not valid utf-8", err)] == bad[:3]
 
 
 def test_skip_policy_counts_and_reports_every_skipped_record(tmp_path, capsys, micro_model_config, tokenizer_dir):

@@ -114,6 +114,52 @@ def test_invalid_utf8_suggests_the_encoding_option(tmp_path):
         texts_of({"path": str(path), "encoding": "utf-8"})
 
 
+def test_lines_in_another_encoding_are_skipped_and_counted_or_named(tmp_path):
+    """A GBK line in a UTF-8 file (after the first MB, or with `encoding:` forced): `on_error: skip` skips and
+    counts it as `bad_encoding`, also where lines are decoded in blocks (a lone-CR file); `raise` names it."""
+    path = tmp_path / "mixed.txt"
+    path.write_bytes("正常一行\n".encode() + "高血压".encode("gbk") + b"\n" + "第三行\n".encode())
+    spec = SourceConfig.from_dict({"path": str(path), "encoding": "utf-8", "on_error": "skip"}, 0)
+    texts, numbers, counts, notes = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
+    assert (texts, numbers) == (["正常一行", "第三行"], [1, 3]) and counts["skipped:bad_encoding"] == 1
+    assert notes == [("bad_encoding", f"`{path}` line 2: is not valid utf-8 (byte 0xb8): a line in another encoding?")]
+    with pytest.raises(DataError, match=r"mixed\.txt` line 2 is not valid utf-8.*reads as gb18030.*mixes encodings.*"
+                                        r"iconv.*on_error: skip"):
+        texts_of({"path": str(path), "encoding": "utf-8"})
+    lone_cr = tmp_path / "cr.txt"
+    lone_cr.write_bytes("第一行\r第二行\r".encode("gbk") + b"\xff\xff\r" + "第四行\r".encode("gbk"))
+    spec = SourceConfig.from_dict({"path": str(lone_cr), "encoding": "gb18030", "on_error": "skip"}, 0)
+    chunk = next(data_utils.read_chunks([lone_cr], spec))
+    texts, numbers, counts, _ = data_utils.format_chunk(spec, chunk)
+    assert (texts, numbers, counts["skipped:bad_encoding"]) == (["第一行", "第二行", "第四行"], [1, 2, 4], 1)
+    assert chunk.encoding == "gb18030"  # what the report names, though the lines are handed on as UTF-8
+    with pytest.raises(DataError, match=r"cr\.txt` line 3 is not valid gb18030 \(byte 0xff\)"):
+        texts_of({"path": str(lone_cr), "encoding": "gb18030"})
+
+
+def test_a_file_that_mixes_encodings_is_named_or_read_as_utf8(tmp_path):
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"\n".join(line.encode("gbk" if i % 2 else "utf-8") for i, line in enumerate(ZH_LINES[:5])))
+    with pytest.raises(DataError, match=r"mixed\.txt` mixes encodings: line 1 is UTF-8 but line 2 is not.*"
+                                        r"2 of the first 5 lines are like it"):
+        data_utils.detect_encoding(path, "auto")
+    assert data_utils.detect_encoding(path, "auto", skip_bad_lines=True) == "utf-8"
+    assert texts_of({"path": str(path), "on_error": "skip"}) == [ZH_LINES[0], ZH_LINES[2], ZH_LINES[4]]
+
+
+def test_a_json_array_on_each_line_is_named_with_a_conversion_that_works(tmp_path):
+    path = tmp_path / "lists.jsonl"
+    path.write_text('[{"text": "甲"}, {"text": "乙"}]\n[{"text": "丙"}]\n', encoding="utf-8")
+    fix = r"one object per line instead, e\.g\. `jq -c '\.\[\]' \S*lists\.jsonl > lists_lines\.jsonl`"
+    with pytest.raises(DataError, match=r"lists\.jsonl` line 1 is a JSON array \(a list\) and so is every line "
+                                        r"after it.*" + fix):
+        texts_of({"path": str(path)})
+    with pytest.raises(DataError, match=r"lists\.jsonl` line 1 is a JSON list, not an object.*" + fix):
+        texts_of({"path": str(path), "format": "jsonl"})
+    path.write_text('[{"text": "甲"}, {"text": "乙"}]', encoding="utf-8")  # one array on one line: a JSON file
+    assert texts_of({"path": str(path)}) == ["甲", "乙"]
+
+
 def test_gbk_file_is_detected_and_decoded(tmp_path):
     path = tmp_path / "gbk.txt"
     path.write_bytes("高血压是常见病\r\n糖尿病需要控制血糖\r\n".encode("gbk"))
@@ -410,6 +456,21 @@ def test_source_keys_of_the_wrong_type_are_named(tmp_path, key, value, message):
         SourceConfig.from_dict({"path": "x.txt", key: value}, 0)
 
 
+def test_numbers_yaml_1_1_leaves_as_strings_are_taken():
+    """PyYAML (YAML 1.1) reads unquoted `5e-2` as a string; quotes are what keep `3` one, so it stays an error."""
+    import yaml
+
+    raw = yaml.safe_load("{path: x.txt, eval_fraction: 5e-2, weight: 1e-1, max_document_chars: 2e7}")
+    assert raw["eval_fraction"] == "5e-2"
+    spec = SourceConfig.from_dict(raw, 0)
+    assert (spec.eval_fraction, spec.weight, spec.max_document_chars) == (0.05, 0.1, 20_000_000)
+    assert isinstance(spec.max_document_chars, int)
+    with pytest.raises(DataError, match=r"`min_chars` must be a whole number, got 2\.5\.$"):
+        SourceConfig.from_dict({"path": "x.txt", "min_chars": "25e-1"}, 0)
+    with pytest.raises(DataError, match=r"`weight` must be a number, got '1e-1x'\. Write it without quotes"):
+        SourceConfig.from_dict({"path": "x.txt", "weight": "1e-1x"}, 0)
+
+
 def test_yaml_numbers_that_mean_the_right_thing_are_taken():
     spec = SourceConfig.from_dict({"path": "x.txt", "name": 2023, "max_document_chars": 2.0e+7, "min_chars": 10.0,
                                    "template": {"type": "record", "fields": "title", "skip_fields": "_id",
@@ -491,7 +552,7 @@ def test_a_directory_names_the_files_it_does_not_read(tmp_path, caplog):
     (tmp_path / "d" / "b.zip").write_bytes(b"PK")
     with caplog.at_level("WARNING", logger="data_utils"):
         assert data_utils.resolve_files(str(tmp_path / "d"), "s") == [tmp_path / "d" / "a.txt"]
-    assert "2 file(s) without a data extension are not read (README.md, b.zip)" in caplog.text
+    assert "2 files without a data extension are not read (README.md, b.zip)" in caplog.text
 
 
 def test_gzip_bz2_and_xz_files_are_read(tmp_path):

@@ -71,8 +71,19 @@ def test_empty_answers_and_questions_are_counted(tmp_path):
                                                                    "answer_field": "a"}}, 0)
     texts, _, counts, _ = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
     assert len(texts) == 3 and counts["missing_field:a"] == 1 and counts["missing_field:q"] == 1
+    assert texts == ["[QUESTION] 问一 [ANSWER] 答一", "[QUESTION] 问二", "[ANSWER] 答三"]  # no label of a gap
     assert data_utils.template_fields("qa_instruction") == ["instruction", "output"]
     assert data_utils.template_fields({"type": "format", "format": "{title}\n{body}"}) == ["title", "body"]
+
+
+def test_empty_fields_leave_out_their_labels():
+    assert render("qa_concat", {"question": "", "answer": "答一"}) == "[ANSWER] 答一"
+    assert render("qa_concat", {"question": "问一", "answer": None}) == "[QUESTION] 问一"
+    assert render({"type": "qa_concat", "question_label": "问：", "answer_label": "答："},
+                  {"question": "问一", "answer": "答一"}) == "问：问一 答：答一"
+    template = {"type": "qa_instruction", "instruction_prefix": "请回答以下问题："}
+    assert render(template, {"instruction": "", "output": "发热"}) == "Output: 发热"
+    assert render(template, {"instruction": "什么是发热？", "output": " "}) == "Instruction: 请回答以下问题：什么是发热？"
 
 
 def test_qa_instruction_with_and_without_input():
@@ -90,7 +101,12 @@ def test_dialog_sharegpt_and_messages():
     messages = {"messages": [{"role": "system", "content": "你是医生"}, {"role": "user", "content": "咳嗽"},
                              {"role": "assistant", "content": "多喝水"}]}
     custom = {"type": "dialog", "role_labels": {"user": "患者：", "assistant": "医生：", "system": "系统："}}
-    assert render(custom, messages) == "系统： 你是医生\n患者： 咳嗽\n医生： 多喝水"
+    assert render(custom, messages) == "系统：你是医生\n患者：咳嗽\n医生：多喝水"  # no space after a full-width colon
+    partial = {"type": "dialog", "role_labels": {"user": "患者：", "assistant": "医生："}}  # merged over the defaults
+    assert render(partial, messages) == "[System] 你是医生\n患者：咳嗽\n医生：多喝水"
+    by_alias = {"type": "dialog", "role_labels": {"human": "Patient:", "gpt": "Doctor:"}}
+    assert render(by_alias, messages) == "[System] 你是医生\nPatient: 咳嗽\nDoctor: 多喝水"
+    assert render(by_alias, sharegpt) == "Patient: 头痛怎么办？\nDoctor: 多休息。"
     with pytest.raises(RecordError, match="role `nurse`"):
         render("dialog", {"messages": [{"role": "nurse", "content": "x"}]})
 
