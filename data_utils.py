@@ -2252,9 +2252,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         held_out = PackedBlocks(eval_store, view.eval_ids, block_size, document) if len(view.eval_ids) else None
         if held_out is not None:
             if len(held_out) == 0:
+                more = ("Add texts to its eval files (`eval_path`; dedup drops those that are also training texts)"
+                        if explicit_eval is not None else "Raise `eval_fraction`, give `eval_path`")
                 raise DataError(f"source `{spec.name}`: its eval split has {counted(held_out.n_tokens, 'token')}, "
-                                f"fewer than one block of {block_size}. Raise `eval_fraction`, give `eval_path`, or "
-                                "lower `block_size`.")
+                                f"fewer than one block of {block_size}. {more}, or lower `block_size`.")
             evals[spec.name] = capped_eval(held_out, max_eval_blocks, spec.name)
         train_parts[spec.name] = train
         duplicates = view.meta["duplicates"]

@@ -239,8 +239,12 @@ def test_explicit_eval_files(tmp_path, tokenizer):
 
 def test_eval_split_smaller_than_a_block_is_an_error(tmp_path, tokenizer):
     path = make_text_corpus(tmp_path / "d", repeat=3)
-    with pytest.raises(DataError, match="fewer than one block"):
+    with pytest.raises(DataError, match="fewer than one block of 120. Raise `eval_fraction`, give `eval_path`"):
         build(tmp_path, tokenizer, [{"path": str(path)}], eval_fraction=0.01, block_size=120)
+    held = tmp_path / "held.txt"
+    held.write_text("短的评估文本。\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"fewer than one block of 120. Add texts to its eval files \(`eval_path`"):
+        build(tmp_path, tokenizer, [{"path": str(path), "eval_path": str(held)}], block_size=120)
 
 
 def test_second_run_is_a_cache_hit_without_tokenization(tmp_path, tokenizer, monkeypatch):
