@@ -338,6 +338,33 @@ def offline_hub():
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
+@contextlib.contextmanager
+def hub_access(name: str, what: str, option: str, error: type[Exception] = None):
+    """Load a model or tokenizer (the body of the `with`) from a local directory or the hub, failing within seconds
+    with the fixes when the hub cannot be reached (the hub client alone retries for tens of seconds). A name that can
+    only be a path (absolute, ./, ../, ~, or deeper than owner/name) and is missing is named as such. `option` is the
+    setting to give a downloaded copy to; `error` the exception to raise (DataError by default)."""
+    error = error or DataError
+    path_like = (name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1
+                 or os.path.isdir(name.split("/")[0]))  # outputs/run1: a path, not the hub's OWNER/NAME
+    if path_like and not os.path.exists(os.path.expanduser(name)):
+        raise error(f"{what} directory `{name}` does not exist (relative paths start from {os.getcwd()}; the "
+                    "shell scripts run from the repository root). Fix the path.")
+    offline = must_use_cache(name)
+    try:
+        with offline_hub() if offline else contextlib.nullcontext():
+            yield
+    except OSError as e:
+        if os.path.isdir(name):
+            raise error(f"{what} directory `{name}` cannot be loaded: {e}") from None
+        reason = "the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache" if offline \
+            else str(e).splitlines()[0]
+        raise error(f"{what} `{name}` cannot be loaded: {reason}. Fixes: (1) set HF_ENDPOINT to a reachable mirror, "
+                    f"e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first: `hf download {name} --local-dir "
+                    f"models/{name.split('/')[-1]}` and pass that directory as `{option}`; (3) check the id (no "
+                    f"directory `{name}` under {os.getcwd()} either) and, for gated models, HF_TOKEN.") from None
+
+
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
 HF_URL = re.compile(r"hf://datasets/([^/@]+/[^/@]+)(?:@[^/]+)?/(.+)")
 

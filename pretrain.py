@@ -455,31 +455,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
 # --------------------------------------------------------------------------------------------
 # 2. Tokenizer and 3. model
 # --------------------------------------------------------------------------------------------
-@contextlib.contextmanager
 def hub_access(name: str, what: str):
-    """Load a model or tokenizer from a local directory, or from the hub, failing within seconds with
-    the fixes when the hub cannot be reached (the hub client alone retries for tens of seconds). A name
-    that can only be a path (absolute, ./, ../, ~, or deeper than owner/name) and is missing is named as such."""
-    path_like = (name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1
-                 or os.path.isdir(name.split("/")[0]))  # outputs/run1: a path, not the hub's OWNER/NAME
-    if path_like and not os.path.exists(os.path.expanduser(name)):
-        raise ConfigError(f"{what} directory `{name}` does not exist (relative paths start from {os.getcwd()}; the "
-                          "shell scripts run from the repository root). Fix the path.")
-    offline = data_utils.must_use_cache(name)
-    try:
-        with data_utils.offline_hub() if offline else contextlib.nullcontext():
-            yield
-    except OSError as e:
-        if os.path.isdir(name):
-            raise ConfigError(f"{what} directory `{name}` cannot be loaded: {e}") from None
-        reason = "the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache" if offline \
-            else str(e).splitlines()[0]
-        raise ConfigError(f"{what} `{name}` cannot be loaded: {reason}. Fixes: (1) set HF_ENDPOINT to a reachable "
-                          f"mirror, e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first: `hf download {name} "
-                          f"--local-dir models/{name.split('/')[-1]}` and pass that directory as "
-                          f"`{'tokenizer_name_or_path' if what == 'tokenizer' else 'model_name_or_path'}`; (3) check "
-                          f"the id (no directory `{name}` under {os.getcwd()} either) and, for gated models, "
-                          "HF_TOKEN.") from None
+    """data_utils.hub_access for the model or tokenizer of a run: a ConfigError naming the setting."""
+    return data_utils.hub_access(name, what, "tokenizer_name_or_path" if what == "tokenizer" else "model_name_or_path",
+                                 ConfigError)
 
 
 TOKENIZER_PROBE = "高血压患者应定期测量血压。Hypertension 2024."

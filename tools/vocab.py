@@ -325,31 +325,17 @@ def hub_download_hint(name: str) -> str:
 
 
 def load_tokenizer(name: str, flag: str):
-    """AutoTokenizer for a tokenizer directory or a hub id, as pretrain.py loads one: where the hub is unreachable
-    (or HF_HUB_OFFLINE is set) a hub id is looked up in the local cache only, so a missing one fails within seconds
-    with the fixes, not after the hub client's retries (most of a minute) with an OSError traceback."""
+    """AutoTokenizer for a tokenizer directory or a hub id, as pretrain.py loads one (data_utils.hub_access): a hub
+    id that is neither reachable nor cached fails within seconds with the fixes, not after the hub client's retries
+    (most of a minute) with an OSError traceback."""
     from transformers import AutoTokenizer
 
-    local = Path(os.path.expanduser(name))
-    if local.is_dir():
+    with data_utils.hub_access(name, flag, flag):
         try:
-            return AutoTokenizer.from_pretrained(local)
-        except (OSError, ValueError) as e:
-            raise DataError(f"{flag} `{name}`: no tokenizer loads from this directory ({str(e).splitlines()[0]}). "
-                            "Point it at a directory holding tokenizer.json or tokenizer.model.") from None
-    if local.exists() or name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1:
-        raise DataError(f"{flag} `{name}` is not a tokenizer directory (relative paths start from {os.getcwd()}). "
-                        "Fix the path.")
-    offline = data_utils.must_use_cache(name)
-    try:
-        with data_utils.offline_hub() if offline else contextlib.nullcontext():
-            return AutoTokenizer.from_pretrained(name)
-    except (OSError, ValueError) as e:
-        reason = ("the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache" if offline
-                  else str(e).splitlines()[0])
-        raise DataError(f"{flag} `{name}` cannot be loaded: {reason}. Fixes: pass a local tokenizer directory, or "
-                        f"{hub_download_hint(name)}; check the id (no directory `{name}` under {os.getcwd()} "
-                        "either).") from None
+            return AutoTokenizer.from_pretrained(os.path.expanduser(name))
+        except ValueError as e:  # a directory without tokenizer files, and no slow tokenizer to convert
+            raise DataError(f"{flag} `{name}`: no tokenizer loads from it ({str(e).splitlines()[0]}). Point it at a "
+                            "directory holding tokenizer.json or tokenizer.model.") from None
 
 
 def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) -> dict:
