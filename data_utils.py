@@ -339,7 +339,7 @@ def offline_hub():
 
 
 @contextlib.contextmanager
-def hub_access(name: str, what: str, option: str, error: type[Exception] = None):
+def hub_access(name: str, what: str, option: str, error: type[Exception] | None = None):
     """Load a model or tokenizer (the body of the `with`) from a local directory or the hub, failing within seconds
     with the fixes when the hub cannot be reached (the hub client alone retries for tens of seconds). A name that can
     only be a path (absolute, ./, ../, ~, or deeper than owner/name) and is missing is named as such. `option` is the
