@@ -2472,6 +2472,21 @@ def tell_the_launcher(message: str) -> None:
             Path(path).write_text(json.dumps({"message": record}), encoding="utf-8")
 
 
+def no_restart_for_this() -> None:
+    """torchrun (MAX_RESTARTS) restarts every rank after one fails, but these errors (a setting, the data, a
+    non-finite loss, a full disk) would come back on every attempt, after start-up and data preparation each
+    time: stop this node's agent, this process's parent, instead of letting it restart."""
+    restarts_left = (int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+                     - int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")))
+    try:  # only ever torchrun's agent
+        parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return
+    if restarts_left > 0 and (b"torch.distributed.run" in parent or any(a.endswith(b"torchrun") for a in parent)):
+        logger.warning("stopping torchrun rather than restarting: this error would come back on every attempt")
+        os.kill(os.getppid(), signal.SIGTERM)
+
+
 def main(argv: list[str], job=train) -> int:
     try:
         job(argv)
@@ -2479,6 +2494,7 @@ def main(argv: list[str], job=train) -> int:
         if not getattr(e, "raised_on_every_rank", False) or os.environ.get("LOCAL_RANK", "0") == "0":  # once per node
             print(f"\nerror: {e}", file=sys.stderr)  # on its own line, even after an unfinished progress bar
             tell_the_launcher(f"error: {e}")
+            no_restart_for_this()
         return 2
     finally:
         if distributed():

@@ -111,6 +111,13 @@ def test_a_setting_error_under_torchrun_is_printed_once_per_node():
     assert len(printed) == 1, proc.stderr[-3000:]
     root_cause = proc.stderr.split("Root Cause")[1]  # torchrun's closing box names it too, not just a link
     assert f"traceback : {printed[0]}" in root_cause, root_cause
+    # with restarts left, torchrun is stopped instead: each attempt would fail the same way
+    proc = subprocess.run(["bash", str(ROOT / "torchrun/run_torchrun.sh"), "--block_size", "abc",
+                           "--resume_from_checkpoint", "auto"], cwd=ROOT, env=dict(env, MAX_RESTARTS="2"),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert [line for line in proc.stderr.splitlines() if line.startswith("error: invalid setting")] == printed
+    assert "stopping torchrun rather than restarting" in proc.stderr
 
 
 def test_restarts_get_a_fresh_store_for_each_attempt(launch, tmp_path, monkeypatch):
