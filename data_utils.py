@@ -2362,7 +2362,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         train_set = mixture.as_torch_dataset()
         report = {"block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
                   "dedup": dedup, "mixture": "token weights, streaming", "seconds": round(time.time() - start, 3),
-                  "sources": report_sources}
+                  "sources": report_sources, "unread_data_files": unread_data_files(report_sources)}
         return PreparedData(train_set, evals, report)
     digests.save()
     train_set = MixedBlocks(train_parts, weights, seed)
@@ -2381,8 +2381,25 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         "dedup": dedup, "train_blocks": len(train_set), "train_tokens": len(train_set) * block_size,
         "mixture": "token weights" if weights else "natural sizes",
         "seconds": round(time.time() - start, 3), "sources": report_sources,
+        "unread_data_files": unread_data_files(report_sources),
     }
     return PreparedData(train_set, evals, report)
+
+
+def unread_data_files(report_sources: dict) -> list[str]:
+    """Data files beside the ones the sources read that no source reads: a file dropped into data/ for a config that
+    names its files one by one (configs/pretrain_tiny.yaml) would otherwise be left out without a word."""
+    read = [Path(f["path"]) for s in report_sources.values()
+            for f in [*s.get("files", []), *s.get("eval_input", {}).get("files", [])]]
+    seen = {path.resolve() for path in read}
+    unread = sorted({str(folder / other.name) for folder in {path.parent for path in read} if folder.is_dir()
+                     for other in folder.iterdir()
+                     if other.is_file() and is_data_file(other) and other.resolve() not in seen})
+    if unread:
+        logger.warning("%s beside the sources' files no source reads: %s%s. Add %s to `sources` (or read a whole "
+                       "directory: `path: data/`)", counted(len(unread), "data file"), ", ".join(unread[:5]),
+                       ", ..." if len(unread) > 5 else "", "it" if len(unread) == 1 else "them")
+    return unread
 
 
 def data_report_markdown(report: dict) -> str:
@@ -2405,7 +2422,11 @@ def data_report_markdown(report: dict) -> str:
                      f"{s['epochs_per_mixture'] if 'epochs_per_mixture' in s else ''} | {s['eval_documents']:,} | "
                      f"{removed} | {sum(s.get('skipped', {}).values()):,} | {s['cache']} |")
     lines += ["", "epochs: how often one pass over the mixture reads a source's training blocks (above 1 repeated, "
-              "below 1 subsampled).", "", "## Per source", ""]
+              "below 1 subsampled).", ""]
+    if report.get("unread_data_files"):
+        lines += [f"Not read by any source, beside files that are: {', '.join(f'`{f}`' for f in report['unread_data_files'])}"
+                  " (add them to `sources`).", ""]
+    lines += ["## Per source", ""]
     for name, s in report["sources"].items():
         if s.get("streaming"):
             lines.append(f"- **{name}**: streamed (tokenized and packed on the fly), weight {s['weight']}; the first "

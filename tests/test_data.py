@@ -575,3 +575,18 @@ def test_gzip_bz2_and_xz_files_are_read(tmp_path):
     spec = SourceConfig.from_dict({"path": str(d / "b.txt.bz2")}, 0)
     chunk = next(data_utils.read_chunks(data_utils.SourceInput.open(spec), spec))
     assert (chunk.fmt, chunk.encoding) == ("text", "gb18030") and chunk.nbytes == (d / "b.txt.bz2").stat().st_size
+
+
+def test_data_files_beside_the_sources_that_no_source_reads_are_named(tmp_path, tokenizer, caplog):
+    """A file dropped into data/ for a config that names its files one by one is reported, not left out silently."""
+    path = make_text_corpus(tmp_path / "d", repeat=3)
+    dropped = path.parent / "mine.jsonl"
+    dropped.write_text('{"text": "我的语料。"}\n', encoding="utf-8")
+    (path.parent / "notes.md").write_text("not data\n", encoding="utf-8")
+    with caplog.at_level("WARNING"):
+        data = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}])
+    assert data.report["unread_data_files"] == [str(dropped)]
+    assert f"1 data file beside the sources' files no source reads: {dropped}. Add it to `sources`" in caplog.text
+    assert f"`{dropped}`" in data_utils.data_report_markdown(data.report)
+    everything = build(tmp_path, tokenizer, [{"path": str(path.parent), "name": "all"}])
+    assert everything.report["unread_data_files"] == []
