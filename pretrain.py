@@ -2433,7 +2433,8 @@ def train(argv: list[str]) -> dict:
             "steps": trainer.state.global_step,
             "world_size": training_args.world_size,
             "tokens": trainer.state.global_step * tokens_per_step,
-            "runtime_seconds": result.metrics.get("train_runtime"),
+            "resumed_from_step": int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0,
+            "runtime_seconds": result.metrics.get("train_runtime"),  # of this start (since resumed_from_step)
             **meter.overall(trainer.state.global_step),
             "flops_per_token": meter.flops_per_token,
             "skipped_nonfinite_steps": trainer.skipped_steps,

@@ -57,7 +57,8 @@ def test_sigterm_to_one_rank_saves_one_checkpoint_and_the_next_start_resumes(tmp
     resumed = run_pretrain([run, "--resume_from_checkpoint", "auto", "--max_steps", stopped + 3])
     assert f"resume_from_checkpoint auto: {checkpoints[0]}" in resumed.stderr
     assert "gradient_accumulation_steps 1 -> 2 keeps its 256 tokens per step" in resumed.stderr
-    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["steps"] == stopped + 3
+    train = json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]
+    assert train["steps"] == stopped + 3 and train["resumed_from_step"] == stopped
 
 
 def test_non_finite_loss_stops_with_the_last_good_checkpoint(tmp_path, micro_model_config, tokenizer_dir):
