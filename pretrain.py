@@ -1880,11 +1880,17 @@ def start_block_record(training_args: PretrainingArguments, resume: str | None) 
     path.parent.mkdir(parents=True, exist_ok=True)
     kept = ""
     if resume and path.is_file():
-        step = int(Path(resume).name.rsplit("-", 1)[-1])
+        step = checkpoint_step(resume)
         kept = "".join(line for line in path.read_text(encoding="utf-8").splitlines(keepends=True)
                        if line.strip() and json.loads(line)["step"] <= step)
     atomic_write_text(path, kept)
     return path
+
+
+def checkpoint_step(checkpoint: str | Path) -> int:
+    """The step a checkpoint holds, from its trainer state (an explicit resume path need not be named checkpoint-N;
+    the state is checked to parse before any resume)."""
+    return json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))["global_step"]
 
 
 def checkpoints_newest_first(output_dir: str | Path) -> list[Path]:
@@ -2433,7 +2439,7 @@ def train(argv: list[str]) -> dict:
             "steps": trainer.state.global_step,
             "world_size": training_args.world_size,
             "tokens": trainer.state.global_step * tokens_per_step,
-            "resumed_from_step": int(Path(resume).name.rsplit("-", 1)[-1]) if resume else 0,
+            "resumed_from_step": checkpoint_step(resume) if resume else 0,
             "runtime_seconds": result.metrics.get("train_runtime"),  # of this start (since resumed_from_step)
             **meter.overall(trainer.state.global_step),
             "flops_per_token": meter.flops_per_token,

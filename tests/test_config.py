@@ -237,7 +237,10 @@ def test_the_block_record_restarts_with_a_fresh_run_and_keeps_a_resumes_steps(tm
     path = tmp_path / "block_ids" / "rank0.jsonl"
     path.parent.mkdir()
     path.write_text("".join(json.dumps({"step": s, "block_ids": [s]}) + "\n" for s in range(1, 6)))  # died at 5
-    assert pretrain.start_block_record(training, str(tmp_path / "checkpoint-3")) == path
+    checkpoint = tmp_path / "saved-at-3"  # an explicit resume path need not be named checkpoint-N
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    assert pretrain.start_block_record(training, str(checkpoint)) == path
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     pretrain.start_block_record(training, None)
     assert path.read_text() == ""
