@@ -2348,6 +2348,7 @@ def train(argv: list[str]) -> dict:
 
         deepspeed.init_distributed(dist_backend="gloo")
     resume, stale = start_decisions(argv, model_args, training_args)
+    resumed_from = checkpoint_step(resume) if resume else 0  # read now: rotation may delete it during training
     tokenizer = on_every_rank(lambda: load_tokenizer(model_args, data_args, training_args, resume))
     model_args.torch_dtype = weight_dtype(model_args, training_args)
     compute_dtype = (torch.bfloat16 if training_args.bf16 or training_args.bf16_weights else
@@ -2439,7 +2440,7 @@ def train(argv: list[str]) -> dict:
             "steps": trainer.state.global_step,
             "world_size": training_args.world_size,
             "tokens": trainer.state.global_step * tokens_per_step,
-            "resumed_from_step": checkpoint_step(resume) if resume else 0,
+            "resumed_from_step": resumed_from,
             "runtime_seconds": result.metrics.get("train_runtime"),  # of this start (since resumed_from_step)
             **meter.overall(trainer.state.global_step),
             "flops_per_token": meter.flops_per_token,
