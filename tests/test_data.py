@@ -147,6 +147,85 @@ def test_a_file_that_mixes_encodings_is_named_or_read_as_utf8(tmp_path):
     assert texts_of({"path": str(path), "on_error": "skip"}) == [ZH_LINES[0], ZH_LINES[2], ZH_LINES[4]]
 
 
+# UTF-8 text whose bytes are also valid GB18030: read as GB18030 it decodes, garbled, without an error
+UTF8_READS_AS_GB18030 = ["心脏病患者要注意休息", "医生建议"]
+
+
+def gb18030_file_with_utf8_lines(path, fmt):
+    """A GB18030 file of a little over 1 MB (its first MB is GB18030 only) whose records 30001 and 30002 are
+    UTF-8; its texts and the line numbers of those two records."""
+    texts = [f"第{i}例：高血压患者应当定期监测血压" for i in range(1, 30004)]
+    texts[30000:30002] = UTF8_READS_AS_GB18030
+    rows = {"text": texts, "csv": [f"{i},{t}" for i, t in enumerate(texts, 1)],
+            "jsonl": [json.dumps({"text": t}, ensure_ascii=False) for t in texts],
+            "json": [json.dumps({"text": t}, ensure_ascii=False) + ("," if i < len(texts) else "")
+                     for i, t in enumerate(texts, 1)]}[fmt]
+    header = {"csv": b"id,text\n", "json": b"[\n"}.get(fmt, b"")
+    path.write_bytes(header + b"".join(row.encode("utf-8" if i in (30001, 30002) else "gb18030") + b"\n"
+                                       for i, row in enumerate(rows, 1)) + (b"]\n" if fmt == "json" else b""))
+    assert path.stat().st_size > 1 << 20
+    return texts, [n + (1 if header else 0) for n in (30001, 30002)]
+
+
+@pytest.mark.parametrize("fmt", ["text", "jsonl", "csv", "json"])
+def test_utf8_lines_after_the_first_mb_of_a_gb18030_file_are_named_or_skipped(tmp_path, fmt):
+    """They would decode as GB18030, garbled and silently; now `raise` names the first (both readings), `skip`
+    counts both as `bad_encoding`, and `encoding: gb18030` (the user says so) reads every line as GB18030."""
+    path = tmp_path / f"gb.{'txt' if fmt == 'text' else fmt}"
+    texts, lines = gb18030_file_with_utf8_lines(path, fmt)
+    source = {"path": str(path), "format": fmt}
+    assert data_utils.detect_encoding(path, "auto") == "gb18030"
+    places = [f"record {n}" for n in (30001, 30002)] if fmt == "json" else [f"line {n}" for n in lines]
+    with pytest.raises(DataError, match=rf"gb\.\w+` {places[0]} reads as UTF-8 \(“.*心脏病患者要注意休息.*”\), not "
+                                        r"as the GB18030 the file was detected as \(“.*蹇冭剰鐥.*”\): the file mixes "
+                                        r"encodings.*iconv.*on_error: skip.*encoding: gb18030"):
+        texts_of(source)
+    spec = SourceConfig.from_dict({**source, "on_error": "skip"}, 0)
+    skipped, notes, kept = 0, [], []
+    for chunk in data_utils.read_chunks([path], spec):
+        chunk_texts, _, counts, chunk_notes = data_utils.format_chunk(spec, chunk)
+        kept, notes, skipped = kept + chunk_texts, notes + chunk_notes, skipped + counts.get("skipped:bad_encoding", 0)
+    assert kept == [t for t in texts if t not in UTF8_READS_AS_GB18030] and skipped == 2
+    assert [message.split(": ")[0] for _, message in notes] == [f"`{path}` {place}" for place in places]
+    garbled = texts_of({**source, "encoding": "gb18030"})
+    assert "心脏病患者要注意休息".encode().decode("gb18030") in garbled
+
+
+def test_rows_of_csv_and_json_in_another_encoding_are_named_by_line_or_skipped(tmp_path):
+    """A file decoded whole: the error names the row's own line (it named the line where an 8 KB block of
+    decoding started, or only a byte offset), and `on_error: skip` skips the record instead of stopping."""
+    rows = [f"{i},第{i}行的内容" for i in range(1, 3001)]
+    table = tmp_path / "t.csv"
+    table.write_bytes(b"id,text\n" + b"".join(r.encode("gbk" if i == 1500 else "utf-8") + b"\n"
+                                             for i, r in enumerate(rows, 1)))
+    array = tmp_path / "t.json"
+    items = [json.dumps({"text": f"第{i}条"}, ensure_ascii=False) for i in range(1, 201)]
+    array.write_bytes(b"[\n" + b",\n".join(r.encode("gbk" if i == 150 else "utf-8") for i, r in enumerate(items, 1))
+                      + b"\n]")
+    for path, line, record, unit in ((table, 1501, 1501, "line"), (array, 151, 150, "record")):
+        with pytest.raises(DataError, match=rf"` line {line} is not valid utf-8 \(byte 0x\w\w\), but reads as gb18030"):
+            texts_of({"path": str(path), "encoding": "utf-8"})
+        spec = SourceConfig.from_dict({"path": str(path), "encoding": "utf-8", "on_error": "skip"}, 0)
+        chunks = [data_utils.format_chunk(spec, chunk) for chunk in data_utils.read_chunks([path], spec)]
+        assert sum(len(texts) for texts, _, _, _ in chunks) == (2999 if path == table else 199)
+        assert [note for _, _, _, notes in chunks for note in notes] == [
+            ("bad_encoding", f"`{path}` {unit} {record}: is not valid utf-8 (byte 0xb5): a line in another encoding?")]
+
+
+def test_a_head_that_is_gb18030_with_utf8_lines_mixes_encodings(tmp_path):
+    """UTF-8 lines that are also valid GB18030 inside the first MB: named, with the way out if the detection
+    is wrong; under `on_error: skip` the file is read in the encoding of most of its lines."""
+    path = tmp_path / "mixed.txt"
+    path.write_bytes(b"".join(line.encode("gb18030") + b"\n" for line in ZH_LINES[:5]) +
+                     b"".join(line.encode("utf-8") + b"\n" for line in UTF8_READS_AS_GB18030))
+    with pytest.raises(DataError, match=r"mixes encodings: line 6 is UTF-8 but line 1 is not.*"
+                                        r"If line 6 is GB18030 after all \(it then reads “蹇冭剰.*”\), set "
+                                        r"`encoding: gb18030`"):
+        data_utils.detect_encoding(path, "auto")
+    assert data_utils.detect_encoding(path, "auto", skip_bad_lines=True) == "gb18030"
+    assert texts_of({"path": str(path), "on_error": "skip"}) == ZH_LINES[:5]
+
+
 def test_a_json_array_on_each_line_is_named_with_a_conversion_that_works(tmp_path):
     path = tmp_path / "lists.jsonl"
     path.write_text('[{"text": "甲"}, {"text": "乙"}]\n[{"text": "丙"}]\n', encoding="utf-8")

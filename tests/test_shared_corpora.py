@@ -91,3 +91,15 @@ def test_rendered_texts_add_no_none_brackets_or_doubled_stops(source):
         assert texts[0].startswith("名称：肺泡蛋白质沉积症。描述：")
     if spec.name == "dialog":
         assert texts[0].startswith("[User] 治疗阳痿吃什么药呢？") and "\n[Assistant] " in texts[0]
+
+
+@pytest.mark.parametrize("source", SOURCES, ids=lambda s: s["name"])
+def test_real_corpora_saved_as_gb18030_read_as_their_utf8_originals(tmp_path, source):
+    """Detected as GB18030, every line is checked for being UTF-8 Chinese (a mixed file); on real text
+    that check must find nothing: the same texts come out as from the UTF-8 original."""
+    original = data_utils.resolve_files(source["path"], source["name"])[0]
+    copy = tmp_path / original.name
+    copy.write_bytes(original.read_text(encoding="utf-8").encode("gb18030"))
+    texts = list(data_utils.iter_texts(data_utils.SourceConfig.from_dict(source, 0)))
+    assert data_utils.detect_encoding(copy, "auto") == "gb18030"
+    assert list(data_utils.iter_texts(data_utils.SourceConfig.from_dict({**source, "path": str(copy)}, 0))) == texts
