@@ -14,6 +14,7 @@ rendered texts, convert sources to one jsonl, prepare the token stores ahead of 
 """
 from __future__ import annotations
 
+import argparse
 import bisect
 import bz2
 import codecs
@@ -42,6 +43,7 @@ import socket
 import string
 import sys
 import tempfile
+import textwrap
 import time
 import unicodedata
 import zlib
@@ -2726,24 +2728,42 @@ def search_hub(query: str, limit: int) -> list[str]:
     return [f"{d.id}\tdownloads {d.downloads or 0}\tlikes {d.likes or 0}" for d in found]
 
 
-USAGE = """usage:
-  python data_utils.py preview CONFIG.yaml [--source NAME] [-n N] [--field value ...]
-      print the first N rendered training texts of each source with their token counts
-  python data_utils.py convert CONFIG.yaml --out FILE.jsonl [--field value ...]
-      write all formatted, cleaned, deduplicated texts as jsonl with a `text` field
-  python data_utils.py prepare CONFIG.yaml [--field value ...]
-      build the token stores and the data report (e.g. on a CPU node before the GPU job)
-  python data_utils.py search QUERY [--limit N]
-      list hub datasets matching QUERY, most downloaded first"""
+COMMANDS = {  # command: (arguments, what it does)
+    "preview": ("CONFIG.yaml [--source NAME] [-n N] [--field value ...]",
+                "print the first N rendered training texts of each source with their token counts"),
+    "convert": ("CONFIG.yaml --out FILE.jsonl [--field value ...]",
+                "write all formatted, cleaned, deduplicated texts as jsonl with a `text` field"),
+    "prepare": ("CONFIG.yaml [--field value ...]",
+                "build the token stores and the data report (e.g. on a CPU node before the GPU job)"),
+    "search": ("QUERY [--limit N]", "list hub datasets matching QUERY, most downloaded first"),
+}
+USAGE = "usage:\n" + "\n".join(f"  python data_utils.py {command} {arguments}\n      {what}"
+                                 for command, (arguments, what) in COMMANDS.items())
+
+
+def command_help(command: str) -> str:
+    """A command's usage and the data options it reads, not all of pretrain.py's training options."""
+    from transformers import HfArgumentParser
+
+    import pretrain
+
+    arguments, what = COMMANDS[command]
+    options = HfArgumentParser(pretrain.DataArguments, usage=argparse.SUPPRESS, add_help=False).format_help()
+    reads = "the data options below" + ("" if command == "convert" else " and those that choose the tokenizer "
+                                        "(--tokenizer_name_or_path, --model_name_or_path, --tokenizer_vocab_size, ...)")
+    note = textwrap.fill(f"The config file's fields and any pretrain.py option may follow (`python pretrain.py "
+                         f"--help` lists them all); this command reads {reads}.", 100)
+    return f"usage: python data_utils.py {command} {arguments}\n{what}\n\n{note}\n\ndata {options}"
 
 
 def main(argv: list[str]) -> int:
-    import argparse
-
-    if not argv or argv[0] not in ("preview", "convert", "prepare", "search"):
+    if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
+    if command != "search" and {"-h", "--help"} & set(rest):
+        print(command_help(command))
+        return 0
     if command == "search":
         cli = argparse.ArgumentParser(prog="data_utils.py search")
         cli.add_argument("query")

@@ -213,6 +213,15 @@ def test_preview_and_convert_cli(tmp_path, tokenizer_dir):
     assert missing.returncode == 2 and "no source named `medqq`. Did you mean `medqa`?" in missing.stderr
 
 
+@pytest.mark.parametrize("command", ["prepare", "preview", "convert"])
+def test_command_help_lists_the_data_options_not_all_training_options(command, capsys):
+    assert data_utils.main([command, "--help"]) == 0
+    shown = capsys.readouterr().out
+    assert shown.startswith(f"usage: python data_utils.py {command} CONFIG.yaml")
+    assert "--sources SOURCES" in shown and "--block_size" in shown and "--learning_rate" not in shown
+    assert ("--tokenizer_name_or_path" in shown) == (command != "convert")
+
+
 def test_dialog_with_openai_content_parts_renders_their_text():
     record = {"messages": [{"role": "user", "content": [{"type": "text", "text": "这张片子"},
                                                         {"type": "image_url", "image_url": {"url": "x"}},
