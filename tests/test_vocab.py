@@ -251,6 +251,39 @@ def test_user_defined_symbols_stay_whole_after_extension(bases, tmp_path):
     assert all(sp.encode(term, out_type=str)[-1] == term for term in terms)
 
 
+def test_a_glossary_file_adds_terms_that_tokenize_whole_or_says_which_it_could_not(bases, tmp_path, capsys):
+    """A text file of terms, one per line. Into a Llama-2-style tokenizer.model they were appended alone, and a term
+    whose halves are not pieces was never produced (冠心病 stayed bytes): each now comes with its merge path (its
+    characters, then 冠心, 冠心病), in the slow SentencePiece model and tokenizer.json alike. Into a byte-level
+    BPE, a term the pre-tokenizer splits (COVID-19) was dropped without a word: now counted, named and warned."""
+    import sentencepiece as spm
+    from transformers import AutoTokenizer
+
+    base_dir, _, _ = bases
+    terms = ["高血压", "冠心病", "心肌梗死", "COVID-19"]
+    glossary = tmp_path / "terms.txt"
+    glossary.write_text("\n".join(terms) + "\n", encoding="utf-8")
+    english = (base_dir / "en" / "en.txt").read_text(encoding="utf-8").splitlines()
+    text = "患者有冠心病和高血压，曾心肌梗死。"
+    for name, base in (("llama2", llama2_style_base(tmp_path / "llama", english)),
+                       ("qwen2", qwen2_style_base(tmp_path / "qwen2", english))):
+        out = tmp_path / f"{name}_extended"
+        assert vocab.main(["extend", "--base", str(base), "--add", str(glossary), "--out", str(out)]) == 0
+        shown = capsys.readouterr()
+        result = json.loads(shown.out)
+        extended = AutoTokenizer.from_pretrained(out)
+        tokens = [extended.decode([i]) for i in extended(text, add_special_tokens=False)["input_ids"]]
+        assert [t for t in tokens if t in terms] == ["冠心病", "高血压", "心肌梗死"], (name, tokens)
+        assert extended.decode(extended(text)["input_ids"], skip_special_tokens=True) == text
+        if name == "llama2":
+            sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
+            assert [t for t in sp.encode(text, out_type=str) if t in terms] == ["冠心病", "高血压", "心肌梗死"]
+            assert result["pieces_not_added"] == 0
+        else:
+            assert (result["pieces_not_added"], result["pieces_not_added_examples"]) == (1, ["COVID-19"])
+            assert "warning: 1 pieces were not added" in shown.err and "--user_defined_symbols" in shown.err
+
+
 def test_a_hub_tokenizer_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch, capsys):
     """Offline, a hub id not in the cache used to end in an OSError traceback (after ~50 s of retries where the
     network is down but HF_HUB_OFFLINE is not set): now exit code 2 and the fixes, at once."""

@@ -4,6 +4,7 @@ with its pieces, and measure what that buys.
     python tools/vocab.py train CONFIG.yaml --vocab_size N --out DIR [--model_type bpe|unigram]
                                 [--character_coverage C] [--user_defined_symbols FILE|a,b,c] [--overwrite]
     python tools/vocab.py extend --base DIR --add DIR_OR_FILE --out DIR [--config CONFIG.yaml] [--overwrite]
+        (--add: a SentencePiece tokenizer, or a text file of pieces or domain terms, one per line)
     python tools/vocab.py report CONFIG.yaml --tokenizer DIR_OR_HUB_ID [--tokenizer DIR_OR_HUB_ID ...]
 
 Why a separate tool: these are one-off preparation steps run before training (like `hf download`),
@@ -14,12 +15,15 @@ Extending keeps every base token's id and text, appends the new ones, and leaves
 text without the new pieces unchanged, for both tokenizer families:
   * SentencePiece-model tokenizers (Llama-2 style, tokenizer.model): new pieces are appended to the
     model proto (as Chinese-LLaMA does, but scored below every base piece, in their own order, so the
-    base merges keep their priority; user-defined symbols stay USER_DEFINED, whole wherever they occur)
-    and to the fast tokenizer's tokenizer.json (user-defined symbols as non-special added tokens);
+    base merges keep their priority; in a BPE model each with the characters and intermediate pieces a
+    merge path to it needs, so a term from a text file is produced too; user-defined symbols stay
+    USER_DEFINED, whole wherever they occur) and to the fast tokenizer's tokenizer.json (user-defined
+    symbols as non-special added tokens);
   * byte-level BPE tokenizer.json tokenizers (Qwen2 / Llama-3 style): each new piece is written in the
     byte alphabet, built from the tokens the current vocabulary splits it into by merges appended
     after all existing merges, and its intermediate tokens join the vocabulary (a user-defined symbol
-    the pre-tokenizer would split, such as 2型糖尿病, becomes a non-special added token instead).
+    the pre-tokenizer would split, such as 2型糖尿病, becomes a non-special added token instead; any other
+    such piece is not added, and the result counts and names it).
 Special tokens numbered after the vocabulary (Qwen2, Llama-3, a Llama-2 <pad>) keep their ids too, and
 check_extension compares ids with the tokenizer's own BOS/EOS on sample texts before anything is written.
 The output directory of `train` and `extend` is built in a temporary sibling and renamed into place; it is
@@ -107,14 +111,39 @@ def _added_token(token_id: int, content: str) -> dict:
             "normalized": False, "special": False}
 
 
+def _sentencepiece_bpe(text: str, scores: dict[str, float]) -> list[str]:
+    """A SentencePiece BPE model's split of `text`: from characters, repeatedly join the adjacent pair whose
+    concatenation is the highest-scored piece (the leftmost on a tie)."""
+    word = list(text)
+    while len(word) > 1:
+        joins = [(scores[word[j] + word[j + 1]], -j) for j in range(len(word) - 1) if word[j] + word[j + 1] in scores]
+        if not joins:
+            break
+        j = -max(joins)[1]
+        word[j:j + 2] = [word[j] + word[j + 1]]
+    return word
+
+
+def merge_path(piece: str, scores: dict[str, float]) -> list[str]:
+    """What a SentencePiece BPE vocabulary (`scores`) must gain, in order, for merges to produce `piece`: its
+    characters that are not pieces (a merge joins pieces; tokenizer.json's merges need both halves in the
+    vocabulary), then the piece built left to right from the tokens the vocabulary splits it into (高血压 from
+    ['高', '血', '压']: 高血, then 高血压). A piece appended alone, whose halves are not pieces, is never produced."""
+    chars = [c for c in dict.fromkeys(piece) if c not in scores]
+    tokens = _sentencepiece_bpe(piece, scores)
+    built = [tokens[0] + "".join(tokens[1:k + 1]) for k in range(1, len(tokens))]
+    return chars + [b for b in built if b not in scores]
+
+
 def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path,
-                         user_defined: set[str] = frozenset()) -> int:
+                         user_defined: set[str] = frozenset()) -> tuple[int, list[str]]:
     """Append the pieces to tokenizer.model and, when the base has one, to tokenizer.json's BPE model: the
     tokenizer.json keeps its normalizer, pre-tokenizer and post-processor (the BOS a Llama-2 tokenizer saved by
     transformers adds lives only there), its vocabulary and merges; the new merges come after all of them.
-    User-defined symbols stay USER_DEFINED in the proto and become non-special added tokens in tokenizer.json
-    (as transformers converts them): appended as normal pieces, a term whose halves are not pieces could never
-    be produced by a merge."""
+    In a BPE model each piece comes with the pieces of its merge_path (a domain term from a text file, a
+    unigram model's piece). User-defined symbols stay USER_DEFINED in the proto and become non-special added
+    tokens in tokenizer.json (as transformers converts them), whole wherever they occur. The number of tokens
+    added, and the pieces that were not (none here)."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     Piece = sp_pb2.ModelProto.SentencePiece
@@ -133,15 +162,23 @@ def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path,
         proto.pieces.append(Piece(piece=token, score=0.0, type=Piece.CONTROL if special else Piece.USER_DEFINED))
     first_new = len(proto.pieces)
     existing = {p.piece for p in proto.pieces}
-    lowest = min((p.score for p in proto.pieces if p.type == Piece.NORMAL), default=0.0)
+    scores = {p.piece: p.score for p in proto.pieces if p.type == Piece.NORMAL}
+    lowest = min(scores.values(), default=0.0)
+    bpe = proto.trainer_spec.model_type == sp_pb2.TrainerSpec.BPE
     for piece in pieces:
         if piece in existing:
             continue
         if piece in user_defined:  # matched whole before any merge, as the trained model has it
             proto.pieces.append(Piece(piece=piece, score=0.0, type=Piece.USER_DEFINED))
-        else:  # scored below every base piece: base merges always win, in their order
-            proto.pieces.append(Piece(piece=piece, score=lowest - (len(proto.pieces) - first_new + 1)))
-        existing.add(piece)
+            existing.add(piece)
+            continue
+        for part in merge_path(piece, scores) if bpe else [piece]:
+            if part in existing:  # a character that is a user-defined or control piece
+                continue
+            # scored below every base piece: base merges always win, in their order
+            scores[part] = lowest - (len(proto.pieces) - first_new + 1)
+            proto.pieces.append(Piece(piece=part, score=scores[part]))
+            existing.add(part)
     _copy_base(base, tmp, skip=("tokenizer.json", "tokenizer.model"))
     (tmp / "tokenizer.model").write_bytes(proto.SerializeToString())
     if (base / "tokenizer.json").is_file():
@@ -170,7 +207,7 @@ def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path,
                                                    enumerate(proto.pieces[first_new:], first_new)
                                                    if p.type == Piece.USER_DEFINED)
         (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    return len(proto.pieces) - first_new
+    return len(proto.pieces) - first_new, []
 
 
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -194,9 +231,11 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 
 def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
-                          user_defined: set[str] = frozenset()) -> int:
+                          user_defined: set[str] = frozenset()) -> tuple[int, list[str]]:
     """Add each piece by merges, or, for a user-defined symbol the pre-tokenizer would split (2型糖尿病, COVID-19:
-    digits and punctuation are pre-tokens of their own), as a non-special added token, so it stays whole too."""
+    digits and punctuation are pre-tokens of their own), as a non-special added token, so it stays whole too.
+    The number of tokens added, and the pieces that were not: others the pre-tokenizer splits, which no merge
+    can produce."""
     from tokenizers import Tokenizer
 
     spec = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
@@ -207,7 +246,7 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
     merges = _merge_pairs(model["merges"])
     ranks = {pair: i for i, pair in enumerate(merges)}
     next_id = max(vocab.values()) + 1
-    added = 0
+    added, split = 0, []
     for piece in sorted(dict.fromkeys(pieces), key=len):  # short pieces first: longer ones build on them
         text = piece.replace("▁", " ")
         if not text:
@@ -218,7 +257,9 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
                 spec.setdefault("added_tokens", []).append(_added_token(next_id, text))
                 next_id += 1
                 added += 1
-            continue  # the pre-tokenizer would split it: no merge could ever produce it
+            else:  # no merge could ever produce it
+                split.append(piece)
+            continue
         target = "".join(BYTE_TO_CHAR[b] for b in text.encode("utf-8"))
         if target in vocab:
             continue
@@ -236,7 +277,7 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
     model["merges"] = [list(m) for m in merges]
     _copy_base(base, tmp, skip=("tokenizer.json",))
     (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    return added
+    return added, split
 
 
 MARKER = "vocab_extension.json"  # written into every extension: what it is made of and which files the tool wrote
@@ -358,7 +399,7 @@ def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) 
     base_tok = load_tokenizer(str(base), "--base")
     with staging(out) as tmp:
         (tmp / "work").mkdir()
-        added = extend(base, base_tok, pieces, tmp / "work", user_defined)
+        added, not_added = extend(base, base_tok, pieces, tmp / "work", user_defined)
         staged = tmp / "saved"
         AutoTokenizer.from_pretrained(tmp / "work").save_pretrained(staged)
         if family == "sentencepiece":
@@ -366,7 +407,8 @@ def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) 
         extended = AutoTokenizer.from_pretrained(staged)
         check_extension(base_tok, extended)
         result = {"family": family, "base_tokens": len(base_tok), "pieces_offered": len(pieces),
-                  "added_tokens": added, "tokens": len(extended)}
+                  "added_tokens": added, "tokens": len(extended), "pieces_not_added": len(not_added),
+                  "pieces_not_added_examples": not_added[:10]}
         files = sorted(f.name for f in staged.iterdir())
         (staged / MARKER).write_text(json.dumps({"written_by": "tools/vocab.py extend", "base": str(base),
                                                  "add": str(add), **result, "files": files}, indent=1))
@@ -490,6 +532,11 @@ def main(argv: list[str]) -> int:
         elif args.command == "extend":
             result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out), args.overwrite)
             print(json.dumps(result, ensure_ascii=False))
+            if result["pieces_not_added"]:
+                print(f"warning: {result['pieces_not_added']} pieces were not added: the base's pre-tokenizer splits "
+                      f"them (e.g. {', '.join(result['pieces_not_added_examples'][:3])}), so no merge can produce "
+                      "them. To keep such terms whole, train with them as --user_defined_symbols and extend with "
+                      "that tokenizer.", file=sys.stderr)
             if args.config:
                 table = report(load_sources(args.config, overrides).sources, [args.base, args.out])
                 print_report(table)
