@@ -1557,18 +1557,63 @@ class FileDigests:
         atomic_write_text(self.path, json.dumps(self.memo))
 
 
-def staging_dir(directory: Path) -> Path:
-    """A fresh temporary sibling to build `directory` in, renamed into place when complete. Siblings that
-    builds on this host left behind when their process died (a killed run) are removed first."""
+PROGRESS = "progress.json"  # in a token store's staging directory: how far its build got, to resume from
+PROGRESS_SECONDS = 30.0  # how often a store build saves its progress (flushes its files, writes PROGRESS)
+
+
+def own_staging_name(directory: Path) -> Path:
+    """Where this process builds `directory`: a sibling named for the host and process."""
+    return directory.with_name(f"{directory.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+
+
+def _dead_staging_dirs(parent: Path) -> Iterator[Path]:
+    """Staging directories in `parent` whose building process on this host has died (a killed run)."""
     host = socket.gethostname()
-    for stale in directory.parent.glob(f"*.tmp-{host}-*"):
+    for stale in parent.glob(f"*.tmp-{host}-*"):
         pid = stale.name.rsplit("-", 1)[1]
         if pid.isdigit() and int(pid) != os.getpid() and not process_alive(int(pid)):
+            yield stale
+
+
+def staging_dir(directory: Path) -> Path:
+    """A fresh temporary sibling to build `directory` in, renamed into place when complete. Siblings that
+    builds on this host left behind when their process died are removed first, except the partial token
+    stores (resumable_staging_dir resumes or removes those)."""
+    for stale in _dead_staging_dirs(directory.parent):
+        if not (stale / PROGRESS).is_file():
             shutil.rmtree(stale, ignore_errors=True)
-    tmp = directory.with_name(f"{directory.name}.tmp-{host}-{os.getpid()}")
+    tmp = own_staging_name(directory)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     return tmp
+
+
+def resumable_staging_dir(directory: Path) -> tuple[Path, dict | None]:
+    """staging_dir for a token store (`SOURCE-KEY`), and the progress of the build it continues: the partial
+    store a dead build of the same store left on this host is claimed (renamed; if two processes try, one
+    wins) and resumed; partial stores of the same source with another key (its files or settings changed
+    since) are removed."""
+    source = directory.name.rsplit("-", 1)[0]
+    claimed = None
+    for stale in _dead_staging_dirs(directory.parent):
+        store = stale.name.split(".tmp-")[0]
+        if store.rsplit("-", 1)[0] != source or not (stale / PROGRESS).is_file():
+            continue
+        if store == directory.name and claimed is None:
+            with contextlib.suppress(OSError):  # another process claimed it first
+                os.rename(stale, own_staging_name(directory))
+                claimed = own_staging_name(directory)
+            continue
+        shutil.rmtree(stale, ignore_errors=True)
+    if claimed is None:
+        return staging_dir(directory), None
+    progress = json.loads((claimed / PROGRESS).read_text(encoding="utf-8"))
+    if progress.get("chunk_lines") != CHUNK_LINES or any(
+            not (claimed / f"{name}.bin").is_file() or (claimed / f"{name}.bin").stat().st_size < size
+            for name, size in progress["sizes"].items()):
+        shutil.rmtree(claimed, ignore_errors=True)
+        return staging_dir(directory), None
+    return claimed, progress
 
 
 def process_alive(pid: int) -> bool:
@@ -1629,30 +1674,55 @@ class TokenStore:
     @staticmethod
     def build(directory: Path, spec: SourceConfig, inputs: SourceInput, info: TokenizerInfo,
               num_proc: int, key_material: dict, byte_mask: np.ndarray | None = None) -> None:
-        """Tokenize every record of the source's input into a new store at `directory`, atomically."""
+        """Tokenize every record of the source's input into a new store at `directory`, atomically. Every
+        PROGRESS_SECONDS the files are flushed and the progress saved, so a build that dies (killed,
+        preempted, interrupted, out of disk space) leaves a partial store that the next build of the same
+        store resumes after its last saved chunk; a build stopped by bad data removes it (the fix changes
+        the store's key)."""
         dtype = np.uint16 if info.vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
-        tmp = staging_dir(directory)
-        counts: dict[str, int] = {}
-        file_info: dict[int, tuple] = {}
+        tmp, progress = resumable_staging_dir(directory)
+        done = progress or {"chunks": 0, "n_docs": 0, "n_tokens": 0, "nbytes": 0, "counts": {}, "files": {},
+                            "seconds": 0.0}
+        counts: dict[str, int] = dict(done["counts"])
+        file_info: dict[int, tuple] = {int(i): tuple(v) for i, v in done["files"].items()}
         log_skips = SkipLog(spec.name)
-        n_docs, n_tokens = 0, 0
+        n_docs, n_tokens, n_chunks, nbytes = done["n_docs"], done["n_tokens"], done["chunks"], done["nbytes"]
         total = inputs.size()
-        start = time.time()
-        work = ((spec, info, chunk) for chunk in read_chunks(inputs, spec))
+        start = time.time() - done["seconds"]
+        if progress:
+            logger.info("source `%s`: resuming the tokenization an earlier run left at %.0f%% of its input (%s)",
+                        spec.name, 100 * nbytes / max(total, 1), counted(n_docs, "document"))
+        work = ((spec, info, chunk) for chunk in itertools.islice(read_chunks(inputs, spec), n_chunks, None))
         use_pool = (num_proc > 1 and info.backend_json is not None and not inputs.dataset
                     and total >= POOL_MIN_BYTES)
         pool = (multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (info,))
                 if use_pool else None)
         from tqdm.auto import tqdm
 
+        files: dict[str, Any] = {}
+
+        def save_progress() -> None:
+            for f in files.values():
+                f.flush()
+                os.fsync(f.fileno())
+            atomic_write_text(tmp / PROGRESS, json.dumps({
+                "chunk_lines": CHUNK_LINES, "chunks": n_chunks, "n_docs": n_docs, "n_tokens": n_tokens,
+                "nbytes": nbytes, "counts": counts, "files": file_info, "seconds": time.time() - start,
+                "sizes": {name: f.tell() for name, f in files.items()}}))
+
         try:
             results = bounded_imap(pool, _tokenize_star, work, 4 * num_proc) if pool else map(_tokenize_star, work)
-            files = {name: open(tmp / f"{name}.bin", "wb") for name in ("tokens", "offsets", *DOC_ARRAYS)}
-            with contextlib.ExitStack() as stack, tqdm(total=total, unit="rec" if inputs.dataset else "B",
-                                                       unit_scale=True, desc=f"tokenize {spec.name}") as bar:
+            for name in ("tokens", "offsets", *DOC_ARRAYS):
+                if progress:
+                    os.truncate(tmp / f"{name}.bin", progress["sizes"][name])  # bytes after the last save
+                files[name] = open(tmp / f"{name}.bin", "ab" if progress else "wb")
+            with contextlib.ExitStack() as stack, tqdm(total=total, initial=nbytes, unit="rec" if inputs.dataset
+                                                       else "B", unit_scale=True, desc=f"tokenize {spec.name}") as bar:
                 for f in files.values():
                     stack.enter_context(f)
-                np.zeros(1, dtype=np.int64).tofile(files["offsets"])
+                if not progress:
+                    np.zeros(1, dtype=np.int64).tofile(files["offsets"])
+                saved = time.monotonic()
                 for part in results:
                     part["tokens"].astype(dtype, copy=False).tofile(files["tokens"])
                     (n_tokens + np.cumsum(part["lengths"])).astype(np.int64).tofile(files["offsets"])
@@ -1665,12 +1735,20 @@ class TokenStore:
                         _count(counts, k, v)
                     log_skips(part["skip_notes"])
                     file_info[part["file"][0]] = part["file"][1:]
+                    n_chunks, nbytes = n_chunks + 1, nbytes + part["nbytes"]
                     bar.update(part["nbytes"])
+                    if time.monotonic() - saved >= PROGRESS_SECONDS:
+                        save_progress()
+                        saved = time.monotonic()
                 for f in files.values():
                     f.flush()
                     os.fsync(f.fileno())
-        except BaseException:
+        except DataError:
             shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        except BaseException:
+            if not (tmp / PROGRESS).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
             if pool:
@@ -1686,8 +1764,10 @@ class TokenStore:
         try:
             atomic_write_text(tmp / "meta.json", json.dumps(meta, ensure_ascii=False, indent=1))
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            if not (tmp / PROGRESS).is_file():
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
+        (tmp / PROGRESS).unlink(missing_ok=True)
         try:
             os.replace(tmp, directory)
         except OSError:  # another process finished the same store first: keep theirs
@@ -1738,9 +1818,12 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
         except OSError as e:
             if e.errno != errno.ENOSPC:
                 raise
+            partial = own_staging_name(directory)
+            kept = (f"the part tokenized so far is kept in {partial} and a rerun resumes it (delete it to free its "
+                    "space instead)" if partial.is_dir() else "nothing partial was kept")
             raise DataError(f"source `{spec.name}`: no space left on device while writing its token store in "
-                            f"{directory.parent} (about 2-4 bytes per token); nothing partial was kept. Free space, "
-                            "or set `cache_dir` to a disk with room.") from None
+                            f"{directory.parent} (about 2-4 bytes per token); {kept}. Free space, or set `cache_dir` "
+                            "to a disk with room.") from None
     store = TokenStore(directory)
     if store.n_docs == 0:
         raise DataError(f"source `{spec.name}`: no text left in {inputs.label} "

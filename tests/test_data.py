@@ -405,6 +405,60 @@ def test_temporary_directories_of_killed_builds_are_removed(tmp_path, tokenizer)
     assert [p.name for p in (tmp_path / "cache" / "views").iterdir() if ".tmp-" in p.name] == []
 
 
+def test_a_killed_build_resumes_after_its_last_saved_chunk(tmp_path, tokenizer_dir, tokenizer, monkeypatch):
+    """A build killed mid-way (preempted, OOM-killed: no cleanup, unflushed writes lost) left a staging directory
+    that the next build removed, and hours of tokenization with it. It now saves its progress, and the next build
+    of the same store resumes after the last saved chunk: it tokenizes only the rest, into a store equal to one
+    built in one go, counts and all. A partial store of the same source with other settings is removed by the
+    next build of that source."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    corpus = make_text_corpus(tmp_path / "d", repeat=40)
+    source = {"path": str(corpus), "name": "c"}
+    child = f"""
+import os, sys
+sys.path[:0] = [{str(ROOT)!r}, {str(ROOT / "tests")!r}]
+import data_utils
+from pathlib import Path
+from transformers import AutoTokenizer
+from test_data import build
+data_utils.CHUNK_LINES, data_utils.PROGRESS_SECONDS = 16, 0.0
+real, calls = data_utils.tokenize_chunk, []
+def dies_at_chunk_10(*args):
+    calls.append(1)
+    if len(calls) == 10:
+        os._exit(9)
+    return real(*args)
+data_utils.tokenize_chunk = dies_at_chunk_10
+build(Path({str(tmp_path / "resumed")!r}), AutoTokenizer.from_pretrained({str(tokenizer_dir)!r}), [{source!r}])
+"""
+    stores, partials = tmp_path / "resumed" / "cache" / "token_stores", []
+    for settings in ({"min_chars": 2}, {}):  # first a partial store of the source under other settings
+        script = child.replace(f"[{source!r}]", f"[{({**source, **settings})!r}]")
+        killed = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True)
+        assert killed.returncode == 9, killed.stderr
+        partials.append([p for p in stores.iterdir()])
+    assert len(partials[0]) == 1 and partials[1] == [partials[1][0]] != partials[0]  # the obsolete one went
+    assert json.loads((partials[1][0] / "progress.json").read_text())["chunks"] == 9
+
+    monkeypatch.setattr(data_utils, "CHUNK_LINES", 16)
+    real, tokenized = data_utils.tokenize_chunk, []
+    monkeypatch.setattr(data_utils, "tokenize_chunk", lambda *args: tokenized.append(1) or real(*args))
+    resumed = build(tmp_path / "resumed", tokenizer, [source])
+    monkeypatch.setattr(data_utils, "tokenize_chunk", real)
+    whole = build(tmp_path / "whole", tokenizer, [source])
+    n_chunks = -(-sum(1 for _ in corpus.open(encoding="utf-8")) // 16)
+    assert len(tokenized) == n_chunks - 9 > 0
+    a, b = resumed.train.parts[0].store, whole.train.parts[0].store
+    for name in ("tokens", "offsets", *data_utils.DOC_ARRAYS):
+        assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
+    assert {k: v for k, v in a.meta.items() if k != "seconds"} == {k: v for k, v in b.meta.items() if k != "seconds"}
+    assert [p.name for p in stores.iterdir()] == [a.dir.name] and not (a.dir / "progress.json").exists()
+
+
 def test_parallel_workers_give_the_same_store(tmp_path, tokenizer, monkeypatch):
     path = make_text_corpus(tmp_path / "d", repeat=40)
     monkeypatch.setattr(data_utils, "POOL_MIN_BYTES", 0)
