@@ -164,6 +164,7 @@ class SourceConfig:
     eval_fraction: float | None = None  # held-out share of documents; None: DataArguments.eval_fraction
     eval_path: str | list[str] | None = None  # explicit eval files instead of a held-out fraction
     on_error: str = "raise"  # raise: stop with a message | skip: count, report and go on
+    max_records: int | None = None  # read only the first N records (a quick run on a slice of a large source)
 
     FORMATS = ("auto", "text", "jsonl", "json", "csv", "tsv", "parquet")
     STRINGS = ((str, list), "a string or a list of strings")
@@ -171,7 +172,7 @@ class SourceConfig:
                  "template": ((str, dict), "a template name or a mapping"),
                  **dict.fromkeys(("streaming", "watch_forgetting", "collapse_spaces", "keep_newlines"),
                                  ((bool,), "true or false")),
-                 **dict.fromkeys(("min_chars", "max_document_chars"), ((int,), "a whole number")),
+                 **dict.fromkeys(("min_chars", "max_document_chars", "max_records"), ((int,), "a whole number")),
                  **dict.fromkeys(("weight", "eval_fraction"), ((int, float), "a number"))}  # others: strings
 
     @classmethod
@@ -225,6 +226,9 @@ class SourceConfig:
             raise DataError(f"{where}: format `{spec.format}` is not one of {', '.join(cls.FORMATS)}.")
         if spec.on_error not in ("raise", "skip"):
             raise DataError(f"{where}: on_error must be `raise` or `skip`, got `{spec.on_error}`.")
+        if spec.max_records is not None and spec.max_records < 1:
+            raise DataError(f"{where}: max_records must be at least 1 (the number of records to read), got "
+                            f"{spec.max_records}; remove it to read them all.")
         if spec.eval_fraction is not None and not 0 <= spec.eval_fraction < 1:
             raise DataError(f"{where}: eval_fraction must be in [0, 1), got {spec.eval_fraction}.")
         if spec.encoding != "auto":
@@ -953,6 +957,7 @@ class Chunk:
     records: list  # bytes lines (text/jsonl) or parsed records with their numbers (others)
     nbytes: int  # input bytes this chunk covers (progress bar)
     line_encoding: str | None = None  # the byte lines' encoding where it is not the file's (decoded, re-encoded)
+    last_allowed: bool = False  # the chunk that ends at the source's max_records (it is counted in the report)
 
 
 def _chunks_of(items: list, file_index: int, path: Path, fmt: str, encoding: str, size: int) -> Iterator[Chunk]:
@@ -1055,9 +1060,20 @@ def _text_lines(chunks: Iterator[Chunk], spec: SourceConfig) -> Iterator[tuple[i
 
 def read_chunks(inputs: "SourceInput | list[Path]", spec: SourceConfig) -> Iterator[Chunk]:
     """Chunks of records from a source's input; with `group`, chunks of whole grouped documents, file by
-    file (an article never runs on into the next file)."""
+    file (an article never runs on into the next file); with `max_records`, its first N records only."""
     if isinstance(inputs, list):
         inputs = SourceInput(files=inputs)
+    left = spec.max_records  # records still allowed; a source with more ends in a chunk marked last_allowed
+    for chunk in _grouped_chunks(inputs, spec):
+        if left is not None and len(chunk.records) > left:
+            yield dataclasses.replace(chunk, records=chunk.records[:left], last_allowed=True,
+                                      nbytes=chunk.nbytes * left // len(chunk.records))
+            return
+        left = None if left is None else left - len(chunk.records)
+        yield chunk
+
+
+def _grouped_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk]:
     chunks = _read_raw_chunks(inputs, spec)
     if spec.group != "wikitext_articles":
         yield from chunks
@@ -1293,6 +1309,8 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
     fields = template_fields(spec.template)
     texts, record_ids, counts, notes = [], [], {}, []
     unit = record_unit(chunk.fmt)
+    if chunk.last_allowed:
+        counts["stopped_at_max_records"] = spec.max_records
     for i in range(len(chunk.records)):
         number, obj = _parse_record(spec, chunk, i)
         if obj is None:

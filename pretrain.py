@@ -364,6 +364,7 @@ FOREIGN_OPTIONS = {
     "template": "a source's `template:` (records -> text)", "keep_linebreaks": "a source's `keep_newlines:`",
     "flash_attn": "`attn_implementation: flash_attention_2`", "config_name": "`model_config` (a JSON)",
     "model_type": "`model_type` inside the `model_config` JSON", "max_train_samples": "`max_train_tokens`",
+    "max_samples": "a source's `max_records:` (its first N records)",
     "max_eval_samples": "`max_eval_tokens`", "neat_packing": "`attention: document`", "packing": "nothing: "
     "blocks are always packed without padding", "mix_strategy": "a source's `weight:` (share of training tokens)",
     "interleave_probs": "each source's `weight:`", "deepspeed_config": "`deepspeed`",

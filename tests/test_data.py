@@ -459,6 +459,28 @@ build(Path({str(tmp_path / "resumed")!r}), AutoTokenizer.from_pretrained({str(to
     assert [p.name for p in stores.iterdir()] == [a.dir.name] and not (a.dir / "progress.json").exists()
 
 
+def test_max_records_reads_only_the_first_records_and_the_report_says_so(tmp_path, tokenizer, monkeypatch):
+    """LLaMA-Factory's max_samples, before tokenizing: a quick run on a large source reads its first N records
+    (here across chunk boundaries, in text and JSON Lines) instead of tokenizing it all."""
+    monkeypatch.setattr(data_utils, "CHUNK_LINES", 16)
+    text = tmp_path / "t.txt"
+    text.write_text("".join(f"第{i}行文本\n" for i in range(1, 101)), encoding="utf-8")
+    lines = tmp_path / "j.jsonl"
+    lines.write_text("".join(json.dumps({"text": f"第{i}条"}, ensure_ascii=False) + "\n" for i in range(1, 101)),
+                     encoding="utf-8")
+    for path, first in ((text, "第{}行文本"), (lines, "第{}条")):
+        for n in (10, 16, 37):
+            assert texts_of({"path": str(path), "max_records": n}) == [first.format(i) for i in range(1, n + 1)]
+    data = build(tmp_path, tokenizer, [{"path": str(text), "name": "t", "max_records": 37, "eval_fraction": 0}])
+    report = data.report["sources"]["t"]
+    assert (report["documents"], report["stopped_at_max_records"]) == (37, 37)
+    whole = build(tmp_path, tokenizer, [{"path": str(text), "name": "t", "max_records": 100, "eval_fraction": 0}])
+    assert whole.report["sources"]["t"]["documents"] == 100 and "stopped_at_max_records" not in \
+        whole.report["sources"]["t"]  # exactly all of them: nothing was left unread
+    with pytest.raises(DataError, match=r"max_records must be at least 1.*got 0"):
+        SourceConfig.from_dict({"path": str(text), "max_records": 0}, 0)
+
+
 def test_parallel_workers_give_the_same_store(tmp_path, tokenizer, monkeypatch):
     path = make_text_corpus(tmp_path / "d", repeat=40)
     monkeypatch.setattr(data_utils, "POOL_MIN_BYTES", 0)
