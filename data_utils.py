@@ -1108,7 +1108,11 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
             continue
         if fmt == "json":
             with open_input(path) as (f, _):
-                text = f.read().decode(encoding, "surrogateescape")
+                data = f.read()
+            try:
+                text = data.decode(encoding, "surrogateescape")
+            except UnicodeDecodeError as e:  # UTF-16/32 code units that surrogateescape cannot keep
+                raise DataError(_decode_error_message(spec, str(path), f"byte {e.start}", encoding, e)) from None
             escaped = _ESCAPED_BYTE.search(text)
             if escaped and spec.on_error != "skip":
                 _raise_for_escaped_byte(spec, str(path), text, escaped.start(), encoding)

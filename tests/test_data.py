@@ -210,6 +210,10 @@ def test_rows_of_csv_and_json_in_another_encoding_are_named_by_line_or_skipped(t
         assert sum(len(texts) for texts, _, _, _ in chunks) == (2999 if path == table else 199)
         assert [note for _, _, _, notes in chunks for note in notes] == [
             ("bad_encoding", f"`{path}` {unit} {record}: is not valid utf-8 (byte 0xb5): a line in another encoding?")]
+    utf16 = tmp_path / "u16.json"  # a lone surrogate: bytes that surrogateescape cannot keep either
+    utf16.write_bytes('[{"text": "中文"}]'.encode("utf-16") + b"\x00\xd8\x41\x00")
+    with pytest.raises(DataError, match=r"u16\.json` byte 34 is not valid utf-16 \(detected from the byte-order mark"):
+        texts_of({"path": str(utf16)})
 
 
 def test_a_head_that_is_gb18030_with_utf8_lines_mixes_encodings(tmp_path):
