@@ -2682,6 +2682,9 @@ def _counts_markdown(s: dict, indent: str) -> list[str]:
     for key in ("records", "blank_lines", "texts_with_U+FFFD", "unused_tail_tokens"):
         if s.get(key) and (key != "records" or "documents" not in s):  # a source's records are in the table
             lines.append(f"{indent}- {key.replace('_', ' ')}: {s[key]:,}")
+    if s.get("stopped_at_max_records"):
+        lines.append(f"{indent}- read only its first {s['stopped_at_max_records']:,} records (`max_records`); the "
+                     "rest was not read")
     return lines
 
 

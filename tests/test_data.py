@@ -478,6 +478,8 @@ def test_max_records_reads_only_the_first_records_and_the_report_says_so(tmp_pat
     data = build(tmp_path, tokenizer, [{"path": str(text), "name": "t", "max_records": 37, "eval_fraction": 0}])
     report = data.report["sources"]["t"]
     assert (report["documents"], report["stopped_at_max_records"]) == (37, 37)
+    assert "- read only its first 37 records (`max_records`); the rest was not read" in \
+        data_utils.data_report_markdown(data.report)
     whole = build(tmp_path, tokenizer, [{"path": str(text), "name": "t", "max_records": 100, "eval_fraction": 0}])
     assert whole.report["sources"]["t"]["documents"] == 100 and "stopped_at_max_records" not in \
         whole.report["sources"]["t"]  # exactly all of them: nothing was left unread
