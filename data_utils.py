@@ -767,9 +767,10 @@ UNICODE_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32")
                 (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))  # UTF-32-LE's starts like UTF-16-LE's
 
 
-def _decodes(data: bytes, encoding: str) -> bool:
+def _decodes(data: bytes, encoding: str, final: bool = False) -> bool:
+    """Whether `data` decodes; not `final`: a multi-byte character may be cut off at its end (a file's head)."""
     try:
-        codecs.getincrementaldecoder(encoding)().decode(data, final=False)
+        codecs.getincrementaldecoder(encoding)().decode(data, final=final)
         return True
     except UnicodeDecodeError:
         return False
@@ -822,10 +823,10 @@ def detect_encoding(path: Path, declared: str, skip_bad_lines: bool = False) -> 
     lines = head.splitlines()[:-1] if len(head) == 1 << 20 else head.splitlines()  # the last may be cut off
     gb18030 = _decodes(head, "gb18030")
     # in a head that is valid GB18030 a UTF-8 line must look like Chinese; otherwise any non-ASCII one counts
-    looks_utf8 = utf8_chinese if gb18030 else (lambda line: not line.isascii() and _decodes(line, "utf-8"))
+    looks_utf8 = utf8_chinese if gb18030 else (lambda line: not line.isascii() and _decodes(line, "utf-8", True))
     utf8 = [bool(looks_utf8(line)) for line in lines]
     other = [not u and not line.isascii() for u, line in zip(utf8, lines)]
-    if any(utf8) and all(_decodes(line, "gb18030") for line, bad in zip(lines, other) if bad):
+    if any(utf8) and any(other) and all(_decodes(line, "gb18030", True) for line, bad in zip(lines, other) if bad):
         first_utf8, first_other = utf8.index(True) + 1, other.index(True) + 1
         verb = "is" if sum(other) == 1 else "are"
         if skip_bad_lines:
@@ -844,6 +845,10 @@ def detect_encoding(path: Path, declared: str, skip_bad_lines: bool = False) -> 
                         f"(counted as `bad_encoding`).{hatch}")
     if gb18030:
         return "gb18030"
+    text = head.decode("utf-8", errors="replace")
+    if text.count("\ufffd") <= 0.01 * sum(not c.isascii() for c in text):
+        return "utf-8"  # UTF-8 but for a few bytes (a line cut inside a character, a record in another encoding):
+        # reading names their lines, or skips and counts them under `on_error: skip`
     raise DataError(f"file `{path}`: the first MB is neither UTF-8 nor GB18030 text. If it is text, set "
                     "`encoding:` for this source (e.g. big5, utf-16); if it is binary, remove it.")
 
@@ -996,7 +1001,7 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
                     if isinstance(checked, RecordError):
                         if names is None:
                             raise DataError(f"source `{spec.name}`: `{path}` line 1, the header, {checked}")
-                        rows.append((reader.line_num, checked))
+                        rows.append((first_bad[0], checked))
                         continue
                 if names is None:
                     names = [c.strip() for c in row]
@@ -1114,17 +1119,17 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
             except UnicodeDecodeError as e:  # UTF-16/32 code units that surrogateescape cannot keep
                 raise DataError(_decode_error_message(spec, str(path), f"byte {e.start}", encoding, e)) from None
             escaped = _ESCAPED_BYTE.search(text)
-            if escaped and spec.on_error != "skip":
-                _raise_for_escaped_byte(spec, str(path), text, escaped.start(), encoding)
             try:
                 items = json.loads(text.removeprefix("\ufeff"))
             except ValueError as e:
+                if escaped and spec.on_error != "skip":  # bytes not in the encoding where they break the JSON
+                    _raise_for_escaped_byte(spec, str(path), text, escaped.start(), encoding)
                 raise DataError(f"source `{spec.name}`: file `{path}` is not a valid JSON array "
                                 f"({e}). If it holds one object per line, set `format: jsonl`.") from None
             if not isinstance(items, list):
                 raise DataError(f"source `{spec.name}`: file `{path}` holds a JSON {type(items).__name__}, "
                                 "expected an array of objects (or use jsonl, one object per line).")
-            if escaped or (spec.encoding == "auto" and encoding == "gb18030"):
+            if escaped or (spec.encoding == "auto" and encoding == "gb18030"):  # named, or skipped, by record
                 items = [checked_record(spec, str(path), f"record {n}", item, encoding)
                          for n, item in enumerate(items, 1)]
             records = list(enumerate(items, 1))
@@ -1610,23 +1615,39 @@ def staging_dir(directory: Path) -> Path:
     return tmp
 
 
+def _partial_stores(stores: Path) -> Iterator[tuple[Path, str, str]]:
+    """(directory, source, key) of the partial token stores in `stores` that no live build on this host is
+    writing: this process's own (an earlier build in it was interrupted, or a dead process had its pid, as
+    the PID 1 of every container start) and dead processes'."""
+    own = f".tmp-{socket.gethostname()}-{os.getpid()}"
+    for stale in itertools.chain(_dead_staging_dirs(stores), stores.glob(f"*{own}")):
+        if (stale / PROGRESS).is_file():
+            source, _, key = stale.name.split(".tmp-")[0].rpartition("-")
+            yield stale, source, key
+
+
+def remove_obsolete_partial_stores(directory: Path) -> None:
+    """Remove the partial stores that a killed build of the same source (`SOURCE-KEY`) left on this host
+    under another key: its files or settings have changed since, so no build will resume them."""
+    source, _, key = directory.name.rpartition("-")
+    for stale, stale_source, stale_key in _partial_stores(directory.parent):
+        if stale_source == source and stale_key != key:
+            logger.info("source `%s`: removing %s, a partial token store a killed build left under other files or "
+                        "settings", source, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def resumable_staging_dir(directory: Path) -> tuple[Path, dict | None]:
-    """staging_dir for a token store (`SOURCE-KEY`), and the progress of the build it continues: the partial
-    store a dead build of the same store left on this host is claimed (renamed; if two processes try, one
-    wins) and resumed; partial stores of the same source with another key (its files or settings changed
-    since) are removed."""
-    source = directory.name.rsplit("-", 1)[0]
-    claimed = None
-    for stale in _dead_staging_dirs(directory.parent):
-        store = stale.name.split(".tmp-")[0]
-        if store.rsplit("-", 1)[0] != source or not (stale / PROGRESS).is_file():
-            continue
-        if store == directory.name and claimed is None:
+    """staging_dir for a token store (`SOURCE-KEY`), and the progress of the build it continues: a partial
+    store of the same key (also under another source name) that a dead build on this host left is claimed
+    (renamed; if two processes try, one wins) and resumed."""
+    key, claimed = directory.name.rpartition("-")[2], None
+    for stale, _, stale_key in _partial_stores(directory.parent):
+        if stale_key == key and claimed is None:
             with contextlib.suppress(OSError):  # another process claimed it first
-                os.rename(stale, own_staging_name(directory))
+                if stale != own_staging_name(directory):
+                    os.rename(stale, own_staging_name(directory))
                 claimed = own_staging_name(directory)
-            continue
-        shutil.rmtree(stale, ignore_errors=True)
     if claimed is None:
         return staging_dir(directory), None
     progress = json.loads((claimed / PROGRESS).read_text(encoding="utf-8"))
@@ -1765,11 +1786,17 @@ class TokenStore:
                 for f in files.values():
                     f.flush()
                     os.fsync(f.fileno())
+                bar.total = bar.n  # all read: 100%, also where max_records ended the reading early
         except DataError:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         except BaseException:
-            if not (tmp / PROGRESS).is_file():
+            if (tmp / PROGRESS).is_file():
+                saved = json.loads((tmp / PROGRESS).read_text(encoding="utf-8"))
+                logger.warning("source `%s`: tokenization stopped; the %s saved so far are kept in %s, and the next "
+                               "run with the same data and settings resumes from there", spec.name,
+                               counted(saved["n_docs"], "document"), tmp)
+            else:
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
         finally:
@@ -1778,8 +1805,8 @@ class TokenStore:
         meta = {
             "version": STORE_VERSION, "source": spec.name, "dtype": np.dtype(dtype).name,
             "files": [{"path": inputs.label, "format": "hub", "encoding": "-"}] if inputs.dataset is not None
-            else [{"path": str(f), "format": file_info.get(i, ("?", "?"))[0],
-                   "encoding": file_info.get(i, ("?", "?"))[1]} for i, f in enumerate(inputs.files)],
+            else [{"path": str(f), "format": file_info.get(i, ("not read", "-"))[0],  # max_records reached first
+                   "encoding": file_info.get(i, ("not read", "-"))[1]} for i, f in enumerate(inputs.files)],
             "n_docs": n_docs, "n_tokens": n_tokens,
             "counts": counts, "seconds": round(time.time() - start, 3), "key": key_material,
         }
@@ -1833,6 +1860,8 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
     key, material = store_key(spec, inputs, info, digests)
     directory = cache_dir / "token_stores" / f"{spec.name}-{key}"
     hit = (directory / "meta.json").exists()
+    if directory.parent.is_dir():
+        remove_obsolete_partial_stores(directory)
     if not hit:
         logger.info("source `%s`: tokenizing %s into %s", spec.name, inputs.label, directory)
         try:

@@ -192,8 +192,9 @@ def test_utf8_lines_after_the_first_mb_of_a_gb18030_file_are_named_or_skipped(tm
 
 
 def test_rows_of_csv_and_json_in_another_encoding_are_named_by_line_or_skipped(tmp_path):
-    """A file decoded whole: the error names the row's own line (it named the line where an 8 KB block of
-    decoding started, or only a byte offset), and `on_error: skip` skips the record instead of stopping."""
+    """A file decoded whole: the error names the row's own line or the JSON record (it named the line where an
+    8 KB block of decoding started, or only a byte offset), and `on_error: skip` skips the record instead of
+    stopping."""
     rows = [f"{i},第{i}行的内容" for i in range(1, 3001)]
     table = tmp_path / "t.csv"
     table.write_bytes(b"id,text\n" + b"".join(r.encode("gbk" if i == 1500 else "utf-8") + b"\n"
@@ -202,14 +203,14 @@ def test_rows_of_csv_and_json_in_another_encoding_are_named_by_line_or_skipped(t
     items = [json.dumps({"text": f"第{i}条"}, ensure_ascii=False) for i in range(1, 201)]
     array.write_bytes(b"[\n" + b",\n".join(r.encode("gbk" if i == 150 else "utf-8") for i, r in enumerate(items, 1))
                       + b"\n]")
-    for path, line, record, unit in ((table, 1501, 1501, "line"), (array, 151, 150, "record")):
-        with pytest.raises(DataError, match=rf"` line {line} is not valid utf-8 \(byte 0x\w\w\), but reads as gb18030"):
+    for path, place in ((table, "line 1501"), (array, "record 150")):
+        with pytest.raises(DataError, match=rf"` {place} is not valid utf-8 \(byte 0x\w\w\), but reads as gb18030"):
             texts_of({"path": str(path), "encoding": "utf-8"})
         spec = SourceConfig.from_dict({"path": str(path), "encoding": "utf-8", "on_error": "skip"}, 0)
         chunks = [data_utils.format_chunk(spec, chunk) for chunk in data_utils.read_chunks([path], spec)]
         assert sum(len(texts) for texts, _, _, _ in chunks) == (2999 if path == table else 199)
         assert [note for _, _, _, notes in chunks for note in notes] == [
-            ("bad_encoding", f"`{path}` {unit} {record}: is not valid utf-8 (byte 0xb5): a line in another encoding?")]
+            ("bad_encoding", f"`{path}` {place}: is not valid utf-8 (byte 0xb5): a line in another encoding?")]
     utf16 = tmp_path / "u16.json"  # a lone surrogate: bytes that surrogateescape cannot keep either
     utf16.write_bytes('[{"text": "中文"}]'.encode("utf-16") + b"\x00\xd8\x41\x00")
     with pytest.raises(DataError, match=r"u16\.json` byte 34 is not valid utf-16 \(detected from the byte-order mark"):
@@ -461,6 +462,70 @@ build(Path({str(tmp_path / "resumed")!r}), AutoTokenizer.from_pretrained({str(to
         assert getattr(a, name).tolist() == getattr(b, name).tolist(), name
     assert {k: v for k, v in a.meta.items() if k != "seconds"} == {k: v for k, v in b.meta.items() if k != "seconds"}
     assert [p.name for p in stores.iterdir()] == [a.dir.name] and not (a.dir / "progress.json").exists()
+
+
+def test_an_interrupted_build_resumes_in_the_same_process_and_under_another_source_name(tmp_path, tokenizer,
+                                                                                       monkeypatch, caplog):
+    """Ctrl-C in a notebook, or a container whose process is PID 1 at every start: the partial store carries this
+    process's own id, which the resume used to skip and then delete. The key, not the source name, says which
+    partial a build continues; a partial under other settings goes at the next build or cache hit of its source."""
+    import socket
+    import subprocess
+    import sys
+
+    caplog.set_level("INFO", logger="data_utils")
+    corpus = make_text_corpus(tmp_path / "d", repeat=40)
+    monkeypatch.setattr(data_utils, "CHUNK_LINES", 16)
+    monkeypatch.setattr(data_utils, "PROGRESS_SECONDS", 0.0)
+    real, calls = data_utils.tokenize_chunk, []
+
+    def interrupted_at_chunk_5(*args):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(data_utils, "tokenize_chunk", interrupted_at_chunk_5)
+    with pytest.raises(KeyboardInterrupt):
+        build(tmp_path, tokenizer, [{"path": str(corpus), "name": "c"}])
+    stores = tmp_path / "cache" / "token_stores"
+    [partial] = stores.iterdir()
+    assert partial.name.endswith(f".tmp-{socket.gethostname()}-{os.getpid()}")
+    assert "the 64 documents saved so far are kept in" in caplog.text
+    calls.clear()
+    monkeypatch.setattr(data_utils, "tokenize_chunk", lambda *args: calls.append(1) or real(*args))
+    resumed = build(tmp_path, tokenizer, [{"path": str(corpus), "name": "renamed"}])
+    n_chunks = -(-sum(1 for _ in corpus.open(encoding="utf-8")) // 16)
+    assert len(calls) == n_chunks - 4 and "resuming the tokenization" in caplog.text
+    whole = build(tmp_path / "whole", tokenizer, [{"path": str(corpus), "name": "renamed"}])
+    assert resumed.train.parts[0].store.tokens.tolist() == whole.train.parts[0].store.tokens.tolist()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    obsolete = stores / f"renamed-0123456789abcdef0123.tmp-{socket.gethostname()}-{dead}"
+    obsolete.mkdir()
+    (obsolete / "progress.json").write_text("{}")
+    assert build(tmp_path, tokenizer, [{"path": str(corpus), "name": "renamed"}]).report["sources"]["renamed"][
+        "cache"] == "hit"
+    assert not obsolete.exists()
+
+
+def test_a_utf8_file_with_a_few_bad_bytes_is_read_as_utf8_and_names_them(tmp_path):
+    """A line cut inside a character (a truncated copy) crashed detection with a traceback; a JSON array on one
+    line with one record in GBK was called neither UTF-8 nor GB18030 ("if it is binary, remove it")."""
+    cut = tmp_path / "cut.txt"
+    cut.write_bytes("糖尿病患者应规律监测血糖\n".encode() + "高血压是常见病".encode()[:-1] + b"\n" +
+                    "北京是中国的首都\n".encode())
+    with pytest.raises(DataError, match=r"cut\.txt` mixes encodings: line 1 is UTF-8 but line 2 is not"):
+        texts_of({"path": str(cut)})
+    assert texts_of({"path": str(cut), "on_error": "skip"}) == ["糖尿病患者应规律监测血糖", "北京是中国的首都"]
+    minified = tmp_path / "one_line.json"
+    records = [json.dumps({"text": f"第{i}条记录"}, ensure_ascii=False) for i in range(1, 201)]
+    minified.write_bytes(("[" + ",".join(records) + "]").encode().replace("第150条记录".encode(),
+                                                                            "第150条记录".encode("gbk")))
+    assert data_utils.detect_encoding(minified, "auto") == "utf-8"
+    with pytest.raises(DataError, match=r"one_line\.json` record 150 is not valid utf-8 .*but reads as gb18030"):
+        texts_of({"path": str(minified)})
+    assert len(texts_of({"path": str(minified), "on_error": "skip"})) == 199
 
 
 def test_max_records_reads_only_the_first_records_and_the_report_says_so(tmp_path, tokenizer, monkeypatch):
