@@ -252,17 +252,19 @@ def test_user_defined_symbols_stay_whole_after_extension(bases, tmp_path):
 
 
 def test_a_glossary_file_adds_terms_that_tokenize_whole_or_says_which_it_could_not(bases, tmp_path, capsys):
-    """A text file of terms, one per line. Into a Llama-2-style tokenizer.model they were appended alone, and a term
-    whose halves are not pieces was never produced (冠心病 stayed bytes): each now comes with its merge path (its
-    characters, then 冠心, 冠心病), in the slow SentencePiece model and tokenizer.json alike. Into a byte-level
-    BPE, a term the pre-tokenizer splits (COVID-19) was dropped without a word: now counted, named and warned."""
+    """A text file of terms, one per line (here with a BOM, as Notepad saves it, and a trailing space). Into a
+    Llama-2-style tokenizer.model they were appended alone, and a term whose halves are not pieces was never
+    produced (冠心病 stayed bytes): each now comes with its merge path (its characters, then 冠心, 冠心病), in the
+    slow SentencePiece model and tokenizer.json alike, and a Latin term also in its word-initial form (▁COVID-19,
+    as after a space). What still does not come out whole is counted, named and warned about (a byte-level
+    pre-tokenizer splits COVID-19 and 'heart failure'; SentencePiece merges across its ▁)."""
     import sentencepiece as spm
     from transformers import AutoTokenizer
 
     base_dir, _, _ = bases
-    terms = ["高血压", "冠心病", "心肌梗死", "COVID-19"]
+    terms = ["高血压", "冠心病", "心肌梗死", "COVID-19", "heart failure"]
     glossary = tmp_path / "terms.txt"
-    glossary.write_text("\n".join(terms) + "\n", encoding="utf-8")
+    glossary.write_text("\ufeff" + "\n".join(terms[:3]) + " \n" + "\n".join(terms[3:]) + "\n", encoding="utf-8")
     english = (base_dir / "en" / "en.txt").read_text(encoding="utf-8").splitlines()
     text = "患者有冠心病和高血压，曾心肌梗死。"
     for name, base in (("llama2", llama2_style_base(tmp_path / "llama", english)),
@@ -271,17 +273,25 @@ def test_a_glossary_file_adds_terms_that_tokenize_whole_or_says_which_it_could_n
         assert vocab.main(["extend", "--base", str(base), "--add", str(glossary), "--out", str(out)]) == 0
         shown = capsys.readouterr()
         result = json.loads(shown.out)
-        extended = AutoTokenizer.from_pretrained(out)
+        extended, before = AutoTokenizer.from_pretrained(out), AutoTokenizer.from_pretrained(base)
         tokens = [extended.decode([i]) for i in extended(text, add_special_tokens=False)["input_ids"]]
         assert [t for t in tokens if t in terms] == ["冠心病", "高血压", "心肌梗死"], (name, tokens)
         assert extended.decode(extended(text)["input_ids"], skip_special_tokens=True) == text
+        assert extended("The patient is well.")["input_ids"] == before("The patient is well.")["input_ids"]
         if name == "llama2":
             sp = spm.SentencePieceProcessor(model_file=str(out / "tokenizer.model"))
             assert [t for t in sp.encode(text, out_type=str) if t in terms] == ["冠心病", "高血压", "心肌梗死"]
-            assert result["pieces_not_added"] == 0
+            for sentence in ("The patient has COVID-19 now.", "COVID-19 阳性"):
+                assert "▁COVID-19" in sp.encode(sentence, out_type=str)
+                assert "▁COVID-19" in extended.convert_ids_to_tokens(extended(sentence)["input_ids"])
+        if name == "qwen2":  # its pre-tokenizer splits digits, punctuation and words
+            assert (result["terms"], result["terms_not_whole_examples"]) == (5, ["COVID-19", "heart▁failure"])
+            assert "warning: 2 of the 5 terms still do not come out as one token" in shown.err
         else:
-            assert (result["pieces_not_added"], result["pieces_not_added_examples"]) == (1, ["COVID-19"])
-            assert "warning: 1 pieces were not added" in shown.err and "--user_defined_symbols" in shown.err
+            assert (result["terms"], result["terms_not_whole"]) == (5, 0) and "warning" not in shown.err
+    gbk = tmp_path / "gbk_terms.txt"  # a glossary saved in GBK reads too
+    gbk.write_bytes("\n".join(terms[:3]).encode("gbk"))
+    assert vocab.pieces_to_add(gbk)[2] == terms[:3]
 
 
 def test_a_hub_tokenizer_that_cannot_be_loaded_is_one_clear_error(tmp_path, monkeypatch, capsys):

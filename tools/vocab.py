@@ -12,7 +12,7 @@ with their own inputs and outputs; pretrain.py only needs their result, a tokeni
 resizes and initialises the model's embeddings for it (pretrain.build_model).
 
 Extending keeps every base token's id and text, appends the new ones, and leaves the tokenization of
-text without the new pieces unchanged, for both tokenizer families:
+text containing none of the new pieces (their characters included) unchanged, for both tokenizer families:
   * SentencePiece-model tokenizers (Llama-2 style, tokenizer.model): new pieces are appended to the
     model proto (as Chinese-LLaMA does, but scored below every base piece, in their own order, so the
     base merges keep their priority; in a BPE model each with the characters and intermediate pieces a
@@ -23,7 +23,9 @@ text without the new pieces unchanged, for both tokenizer families:
     byte alphabet, built from the tokens the current vocabulary splits it into by merges appended
     after all existing merges, and its intermediate tokens join the vocabulary (a user-defined symbol
     the pre-tokenizer would split, such as 2型糖尿病, becomes a non-special added token instead; any other
-    such piece is not added, and the result counts and names it).
+    such piece is not added).
+With a glossary (a text file of terms), the result counts and names the terms the extended tokenizer still
+does not give as one token (terms_not_whole), and the tool warns.
 Special tokens numbered after the vocabulary (Qwen2, Llama-3, a Llama-2 <pad>) keep their ids too, and
 check_extension compares ids with the tokenizer's own BOS/EOS on sample texts before anything is written.
 The output directory of `train` and `extend` is built in a temporary sibling and renamed into place; it is
@@ -56,11 +58,14 @@ BYTE_TO_CHAR = data_utils.byte_level_alphabet()
 # --------------------------------------------------------------------------------------------
 # What to add
 # --------------------------------------------------------------------------------------------
-def pieces_to_add(add: Path) -> tuple[list[str], set[str]]:
-    """New pieces, in order, and which of them are user-defined symbols: the normal and user-defined pieces of a
-    SentencePiece model (a directory holding tokenizer.model, or the .model file), or a text file with one piece
-    per line (none user-defined). User-defined symbols (`train --user_defined_symbols`) are whole tokens wherever
-    they occur rather than the result of merges, so they need no pieces to merge from."""
+def pieces_to_add(add: Path) -> tuple[list[str], set[str], list[str]]:
+    """New pieces, in order, which of them are user-defined symbols, and the terms of a glossary: the normal and
+    user-defined pieces of a SentencePiece model (a directory holding tokenizer.model, or the .model file; no
+    terms), or a text file with one piece or term per line (UTF-8 with or without a BOM, GB18030 or UTF-16;
+    none user-defined). A space in a term is SentencePiece's ▁, and a term that starts with a Latin letter or
+    digit also comes as ▁term, the form it has after a space or at the start of a text (COVID-19 in "has
+    COVID-19"). User-defined symbols (`train --user_defined_symbols`) are whole tokens wherever they occur rather
+    than the result of merges, so they need no pieces to merge from."""
     model = add / "tokenizer.model" if add.is_dir() else add
     if model.suffix == ".model" and model.is_file():
         from sentencepiece import sentencepiece_model_pb2 as sp_pb2
@@ -69,11 +74,28 @@ def pieces_to_add(add: Path) -> tuple[list[str], set[str]]:
         proto = sp_pb2.ModelProto()
         proto.ParseFromString(model.read_bytes())
         return ([p.piece for p in proto.pieces if p.type in (Piece.NORMAL, Piece.USER_DEFINED)],
-                {p.piece for p in proto.pieces if p.type == Piece.USER_DEFINED})
+                {p.piece for p in proto.pieces if p.type == Piece.USER_DEFINED}, [])
     if add.is_file():
-        return [line.rstrip("\n") for line in add.read_text(encoding="utf-8").splitlines() if line.strip()], set()
+        encoding = data_utils.detect_encoding(add, "auto")
+        try:
+            text = add.read_bytes().decode(encoding).removeprefix("\ufeff")
+        except UnicodeDecodeError as e:
+            line = add.read_bytes()[:e.start].count(b"\n") + 1
+            raise DataError(f"--add `{add}` line {line} is not valid {encoding} (detected from the first MB): "
+                            "re-save the file as UTF-8.") from None
+        terms = list(dict.fromkeys(line.strip().replace(" ", "▁") for line in text.splitlines() if line.strip()))
+        word_initial = [f"▁{t}" for t in terms if t[0].isascii() and t[0].isalnum()]
+        return list(dict.fromkeys(terms + word_initial)), set(), terms
     raise DataError(f"--add `{add}` is neither a SentencePiece tokenizer (a directory with tokenizer.model, or a "
                     ".model file) nor a text file of pieces. Train one with `python tools/vocab.py train`.")
+
+
+def term_is_whole(tokenizer, term: str) -> bool:
+    """Whether the tokenizer gives the term, alone, as one token (next to at most a token of whitespace, such
+    as SentencePiece's ▁ before it)."""
+    text = term.replace("▁", " ").strip()
+    pieces = [tokenizer.decode([i]).strip() for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return text in pieces and all(piece in ("", text) for piece in pieces)
 
 
 # --------------------------------------------------------------------------------------------
@@ -136,14 +158,14 @@ def merge_path(piece: str, scores: dict[str, float]) -> list[str]:
 
 
 def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path,
-                         user_defined: set[str] = frozenset()) -> tuple[int, list[str]]:
+                         user_defined: set[str] = frozenset()) -> int:
     """Append the pieces to tokenizer.model and, when the base has one, to tokenizer.json's BPE model: the
     tokenizer.json keeps its normalizer, pre-tokenizer and post-processor (the BOS a Llama-2 tokenizer saved by
     transformers adds lives only there), its vocabulary and merges; the new merges come after all of them.
     In a BPE model each piece comes with the pieces of its merge_path (a domain term from a text file, a
     unigram model's piece). User-defined symbols stay USER_DEFINED in the proto and become non-special added
-    tokens in tokenizer.json (as transformers converts them), whole wherever they occur. The number of tokens
-    added, and the pieces that were not (none here)."""
+    tokens in tokenizer.json (as transformers converts them), whole wherever they occur. Returns the number of
+    tokens added."""
     from sentencepiece import sentencepiece_model_pb2 as sp_pb2
 
     Piece = sp_pb2.ModelProto.SentencePiece
@@ -207,7 +229,7 @@ def extend_sentencepiece(base: Path, base_tok, pieces: list[str], tmp: Path,
                                                    enumerate(proto.pieces[first_new:], first_new)
                                                    if p.type == Piece.USER_DEFINED)
         (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    return len(proto.pieces) - first_new, []
+    return len(proto.pieces) - first_new
 
 
 def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -231,11 +253,10 @@ def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
 
 
 def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
-                          user_defined: set[str] = frozenset()) -> tuple[int, list[str]]:
+                          user_defined: set[str] = frozenset()) -> int:
     """Add each piece by merges, or, for a user-defined symbol the pre-tokenizer would split (2型糖尿病, COVID-19:
     digits and punctuation are pre-tokens of their own), as a non-special added token, so it stays whole too.
-    The number of tokens added, and the pieces that were not: others the pre-tokenizer splits, which no merge
-    can produce."""
+    Returns the number of tokens added."""
     from tokenizers import Tokenizer
 
     spec = json.loads((base / "tokenizer.json").read_text(encoding="utf-8"))
@@ -246,7 +267,7 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
     merges = _merge_pairs(model["merges"])
     ranks = {pair: i for i, pair in enumerate(merges)}
     next_id = max(vocab.values()) + 1
-    added, split = 0, []
+    added = 0
     for piece in sorted(dict.fromkeys(pieces), key=len):  # short pieces first: longer ones build on them
         text = piece.replace("▁", " ")
         if not text:
@@ -257,9 +278,7 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
                 spec.setdefault("added_tokens", []).append(_added_token(next_id, text))
                 next_id += 1
                 added += 1
-            else:  # no merge could ever produce it
-                split.append(piece)
-            continue
+            continue  # the pre-tokenizer would split it: no merge could ever produce it
         target = "".join(BYTE_TO_CHAR[b] for b in text.encode("utf-8"))
         if target in vocab:
             continue
@@ -277,7 +296,7 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
     model["merges"] = [list(m) for m in merges]
     _copy_base(base, tmp, skip=("tokenizer.json",))
     (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    return added, split
+    return added
 
 
 MARKER = "vocab_extension.json"  # written into every extension: what it is made of and which files the tool wrote
@@ -395,11 +414,11 @@ def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) 
     else:
         raise DataError(f"--base `{base}` holds neither tokenizer.model (SentencePiece) nor a byte-level BPE "
                         "tokenizer.json: these are the two families that can be extended.")
-    pieces, user_defined = pieces_to_add(add)
+    pieces, user_defined, terms = pieces_to_add(add)
     base_tok = load_tokenizer(str(base), "--base")
     with staging(out) as tmp:
         (tmp / "work").mkdir()
-        added, not_added = extend(base, base_tok, pieces, tmp / "work", user_defined)
+        added = extend(base, base_tok, pieces, tmp / "work", user_defined)
         staged = tmp / "saved"
         AutoTokenizer.from_pretrained(tmp / "work").save_pretrained(staged)
         if family == "sentencepiece":
@@ -407,8 +426,10 @@ def extend_tokenizer(base: Path, add: Path, out: Path, overwrite: bool = False) 
         extended = AutoTokenizer.from_pretrained(staged)
         check_extension(base_tok, extended)
         result = {"family": family, "base_tokens": len(base_tok), "pieces_offered": len(pieces),
-                  "added_tokens": added, "tokens": len(extended), "pieces_not_added": len(not_added),
-                  "pieces_not_added_examples": not_added[:10]}
+                  "added_tokens": added, "tokens": len(extended)}
+        if terms:  # a glossary: say which terms the extension still does not give as one token
+            not_whole = [t for t in terms if not term_is_whole(extended, t)]
+            result.update(terms=len(terms), terms_not_whole=len(not_whole), terms_not_whole_examples=not_whole[:10])
         files = sorted(f.name for f in staged.iterdir())
         (staged / MARKER).write_text(json.dumps({"written_by": "tools/vocab.py extend", "base": str(base),
                                                  "add": str(add), **result, "files": files}, indent=1))
@@ -532,11 +553,12 @@ def main(argv: list[str]) -> int:
         elif args.command == "extend":
             result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out), args.overwrite)
             print(json.dumps(result, ensure_ascii=False))
-            if result["pieces_not_added"]:
-                print(f"warning: {result['pieces_not_added']} pieces were not added: the base's pre-tokenizer splits "
-                      f"them (e.g. {', '.join(result['pieces_not_added_examples'][:3])}), so no merge can produce "
-                      "them. To keep such terms whole, train with them as --user_defined_symbols and extend with "
-                      "that tokenizer.", file=sys.stderr)
+            if result.get("terms_not_whole"):
+                print(f"warning: {result['terms_not_whole']} of the {result['terms']} terms still do not come out as one "
+                      f"token (e.g. {', '.join(result['terms_not_whole_examples'][:3])}): the base's pre-tokenizer "
+                      "splits them (digits, punctuation or spaces in a byte-level tokenizer), or a merge of the base "
+                      "joins their first characters with what comes before. To keep such terms whole, train a "
+                      "tokenizer with them as --user_defined_symbols and extend with it.", file=sys.stderr)
             if args.config:
                 table = report(load_sources(args.config, overrides).sources, [args.base, args.out])
                 print_report(table)
