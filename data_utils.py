@@ -2867,11 +2867,13 @@ def search_hub(query: str, limit: int) -> list[str]:
 
 COMMANDS = {  # command: (arguments, what it does)
     "preview": ("CONFIG.yaml [--source NAME] [-n N] [--field value ...]",
-                "print the first N rendered training texts of each source with their token counts"),
+                "print the first N (default 3) rendered training texts of each source, or of the source NAME, "
+                "with their token counts"),
     "convert": ("CONFIG.yaml --out FILE.jsonl [--field value ...]",
                 "write all formatted, cleaned, deduplicated texts as jsonl with a `text` field"),
     "prepare": ("CONFIG.yaml [--field value ...]",
-                "build the token stores and the data report (e.g. on a CPU node before the GPU job)"),
+                "build the token stores and the data report (output_dir/data_report.json and .md; e.g. on a CPU "
+                "node before the GPU job)"),
     "search": ("QUERY [--limit N]", "list hub datasets matching QUERY, most downloaded first"),
 }
 USAGE = "usage:\n" + "\n".join(f"  python data_utils.py {command} {arguments}\n      {what}"
@@ -2894,6 +2896,9 @@ def command_help(command: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] in (["-h"], ["--help"]):
+        print(USAGE)
+        return 0
     if not argv or argv[0] not in COMMANDS:
         print(USAGE, file=sys.stderr)
         return 2

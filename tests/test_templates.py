@@ -220,6 +220,7 @@ def test_command_help_lists_the_data_options_not_all_training_options(command, c
     assert shown.startswith(f"usage: python data_utils.py {command} CONFIG.yaml")
     assert "--sources SOURCES" in shown and "--block_size" in shown and "--learning_rate" not in shown
     assert ("--tokenizer_name_or_path" in shown) == (command != "convert")
+    assert data_utils.main(["--help"]) == 0 and "python data_utils.py prepare CONFIG.yaml" in capsys.readouterr().out
 
 
 def test_dialog_with_openai_content_parts_renders_their_text():
