@@ -124,6 +124,8 @@ class ModelArguments:
     double_quantization: bool = field(default=True, metadata={
         "help": "4-bit: quantize the quantization constants too (about 0.4 bits per weight less)."})
 
+    MODE_OPTIONS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora"),
+                    "freeze": ("freeze_trainable_layers", "freeze_extra_modules")}  # options of that finetuning only
     CHOICES = {"torch_dtype": ("float32", "bfloat16", "float16"), "tokenizer_model_type": ("bpe", "unigram"),
                "new_token_init": ("subword_mean", "mean"), "finetuning": ("full", "lora", "freeze"),
                "quantization_type": ("nf4", "fp4")}
@@ -147,6 +149,15 @@ class ModelArguments:
         if self.quantization_bit and self.finetuning != "lora":
             raise ConfigError(f"quantization_bit {self.quantization_bit}: quantized weights cannot be trained "
                               "directly. Set `finetuning: lora` (QLoRA), or drop quantization_bit.")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for mode, names in self.MODE_OPTIONS.items():
+            changed = [name for name in names if getattr(self, name) != defaults[name]]
+            if changed and self.finetuning != mode:  # e.g. MedicalGPT's --lora_* flags kept without --use_peft
+                them = "it" if len(changed) == 1 else "them"
+                raise ConfigError(f"{', '.join(changed)} {'is' if len(changed) == 1 else 'are'} for `finetuning: "
+                                  f"{mode}`, but finetuning is `{self.finetuning}`"
+                                  f"{' (every weight trains)' if self.finetuning == 'full' else ''}, which would "
+                                  f"ignore {them}. Set `finetuning: {mode}`, or drop {them}.")
 
 
 @dataclass
@@ -215,7 +226,8 @@ class PretrainingArguments(TrainingArguments):
     eval_on_start: bool = field(default=True, metadata={"help": "Evaluate before the first step (baseline)."})
     save_steps: float = field(default=500, metadata={"help": "Checkpoint every N steps."})
     save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most N checkpoints."})
-    report_to: str | None = field(default="tensorboard", metadata={"help": "tensorboard | none | wandb ..."})
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"], metadata={
+        "help": "Where the logs go: tensorboard | wandb | none ...; several as a list (or `tensorboard,wandb`)."})
     remove_unused_columns: bool = field(default=False, metadata={
         "help": "Off: the blocks hold exactly the model inputs, plus the block_id the collator takes out."})
     train_sampling_strategy: str = field(default="sequential", metadata={
@@ -264,6 +276,7 @@ class PretrainingArguments(TrainingArguments):
                 "(costs a host read per step on a GPU)."})
 
     def __post_init__(self):
+        self.report_to = [name.strip() for item in self.report_to for name in item.split(",") if name.strip()]
         if self.mixed_precision == "auto" and (self.fp16 or self.bf16):  # the Trainer's own switches decide
             self.mixed_precision = "fp16" if self.fp16 else "bf16"
         if self.mixed_precision == "auto":
@@ -360,23 +373,53 @@ FOREIGN_OPTIONS = {
     "validation_file": "a source's `eval_path:`",
     "validation_split_percentage": "`eval_fraction` (a fraction: 0.05 for 5%)", "val_size": "`eval_fraction`",
     "cutoff_len": "`block_size`", "max_seq_length": "`block_size`", "model_max_length": "`block_size`",
-    "text_column_name": "a source's `text_field:`", "streaming": "a source's `streaming: true`",
-    "template": "a source's `template:` (records -> text)", "keep_linebreaks": "a source's `keep_newlines:`",
-    "flash_attn": "`attn_implementation: flash_attention_2`", "config_name": "`model_config` (a JSON)",
-    "model_type": "`model_type` inside the `model_config` JSON", "max_train_samples": "`max_train_tokens`",
+    "text_column_name": "a source's `text_field:`", "streaming": "a source's `streaming: true` (hub sources; local files as a stream: `{hub: text, data_files: "
+    "FILES, streaming: true, weight: W}`)",
+    "template": "a source's `template:` (records -> text; chat templates do not apply to pretraining text)", "keep_linebreaks": "a source's `keep_newlines:` (line breaks inside a record; a text file is one "
+    "document per line, or per article with `group: wikitext_articles`)",
+    "flash_attn": "`attn_implementation` (sdpa, eager or flash_attention_2)", "config_name": "`model_config` (a JSON)",
+    "model_type": "`model_type` inside the `model_config` JSON", "max_train_samples": "`max_train_tokens` (samples x block_size)",
     "max_samples": "a source's `max_records:` (its first N records)",
-    "max_eval_samples": "`max_eval_tokens`", "neat_packing": "`attention: document`", "packing": "nothing: "
+    "max_eval_samples": "`max_eval_tokens` (samples x block_size)", "neat_packing": "`attention: document`", "packing": "nothing: "
     "blocks are always packed without padding", "mix_strategy": "a source's `weight:` (share of training tokens)",
     "interleave_probs": "each source's `weight:`", "deepspeed_config": "`deepspeed`",
     "use_llama_pro": "`expand_layers: N` with `finetuning: freeze` (expands the model itself; no separate script)",
-    "num_expand": "`expand_layers`",
+    "num_expand": "`expand_layers`", "num_layer_trainable": "`freeze_trainable_layers`",
+    "freeze_trainable_modules": "`freeze_trainable_layers` (the last N decoder layers) and `freeze_extra_modules` "
+                                "(modules outside them)",
+    "additional_target": "`freeze_extra_modules` with `finetuning: freeze`; under lora, new tokens' rows train anyway",
+    "stage": "nothing: this toolkit only pretrains (LLaMA-Factory's `stage: pt`)",
+    "do_train": "nothing: a run always trains",
+    "do_eval": "nothing: a run evaluates before and after training (and every `eval_steps`) on its eval split; "
+               "`eval_fraction: 0` without `eval_path` turns evaluation off",
+    "do_predict": "nothing: a run ends with sample continuations of `sample_prompts`",
+    "overwrite_cache": "nothing: token stores are keyed by the files' content and the settings, so a change "
+                       "rebuilds them; delete `cache_dir` to force it",
+    "tokenized_path": "`cache_dir` (token stores, reused by content)", "plot_loss": "nothing: loss.png is always "
+    "written", "resize_vocab": "nothing: the embeddings grow by themselves for a larger tokenizer "
+    "(`tokenizer_name_or_path`; tools/vocab.py extend makes one)",
+    "new_special_tokens": "tools/vocab.py extend (a text file of tokens), then `tokenizer_name_or_path`",
+    "eval_dataset": "a source's `eval_path:` (files) or `eval_split:` (hub)", "device_map": "nothing: the launch "
+    "script puts one process on each GPU (`NUM_GPUS`)", "use_auth_token": "the HF_TOKEN environment variable",
+    "token": "the HF_TOKEN environment variable", "use_fast_tokenizer": "nothing: the fast tokenizer is always used",
+    "low_cpu_mem_usage": "nothing", "train_from_scratch": "leave `model_name_or_path` unset and give "
+    "`model_config` (a JSON)", "preprocessing_batch_size": "nothing: tokenizer processes take chunks of 2,048 "
+    "records", "buffer_size": "nothing: streamed sources are mixed by their `weight:`", "group_by_length": "nothing: "
+    "every packed block has block_size tokens", "adapter_name_or_path": "nothing: a LoRA run starts new adapters "
+    "(`resume_from_checkpoint` continues one)", "upcast_layernorm": "nothing: weights stay float32 masters",
+    "use_unsloth": "nothing", "pissa_init": "nothing",
 }
+# TrainingArguments fields that other scripts pass and this one does not use: refused as FOREIGN_OPTIONS names them
+UNUSED_TRAINING_OPTIONS = ("do_train", "do_eval", "do_predict")
 
 
 def unknown_option_hint(key: str, valid: set[str]) -> str:
-    if key in FOREIGN_OPTIONS:
-        return f" This toolkit's counterpart: {FOREIGN_OPTIONS[key]} (README, Config reference)."
-    return closest_key_hint(key, valid)
+    counterpart = FOREIGN_OPTIONS.get(key)
+    if counterpart is None:
+        return closest_key_hint(key, valid)
+    if counterpart.startswith("nothing"):
+        return f" Not needed here{counterpart.removeprefix('nothing')}; drop it."
+    return f" This toolkit's counterpart: {counterpart} (README, Config reference)."
 
 
 def load_config(path: str, valid_keys: set[str]) -> dict:
@@ -392,10 +435,19 @@ def load_config(path: str, valid_keys: set[str]) -> dict:
                           "brackets and quotes there.") from None
     if not isinstance(config, dict):
         raise ConfigError(f"config file `{path}` must be a mapping of `key: value`, got {type(config).__name__}.")
-    for key in config:
-        if key not in valid_keys:
-            raise ConfigError(f"{path}: unknown key `{key}`.{unknown_option_hint(str(key), valid_keys)}")
+    unknown = [str(key) for key in config if key not in valid_keys or key in UNUSED_TRAINING_OPTIONS]
+    if unknown:
+        raise ConfigError(unknown_options_message(path, [(f"key `{key}`", key) for key in unknown], valid_keys))
     return config
+
+
+def unknown_options_message(where: str, options: list[tuple[str, str]], valid: set[str]) -> str:
+    """One message for every unknown option of a config file or command line (`where`): (how it is written,
+    its name) each, with its counterpart here or the closest valid name."""
+    lines = [f"- {written}.{unknown_option_hint(key, valid)}" for written, key in options]
+    if len(lines) == 1:
+        return f"{where}: unknown {lines[0][2:]}"
+    return f"{where}: {len(lines)} unknown options:\n" + "\n".join(lines)
 
 
 def config_to_argv(config: dict, parser: ConfigArgumentParser) -> list[str]:
@@ -433,13 +485,18 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
     if argv and not argv[0].startswith("-"):
         config, argv = load_config(argv[0], valid), argv[1:]
     options = set(parser._option_string_actions)
-    given = {token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")}
-    for key in given:
-        if f"--{key}" not in options and f"--{key.replace('_', '-')}" not in options:
-            nested = key.split(".")[0]
-            hint = (f" `{nested}` is replaced whole from the command line: `--{nested} '[...]'` (YAML or JSON)."
-                    if "." in key and nested in valid else unknown_option_hint(key, valid))
-            raise ConfigError(f"unknown command-line option `--{key}`.{hint}")
+    given = list(dict.fromkeys(token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")))
+    unknown = [key for key in given if key in UNUSED_TRAINING_OPTIONS or f"--{key}" not in options
+               and f"--{key.replace('_', '-')}" not in options]
+    for key in unknown:
+        nested = key.split(".")[0]
+        if "." in key and nested in valid:
+            raise ConfigError(f"unknown command-line option `--{key}`: `{nested}` is replaced whole from the command "
+                              f"line: `--{nested} '[...]'` (YAML or JSON).")
+    if unknown:
+        raise ConfigError(unknown_options_message("the command line", [(f"option `--{key}`", key) for key in unknown],
+                                                  valid))
+    given = set(given)
     lengths = {"max_steps", "max_train_tokens", "num_train_epochs"}
     if given & lengths:
         for other in lengths - given:
@@ -2365,7 +2422,8 @@ def train(argv: list[str]) -> dict:
     data = load_data(data_args, training_args, tokenizer)
     out = Path(training_args.output_dir)
     if not data.eval and training_args.eval_strategy != "no":
-        logger.warning("no eval split (eval_fraction 0 and no eval_path): evaluation is off")
+        logger.warning("no eval split (eval_fraction 0 and no eval_path; a streamed source is evaluated only on "
+                       "its `eval_split`): evaluation is off")
         training_args.eval_strategy, training_args.eval_on_start = "no", False
     if resume:
         keep_checkpoint_batch(resume, training_args, data_args.block_size, not hasattr(data.train, "__len__"))

@@ -160,6 +160,25 @@ def test_options_of_other_toolkits_name_their_counterparts(tmp_path):
             pretrain.parse_args([f"--{option}", "1"])
     with pytest.raises(ConfigError, match="unknown key `load_in_4bit`. This toolkit's counterpart: `quantization_bit: 4`"):
         pretrain.parse_args([write_config(tmp_path, load_in_4bit=True)])
+    # every foreign option at once, in the order given (it was one per run, a different one each time); fields
+    # of TrainingArguments that this script does not use are refused too (run_clm's --do_train / --do_eval)
+    with pytest.raises(ConfigError, match=r"the command line: 4 unknown options:\n- option `--use_peft`\. This "
+                                          r"toolkit's counterpart: `finetuning: lora`.*\n- option `--device_map`\. Not "
+                                          r"needed here: .*; drop it\.\n- option `--do_train`\. Not needed here: a run "
+                                          r"always trains; drop it\.\n- option `--do_eval`\. .*`eval_fraction: 0`"):
+        pretrain.parse_args(["--use_peft", "true", "--device_map", "auto", "--do_train", "--do_eval"])
+    with pytest.raises(ConfigError, match=r"2 unknown options:\n- key `do_eval`\. .*\n- key `stage`\. Not needed "
+                                          r"here: this toolkit only pretrains"):
+        pretrain.parse_args([write_config(tmp_path, stage="pt", do_eval=False)])
+    # MedicalGPT's --lora_* flags without --use_peft trained every weight and ignored them
+    with pytest.raises(ConfigError, match=r"lora_rank, lora_target are for `finetuning: lora`, but finetuning is "
+                                          r"`full` \(every weight trains\), which would ignore them"):
+        pretrain.parse_args(["--lora_rank", "8", "--lora_target", "q_proj"])
+    with pytest.raises(ConfigError, match=r"freeze_trainable_layers is for `finetuning: freeze`, but finetuning is `lora`"):
+        pretrain.parse_args(["--finetuning", "lora", "--freeze_trainable_layers", "1"])
+    # report_to as a list (YAML) or comma-separated, as transformers takes it
+    assert pretrain.parse_args([write_config(tmp_path, report_to=["tensorboard"])])[2].report_to == ["tensorboard"]
+    assert pretrain.parse_args(["--report_to", "tensorboard,none"])[2].report_to == ["tensorboard", "none"]
     with pytest.raises(ConfigError, match=r"`sources` is replaced whole from the command line: `--sources '\[...\]'`"):
         pretrain.parse_args(["--sources.0.path", "x.txt"])
     with pytest.raises(pretrain.DataError, match=r"eval_fraction must be in \[0, 1\)"):
