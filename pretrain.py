@@ -373,15 +373,19 @@ FOREIGN_OPTIONS = {
     "validation_file": "a source's `eval_path:`",
     "validation_split_percentage": "`eval_fraction` (a fraction: 0.05 for 5%)", "val_size": "`eval_fraction`",
     "cutoff_len": "`block_size`", "max_seq_length": "`block_size`", "model_max_length": "`block_size`",
-    "text_column_name": "a source's `text_field:`", "streaming": "a source's `streaming: true` (hub sources; local files as a stream: `{hub: text, data_files: "
-    "FILES, streaming: true, weight: W}`)",
-    "template": "a source's `template:` (records -> text; chat templates do not apply to pretraining text)", "keep_linebreaks": "a source's `keep_newlines:` (line breaks inside a record; a text file is one "
-    "document per line, or per article with `group: wikitext_articles`)",
+    "text_column_name": "a source's `text_field:`",
+    "streaming": "a source's `streaming: true` (hub sources; local files as a stream: `{hub: text, data_files: "
+                 "FILES, streaming: true, weight: W}`)",
+    "template": "a source's `template:` (records -> text; chat templates do not apply to pretraining text)",
+    "keep_linebreaks": "a source's `keep_newlines:` (line breaks inside a record; a text file is one document per "
+                       "line, or per article with `group: wikitext_articles`)",
     "flash_attn": "`attn_implementation` (sdpa, eager or flash_attention_2)", "config_name": "`model_config` (a JSON)",
-    "model_type": "`model_type` inside the `model_config` JSON", "max_train_samples": "`max_train_tokens` (samples x block_size)",
+    "model_type": "`model_type` inside the `model_config` JSON",
+    "max_train_samples": "`max_train_tokens` (samples x block_size)",
     "max_samples": "a source's `max_records:` (its first N records)",
-    "max_eval_samples": "`max_eval_tokens` (samples x block_size)", "neat_packing": "`attention: document`", "packing": "nothing: "
-    "blocks are always packed without padding", "mix_strategy": "a source's `weight:` (share of training tokens)",
+    "max_eval_samples": "`max_eval_tokens` (samples x block_size)", "neat_packing": "`attention: document`",
+    "packing": "nothing: blocks are always packed without padding",
+    "mix_strategy": "a source's `weight:` (share of training tokens)",
     "interleave_probs": "each source's `weight:`", "deepspeed_config": "`deepspeed`",
     "use_llama_pro": "`expand_layers: N` with `finetuning: freeze` (expands the model itself; no separate script)",
     "num_expand": "`expand_layers`", "num_layer_trainable": "`freeze_trainable_layers`",
