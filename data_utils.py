@@ -1968,6 +1968,34 @@ def hashes_of(store: TokenStore, ids: np.ndarray) -> Iterator[np.ndarray]:
             yield doc_slice(store, "doc_hashes", start, stop)[np.asarray(ids[lo:hi]) - start]
 
 
+def bucketed(chunks: Iterator[np.ndarray], key: str, n_buckets: int, work: Path) -> Iterator[np.ndarray]:
+    """Row arrays partitioned by `key` % n_buckets into bucket files under `work`, then each bucket's rows in
+    turn (its file removed once read): grouping equal keys holds one bucket in memory, as an external sort
+    would, not the corpus."""
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        with contextlib.ExitStack() as stack:
+            files = [stack.enter_context(open(work / f"bucket{k}.bin", "wb")) for k in range(n_buckets)]
+            dtype = None
+            for rows in chunks:
+                dtype = rows.dtype
+                bucket = rows[key] % np.uint64(n_buckets)
+                order = np.argsort(bucket, kind="stable")
+                bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
+                for k in range(n_buckets):
+                    rows[order[bounds[k]:bounds[k + 1]]].tofile(files[k])
+        for k in range(n_buckets):
+            if dtype is not None:
+                yield np.fromfile(work / f"bucket{k}.bin", dtype=dtype)
+            (work / f"bucket{k}.bin").unlink()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def n_buckets_for(n_rows: int) -> int:
+    return min(256, max(1, -(-n_rows // PASS_DOCS)))  # 256: open files
+
+
 def dedup_keep_flags(stores: list[TokenStore], work: Path) -> tuple[list[np.ndarray], list[dict]]:
     """Exact dedup over stores in order (an earlier store keeps its copy), in memory that does not grow with
     the corpus beyond one flag per document: (hash, store, doc) rows are partitioned by hash into bucket
@@ -1975,24 +2003,19 @@ def dedup_keep_flags(stores: list[TokenStore], work: Path) -> tuple[list[np.ndar
     `within_source` (a copy inside the same store was kept or dropped first) and `across_sources` (the
     store's first copy of a text an earlier store has)."""
     row = np.dtype([("hash", "<u8"), ("store", "<u2"), ("doc", "<i8")])
-    n_buckets = min(256, max(1, -(-sum(store.n_docs for store in stores) // PASS_DOCS)))  # 256: open files
-    work.mkdir(parents=True, exist_ok=True)
-    with contextlib.ExitStack() as stack:
-        files = [stack.enter_context(open(work / f"bucket{k}.bin", "wb")) for k in range(n_buckets)]
+
+    def rows_of_stores() -> Iterator[np.ndarray]:
         for s, store in enumerate(stores):
             for start in range(0, store.n_docs, PASS_DOCS):
                 stop = min(start + PASS_DOCS, store.n_docs)
                 rows = np.empty(stop - start, row)
                 rows["hash"], rows["store"], rows["doc"] = doc_slice(store, "doc_hashes", start, stop), s, np.arange(start, stop)
-                bucket = rows["hash"] % np.uint64(n_buckets)
-                order = np.argsort(bucket, kind="stable")
-                bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
-                for k in range(n_buckets):
-                    rows[order[bounds[k]:bounds[k + 1]]].tofile(files[k])
+                yield rows
+
     keep = [np.zeros(store.n_docs, dtype=bool) for store in stores]
     within, across = np.zeros(len(stores), np.int64), np.zeros(len(stores), np.int64)
-    for k in range(n_buckets):
-        rows = np.fromfile(work / f"bucket{k}.bin", dtype=row)
+    n_buckets = n_buckets_for(sum(store.n_docs for store in stores))
+    for rows in bucketed(rows_of_stores(), "hash", n_buckets, work):
         rows = rows[np.lexsort((rows["doc"], rows["store"], rows["hash"]))]
         new_text = np.ones(len(rows), dtype=bool)
         new_text[1:] = rows["hash"][1:] != rows["hash"][:-1]
@@ -2002,9 +2025,182 @@ def dedup_keep_flags(stores: list[TokenStore], work: Path) -> tuple[list[np.ndar
             keep[s][rows["doc"][new_text & (rows["store"] == s)]] = True
         within += np.bincount(rows["store"][~new_in_store], minlength=len(stores))
         across += np.bincount(rows["store"][new_in_store & ~new_text], minlength=len(stores))
-        (work / f"bucket{k}.bin").unlink()
-    work.rmdir()
     return keep, [{"within_source": int(w), "across_sources": int(a)} for w, a in zip(within, across)]
+
+
+NEAR_DEDUP_RECALL = 0.98  # chance that MinHash LSH proposes a pair whose similarity is exactly the threshold
+NEAR_DEDUP_PERMUTATIONS = 128  # at most: the time of the signature pass grows with them
+NEAR_DEDUP_EXAMPLES = 3  # removals per source named in the data report, to judge the threshold by
+NEAR_DEDUP_WINDOW = 4  # a document of an LSH bucket is also compared with the few before it, not only the first
+PASS_TOKENS = 1 << 22  # tokens per step of the signature pass (a few arrays of 8 bytes per token)
+_MIX = (np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """murmur3's 64-bit finaliser, in place: every input bit moves every output bit."""
+    for multiplier in _MIX:
+        x ^= x >> np.uint64(33)
+        x *= multiplier
+    x ^= x >> np.uint64(33)
+    return x
+
+
+def lsh_bands(threshold: float) -> tuple[int, int]:
+    """(bands, rows per band) of the MinHash LSH for a Jaccard `threshold`: the most rows (the fewest pairs
+    proposed below the threshold, which verifying costs) for which bands x rows <= NEAR_DEDUP_PERMUTATIONS
+    still propose a pair exactly at the threshold with probability NEAR_DEDUP_RECALL (more similar pairs
+    more surely: 1 - (1 - J^rows)^bands)."""
+    best = (NEAR_DEDUP_PERMUTATIONS, 1)
+    for rows in range(1, NEAR_DEDUP_PERMUTATIONS + 1):
+        p = threshold ** rows
+        bands = 1 if p >= 1 else math.ceil(math.log(1 - NEAR_DEDUP_RECALL) / math.log1p(-p)) if p > 0 else math.inf
+        if bands * rows <= NEAR_DEDUP_PERMUTATIONS:
+            best = (int(bands), rows)
+    return best
+
+
+def shingle_hashes(tokens: np.ndarray, starts: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """64-bit hashes of every token n-gram of each document (a document shorter than n is one shingle, itself),
+    for the documents of flat `tokens` that begin at `starts` (plus the end). Returns the hashes, document
+    after document, and the index of each document's first one."""
+    t = np.concatenate([np.asarray(tokens, dtype=np.uint64), np.zeros(n, dtype=np.uint64)])
+    starts = np.asarray(starts, dtype=np.int64) - int(starts[0])
+    lengths = np.diff(starts)
+    m = int(starts[-1])
+    h = t[:m].copy()
+    short = {}
+    for k in range(2, n + 1):
+        ended = starts[:-1][lengths == k - 1]  # documents of k - 1 tokens: their one shingle is complete
+        short[k - 1] = h[ended], ended
+        h *= np.uint64(0x100000001B3)
+        h += t[k - 1:k - 1 + m]
+    valid = np.arange(m) + n <= np.repeat(starts[1:], lengths)
+    for values, at in short.values():
+        h[at], valid[at] = values, True
+    counts = np.where(lengths >= n, lengths - n + 1, 1)
+    return _mix64(h[valid]), np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+
+
+def minhash_band_keys(hashes: np.ndarray, first: np.ndarray, bands: int, rows: int) -> np.ndarray:
+    """(documents, bands) LSH keys: each band's `rows` MinHash values (min over a document's shingles of a
+    seeded permutation of their hashes) hashed together with the band's number. Two documents share a
+    band's key with probability J^rows, J the Jaccard similarity of their shingle sets."""
+    rng = np.random.default_rng(0x6E656172)
+    xors = rng.integers(0, 2**64, size=bands * rows, dtype=np.uint64, endpoint=False)
+    multipliers = rng.integers(0, 2**64, size=bands * rows, dtype=np.uint64, endpoint=False) | np.uint64(1)
+    keys = np.empty((len(first), bands), dtype=np.uint64)
+    permuted = np.empty_like(hashes)
+    for b in range(bands):
+        key = np.full(len(first), b, dtype=np.uint64)
+        for k in range(b * rows, (b + 1) * rows):
+            np.bitwise_xor(hashes, xors[k], out=permuted)
+            permuted *= multipliers[k]
+            key *= np.uint64(0x9E3779B97F4A7C15)
+            key ^= np.minimum.reduceat(permuted, first)
+        keys[:, b] = _mix64(key)
+    return keys
+
+
+def token_passes(store: TokenStore) -> Iterator[tuple[int, int, np.ndarray]]:
+    """A store's documents in steps of at most PASS_DOCS documents and about PASS_TOKENS tokens (at least one
+    document): (start, stop, offsets), the tokens read rather than mapped (see doc_slice)."""
+    for window in range(0, store.n_docs, PASS_DOCS):
+        offsets = doc_slice(store, "offsets", window, min(window + PASS_DOCS, store.n_docs) + 1)
+        start = 0
+        while start < len(offsets) - 1:
+            stop = max(start + 1, int(np.searchsorted(offsets, offsets[start] + PASS_TOKENS, "right")) - 1)
+            yield window + start, window + stop, offsets[start:stop + 1]
+            start = stop
+
+
+def read_tokens(store: TokenStore, lo: int, hi: int) -> np.ndarray:
+    dtype = store.tokens.dtype
+    return np.fromfile(store.dir / "tokens.bin", dtype=dtype, count=hi - lo, offset=lo * dtype.itemsize)
+
+
+def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], threshold: float, ngram: int,
+                         work: Path, n_train: int, skip_identical: bool) -> tuple[list[dict], list[list[dict]]]:
+    """Near dedup over the documents `keep` flags, in store order, updating the flags: a document is removed
+    when the Jaccard similarity of its token `ngram` set with an earlier document that stays is at least
+    `threshold`. MinHash LSH proposes the pairs (band keys partitioned into bucket files, as exact dedup
+    does), each proposed pair is verified on the exact shingle sets, and documents are decided in order, so
+    every removed document has a kept one at least that similar. The stores after the first `n_train` are
+    eval sets. `skip_identical`: equal texts are left to exact dedup. Returns per store what it removed
+    (near_within_source / near_across_sources for train stores, near_within_eval / near_eval_of_train for
+    eval sets) and its first few removals as examples: removed and kept as [store, document], similarity."""
+    from tqdm.auto import tqdm
+
+    bands, rows = lsh_bands(threshold)
+    bases = np.concatenate([[0], np.cumsum([store.n_docs for store in stores])]).astype(np.int64)
+    row = np.dtype([("key", "<u8"), ("doc", "<i8")])
+    total_tokens = sum(int(store.offsets[-1]) for store in stores)
+
+    def band_rows() -> Iterator[np.ndarray]:
+        with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="near dedup: MinHash") as bar:
+            for s, store in enumerate(stores):
+                for start, stop, offsets in token_passes(store):
+                    kept = np.flatnonzero(keep[s][start:stop])
+                    if len(kept):
+                        hashes, first = shingle_hashes(read_tokens(store, int(offsets[0]), int(offsets[-1])), offsets,
+                                                       ngram)
+                        keys = minhash_band_keys(hashes, first, bands, rows)[kept]
+                        chunk = np.empty(keys.size, row)
+                        chunk["key"], chunk["doc"] = keys.ravel(), np.repeat(bases[s] + start + kept, bands)
+                        yield chunk
+                    bar.update(int(offsets[-1] - offsets[0]))
+
+    candidates = []
+    n_rows = bands * sum(int(flags.sum()) for flags in keep)
+    for chunk in bucketed(band_rows(), "key", n_buckets_for(n_rows), work):
+        chunk = chunk[np.lexsort((chunk["doc"], chunk["key"]))]
+        run_start = np.ones(len(chunk), dtype=bool)
+        run_start[1:] = chunk["key"][1:] != chunk["key"][:-1]
+        first_of_run = np.maximum.accumulate(np.where(run_start, np.arange(len(chunk)), 0))
+        member = np.flatnonzero(~run_start)  # each later document of a run, with its first and the few before it
+        docs = chunk["doc"]
+        for earlier in [first_of_run[member], *(member - k for k in range(1, NEAR_DEDUP_WINDOW + 1))]:
+            inside = earlier >= first_of_run[member]
+            candidates.append(np.stack([docs[earlier[inside]], docs[member[inside]]], 1))
+    pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *candidates]), axis=0)
+    pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by the later document: decided in order
+
+    def locate(doc: int) -> tuple[int, int]:
+        s = int(np.searchsorted(bases, doc, "right")) - 1
+        return s, doc - int(bases[s])
+
+    @functools.lru_cache(maxsize=4096)
+    def shingle_set(doc: int) -> np.ndarray:
+        s, d = locate(doc)
+        tokens = stores[s].doc(d)
+        return np.unique(shingle_hashes(tokens, np.array([0, len(tokens)]), ngram)[0])
+
+    flags = np.concatenate(keep)
+    removed_by, examples = {}, [[] for _ in stores]
+    for i, j in tqdm(pairs.tolist(), desc="near dedup: verifying", unit="pair", disable=len(pairs) < 10_000):
+        if not (flags[i] and flags[j]):
+            continue
+        (si, di), (sj, dj) = locate(i), locate(j)
+        if skip_identical and stores[si].doc_hashes[di] == stores[sj].doc_hashes[dj]:
+            continue
+        a, b = shingle_set(i), shingle_set(j)
+        shared = len(np.intersect1d(a, b, assume_unique=True))
+        if shared >= threshold * (len(a) + len(b) - shared):
+            flags[j] = False
+            removed_by[j] = si
+            if len(examples[sj]) < NEAR_DEDUP_EXAMPLES:
+                examples[sj].append({"removed": [sj, dj], "kept": [si, di],
+                                     "similarity": round(shared / (len(a) + len(b) - shared), 3)})
+    counts = [collections.Counter() for _ in stores]
+    for j, si in removed_by.items():
+        sj = locate(j)[0]
+        if sj < n_train:
+            counts[sj]["near_within_source" if si == sj else "near_across_sources"] += 1
+        else:
+            counts[sj]["near_within_eval" if si >= n_train else "near_eval_of_train"] += 1
+    for s in range(len(stores)):
+        keep[s][:] = flags[bases[s]:bases[s + 1]]
+    names = (("near_within_source", "near_across_sources"), ("near_within_eval", "near_eval_of_train"))
+    return [{name: counts[s][name] for name in names[s >= n_train]} for s in range(len(stores))], examples
 
 
 def eval_positions(n_docs: int, eval_fraction: float, seed: int, name: str) -> np.ndarray:
@@ -2042,11 +2238,13 @@ class DocumentViews:
 
     @classmethod
     def load_or_build(cls, stored: list[tuple], fractions: list[float], dedup: bool, seed: int,
-                      cache_dir: Path) -> "DocumentViews":
+                      cache_dir: Path, near_dedup: dict | None = None) -> "DocumentViews":
         material = {"version": VIEWS_VERSION, "dedup": dedup, "seed": seed, "sources": [
             {"name": spec.name, "store": store.dir.name, "eval_store": explicit.dir.name if explicit else None,
              "eval_fraction": None if explicit else fraction}
             for (spec, store, _, explicit), fraction in zip(stored, fractions)]}
+        if near_dedup:
+            material["near_dedup"] = near_dedup
         key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
         directory = cache_dir / "views" / key
         names = [spec.name for spec, *_ in stored]
@@ -2076,21 +2274,37 @@ class DocumentViews:
                             ([np.ones(s.n_docs, dtype=bool) for s in stores],
                              [{"within_source": 0, "across_sources": 0} for _ in stores]))
         # explicit eval sets: their first copy of each text, minus texts any source trains on (probed below)
-        explicit = {}
+        explicit, eval_duplicates = {}, {}
         for i, (spec, _, _, eval_store) in enumerate(stored):
             if eval_store is not None:
                 hashes = doc_slice(eval_store, "doc_hashes", 0, eval_store.n_docs)
                 first = (np.sort(np.unique(hashes, return_index=True)[1]) if dedup
                          else np.arange(eval_store.n_docs))
+                eval_duplicates[i] = {"within_eval": eval_store.n_docs - len(first)}
                 explicit[i] = (hashes[first], first, np.zeros(len(first), dtype=bool))
-        plan = {"material": material, "sources": []}
+        near, examples = material.get("near_dedup"), []
+        if near:  # after exact dedup, before the split: no held-out document has a near copy in training
+            eval_flags = [np.isin(np.arange(stored[i][3].n_docs), explicit[i][1]) for i in explicit]
+            flags = keep + eval_flags
+            near_counts, examples = near_duplicate_flags(stores + [stored[i][3] for i in explicit], flags,
+                                                         near["threshold"], near["ngram"], directory / "near",
+                                                         len(stores), dedup)
+            for i, counts in enumerate(near_counts[:len(stores)]):
+                duplicates[i].update(counts)
+            for (i, (hashes, first, in_train)), flag, counts in zip(explicit.items(), flags[len(stores):],
+                                                                    near_counts[len(stores):]):
+                stays = flag[first]
+                explicit[i] = (hashes[stays], first[stays], in_train[stays])
+                eval_duplicates[i].update(counts)
+        plan = {"material": material, "sources": [], "near_duplicate_examples": examples if near else []}
         for i, ((spec, store, _, eval_store), fraction) in enumerate(zip(stored, fractions)):
             n_kept = int(keep[i].sum())
             if n_kept == 0:
                 every = (f"all {store.n_docs} documents duplicate documents" if store.n_docs != 1
                          else "its one document duplicates a document")
-                raise DataError(f"source `{spec.name}`: {every} of earlier sources. Remove the source or set "
-                                "`dedup: false`.")
+                raise DataError(f"source `{spec.name}`: {every} of earlier sources"
+                                f"{' (or nearly: near_dedup)' if near else ''}. Remove the source or set "
+                                f"{'`near_dedup: null` / a higher threshold' if near else '`dedup: false`'}.")
             held = eval_positions(n_kept, fraction, seed, spec.name) if eval_store is None else np.zeros(0, np.int64)
             eval_ids, chars = [], {"train_chars": 0, "eval_chars": 0, "store_chars": 0}
             rank, total = 0, 0
@@ -2128,7 +2342,7 @@ class DocumentViews:
             kept = first[~in_train] if dedup else first
             kept.astype(np.int64).tofile(directory / f"{i}.eval_ids.bin")
             plan["sources"][i]["duplicates"]["eval_of_train"] = int(in_train.sum()) if dedup else 0
-            plan["sources"][i]["duplicates"]["within_eval"] = eval_store.n_docs - len(first)
+            plan["sources"][i]["duplicates"].update(eval_duplicates[i])
             plan["sources"][i]["eval_chars"] = int(doc_slice(eval_store, "doc_chars", 0, eval_store.n_docs)[kept].sum())
         atomic_write_text(directory / "plan.json", json.dumps(plan, ensure_ascii=False, indent=1))
 
@@ -2478,6 +2692,31 @@ def _grouped_counts(counts: dict[str, int]) -> dict:
     return grouped
 
 
+def document_location(store: TokenStore, doc: int) -> str:
+    """Where a document of a store came from: its file and line (or record)."""
+    file = store.meta["files"][int(store.doc_files[doc])]
+    return f"`{file['path']}` {record_unit(file['format'])} {int(store.doc_records[doc])}"
+
+
+def near_duplicate_examples(stored: list[tuple], plan: dict, name: str) -> list[str]:
+    """The first few documents near dedup removed from source `name` (training and eval files), each with the
+    document it kept and their similarity: what a threshold removes, to judge it by."""
+    stores = [store for _, store, _, _ in stored] + [explicit for *_, explicit in stored if explicit is not None]
+    owners = [spec.name for spec, *_ in stored] + [spec.name for spec, *_, explicit in stored if explicit is not None]
+    return [f"{document_location(stores[s], d)} ~ {document_location(stores[k], kd)} (similarity {e['similarity']})"
+            for removed in plan["near_duplicate_examples"] for e in removed
+            for (s, d), (k, kd) in [(e["removed"], e["kept"])] if owners[s] == name]
+
+
+def near_dedup_settings(data_args) -> dict | None:
+    """The near-dedup settings a run asked for (they key the document views), or None."""
+    threshold = getattr(data_args, "near_dedup", None)
+    if threshold is None:
+        return None
+    bands, rows = lsh_bands(threshold)
+    return {"threshold": threshold, "ngram": data_args.near_dedup_ngram, "bands": bands, "rows": rows}
+
+
 def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size: int = 1,
                    workers: int = 0) -> PreparedData:
     """Sources -> token stores (cached) -> dedup -> split by document -> train blocks of all sources
@@ -2490,6 +2729,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
     digests = FileDigests(cache_dir)
     num_proc = data_args.preprocessing_num_workers or min(8, os.cpu_count() or 1)
     dedup = getattr(data_args, "dedup", True)
+    near_dedup = near_dedup_settings(data_args)
     document = getattr(data_args, "attention", "causal") == "document"
     byte_mask = functools.cache(lambda: byte_token_mask(tokenizer))  # computed only when a store is built
     max_eval_tokens = getattr(data_args, "max_eval_tokens", None)
@@ -2513,7 +2753,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         store.meta["files"] = inputs_now(store, inputs)
         stored.append((spec, store, hit, eval_store))
     fractions = [data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction for spec, *_ in stored]
-    views = DocumentViews.load_or_build(stored, fractions, dedup, seed, cache_dir) if stored else None
+    views = DocumentViews.load_or_build(stored, fractions, dedup, seed, cache_dir, near_dedup) if stored else None
+    if near_dedup and streamed:
+        logger.warning("near_dedup covers the stored sources only: %s stream%s (exact dedup within the stream)",
+                       ", ".join(f"`{s.name}`" for s in streamed), "s" if len(streamed) == 1 else "")
 
     train_parts, evals, report_sources = {}, {}, {}
     for (spec, store, hit, explicit_eval), view in zip(stored, views.sources if views else []):
@@ -2528,8 +2771,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         if explicit_eval is not None and len(view.eval_ids) == 0:
             every = (f"every one of the {explicit_eval.n_docs} documents" if explicit_eval.n_docs != 1
                      else "the one document")
-            raise DataError(f"source `{spec.name}`: {every} of its eval set also occurs in the training data, and "
-                            "dedup removed it. Give eval files with other texts, or set `dedup: false`.")
+            nearly, off = ((" (or nearly: near_dedup)", "raise `near_dedup`") if near_dedup
+                           else ("", "set `dedup: false`"))
+            raise DataError(f"source `{spec.name}`: {every} of its eval set also occurs in the training data{nearly}, "
+                            f"and dedup removed it. Give eval files with other texts, or {off}.")
         held_out = PackedBlocks(eval_store, view.eval_ids, block_size, document) if len(view.eval_ids) else None
         if held_out is not None:
             if len(held_out) == 0:
@@ -2556,6 +2801,9 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
             "eval_blocks": len(evals[spec.name]) if held_out else 0,
             "eval_blocks_available": len(held_out) if held_out else 0,
         }
+        if near_dedup:
+            report_sources[spec.name]["near_duplicate_examples"] = near_duplicate_examples(stored, views.plan,
+                                                                                           spec.name)
         if explicit_eval is not None:  # what reading the eval files skipped and dropped, as for the training files
             report_sources[spec.name]["eval_input"] = {"files": explicit_eval.meta["files"],
                                                        **_grouped_counts(explicit_eval.meta["counts"])}
@@ -2615,7 +2863,8 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
             report_sources[name]["share_of_training_tokens"] = round(float(share), 4)
         train_set = mixture.as_torch_dataset()
         report = {"block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
-                  "dedup": dedup, "mixture": "token weights, streaming", "seconds": round(time.time() - start, 3),
+                  "dedup": dedup, "near_dedup": near_dedup, "mixture": "token weights, streaming",
+                  "seconds": round(time.time() - start, 3),
                   "sources": report_sources, "unread_data_files": unread_data_files(report_sources)}
         return PreparedData(train_set, evals, report)
     digests.save()
@@ -2632,7 +2881,8 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                            max_epochs)
     report = {
         "block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
-        "dedup": dedup, "train_blocks": len(train_set), "train_tokens": len(train_set) * block_size,
+        "dedup": dedup, "near_dedup": near_dedup, "train_blocks": len(train_set),
+        "train_tokens": len(train_set) * block_size,
         "mixture": "token weights" if weights else "natural sizes",
         "seconds": round(time.time() - start, 3), "sources": report_sources,
         "unread_data_files": unread_data_files(report_sources),
@@ -2660,8 +2910,10 @@ def data_report_markdown(report: dict) -> str:
     """A readable version of data_report.json: one table row per source, then what was dropped."""
     size = (f"{report['train_blocks']} training blocks of {report['block_size']} tokens ({report['train_tokens']:,} "
             "tokens)" if "train_blocks" in report else f"streamed blocks of {report['block_size']} tokens")
+    near = report.get("near_dedup")
     lines = ["# Data report", "", f"{size}; mixture by {report['mixture']}; exact dedup "
-             f"{'on' if report['dedup'] else 'off'}.", "",
+             f"{'on' if report['dedup'] else 'off'}; near dedup " +
+             (f"at Jaccard similarity {near['threshold']} of token {near['ngram']}-grams." if near else "off."), "",
              "| source | records | documents | characters | tokens | tokens/doc | train share | epochs | eval docs | "
              "duplicates removed | skipped | cache |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
@@ -2711,6 +2963,9 @@ def _counts_markdown(s: dict, indent: str) -> list[str]:
     for key in ("records", "blank_lines", "texts_with_U+FFFD", "unused_tail_tokens"):
         if s.get(key) and (key != "records" or "documents" not in s):  # a source's records are in the table
             lines.append(f"{indent}- {key.replace('_', ' ')}: {s[key]:,}")
+    if s.get("near_duplicate_examples"):
+        lines.append(f"{indent}- near duplicates removed, the first few (removed ~ kept): " +
+                     "; ".join(s["near_duplicate_examples"]))
     if s.get("stopped_at_max_records"):
         lines.append(f"{indent}- read only its first {s['stopped_at_max_records']:,} records (`max_records`); the "
                      "rest was not read")

@@ -180,6 +180,12 @@ class DataArguments:
                 "document, so no token attends across documents (sdpa or flash_attention_2, use_cache off)."})
     dedup: bool = field(default=True, metadata={
         "help": "Exact dedup of texts within and across sources and between train and eval."})
+    near_dedup: str | None = field(default=None, metadata={
+        "help": "Also remove near duplicates: documents whose token n-gram sets have at least this Jaccard "
+                "similarity (e.g. 0.8; true: 0.8) with an earlier document that stays, within and across stored "
+                "sources and between train and eval (MinHash LSH, every pair verified exactly). Unset: off."})
+    near_dedup_ngram: int = field(default=5, metadata={
+        "help": "Tokens per shingle (n-gram) of near_dedup: 5 tokens are about 5-10 Chinese characters."})
     max_source_epochs: float = field(default=4.0, metadata={
         "help": "Warn when a source's weight repeats its data more often than this per pass over the mixture."})
     max_eval_tokens: int | None = field(default=1_048_576, metadata={
@@ -194,6 +200,22 @@ class DataArguments:
         "help": "Warn when a `watch_forgetting` source's eval perplexity rises this many percent over its "
                 "step-0 baseline."})
 
+    def near_dedup_threshold(self) -> float | None:
+        """near_dedup as a number: true is 0.8, false or none is off (YAML and the command line give text)."""
+        value = self.near_dedup
+        words = {"true": 0.8, "false": None, "none": None, "null": None}
+        if value is None or isinstance(value, bool) or str(value).lower() in words:
+            return words[str(value).lower()]
+        try:
+            threshold = float(value)
+        except ValueError:
+            threshold = math.nan
+        if not 0 < threshold <= 1:
+            raise DataError(f"near_dedup is a Jaccard similarity in (0, 1] (0.8 removes documents that share at least "
+                            f"80% of their token {self.near_dedup_ngram}-grams with an earlier one), got "
+                            f"`{value}`.")
+        return threshold
+
     def __post_init__(self):
         if isinstance(self.sources, str):
             try:
@@ -205,6 +227,9 @@ class DataArguments:
             raise DataError(f"attention must be causal or document, got `{self.attention}`.")
         if self.block_size < 2:
             raise DataError(f"block_size must be at least 2, got {self.block_size}.")
+        self.near_dedup = self.near_dedup_threshold()
+        if self.near_dedup_ngram < 1:
+            raise DataError(f"near_dedup_ngram must be at least 1, got {self.near_dedup_ngram}.")
         if not 0 <= self.eval_fraction < 1:
             raise DataError(f"eval_fraction must be in [0, 1) (0.02 holds out 2% of each source's documents), got "
                             f"{self.eval_fraction}.")
@@ -1753,7 +1778,8 @@ def data_plan(report: dict, training_args: PretrainingArguments) -> dict:
         else:
             kept["stream"] = source.get("settings")
         sources[name] = kept
-    return {"seed": training_args.seed, "dedup": report["dedup"], "sources": sources,
+    return {"seed": training_args.seed, "dedup": report["dedup"], "near_dedup": report["near_dedup"],
+            "sources": sources,
             "learning_rate": training_args.learning_rate}
 
 
@@ -1770,7 +1796,8 @@ def check_resume_data(checkpoint: str, plan: dict, training_args: PretrainingArg
         logger.warning("learning_rate %s -> %s has no effect on a resumed run: the optimizer and scheduler continue "
                        "from %s's state (peak %s). Start a new run with --model_name_or_path %s to change it.",
                        saved["learning_rate"], plan["learning_rate"], checkpoint, saved["learning_rate"], checkpoint)
-    changes = [f"{key} {saved[key]} -> {plan[key]}" for key in ("seed", "dedup") if saved[key] != plan[key]]
+    changes = [f"{key} {saved.get(key)} -> {plan[key]}" for key in ("seed", "dedup", "near_dedup")
+               if saved.get(key) != plan[key]]
     for name in saved["sources"].keys() | plan["sources"].keys():
         before, now = saved["sources"].get(name), plan["sources"].get(name)
         if before is None or now is None:
