@@ -59,6 +59,9 @@ class ModelArguments:
         "help": "Continue pretraining from this local directory or hub id. Unset: train from `model_config`."})
     model_config: str | None = field(default=None, metadata={
         "help": "Architecture JSON for training from scratch, e.g. configs/model/tiny.json."})
+    config_overrides: str | None = field(default=None, metadata={
+        "help": "From scratch: settings that replace the model_config JSON's, as run_clm.py takes them: "
+                "num_hidden_layers=4,hidden_size=256 (or a mapping in the config file)."})
     model_revision: str = field(default="main", metadata={"help": "Hub branch, tag or commit."})
     model_vocab_size: int | None = field(default=None, metadata={
         "help": "From scratch: embedding rows (at least the tokenizer's size). Unset: the tokenizer's size rounded "
@@ -150,6 +153,10 @@ class ModelArguments:
             raise ConfigError(f"quantization_bit {self.quantization_bit}: quantized weights cannot be trained "
                               "directly. Set `finetuning: lora` (QLoRA), or drop quantization_bit.")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.config_overrides and self.model_name_or_path:
+            raise ConfigError("config_overrides changes the architecture of a model trained from scratch "
+                              "(`model_config`); a pretrained model keeps its own. Drop it (longer positions: "
+                              "`rope_scaling`, `rope_theta`).")
         for mode, names in self.MODE_OPTIONS.items():
             changed = [name for name in names if getattr(self, name) != defaults[name]]
             if changed and self.finetuning != mode:  # e.g. MedicalGPT's --lora_* flags kept without --use_peft
@@ -970,10 +977,83 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
                         spec.get("vocab_size"), model_args.model_config, vocab, len(tokenizer))
         spec.update(vocab_size=vocab, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                     pad_token_id=tokenizer.pad_token_id)
+        spec = override_config(spec, model_type, model_args)
         config = AutoConfig.for_model(model_type, **spec)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=model_args.attn_implementation)
     return model, []
+
+
+SET_BY_THE_RUN = {  # config keys config_overrides may not set, with where they come from
+    "vocab_size": "`model_vocab_size` (the tokenizer's size rounded up to 64 when unset)",
+    "bos_token_id": "the tokenizer", "eos_token_id": "the tokenizer", "pad_token_id": "the tokenizer",
+    "model_type": "the model_config JSON", "torch_dtype": "`torch_dtype`", "dtype": "`torch_dtype`",
+}
+
+
+def override_value(text: str):
+    """A `key=value` value as run_clm.py reads it: a whole number, a number, true/false, null, or text (1e-5
+    is a number here, where YAML 1.1 reads it as text)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "null": None, "none": None}.get(text.lower(), text)
+
+
+def override_config(spec: dict, model_type: str, model_args: ModelArguments) -> dict:
+    """model_config's settings with config_overrides (`key=value,...` or a JSON/YAML mapping) applied, before
+    the config is built (so what derives from them, like head_dim from hidden_size, follows): each key must be
+    a setting of that model type, each value of the type it holds (a whole number where an int is, true/false
+    where a bool is), so a typo cannot add an attribute the model never reads."""
+    text = (model_args.config_overrides or "").strip()
+    if not text:
+        return spec
+    where = f"config_overrides `{text}`"
+    if text.startswith("{"):
+        try:
+            pairs = yaml.safe_load(text)
+        except yaml.YAMLError:
+            pairs = None
+        if not isinstance(pairs, dict):
+            raise ConfigError(f"{where} is not a mapping: write `key=value,key=value` or `{{key: value}}`.")
+    else:
+        pairs = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"{where}: `{item}` is not `key=value` (several: "
+                                  "num_hidden_layers=4,hidden_size=256).")
+            pairs[key.strip()] = override_value(value.strip())
+    settings = {**AutoConfig.for_model(model_type).to_dict(), **spec}
+    for key, value in pairs.items():
+        if key in SET_BY_THE_RUN:
+            raise ConfigError(f"{where}: `{key}` is set by {SET_BY_THE_RUN[key]}, not by config_overrides.")
+        if key not in settings:
+            public = sorted(k for k in settings if not k.startswith("_"))
+            raise ConfigError(f"{where}: `{key}` is not a setting of {model_type} models."
+                              f"{closest_key_hint(key, public)} Their settings: {', '.join(public)}.")
+        old = settings[key]
+        if isinstance(old, bool) or isinstance(value, bool):
+            ok = isinstance(old, bool) and isinstance(value, bool) or old is None
+        elif isinstance(old, int):
+            ok = isinstance(value, int) or isinstance(value, float) and value.is_integer()
+            value = int(value) if ok else value
+        elif isinstance(old, float):
+            ok = isinstance(value, (int, float))
+            value = float(value) if ok else value
+        else:
+            ok = old is None or isinstance(value, type(old))
+        if not ok:
+            nested = " (a nested setting: give config_overrides as a mapping in the config file)" if isinstance(
+                old, (dict, list)) else ""
+            raise ConfigError(f"{where}: `{key}` holds {type(old).__name__} values (now {old!r}), got "
+                              f"{value!r}{nested}.")
+        spec[key] = value
+    logger.info("model config from %s with %s", model_args.model_config,
+                ", ".join(f"{key}={value}" for key, value in pairs.items()))
+    return spec
 
 
 CHUNKED_LOSS_MODELS = ("llama", "qwen2", "qwen3", "mistral")  # plain lm_head logits: no softcap, scale or bias

@@ -251,6 +251,34 @@ def test_a_model_vocab_size_below_the_tokenizers_is_refused(tmp_path, micro_mode
     assert model.get_input_embeddings().num_embeddings == len(tokenizer) + 100
 
 
+def test_config_overrides_change_a_new_models_config_and_refuse_what_it_would_not_read(tmp_path, micro_model_config,
+                                                                                       tokenizer):
+    def model_args(overrides, **more):
+        return pretrain.parse_args([write_config(tmp_path, model_config=str(micro_model_config),
+                                                 config_overrides=overrides, **more)])[0]
+
+    model = pretrain.build_model(model_args("num_hidden_layers=3, hidden_size=64,rms_norm_eps=1e-5"), tokenizer, 32)
+    config = model.config
+    assert (config.num_hidden_layers, config.hidden_size, config.rms_norm_eps) == (3, 64, 1e-5)
+    assert config.head_dim == 32 and len(model.model.layers) == 3  # derived settings follow (64 / 2 heads)
+    # a mapping in the config file, nested settings too
+    config = pretrain.build_model(model_args({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
+                                              "num_hidden_layers": 1}), tokenizer, 32).config
+    assert config.rope_parameters["rope_theta"] == 5e5 and config.num_hidden_layers == 1
+    for overrides, message in (
+            ("num_hiden_layers=3", r"`num_hiden_layers` is not a setting of llama models\. Did you mean "
+                                   r"`num_hidden_layers`\?"),
+            ("num_hidden_layers=three", r"`num_hidden_layers` holds int values \(now 2\), got 'three'"),
+            ("tie_word_embeddings=yes", r"`tie_word_embeddings` holds bool values \(now True\), got 'yes'"),
+            ("vocab_size=100", r"`vocab_size` is set by `model_vocab_size`"),
+            ("num_hidden_layers", r"`num_hidden_layers` is not `key=value`")):
+        with pytest.raises(ConfigError, match=rf"config_overrides `{overrides}`: {message}"):
+            pretrain.build_model(model_args(overrides), tokenizer, 32)
+    with pytest.raises(ConfigError, match=r"config_overrides changes the architecture of a model trained from "
+                                          r"scratch \(`model_config`\); a pretrained model keeps its own"):
+        model_args("num_hidden_layers=3", model_name_or_path=str(tmp_path))
+
+
 def test_the_block_record_restarts_with_a_fresh_run_and_keeps_a_resumes_steps(tmp_path):
     training = pretrain.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--record_block_ids", "true"])[2]
     path = tmp_path / "block_ids" / "rank0.jsonl"
