@@ -1968,10 +1968,11 @@ def hashes_of(store: TokenStore, ids: np.ndarray) -> Iterator[np.ndarray]:
             yield doc_slice(store, "doc_hashes", start, stop)[np.asarray(ids[lo:hi]) - start]
 
 
-def bucketed(chunks: Iterator[np.ndarray], key: str, n_buckets: int, work: Path) -> Iterator[np.ndarray]:
+def bucketed(chunks: Iterator[np.ndarray], key: str, n_buckets: int, work: Path,
+             span: int | None = None) -> Iterator[np.ndarray]:
     """Row arrays partitioned by `key` % n_buckets into bucket files under `work`, then each bucket's rows in
     turn (its file removed once read): grouping equal keys holds one bucket in memory, as an external sort
-    would, not the corpus."""
+    would, not the corpus. With `span` (keys in [0, span)), buckets are ranges of keys, yielded in order."""
     work.mkdir(parents=True, exist_ok=True)
     try:
         with contextlib.ExitStack() as stack:
@@ -1979,7 +1980,8 @@ def bucketed(chunks: Iterator[np.ndarray], key: str, n_buckets: int, work: Path)
             dtype = None
             for rows in chunks:
                 dtype = rows.dtype
-                bucket = rows[key] % np.uint64(n_buckets)
+                bucket = (rows[key] % np.uint64(n_buckets) if span is None
+                          else rows[key] * n_buckets // max(span, 1))
                 order = np.argsort(bucket, kind="stable")
                 bounds = np.searchsorted(bucket[order], np.arange(n_buckets + 1))
                 for k in range(n_buckets):
@@ -2149,20 +2151,21 @@ def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], thres
                         yield chunk
                     bar.update(int(offsets[-1] - offsets[0]))
 
-    candidates = []
-    n_rows = bands * sum(int(flags.sum()) for flags in keep)
-    for chunk in bucketed(band_rows(), "key", n_buckets_for(n_rows), work):
-        chunk = chunk[np.lexsort((chunk["doc"], chunk["key"]))]
-        run_start = np.ones(len(chunk), dtype=bool)
-        run_start[1:] = chunk["key"][1:] != chunk["key"][:-1]
-        first_of_run = np.maximum.accumulate(np.where(run_start, np.arange(len(chunk)), 0))
-        member = np.flatnonzero(~run_start)  # each later document of a run, with its first and the few before it
-        docs = chunk["doc"]
-        for earlier in [first_of_run[member], *(member - k for k in range(1, NEAR_DEDUP_WINDOW + 1))]:
-            inside = earlier >= first_of_run[member]
-            candidates.append(np.stack([docs[earlier[inside]], docs[member[inside]]], 1))
-    pairs = np.unique(np.concatenate([np.zeros((0, 2), np.int64), *candidates]), axis=0)
-    pairs = pairs[np.lexsort((pairs[:, 0], pairs[:, 1]))]  # by the later document: decided in order
+    pair = np.dtype([("later", "<i8"), ("earlier", "<i8")])
+
+    def candidate_pairs() -> Iterator[np.ndarray]:
+        n_rows = bands * sum(int(flags.sum()) for flags in keep)
+        for chunk in bucketed(band_rows(), "key", n_buckets_for(n_rows), work / "bands"):
+            chunk = chunk[np.lexsort((chunk["doc"], chunk["key"]))]
+            run_start = np.ones(len(chunk), dtype=bool)
+            run_start[1:] = chunk["key"][1:] != chunk["key"][:-1]
+            first_of_run = np.maximum.accumulate(np.where(run_start, np.arange(len(chunk)), 0))
+            member = np.flatnonzero(~run_start)  # each later document of a run, with its first and a few before it
+            for earlier in [first_of_run[member], *(member - k for k in range(1, NEAR_DEDUP_WINDOW + 1))]:
+                inside = earlier >= first_of_run[member]
+                pairs = np.empty(int(inside.sum()), pair)
+                pairs["later"], pairs["earlier"] = chunk["doc"][member[inside]], chunk["doc"][earlier[inside]]
+                yield pairs
 
     def locate(doc: int) -> tuple[int, int]:
         s = int(np.searchsorted(bases, doc, "right")) - 1
@@ -2174,22 +2177,31 @@ def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], thres
         tokens = stores[s].doc(d)
         return np.unique(shingle_hashes(tokens, np.array([0, len(tokens)]), ngram)[0])
 
+    def in_order() -> Iterator[tuple[int, int]]:
+        """The proposed pairs once each, by their later document: a bucket file per range of documents."""
+        n_docs = int(bases[-1])
+        for pairs in bucketed(candidate_pairs(), "later", n_buckets_for(n_docs), work / "pairs", span=n_docs):
+            yield from np.unique(pairs).tolist()  # sorted by (later, earlier)
+
     flags = np.concatenate(keep)
     removed_by, examples = {}, [[] for _ in stores]
-    for i, j in tqdm(pairs.tolist(), desc="near dedup: verifying", unit="pair", disable=len(pairs) < 10_000):
-        if not (flags[i] and flags[j]):
-            continue
-        (si, di), (sj, dj) = locate(i), locate(j)
-        if skip_identical and stores[si].doc_hashes[di] == stores[sj].doc_hashes[dj]:
-            continue
-        a, b = shingle_set(i), shingle_set(j)
-        shared = len(np.intersect1d(a, b, assume_unique=True))
-        if shared >= threshold * (len(a) + len(b) - shared):
-            flags[j] = False
-            removed_by[j] = si
-            if len(examples[sj]) < NEAR_DEDUP_EXAMPLES:
-                examples[sj].append({"removed": [sj, dj], "kept": [si, di],
-                                     "similarity": round(shared / (len(a) + len(b) - shared), 3)})
+    try:
+        for j, i in tqdm(in_order(), desc="near dedup: verifying", unit="pair", mininterval=1):
+            if not (flags[i] and flags[j]):
+                continue
+            (si, di), (sj, dj) = locate(i), locate(j)
+            if skip_identical and stores[si].doc_hashes[di] == stores[sj].doc_hashes[dj]:
+                continue
+            a, b = shingle_set(i), shingle_set(j)
+            shared = len(np.intersect1d(a, b, assume_unique=True))
+            if shared >= threshold * (len(a) + len(b) - shared):
+                flags[j] = False
+                removed_by[j] = si
+                if len(examples[sj]) < NEAR_DEDUP_EXAMPLES:
+                    examples[sj].append({"removed": [sj, dj], "kept": [si, di],
+                                         "similarity": round(shared / (len(a) + len(b) - shared), 3)})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     counts = [collections.Counter() for _ in stores]
     for j, si in removed_by.items():
         sj = locate(j)[0]
