@@ -49,7 +49,7 @@ import unicodedata
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -2033,6 +2033,9 @@ def dedup_keep_flags(stores: list[TokenStore], work: Path) -> tuple[list[np.ndar
 NEAR_DEDUP_RECALL = 0.98  # chance that MinHash LSH proposes a pair whose similarity is exactly the threshold
 NEAR_DEDUP_PERMUTATIONS = 128  # at most: the time of the signature pass grows with them
 NEAR_DEDUP_EXAMPLES = 3  # removals per source named in the data report, to judge the threshold by
+NEAR_DEDUP_SIGNATURE = 64  # b-bit MinHash bytes per document that screen pairs before the exact check
+NEAR_DEDUP_MARGIN = 0.25  # a pair whose signature estimate is this far below the threshold is not checked (5 sigma)
+NEAR_DEDUP_GROUP = 4096  # pairs whose documents' n-gram sets are hashed together
 NEAR_DEDUP_WINDOW = 4  # a document of an LSH bucket is also compared with the few before it, not only the first
 PASS_TOKENS = 1 << 22  # tokens per step of the signature pass (a few arrays of 8 bytes per token)
 _MIX = (np.uint64(0xFF51AFD7ED558CCD), np.uint64(0xC4CEB9FE1A85EC53))
@@ -2083,24 +2086,31 @@ def shingle_hashes(tokens: np.ndarray, starts: np.ndarray, n: int) -> tuple[np.n
     return _mix64(h[valid]), np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
 
 
-def minhash_band_keys(hashes: np.ndarray, first: np.ndarray, bands: int, rows: int) -> np.ndarray:
+def minhash_band_keys(hashes: np.ndarray, first: np.ndarray, bands: int,
+                      rows: int) -> tuple[np.ndarray, np.ndarray]:
     """(documents, bands) LSH keys: each band's `rows` MinHash values (min over a document's shingles of a
     seeded permutation of their hashes) hashed together with the band's number. Two documents share a
-    band's key with probability J^rows, J the Jaccard similarity of their shingle sets."""
+    band's key with probability J^rows, J the Jaccard similarity of their shingle sets. Also the low byte
+    of the first NEAR_DEDUP_SIGNATURE MinHash values (b-bit MinHash): the share of equal bytes estimates J
+    (plus 1/256 by chance)."""
     rng = np.random.default_rng(0x6E656172)
     xors = rng.integers(0, 2**64, size=bands * rows, dtype=np.uint64, endpoint=False)
     multipliers = rng.integers(0, 2**64, size=bands * rows, dtype=np.uint64, endpoint=False) | np.uint64(1)
     keys = np.empty((len(first), bands), dtype=np.uint64)
+    signature = np.zeros((len(first), NEAR_DEDUP_SIGNATURE), dtype=np.uint8)
     permuted = np.empty_like(hashes)
     for b in range(bands):
         key = np.full(len(first), b, dtype=np.uint64)
         for k in range(b * rows, (b + 1) * rows):
             np.bitwise_xor(hashes, xors[k], out=permuted)
             permuted *= multipliers[k]
+            minima = np.minimum.reduceat(permuted, first)
+            if k < NEAR_DEDUP_SIGNATURE:
+                signature[:, k] = minima.astype(np.uint8)  # the low byte (a minimum's top bits are mostly 0)
             key *= np.uint64(0x9E3779B97F4A7C15)
-            key ^= np.minimum.reduceat(permuted, first)
+            key ^= minima
         keys[:, b] = _mix64(key)
-    return keys
+    return keys, signature
 
 
 def token_passes(store: TokenStore) -> Iterator[tuple[int, int, np.ndarray]]:
@@ -2137,18 +2147,24 @@ def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], thres
     row = np.dtype([("key", "<u8"), ("doc", "<i8")])
     total_tokens = sum(int(store.offsets[-1]) for store in stores)
 
+    work.mkdir(parents=True, exist_ok=True)
+    signature_path = work / "signatures.bin"  # NEAR_DEDUP_SIGNATURE bytes per document, all stores in order
+
     def band_rows() -> Iterator[np.ndarray]:
-        with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="near dedup: MinHash") as bar:
+        with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="near dedup: MinHash") as bar, \
+                open(signature_path, "wb") as signatures:
             for s, store in enumerate(stores):
                 for start, stop, offsets in token_passes(store):
                     kept = np.flatnonzero(keep[s][start:stop])
+                    signature = np.zeros((stop - start, NEAR_DEDUP_SIGNATURE), dtype=np.uint8)
                     if len(kept):
                         hashes, first = shingle_hashes(read_tokens(store, int(offsets[0]), int(offsets[-1])), offsets,
                                                        ngram)
-                        keys = minhash_band_keys(hashes, first, bands, rows)[kept]
-                        chunk = np.empty(keys.size, row)
-                        chunk["key"], chunk["doc"] = keys.ravel(), np.repeat(bases[s] + start + kept, bands)
+                        keys, signature = minhash_band_keys(hashes, first, bands, rows)
+                        chunk = np.empty(len(kept) * bands, row)
+                        chunk["key"], chunk["doc"] = keys[kept].ravel(), np.repeat(bases[s] + start + kept, bands)
                         yield chunk
+                    signature.tofile(signatures)
                     bar.update(int(offsets[-1] - offsets[0]))
 
     pair = np.dtype([("later", "<i8"), ("earlier", "<i8")])
@@ -2167,32 +2183,73 @@ def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], thres
                 pairs["later"], pairs["earlier"] = chunk["doc"][member[inside]], chunk["doc"][earlier[inside]]
                 yield pairs
 
-    def locate(doc: int) -> tuple[int, int]:
-        s = int(np.searchsorted(bases, doc, "right")) - 1
-        return s, doc - int(bases[s])
+    def locate(docs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Documents' numbers over all stores -> (store, document within it)."""
+        s = np.searchsorted(bases, docs, "right") - 1
+        return s, docs - bases[s]
 
-    @functools.lru_cache(maxsize=4096)
-    def shingle_set(doc: int) -> np.ndarray:
-        s, d = locate(doc)
-        tokens = stores[s].doc(d)
-        return np.unique(shingle_hashes(tokens, np.array([0, len(tokens)]), ngram)[0])
+    def doc_values(name: str, s: np.ndarray, d: np.ndarray) -> np.ndarray:
+        values = np.zeros(len(d), dtype=DOC_ARRAYS[name])
+        for k in np.unique(s):
+            values[s == k] = getattr(stores[k], name)[d[s == k]]
+        return values
+
+    def shingle_sets(docs: np.ndarray) -> Callable[[int], np.ndarray]:
+        """doc -> its n-gram set (sorted hashes), for the documents `docs` (sorted): their n-grams hashed in
+        one pass over their tokens, gathered store by store without a Python loop per document; each set
+        made (np.unique) when first asked for."""
+        s, d = locate(docs)
+        lengths = np.zeros(len(d), dtype=np.int64)
+        tokens = []
+        for k in np.unique(s):  # documents are sorted by number, so by store
+            offsets = stores[k].offsets.view(np.ndarray)
+            begin, end = offsets[d[s == k]], offsets[d[s == k] + 1]
+            lengths[s == k] = end - begin
+            at = np.repeat(begin - np.concatenate([[0], np.cumsum(end - begin)[:-1]]), end - begin)
+            tokens.append(stores[k].tokens.view(np.ndarray)[at + np.arange(len(at))])
+        hashes, first = shingle_hashes(np.concatenate(tokens), np.concatenate([[0], np.cumsum(lengths)]), ngram)
+        bounds = [*first.tolist(), len(hashes)]
+        rank = {doc: k for k, doc in enumerate(docs.tolist())}
+
+        @functools.cache
+        def set_of(doc: int) -> np.ndarray:
+            return np.unique(hashes[bounds[rank[doc]]:bounds[rank[doc] + 1]])
+        return set_of
+
+    screened, proposed = 0, 0
 
     def in_order() -> Iterator[tuple[int, int]]:
-        """The proposed pairs once each, by their later document: a bucket file per range of documents."""
+        """The proposed pairs once each, by their later document (a bucket file per range of documents),
+        less those whose signatures put them far below the threshold."""
+        nonlocal screened, proposed
         n_docs = int(bases[-1])
+        signatures = None
         for pairs in bucketed(candidate_pairs(), "later", n_buckets_for(n_docs), work / "pairs", span=n_docs):
-            yield from np.unique(pairs).tolist()  # sorted by (later, earlier)
+            if signatures is None:  # complete once the first bucket of pairs is read: every band row was made
+                signatures = np.memmap(signature_path, dtype=np.uint8, mode="r", shape=(n_docs, NEAR_DEDUP_SIGNATURE))
+            pairs = np.unique(pairs)  # sorted by (later, earlier)
+            estimate = (signatures[pairs["later"]] == signatures[pairs["earlier"]]).mean(1)
+            close = estimate >= threshold - NEAR_DEDUP_MARGIN
+            screened, proposed = screened + int((~close).sum()), proposed + len(pairs)
+            for group in range(0, int(close.sum()), NEAR_DEDUP_GROUP):
+                later = pairs["later"][close][group:group + NEAR_DEDUP_GROUP]
+                earlier = pairs["earlier"][close][group:group + NEAR_DEDUP_GROUP]
+                (sl, dl), (se, de) = locate(later), locate(earlier)
+                identical = np.zeros(len(later), dtype=bool)
+                if skip_identical:  # equal texts: exact dedup's to count
+                    identical = doc_values("doc_hashes", sl, dl) == doc_values("doc_hashes", se, de)
+                set_of = shingle_sets(np.unique(np.concatenate([later, earlier])))
+                for row in zip(*(a.tolist() for a in (later, earlier, identical, sl, dl, se, de))):
+                    yield *row, set_of
 
     flags = np.concatenate(keep)
     removed_by, examples = {}, [[] for _ in stores]
     try:
-        for j, i in tqdm(in_order(), desc="near dedup: verifying", unit="pair", mininterval=1):
-            if not (flags[i] and flags[j]):
+        for j, i, identical, sj, dj, si, di, set_of in tqdm(in_order(), desc="near dedup: verifying", unit="pair",
+                                                            mininterval=1):
+            if identical or not (flags[i] and flags[j]):
                 continue
-            (si, di), (sj, dj) = locate(i), locate(j)
-            if skip_identical and stores[si].doc_hashes[di] == stores[sj].doc_hashes[dj]:
-                continue
-            a, b = shingle_set(i), shingle_set(j)
+            a, b = set_of(i), set_of(j)
             shared = len(np.intersect1d(a, b, assume_unique=True))
             if shared >= threshold * (len(a) + len(b) - shared):
                 flags[j] = False
@@ -2202,9 +2259,12 @@ def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], thres
                                          "similarity": round(shared / (len(a) + len(b) - shared), 3)})
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    logger.info("near dedup (Jaccard >= %s over token %d-grams, %d bands of %d): %s proposed, %s set aside by their "
+                "signatures, %s removed", threshold, ngram, bands, rows, counted(proposed, "pair"),
+                f"{screened:,}", f"{len(removed_by):,}")
     counts = [collections.Counter() for _ in stores]
     for j, si in removed_by.items():
-        sj = locate(j)[0]
+        sj = int(np.searchsorted(bases, j, "right")) - 1
         if sj < n_train:
             counts[sj]["near_within_source" if si == sj else "near_across_sources"] += 1
         else:
@@ -3202,6 +3262,9 @@ def main(argv: list[str]) -> int:
             tokenizer = pretrain.load_tokenizer(model_args, data_args, training_args)
             preview(data_args.sources, tokenizer, own.source, own.n)
         else:
+            if data_args.near_dedup is not None:
+                logger.warning("convert removes exact duplicates only: near_dedup works on token n-grams of the "
+                               "token stores, when training or with `prepare`")
             counts = convert(data_args.sources, own.out, data_args.dedup)
             print(f"wrote {sum(counts.values())} texts to {own.out}: " +
                   ", ".join(f"{k} {v}" for k, v in counts.items()))

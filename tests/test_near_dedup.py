@@ -57,9 +57,12 @@ def test_shingles_and_their_minhash_estimate_the_jaccard_similarity():
     hashes, first = data_utils.shingle_hashes(np.concatenate(docs), starts, 5)
     assert first.tolist() == [0, 396, 792, 1188, 1584, 1980, 1981, 1982] and len(hashes) == 1983
     assert hashes[1980] == hashes[1981] != hashes[1982]
-    minhashes = data_utils.minhash_band_keys(hashes, first, 128, 1)  # 128 bands of one row: the MinHash values
+    minhashes, signatures = data_utils.minhash_band_keys(hashes, first, 128, 1)  # bands of one row: the MinHashes
     for k in range(1, 5):
-        assert abs((minhashes[0] == minhashes[k]).mean() - jaccard(base, docs[k], 5)) < 0.12
+        exact = jaccard(base, docs[k], 5)
+        assert abs((minhashes[0] == minhashes[k]).mean() - exact) < 0.12
+        # the b-bit signature (first 64 MinHashes' low bytes) estimates it too, the margin that screens pairs is 4 sigma
+        assert abs((signatures[0] == signatures[k]).mean() - exact) < data_utils.NEAR_DEDUP_MARGIN
     assert data_utils.lsh_bands(0.8) == (17, 7) and data_utils.lsh_bands(1.0) == (1, 128)
     for threshold in (0.3, 0.5, 0.7, 0.8, 0.9, 0.95):
         bands, rows = data_utils.lsh_bands(threshold)

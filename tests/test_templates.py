@@ -204,8 +204,10 @@ def test_preview_and_convert_cli(tmp_path, tokenizer_dir):
     assert "[QUESTION] 问题1？ [ANSWER] 回答1。" in shown.stdout
     assert f"{data} line 2 · 29 characters" in shown.stdout and "tokens" in shown.stdout
     out = tmp_path / "all.jsonl"
-    done = subprocess.run(run + ["convert", str(config), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    done = subprocess.run(run + ["convert", str(config), "--out", str(out), "--near_dedup", "0.8"], capture_output=True,
+                          text=True, cwd=ROOT)
     assert done.returncode == 0, done.stderr
+    assert "convert removes exact duplicates only: near_dedup works on token n-grams" in done.stderr
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["text"] for r in rows] == [f"[QUESTION] 问题{i}？ [ANSWER] 回答{i}。" for i in (1, 2, 3)]  # deduped
     missing = subprocess.run(run + ["preview", str(config), "--source", "medqq"], capture_output=True, text=True,
