@@ -1953,9 +1953,10 @@ VIEWS_VERSION = 1
 
 
 def doc_slice(store: TokenStore, name: str, start: int, stop: int) -> np.ndarray:
-    """Entries [start, stop) of a store's per-document array, read rather than mapped: the pages of a
-    mapping stay resident, so a mapped pass over every document would grow with the corpus."""
-    dtype = np.dtype(np.int64 if name == "offsets" else DOC_ARRAYS[name])
+    """Entries [start, stop) of a store's per-document array (or of its tokens), read rather than mapped: the
+    pages of a mapping stay resident, so a mapped pass over every document would grow with the corpus."""
+    dtype = (np.dtype(np.int64) if name == "offsets" else store.tokens.dtype if name == "tokens"
+             else np.dtype(DOC_ARRAYS[name]))
     return np.fromfile(store.dir / f"{name}.bin", dtype=dtype, count=stop - start, offset=start * dtype.itemsize)
 
 
@@ -2125,11 +2126,6 @@ def token_passes(store: TokenStore) -> Iterator[tuple[int, int, np.ndarray]]:
             start = stop
 
 
-def read_tokens(store: TokenStore, lo: int, hi: int) -> np.ndarray:
-    dtype = store.tokens.dtype
-    return np.fromfile(store.dir / "tokens.bin", dtype=dtype, count=hi - lo, offset=lo * dtype.itemsize)
-
-
 def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], threshold: float, ngram: int,
                          work: Path, n_train: int, skip_identical: bool) -> tuple[list[dict], list[list[dict]]]:
     """Near dedup over the documents `keep` flags, in store order, updating the flags: a document is removed
@@ -2158,8 +2154,8 @@ def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], thres
                     kept = np.flatnonzero(keep[s][start:stop])
                     signature = np.zeros((stop - start, NEAR_DEDUP_SIGNATURE), dtype=np.uint8)
                     if len(kept):
-                        hashes, first = shingle_hashes(read_tokens(store, int(offsets[0]), int(offsets[-1])), offsets,
-                                                       ngram)
+                        hashes, first = shingle_hashes(doc_slice(store, "tokens", int(offsets[0]), int(offsets[-1])),
+                                                       offsets, ngram)
                         keys, signature = minhash_band_keys(hashes, first, bands, rows)
                         chunk = np.empty(len(kept) * bands, row)
                         chunk["key"], chunk["doc"] = keys[kept].ravel(), np.repeat(bases[s] + start + kept, bands)
@@ -2356,8 +2352,9 @@ class DocumentViews:
                 explicit[i] = (hashes[first], first, np.zeros(len(first), dtype=bool))
         near, examples = material.get("near_dedup"), []
         if near:  # after exact dedup, before the split: no held-out document has a near copy in training
-            eval_flags = [np.isin(np.arange(stored[i][3].n_docs), explicit[i][1]) for i in explicit]
-            flags = keep + eval_flags
+            flags = keep + [np.zeros(stored[i][3].n_docs, dtype=bool) for i in explicit]
+            for flag, (_, first, _) in zip(flags[len(stores):], explicit.values()):
+                flag[first] = True
             near_counts, examples = near_duplicate_flags(stores + [stored[i][3] for i in explicit], flags,
                                                          near["threshold"], near["ngram"], directory / "near",
                                                          len(stores), dedup)
