@@ -2214,9 +2214,10 @@ def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], thres
 
     screened, proposed = 0, 0
 
-    def in_order() -> Iterator[tuple[int, int]]:
+    def in_order() -> Iterator[tuple]:
         """The proposed pairs once each, by their later document (a bucket file per range of documents),
-        less those whose signatures put them far below the threshold."""
+        less those whose signatures put them far below the threshold: (later, earlier, equal texts, the
+        later's store and document, the earlier's, doc -> n-gram set)."""
         nonlocal screened, proposed
         n_docs = int(bases[-1])
         signatures = None
