@@ -83,6 +83,7 @@ def case_setup(case: str, d: Path) -> dict:
                                                                              f"[{good_record}]"), format="jsonl")},
         "mixed_encodings": lambda: {"sources": source(write_bytes(
             d / "mixed.txt", "\n".join(ZH_LINES[:2]).encode() + b"\n" + "\n".join(ZH_LINES[2:]).encode("gbk")))},
+        "invalid_json_line": lambda: {"sources": source(jsonl("bad.jsonl", good_record, '{"text": "坏', ""))},
         "truncated_last_line": lambda: {"sources": source(jsonl("cut.jsonl", good_record, '{"text": "高血压是以'))},
         "line_not_an_object": lambda: {"sources": source(jsonl("arr2.jsonl", good_record, "[1, 2, 3]"))},
         "missing_text_field": lambda: {"sources": source(jsonl("qa.jsonl", good_record, '{"question": "q", "answer": "a"}'))},
@@ -122,6 +123,7 @@ CASES = {  # case: what the one error line must say (the file and line where the
     "json_array_on_each_line": r"lists\.jsonl.*line 1 is a JSON array \(a list\) and so is every line.*jq -c '\.\[\]'",
     "json_array_on_each_line_as_jsonl": r"lists2\.jsonl.*line 1 is a JSON list, not an object.*jq -c '\.\[\]'",
     "mixed_encodings": r"`bad`.*mixed\.txt.*mixes encodings: line 1 is UTF-8 but line 3 is not.*iconv.*on_error: skip",
+    "invalid_json_line": r"bad\.jsonl.*line 2 is not valid JSON",
     "truncated_last_line": r"cut\.jsonl.*line 2 .*no line break: the file looks truncated",
     "line_not_an_object": r"arr2\.jsonl.*line 2 is a JSON list, not an object",
     "missing_text_field": r"qa\.jsonl.*line 2 .*no field `text`",
