@@ -789,19 +789,34 @@ def snippet(text: str, n: int = 30) -> str:
     return f"“{text[:n]}{'…' if len(text) > n else ''}”"
 
 
-def utf8_chinese(line: bytes) -> str | None:
-    """The text of a line if it is UTF-8 Chinese: valid UTF-8 holding a common CJK ideograph and nothing that
-    GB18030 text turns into when read as UTF-8. Finds the UTF-8 lines of a file read as GB18030, where they
-    would decode, garbled, without an error. Of the 23,000 non-ASCII lines of ../shared/corpora saved as
-    GB18030 none passes, of random three-character GB18030 lines about 1 in 20,000; of their UTF-8 originals
-    96% (the rest hold no ideograph)."""
+def _outside_gb2312(line: bytes) -> bool:
+    """Whether the bytes, read as GB18030, hold a character outside GB2312's double-byte area (both bytes
+    0xA1-0xFE), where nearly all Chinese text lies. UTF-8's continuation bytes are 0x80-0xBF, so a UTF-8
+    character of three bytes (“ ” — … ℃ ① （ and every ideograph) reads as such a character. Bytes that are
+    not GB18030 at all count too."""
+    try:
+        text = line.decode("gb18030")
+    except UnicodeDecodeError:
+        return True
+    return any(len(b := c.encode("gb18030")) != 2 or min(b) < 0xA1 for c in text if not c.isascii())
+
+
+def utf8_line(line: bytes) -> str | None:
+    """The text of a line if it is UTF-8 in a file of GB18030 text, where it would decode, garbled, without an
+    error: valid UTF-8 that holds nothing GB18030 text turns into when read as UTF-8, and either a common CJK
+    ideograph or a character that reads as one outside GB2312. Of the 23,287 non-ASCII lines of ../shared/corpora
+    saved as GB18030 none passes, of random three-character GB18030 lines 12 in 200,000; of their UTF-8
+    originals that also decode as GB18030 all but 111 (English lines whose only non-ASCII characters are
+    two-byte ones such as é ° £, which read as common GB2312 characters: 茅 掳 拢)."""
     if line.isascii():
         return None
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         return None
-    return text if _CJK_IDEOGRAPH.search(text) and not _GB18030_READ_AS_UTF8.search(text) else None
+    if _GB18030_READ_AS_UTF8.search(text):
+        return None
+    return text if _CJK_IDEOGRAPH.search(text) or _outside_gb2312(line) else None
 
 
 def detect_encoding(path: Path, declared: str, skip_bad_lines: bool = False) -> str:
@@ -822,8 +837,8 @@ def detect_encoding(path: Path, declared: str, skip_bad_lines: bool = False) -> 
         return "utf-8"
     lines = head.splitlines()[:-1] if len(head) == 1 << 20 else head.splitlines()  # the last may be cut off
     gb18030 = _decodes(head, "gb18030")
-    # in a head that is valid GB18030 a UTF-8 line must look like Chinese; otherwise any non-ASCII one counts
-    looks_utf8 = utf8_chinese if gb18030 else (lambda line: not line.isascii() and _decodes(line, "utf-8", True))
+    # in a head that is valid GB18030 a UTF-8 line must look like UTF-8 text; otherwise any non-ASCII one counts
+    looks_utf8 = utf8_line if gb18030 else (lambda line: not line.isascii() and _decodes(line, "utf-8", True))
     utf8 = [bool(looks_utf8(line)) for line in lines]
     other = [not u and not line.isascii() for u, line in zip(utf8, lines)]
     if any(utf8) and any(other) and all(_decodes(line, "gb18030", True) for line, bad in zip(lines, other) if bad):
@@ -1197,7 +1212,7 @@ def _decode_error_message(spec: SourceConfig, path: str, where: str, encoding: s
 def decode_record(spec: SourceConfig, path: str, where: str, raw: bytes, encoding: str,
                   decode_as: str | None = None) -> str | RecordError:
     """The text of a line's or a record's bytes (`raw`, in `decode_as`, by default the file's `encoding`).
-    Bytes not in the encoding, or UTF-8 Chinese in a file detected as GB18030 (there it would decode,
+    Bytes not in the encoding, or a UTF-8 line in a file detected as GB18030 (there it would decode,
     garbled, without an error), make a `bad_encoding` RecordError under `on_error: skip`, else a DataError
     naming the place and the fix: it is not the record that is wrong, but the file or the `encoding` setting."""
     skip = spec.on_error == "skip"
@@ -1211,7 +1226,7 @@ def decode_record(spec: SourceConfig, path: str, where: str, raw: bytes, encodin
         raise DataError(_decode_error_message(spec, path, where, encoding, e, line=line)) from None
     if spec.encoding != "auto" or encoding != "gb18030":
         return text
-    utf8 = utf8_chinese(raw if decode_as is None else text.encode(encoding))
+    utf8 = utf8_line(raw if decode_as is None else text.encode(encoding))
     if utf8 is None:
         return text
     problem = f"reads as UTF-8 ({snippet(utf8)}), not as the GB18030 the file was detected as ({snippet(text)})"

@@ -148,7 +148,7 @@ def test_a_file_that_mixes_encodings_is_named_or_read_as_utf8(tmp_path):
 
 
 # UTF-8 text whose bytes are also valid GB18030: read as GB18030 it decodes, garbled, without an error
-UTF8_READS_AS_GB18030 = ["心脏病患者要注意休息", "医生建议"]
+UTF8_READS_AS_GB18030 = ["心脏病患者要注意休息", "Dose: 5 mg ×2"]  # the second as 脳2: no ideograph in UTF-8
 
 
 def gb18030_file_with_utf8_lines(path, fmt):
