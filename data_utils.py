@@ -443,9 +443,10 @@ def local_hub_files(directory: Path) -> list[Path]:
 def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = None):
     """`datasets.load_dataset` for a hub source; fails within seconds, with the fixes, when offline.
 
-    A local directory gets a `datasets` cache of its own, keyed by its files' sizes and times:
-    `datasets` keys local directories by name and config only, so two directories called `medical`
-    (or one whose files changed) would otherwise share one stale Arrow cache."""
+    A local directory gets a `datasets` cache of its own, keyed by its files' sizes, modification and change
+    times (as FileDigests): `datasets` keys local directories by name and config only, so two directories
+    called `medical` (or one whose files changed) would otherwise share one stale Arrow cache, and a token
+    store keyed by the new content would hold the old text."""
     import datasets
 
     local = Path(os.path.expanduser(spec.hub)).is_dir()
@@ -453,7 +454,8 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
     offline = must_use_cache(name)
     hub_cache = None
     if local:  # every caller, with or without a cache_dir of its own, gets the content-keyed cache
-        stats = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in local_hub_files(Path(name))]
+        stats = [(str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in local_hub_files(Path(name))
+                 for st in [p.stat()]]
         root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
         hub_cache = str(root / "hub_datasets" / hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
     if spec.hub in PACKAGED_BUILDERS:

@@ -1,7 +1,9 @@
 """Token-weighted mixing, hub sources through a local fixture in hub layout, offline failures,
 wikitext article grouping."""
 import itertools
+import json
 import logging
+import os
 import time
 import types
 
@@ -157,6 +159,26 @@ def test_two_local_hub_directories_with_one_name_do_not_share_a_cache(tmp_path, 
     two = build(tmp_path, tokenizer, [{"name": "m", "hub": str(second), "hub_config": "pretrain"}])
     assert one.report["sources"]["m"]["records"] == 30
     assert two.report["sources"]["m"]["records"] == 40
+
+
+def test_a_local_hub_file_copied_with_its_old_size_and_mtime_is_read_again(tmp_path, tokenizer):
+    """`cp -p` / `rsync -t` can give new content the old size and mtime: the Arrow cache must not serve the old
+    text (the token store, keyed by content, would then hold it under the new content's key)."""
+    path = tmp_path / "medical" / "data" / "train.jsonl"
+    path.parent.mkdir(parents=True)
+    write = lambda word: path.write_text("".join(json.dumps({"text": f"{line}（{word}{i}）"}, ensure_ascii=False) + "\n"  # noqa: E731
+                                                 for i in range(20) for line in ZH_LINES), encoding="utf-8")
+    write("第一版")
+    stat = path.stat()
+    source = [{"name": "m", "hub": str(path.parent.parent), "eval_fraction": 0}]
+    first = build(tmp_path, tokenizer, source)
+    time.sleep(0.05)  # past the file system's clock tick
+    write("第二版")  # the same byte length
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (stat.st_size, stat.st_mtime_ns)
+    second = build(tmp_path, tokenizer, source)
+    texts = [tokenizer.decode(data.train.parts[0].store.doc(0)) for data in (first, second)]
+    assert "第一版0" in texts[0].replace(" ", "") and "第二版0" in texts[1].replace(" ", ""), texts
 
 
 # ------------------------------------------------------------------------------ streaming
