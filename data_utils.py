@@ -989,10 +989,10 @@ def _chunks_of(items: list, file_index: int, path: Path, fmt: str, encoding: str
 
 
 def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list[tuple[int, dict]]:
-    """csv/tsv rows as (line number, {column: value} | RecordError | None for a blank row); the header row
-    names the columns unless `columns` is given (then every row is data). A row is checked by decode_record
-    where it holds bytes not in the file's encoding (or in a file detected as GB18030), as a line of a text
-    file is: named by its line, or skipped under `on_error: skip`."""
+    """csv/tsv rows as (the number of the row's first line, {column: value} | RecordError | None for a blank
+    row); the first row that is not blank names the columns unless `columns` is given (then every row is
+    data). A row is checked by decode_record where it holds bytes not in the file's encoding (or in a file
+    detected as GB18030), as a line of a text file is: named by its line, or skipped under `on_error: skip`."""
     rows, escaped_lines = [], []  # the numbers of lines holding a byte that did not decode
     check_every_row = spec.encoding == "auto" and encoding == "gb18030"
     delimiter = "\t" if fmt == "tsv" else ","
@@ -1017,22 +1017,22 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
                     checked = decode_record(spec, str(path), f"line {first_bad[0]}", raw, encoding)
                     if isinstance(checked, RecordError):
                         if names is None:
-                            raise DataError(f"source `{spec.name}`: `{path}` line 1, the header, {checked}")
+                            raise DataError(f"source `{spec.name}`: `{path}` line {row_start}, the header, {checked}")
                         rows.append((first_bad[0], checked))
                         continue
+                if not any(cell.strip() for cell in row):
+                    rows.append((row_start, None))  # blank lines before the header too
+                    continue
                 if names is None:
                     names = [c.strip() for c in row]
                     continue
-                if not any(cell.strip() for cell in row):
-                    rows.append((reader.line_num, None))
-                    continue
                 if len(row) != len(names):
-                    rows.append((reader.line_num, RecordError(
+                    rows.append((row_start, RecordError(
                         f"has {counted(len(row), 'column')} but the header has {len(names)} "
                         f"({', '.join(names)}). Quote "
                         "fields that contain the delimiter, or set `columns:`.", "bad_row")))
                     continue
-                rows.append((reader.line_num, dict(zip(names, row))))
+                rows.append((row_start, dict(zip(names, row))))
         except UnicodeDecodeError as e:  # UTF-16/32 code units that surrogateescape cannot keep
             raise DataError(_decode_error_message(spec, str(path), f"line {reader.line_num + 1}", encoding, e,
                                                   near=True)) from None

@@ -592,6 +592,19 @@ def test_a_ragged_row_does_not_turn_a_csv_into_plain_text(tmp_path):
     assert texts_of({"path": str(path), "on_error": "skip"}) == [f"正文{i}" for i in range(20)]
 
 
+def test_csv_rows_are_named_by_their_first_line_and_blank_lines_before_the_header_are_blank(tmp_path):
+    path = tmp_path / "a.csv"
+    path.write_text('\ntitle,text\n标题,"第一段\n第二段"\n' + "".join(f"标题{i},正文{i}\n" for i in range(20))
+                    + '坏,"跨行\n的",多一列\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"a\.csv` line 25 has 3 columns but the header has 2 \(title, text\)"):
+        texts_of({"path": str(path)})
+    spec = SourceConfig.from_dict({"path": str(path), "on_error": "skip"}, 0)
+    texts, places, counts, notes = data_utils.format_chunk(spec, next(data_utils.read_chunks([path], spec)))
+    assert texts == ["第一段\n第二段"] + [f"正文{i}" for i in range(20)]
+    assert places[:2] == [3, 5] and counts["blank_lines"] == 1 and counts["skipped:bad_row"] == 1
+    assert notes[0][1].startswith(f"`{path}` line 25: has 3 columns")
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-le", "utf-32"])
 def test_utf16_and_utf32_files_are_read(tmp_path, encoding):
     (tmp_path / "a.txt").write_text("第一行\r\n第二行\n", encoding=encoding)
