@@ -1894,8 +1894,8 @@ def check_resume_data(checkpoint: str, plan: dict, training_args: PretrainingArg
     raise ConfigError(f"{checkpoint} trained on other data ({'; '.join(sorted(changes))}; a changed store means "
                       "other file contents, formatting or tokenizer): its data position means nothing here. Resume "
                       "with the data settings it trained with; or keep its optimizer and schedule but read this data "
-                      "from the start with `--ignore_data_skip true`; or start a new run from its model with "
-                      f"`--model_name_or_path {checkpoint}`.")
+                      "from the start with `--ignore_data_skip true`; or start a new run from its model, in another "
+                      f"`output_dir`, with `--model_name_or_path {checkpoint}`.")
 
 
 def trainable_names(model) -> list[str]:
@@ -2167,12 +2167,20 @@ def finished_run(out: Path, newest: Path) -> bool:
     return metrics.stat().st_mtime >= newest.stat().st_mtime  # written before run ids: by time
 
 
-def earlier_checkpoints(training_args: PretrainingArguments) -> list[Path]:
+def earlier_checkpoints(training_args: PretrainingArguments, model_args: ModelArguments) -> list[Path]:
     """The checkpoints a fresh run must remove before its first step: left in output_dir they would mix with its
     own (rotation deletes by age, `auto` resumes the highest step). A finished run's go (its final model is being
-    replaced anyway); an unfinished run's stop this one now, unless `overwrite_output_dir` says they may go."""
+    replaced anyway); an unfinished run's stop this one now, unless `overwrite_output_dir` says they may go. One
+    this run loads its model or tokenizer from stops it too: removing it would delete the run's own base."""
     out = Path(training_args.output_dir)
     found = checkpoints_newest_first(out)
+    for setting in ("model_name_or_path", "tokenizer_name_or_path"):
+        base = getattr(model_args, setting)
+        inside = [c for c in found if base and os.path.isdir(base) and Path(base).resolve().is_relative_to(c.resolve())]
+        if inside:
+            raise ConfigError(f"{setting} `{base}` is {inside[0].name} of output_dir `{out}`, which a fresh run there "
+                              "removes before its first step. Choose another `output_dir` (or move the checkpoint "
+                              "out of this one first).")
     if found and not (finished_run(out, found[0]) or training_args.overwrite_output_dir):
         raise ConfigError(f"output_dir `{out}` holds {', '.join(p.name for p in found)} of a run that did not finish. "
                           "Pass `--resume_from_checkpoint auto` to continue it, `--overwrite_output_dir true` to start "
@@ -2404,7 +2412,7 @@ def start_decisions(argv: list[str], model_args: ModelArguments,
 
     def decide():
         resume = resolve_resume(training_args)
-        return resume, [] if resume else earlier_checkpoints(training_args)
+        return resume, [] if resume else earlier_checkpoints(training_args, model_args)
 
     on_every_rank(create_output_dir)
     try:

@@ -178,6 +178,10 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, micr
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]  # only this run's
     code, err = main(capsys, run, "--max_steps", 2, "--sources", "[{path: missing.txt}]")
     assert code == 2 and (out / "checkpoint-2").is_dir()  # a run that fails to start removes nothing
+    for setting in ("--model_name_or_path", "--tokenizer_name_or_path"):  # its base: the run would delete it
+        code, err = main(capsys, run, "--max_steps", 2, setting, out / "checkpoint-2", "--model_config", "")
+        assert code == 2 and f"{setting[2:]} `{out / 'checkpoint-2'}` is checkpoint-2 of output_dir" in err, err[-2000:]
+        assert (out / "checkpoint-2" / "model.safetensors").is_file()
     code, err = main(capsys, run, "--max_steps", 2)  # after a finished run: its checkpoints go, with a warning
     assert code == 0 and "checkpoint-2 of an earlier run: this run starts fresh and removes them" in err
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2"]
