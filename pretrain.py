@@ -25,6 +25,7 @@ import socket
 import sys
 import time
 import types
+import typing
 import uuid
 import zipfile
 from copy import deepcopy
@@ -386,8 +387,32 @@ class CheckpointError(RuntimeError):
 
 
 class ConfigArgumentParser(HfArgumentParser):
+    nulls: list[str] = []  # settings the config file sets to `null` (None): no command-line token can say that
+
     def error(self, message):  # argparse would print usage and exit; raise one clear message instead
         raise ConfigError(f"invalid setting: {message} (from the config file or the command line).")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, rest = super().parse_known_args(args, namespace)
+        for key in self.nulls:
+            setattr(namespace, key, None)
+        return namespace, rest
+
+
+def null_settings(config: dict, given: set[str], source: str) -> list[str]:
+    """The config file's `key: null` settings not overridden on the command line, for the parser to set to None
+    (dropped, the default applied instead: `save_total_limit: null`, keep every checkpoint, kept 3). A setting
+    that cannot be None is refused."""
+    nulls = [key for key, value in config.items() if value is None and key not in given]
+    for dtype in (ModelArguments, DataArguments, PretrainingArguments) if nulls else ():
+        hints = typing.get_type_hints(dtype)  # not Field.type: HfArgumentParser strips the None from it
+        for field_ in dataclasses.fields(dtype):
+            if field_.name in nulls and field_.default is not None and type(None) not in typing.get_args(
+                    hints[field_.name]):
+                raise ConfigError(f"{source}: `{field_.name}: null`, but {field_.name} cannot be empty "
+                                  f"({getattr(hints[field_.name], '__name__', hints[field_.name])}): remove the "
+                                  f"line for its default ({field_.default!r}), or give it a value.")
+    return nulls
 
 
 # Options of MedicalGPT's pretraining.py, LLaMA-Factory's pt stage and run_clm.py that this toolkit spells
@@ -515,11 +540,11 @@ def split_local_rank(argv: list[str]) -> tuple[list[str], list[str]]:
 def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, PretrainingArguments]:
     parser = ConfigArgumentParser((ModelArguments, DataArguments, PretrainingArguments))
     valid = {a.dest for a in parser._actions if a.dest != "help"}
-    config = {}
+    config, config_path = {}, None
     argv, local_rank = split_local_rank(argv)
     argv = [*argv, *local_rank]
     if argv and not argv[0].startswith("-"):
-        config, argv = load_config(argv[0], valid), argv[1:]
+        config_path, config, argv = argv[0], load_config(argv[0], valid), argv[1:]
     options = set(parser._option_string_actions)
     given = list(dict.fromkeys(token[2:].split("=", 1)[0].replace("-", "_") for token in argv if token.startswith("--")))
     unknown = [key for key in given if key in UNUSED_TRAINING_OPTIONS or f"--{key}" not in options
@@ -533,6 +558,7 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
         raise ConfigError(unknown_options_message("the command line", [(f"option `--{key}`", key) for key in unknown],
                                                   valid))
     given = set(given)
+    parser.nulls = null_settings(config, given, f"config file `{config_path}`")
     lengths = {"max_steps", "max_train_tokens", "num_train_epochs"}
     if given & lengths:
         for other in lengths - given:
@@ -1621,6 +1647,8 @@ class PretrainTrainer(Trainer):
                 consumed = step * self.tokens_per_step // self.block_size
                 for name, share in self.train_dataset.shares(consumed).items():
                     logs[f"mix_{name}"] = round(share, 4)
+            if hasattr(self.train_dataset, "passes"):  # `epoch` counts the Trainer's one pass over the whole run
+                logs["data_passes"] = round(self.train_dataset.passes(step * self.tokens_per_step // self.block_size), 4)
         super().log(logs, start_time)
         if "loss" in logs:
             self.meter.logged(self.args, self.state, self.control)
@@ -1653,6 +1681,47 @@ class PreemptionCallback(TrainerCallback):
             control.should_save = control.should_training_stop = True
             logger.warning("SIGTERM: saving a checkpoint at step %d and stopping; resume with "
                            "--resume_from_checkpoint auto", state.global_step)
+
+
+class BlockStream(torch.utils.data.Dataset):
+    """The mixture's block order read as one stream by the whole run, in one Trainer epoch of `steps` full
+    optimizer steps: each pass over the order is followed by the next without a seam. Left to its own epochs,
+    the Trainer ends every pass with a short step (the pass's remainder, a full update on fewer blocks), which
+    shrank the global batch and made token counts, tokens/s, MFU and the logged mixture overcount."""
+
+    def __init__(self, blocks: data_utils.MixedBlocks, steps: int, blocks_per_step: int):
+        self.blocks, self.length = blocks, steps * blocks_per_step
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> dict:
+        item = self.blocks[index % len(self.blocks)]
+        item["block_id"] = index  # its place in the run's stream
+        return item
+
+    def shares(self, consumed: int) -> dict[str, float]:
+        return self.blocks.shares(consumed)
+
+    def passes(self, consumed: int) -> float:
+        return consumed / len(self.blocks)
+
+
+def block_stream(blocks: data_utils.MixedBlocks, training_args: PretrainingArguments,
+                 blocks_per_step: int) -> BlockStream:
+    """The run as full steps over the mixture: `num_train_epochs` becomes the steps that read that many passes,
+    and an `epoch` evaluation, save or logging strategy acts after every pass's worth of steps."""
+    steps_per_pass = math.ceil(len(blocks) / blocks_per_step)
+    if training_args.max_steps <= 0:
+        training_args.max_steps = math.ceil(training_args.num_train_epochs * len(blocks) / blocks_per_step)
+        logger.info("num_train_epochs %g: max_steps %d", training_args.num_train_epochs, training_args.max_steps)
+    for kind in ("eval", "save", "logging"):
+        strategy = getattr(training_args, f"{kind}_strategy")
+        if strategy == "epoch":
+            setattr(training_args, f"{kind}_strategy", type(strategy)("steps"))
+            setattr(training_args, f"{kind}_steps", steps_per_pass)
+            logger.info("%s_strategy epoch: every %d steps (one pass over the mixture)", kind, steps_per_pass)
+    return BlockStream(blocks, training_args.max_steps, blocks_per_step)
 
 
 class BlockCollator:
@@ -1859,25 +1928,32 @@ def data_plan(report: dict, training_args: PretrainingArguments) -> dict:
             kept["stream"] = source.get("settings")
         sources[name] = kept
     return {"seed": training_args.seed, "dedup": report["dedup"], "near_dedup": report["near_dedup"],
-            "sources": sources,
-            "learning_rate": training_args.learning_rate}
+            "sources": sources,  # in the config's order: the mixture interleaves them in it
+            **{key: getattr(training_args, key) for key in OPTIMIZER_SETTINGS}}
+
+
+# Settings a resume cannot change: the optimizer's param groups and the scheduler come back from the checkpoint
+OPTIMIZER_SETTINGS = ("learning_rate", "weight_decay", "adam_beta1", "adam_beta2", "adam_epsilon")
 
 
 def check_resume_data(checkpoint: str, plan: dict, training_args: PretrainingArguments) -> None:
     """A resumed run skips the batches its checkpoint trained: in other data (other files, split, mixture or
     seed) that position means nothing, and documents it trained on could land in eval. Refused, unless
     ignore_data_skip reads the new data from its start. A new learning_rate cannot take effect: the
-    scheduler resumes from its state."""
+    scheduler resumes from its state, nor can other optimizer settings (the param groups are restored)."""
     path = Path(checkpoint) / DATA_PLAN
     if not path.is_file():  # a checkpoint from before data plans were written
         return
     saved = json.loads(path.read_text(encoding="utf-8"))
-    if saved["learning_rate"] != plan["learning_rate"]:
-        logger.warning("learning_rate %s -> %s has no effect on a resumed run: the optimizer and scheduler continue "
-                       "from %s's state (peak %s). Start a new run with --model_name_or_path %s to change it.",
-                       saved["learning_rate"], plan["learning_rate"], checkpoint, saved["learning_rate"], checkpoint)
+    ignored = [f"{key} {saved[key]} -> {plan[key]}" for key in OPTIMIZER_SETTINGS if key in saved and saved[key] != plan[key]]
+    if ignored:
+        logger.warning("%s has no effect on a resumed run: the optimizer and scheduler continue from %s's state. "
+                       "Start a new run from its model (--model_name_or_path %s, another output_dir) to change it.",
+                       ", ".join(ignored), checkpoint, checkpoint)
     changes = [f"{key} {saved.get(key)} -> {plan[key]}" for key in ("seed", "dedup", "near_dedup")
                if saved.get(key) != plan[key]]
+    if saved["sources"].keys() == plan["sources"].keys() and list(saved["sources"]) != list(plan["sources"]):
+        changes.append(f"source order {', '.join(saved['sources'])} -> {', '.join(plan['sources'])}")
     for name in saved["sources"].keys() | plan["sources"].keys():
         before, now = saved["sources"].get(name), plan["sources"].get(name)
         if before is None or now is None:
@@ -2024,8 +2100,7 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
                           f"{len(data.train)}: lower per_device_train_batch_size or gradient_accumulation_steps, or "
                           "add data.")
     n_params, trainable, frozen_bytes = parameter_counts(model)
-    steps = training_args.max_steps if training_args.max_steps > 0 else math.ceil(
-        training_args.num_train_epochs * len(data.train) / blocks_per_step)
+    steps = training_args.max_steps  # set by block_stream from num_train_epochs where only that was given
     lines = [f"preflight: {steps} optimizer steps x {tokens_per_step:,} tokens = {steps * tokens_per_step:,} tokens, "
              f"{training_args.world_size} process(es), {n_params / 1e6:.1f}M parameters "
              f"({trainable / 1e6:.1f}M trainable), block {data.report['block_size']}",
@@ -2557,6 +2632,9 @@ def train(argv: list[str]) -> dict:
         logger.info("token budget %d: max_steps %d", data_args.max_train_tokens, training_args.max_steps)
     if not hasattr(data.train, "__len__"):
         check_streaming_settings(training_args)
+        train_set = data.train
+    else:
+        train_set = block_stream(data.train, training_args, tokens_per_step // data_args.block_size)
     n_params, n_trainable, _ = parameter_counts(model)  # before save_final_model merges LoRA adapters away
     watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting and s.name in data.eval]
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
@@ -2565,7 +2643,7 @@ def train(argv: list[str]) -> dict:
     meter = ThroughputMeter(tokens_per_step, training_args.world_size, flops_per_token(model, data_args.block_size),
                             peak_flops_per_device(training_args))
     trainer = PretrainTrainer(
-        model=model, args=training_args, train_dataset=data.train, eval_dataset=data.eval or None,
+        model=model, args=training_args, train_dataset=train_set, eval_dataset=data.eval or None,
         data_collator=BlockCollator(keep_ids=training_args.record_block_ids), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter, data_plan=data_plan(data.report, training_args),

@@ -36,6 +36,20 @@ def test_command_line_overrides_yaml(tmp_path):
     assert data_args.sources == [{"path": "data/x.txt"}]
 
 
+def test_null_in_the_config_file_means_none_not_the_default(tmp_path):
+    """`save_total_limit: null` (keep every checkpoint) was dropped, and the default of 3 deleted checkpoints."""
+    config = write_config(tmp_path, save_total_limit=None, eval_steps=None, max_eval_tokens=None, block_size=64,
+                          output_dir=str(tmp_path / "out"))
+    _, data_args, training_args = pretrain.parse_args([config])
+    assert training_args.save_total_limit is None and data_args.max_eval_tokens is None
+    assert training_args.eval_steps == training_args.logging_steps  # None: the Trainer's rule, not 100
+    _, _, training_args = pretrain.parse_args([config, "--save_total_limit", "2"])  # the command line wins
+    assert training_args.save_total_limit == 2
+    with pytest.raises(ConfigError, match=r"run\.yaml`: `block_size: null`, but block_size cannot be empty.*remove "
+                                          r"the line for its default"):
+        pretrain.parse_args([write_config(tmp_path, block_size=None)])
+
+
 @pytest.mark.parametrize("local_rank", [["--local_rank=1"], ["--local_rank", "1"]])
 def test_the_config_path_is_found_behind_the_deepspeed_launchers_local_rank(tmp_path, local_rank):
     config = write_config(tmp_path, block_size=64, output_dir=str(tmp_path / "out"))

@@ -164,17 +164,49 @@ def test_resume_with_another_batch_split_keeps_the_global_batch(trained, tmp_pat
                       "--per_device_train_batch_size", 3])
 
 
+def test_every_step_is_full_across_passes_and_epochs_become_steps(tmp_path, corpus, micro_model_config):
+    """The Trainer's own epochs ended each pass with a short step (its remainder, a full update on fewer blocks):
+    the global batch shrank and tokens, tokens/s, MFU and the mixture overcounted. The run reads the mixture as one
+    stream of full steps; num_train_epochs and `epoch` strategies become steps."""
+    config = write_config(tmp_path / "run.yaml", corpus, micro_model_config, tmp_path / "out", max_steps=-1,
+                          num_train_epochs=3, per_device_train_batch_size=4, gradient_accumulation_steps=5,
+                          eval_strategy="epoch", save_strategy="epoch", record_block_ids=True,
+                          sample_prompts=[])
+    run_pretrain([config])
+    out = tmp_path / "out"
+    blocks = json.loads((out / "data_report.json").read_text())["train_blocks"]
+    assert blocks % 20, "the test needs passes that do not end on a step"
+    steps, per_pass = -(-3 * blocks // 20), -(-blocks // 20)
+    lines = [json.loads(line) for line in (out / "block_ids" / "rank0.jsonl").read_text().splitlines()]
+    per_step = {}
+    for line in lines:
+        per_step.setdefault(line["step"], []).extend(line["block_ids"])
+    assert sorted(per_step) == list(range(1, steps + 1))
+    assert [b for step in sorted(per_step) for b in per_step[step]] == list(range(steps * 20))  # full, in order
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train"]["steps"] == steps and metrics["train"]["tokens"] == steps * 20 * 32
+    assert steps % per_pass and sorted(int(p.name.split("-")[1]) for p in out.glob("checkpoint-*")) == [
+        per_pass, 2 * per_pass, steps]  # after each pass's worth of steps, and the last
+    history = json.loads((out / f"checkpoint-{steps}" / "trainer_state.json").read_text())
+    assert {per_pass, 2 * per_pass} <= {h["step"] for h in history["log_history"] if "eval_loss" in h}
+    last = [h for h in history["log_history"] if "data_passes" in h][-1]
+    assert last["data_passes"] == pytest.approx(last["step"] * 20 / blocks, abs=1e-4)
+
+
 def test_resume_on_other_data_is_refused_unless_it_reads_that_data_from_its_start(trained, tmp_path):
     base, config, out, _ = trained
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-6", resumed / "checkpoint-6")
     resume = [config, "--output_dir", resumed, "--resume_from_checkpoint", "auto"]
-    for change, expected in ((["--eval_fraction", 0.3], "source `notes` eval_documents"), (["--seed", 8], "seed 7 -> 8")):
+    reordered = json.dumps(yaml.safe_load(config.read_text(encoding="utf-8"))["sources"][::-1])
+    for change, expected in ((["--eval_fraction", 0.3], "source `notes` eval_documents"), (["--seed", 8], "seed 7 -> 8"),
+                             (["--sources", reordered], "source order notes, records -> records, notes")):
         proc = run_pretrain([*resume, *change], check=False)
         assert proc.returncode != 0 and "trained on other data (" in proc.stderr and expected in proc.stderr, change
-    proc = run_pretrain([*resume, "--seed", 8, "--ignore_data_skip", "true", "--learning_rate", 1e-2])
+    proc = run_pretrain([*resume, "--seed", 8, "--ignore_data_skip", "true", "--learning_rate", 1e-2,
+                         "--weight_decay", 0.0])
     assert "ignore_data_skip reads it from its start" in proc.stderr
-    assert "learning_rate 0.003 -> 0.01 has no effect on a resumed run" in proc.stderr
+    assert "learning_rate 0.003 -> 0.01, weight_decay 0.1 -> 0.0 has no effect on a resumed run" in proc.stderr
 
 
 def test_run_pretrain_sh_passes_config_and_overrides(trained, tmp_path):
