@@ -55,7 +55,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-STORE_VERSION = 5  # bump when the on-disk layout or the text formatting rules change
+STORE_VERSION = 6  # bump when the on-disk layout or the text formatting rules change
 CHUNK_LINES = 2048  # records per unit of work sent to a tokenizer process
 PROBE_RECORDS = 4 * CHUNK_LINES  # records a streaming source may skip before its first text
 POOL_MIN_BYTES = 8 << 20  # below this, starting worker processes costs more than it saves
@@ -610,7 +610,7 @@ TEMPLATE_DEFAULTS: dict[str, dict[str, Any]] = {
                        "output_label": "Output: ", "separator": "\n"},
     "dialog": {"messages_field": "auto", "role_labels": {"system": "[System]", "user": "[User]",
                                                          "assistant": "[Assistant]"}, "separator": "\n"},
-    "record": {"fields": None, "labels": {}, "prefixes": {}, "units": {}, "skip_fields": ["_id"],
+    "record": {"fields": None, "labels": {}, "prefixes": {}, "units": {}, "skip_fields": [],
                "list_separator": ",", "field_separator": "。", "label_separator": "："},
     "format": {"format": None},
 }
@@ -654,10 +654,11 @@ def make_renderer(template: str | dict | None, text_field: str, where: str):
     if kind == "format":
         if not isinstance(opts["format"], str):
             raise DataError(f"{where}: template `format` needs `format: \"{{title}}\\n{{content}}\"`.")
-        for _, name, spec, _ in string.Formatter().parse(opts["format"]):
-            if name is not None and not re.fullmatch(r"[^.\[\]{}!:]+", name):
-                raise DataError(f"{where}: format field `{{{name}}}` must be a plain field name (no attributes, "
-                                "indexes or empty braces).")
+        for _, name, spec, conversion in string.Formatter().parse(opts["format"]):
+            if name is not None and (not re.fullmatch(r"[^.\[\]{}!:]+", name) or name.isdigit() or spec or conversion):
+                whole = f"{{{name}{'!' + conversion if conversion else ''}{':' + spec if spec else ''}}}"
+                raise DataError(f"{where}: format field `{whole}` must be a plain field name (no attributes, indexes, "
+                                "positions, conversions, format specs or empty braces): the values are text.")
     return functools.partial(RENDERERS[kind], opts)
 
 
@@ -691,8 +692,9 @@ def _render_qa_instruction(o: dict, obj: dict) -> str:
 
 def _render_dialog(o: dict, obj: dict) -> str:
     field_name = o["messages_field"]
-    if field_name == "auto":
-        field_name = next((f for f in ("conversations", "messages") if f in obj), "conversations")
+    if field_name == "auto":  # merged schemas (parquet, datasets) hold both, the unused one null
+        field_name = next((f for f in ("conversations", "messages") if isinstance(obj.get(f), list)),
+                          next((f for f in ("conversations", "messages") if f in obj), "conversations"))
     turns = _require(obj, field_name, "messages_field")
     if not isinstance(turns, list):
         raise RecordError(f"field `{field_name}` is {a_kind(turns)}, not a list of turns.", "bad_dialog")
@@ -700,8 +702,8 @@ def _render_dialog(o: dict, obj: dict) -> str:
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RecordError(f"turn {i} of `{field_name}` is {a_kind(turn)}, not an object.", "bad_dialog")
-        role = turn.get("from", turn.get("role"))
-        content = turn.get("value", turn.get("content"))
+        role = turn.get("from") if turn.get("from") is not None else turn.get("role")  # ShareGPT's or OpenAI's keys;
+        content = turn.get("value") if turn.get("value") is not None else turn.get("content")  # merged: others null
         if isinstance(content, list) and all(isinstance(part, dict) for part in content):  # OpenAI content parts
             content = "\n".join(part["text"] for part in content if isinstance(part.get("text"), str))
         content = render_value(content)
@@ -715,7 +717,8 @@ def _render_dialog(o: dict, obj: dict) -> str:
 
 
 def _render_record(o: dict, obj: dict) -> str:
-    names = o["fields"] or [k for k in obj if k not in o["skip_fields"]]
+    names = o["fields"] or [k for k in obj if k != "_id" and k not in o["skip_fields"]]
+    ends_sentences = o["field_separator"].strip()[:1] in tuple(SENTENCE_END)  # 。 or ；, not a line break or ", "
     parts = []
     for name in names:
         text = render_value(obj.get(name), o["list_separator"], str(o["units"].get(name, "")))
@@ -723,7 +726,7 @@ def _render_record(o: dict, obj: dict) -> str:
             continue  # missing or empty: skipped (counted by the caller)
         lead = o["prefixes"].get(name)
         part = f"{lead}{text}" if lead is not None else f"{o['labels'].get(name, name)}{o['label_separator']}{text}"
-        if parts and not parts[-1].endswith(tuple(SENTENCE_END)):
+        if parts and not (ends_sentences and parts[-1].endswith(tuple(SENTENCE_END))):  # no 。。
             parts[-1] += o["field_separator"]
         parts.append(part)
     return "".join(parts)

@@ -1,5 +1,6 @@
 """Templates, value rules, cleaning, format/encoding detection and the preview/convert CLI."""
 import json
+import re
 import subprocess
 import sys
 
@@ -57,6 +58,13 @@ def test_record_rules_skip_empty_values_and_never_write_none():
 def test_record_without_field_list_uses_record_order_and_skips_id():
     text = render("record", {"_id": 1, "b": "二", "a": "一。"})
     assert text == "b：二。a：一。"
+    assert render({"type": "record", "skip_fields": ["b"]}, {"_id": 1, "b": "二", "a": "一"}) == "a：一"  # _id too
+
+
+def test_record_field_separator_is_left_out_only_where_it_would_double_the_punctuation():
+    record = {"a": "一。", "b": "二", "c": "三"}
+    assert render({"type": "record", "field_separator": "\n"}, record) == "a：一。\nb：二\nc：三"
+    assert render({"type": "record", "field_separator": "；"}, record) == "a：一。b：二；c：三"
 
 
 def test_qa_concat_with_chinese_keys():
@@ -109,14 +117,19 @@ def test_dialog_sharegpt_and_messages():
     assert render(by_alias, sharegpt) == "Patient: 头痛怎么办？\nDoctor: 多休息。"
     with pytest.raises(RecordError, match="role `nurse`"):
         render("dialog", {"messages": [{"role": "nurse", "content": "x"}]})
+    merged = {"conversations": None, "messages": [  # parquet / datasets merge both schemas, null where unused
+        {"from": None, "value": None, "role": "user", "content": "咳嗽"},
+        {"from": "gpt", "value": "多喝水", "role": None, "content": None}]}
+    assert render("dialog", merged) == "[User] 咳嗽\n[Assistant] 多喝水"
 
 
 def test_format_template_and_its_guards():
     assert render({"type": "format", "format": "{title}\n{content}"}, {"title": "标题", "content": "正文"}) == "标题\n正文"
     with pytest.raises(RecordError, match="no field `content`; its fields are `title`"):
         render({"type": "format", "format": "{title}\n{content}"}, {"title": "标题"})
-    with pytest.raises(DataError, match="plain field name"):
-        render({"type": "format", "format": "{title.__class__}"}, {"title": "x"})
+    for field in ("title.__class__", "0", "title!r", "title:.1f"):  # would fail mid-run, or add Python quotes
+        with pytest.raises(DataError, match=re.escape(f"format field `{{{field}}}` must be a plain field name")):
+            render({"type": "format", "format": f"{{{field}}}"}, {"title": "x"})
 
 
 def test_template_config_mistakes_are_named():
