@@ -203,12 +203,16 @@ def test_cli_train_and_extend_with_report(tmp_path, bases):
     config.write_text(yaml.safe_dump({"sources": [{"name": "zh", "path": str(zh)}],
                                       "cache_dir": str(tmp_path / "cache")}), encoding="utf-8")
     run = [sys.executable, str(ROOT / "tools" / "vocab.py")]
+    symbols = tmp_path / "terms.txt"  # a BOM (Notepad's UTF-8) and a term with a space, one term per line
+    symbols.write_text("\ufeff高血压\n糖尿病\nblood pressure\n", encoding="utf-8")
     trained = subprocess.run(run + ["train", str(config), "--vocab_size", "600", "--out", str(tmp_path / "zh_tok"),
-                                    "--user_defined_symbols", "高血压,糖尿病"], capture_output=True, text=True)
+                                    "--user_defined_symbols", str(symbols)], capture_output=True, text=True)
     assert trained.returncode == 0, trained.stderr
     from transformers import AutoTokenizer
 
-    assert AutoTokenizer.from_pretrained(tmp_path / "zh_tok").tokenize("高血压") == ["高血压"]
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "zh_tok")
+    assert tokenizer.tokenize("高血压") == ["高血压"] and tokenizer.tokenize("患者高血压")[-1] == "高血压"
+    assert "blood▁pressure" in tokenizer.get_vocab() and "\ufeff高血压" not in tokenizer.get_vocab()
     extended = subprocess.run(run + ["extend", "--base", str(bases[1]["byte-level BPE"]), "--add",
                                      str(tmp_path / "zh_tok"), "--out", str(tmp_path / "ext"), "--config", str(config)],
                               capture_output=True, text=True)

@@ -58,6 +58,19 @@ BYTE_TO_CHAR = data_utils.byte_level_alphabet()
 # --------------------------------------------------------------------------------------------
 # What to add
 # --------------------------------------------------------------------------------------------
+def read_terms(path: Path, option: str) -> list[str]:
+    """The terms of a text file, one per line, in order, without repeats: UTF-8 with or without a BOM, GB18030
+    or UTF-16; a space inside a term is SentencePiece's ▁."""
+    encoding = data_utils.detect_encoding(path, "auto")
+    try:
+        text = path.read_bytes().decode(encoding).removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[:e.start].count(b"\n") + 1
+        raise DataError(f"{option} `{path}` line {line} is not valid {encoding} (detected from the first MB): "
+                        "re-save the file as UTF-8.") from None
+    return list(dict.fromkeys(line.strip().replace(" ", "▁") for line in text.splitlines() if line.strip()))
+
+
 def pieces_to_add(add: Path) -> tuple[list[str], set[str], list[str]]:
     """New pieces, in order, which of them are user-defined symbols, and the terms of a glossary: the normal and
     user-defined pieces of a SentencePiece model (a directory holding tokenizer.model, or the .model file; no
@@ -76,14 +89,7 @@ def pieces_to_add(add: Path) -> tuple[list[str], set[str], list[str]]:
         return ([p.piece for p in proto.pieces if p.type in (Piece.NORMAL, Piece.USER_DEFINED)],
                 {p.piece for p in proto.pieces if p.type == Piece.USER_DEFINED}, [])
     if add.is_file():
-        encoding = data_utils.detect_encoding(add, "auto")
-        try:
-            text = add.read_bytes().decode(encoding).removeprefix("\ufeff")
-        except UnicodeDecodeError as e:
-            line = add.read_bytes()[:e.start].count(b"\n") + 1
-            raise DataError(f"--add `{add}` line {line} is not valid {encoding} (detected from the first MB): "
-                            "re-save the file as UTF-8.") from None
-        terms = list(dict.fromkeys(line.strip().replace(" ", "▁") for line in text.splitlines() if line.strip()))
+        terms = read_terms(add, "--add")
         word_initial = [f"▁{t}" for t in terms if t[0].isascii() and t[0].isalnum()]
         return list(dict.fromkeys(terms + word_initial)), set(), terms
     raise DataError(f"--add `{add}` is neither a SentencePiece tokenizer (a directory with tokenizer.model, or a "
@@ -539,7 +545,7 @@ def main(argv: list[str]) -> int:
     try:
         if args.command == "train":
             symbols = args.user_defined_symbols
-            symbols = (Path(symbols).read_text(encoding="utf-8").split() if symbols and Path(symbols).is_file()
+            symbols = (read_terms(Path(symbols), "--user_defined_symbols") if symbols and Path(symbols).is_file()
                        else [s for s in symbols.split(",") if s])
             data_args = load_sources(args.config, overrides)
             check_output_dir(Path(args.out), [Path(data_args.cache_dir)], args.overwrite)  # before training, not after
