@@ -12,6 +12,8 @@
 #   DS_LAUNCHER_ARGS  more options for the deepspeed launcher with HOSTFILE, e.g. "--launcher openmpi" or
 #                "--ssh_port 2222"
 #   PYTHON       the interpreter (default python); with HOSTFILE the same path on every node
+# With HOSTFILE, HF_*, TRANSFORMERS_*, TORCH_EXTENSIONS_DIR, TOKENIZERS_PARALLELISM and WANDB_* variables reach
+# the other nodes too (the launcher alone passes on only PYTHON*, NCCL*, ... and ~/.deepspeed_env's lines).
 # One node goes through torchrun/run_torchrun.sh (also the way to run single-process DeepSpeed), which
 # trains on the CPU over gloo when there is no CUDA (--use_cpu true: otherwise each rank trains alone).
 set -euo pipefail
@@ -39,6 +41,22 @@ read -r -a MORE <<< "${DS_LAUNCHER_ARGS:-}"
 EXTRA=()
 [ "$GPUS" -eq 0 ] && EXTRA+=(--use_cpu true)
 MASTER_ADDR=${MASTER_ADDR:-$(awk 'NF && $1 !~ /^#/ {print $1; exit}' "$HOSTFILE")}
+# The deepspeed launcher hands the other nodes only variables named PYTHON*, NCCL*, UCX*, ... and the lines of a
+# .deepspeed_env file: add the hub and build settings (HF_ENDPOINT, HF_TOKEN, HF_HUB_OFFLINE, TORCH_EXTENSIONS_DIR,
+# ...) to the user's own ~/.deepspeed_env and ./.deepspeed_env lines, in a private file the launcher reads at
+# start; it is removed a minute later (it may hold a token).
+ENV_FILE=$(mktemp "${TMPDIR:-/tmp}/deepspeed_env.XXXXXX")
+for own in ~/.deepspeed_env ./.deepspeed_env; do
+    if [ -f "$own" ]; then grep '=' "$own" >> "$ENV_FILE" || true; fi
+done
+while IFS= read -r -d '' pair; do
+    if [[ "${pair%%=*}" =~ ^((HF|HUGGINGFACE|TRANSFORMERS|WANDB)_[A-Za-z0-9_]+|TORCH_EXTENSIONS_DIR|TOKENIZERS_PARALLELISM)$ \
+          && "$pair" != *$'\n'* ]]; then
+        printf '%s\n' "$pair" >> "$ENV_FILE"
+    fi
+done < <(env -0)
+export DS_ENV_FILE=$ENV_FILE  # an absolute path: the launcher's os.path.join keeps it
+(sleep 60; rm -f "$ENV_FILE") >/dev/null 2>&1 &
 echo "run_deepspeed.sh: nodes from $HOSTFILE, master $MASTER_ADDR:${MASTER_PORT:-29500}, $DS_CONFIG$([ "$GPUS" -eq 0 ] && echo ", CPU/gloo")"
 exec "$PYTHON" -m deepspeed.launcher.runner "${LAUNCHER[@]}" ${MORE[@]+"${MORE[@]}"} --master_addr "$MASTER_ADDR" \
     --master_port "${MASTER_PORT:-29500}" pretrain.py "$CONFIG" --deepspeed "$DS_CONFIG" ${EXTRA[@]+"${EXTRA[@]}"} "$@"

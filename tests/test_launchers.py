@@ -94,6 +94,28 @@ def test_a_hostfile_run_goes_through_the_deepspeed_launcher_of_the_chosen_interp
     assert "--use_cpu true" in out  # node 0 has no CUDA here
 
 
+def test_a_hostfile_run_hands_the_hub_settings_to_the_other_nodes(tmp_path):
+    """The deepspeed launcher passes on only PYTHON*, NCCL*, ... and .deepspeed_env lines: HF_ENDPOINT (a mirror)
+    or HF_HUB_OFFLINE never reached nodes 1 and up. Read off the command a stand-in pdsh is given."""
+    import sys
+
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "pdsh").write_text('#!/usr/bin/env bash\nprintf "PDSH %s\\n" "$*"\n')
+    (tmp_path / "bin" / "pdsh").chmod(0o755)
+    (tmp_path / "hosts").write_text("node1 slots=1\nnode2 slots=1\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "DS_CONFIG", "NUM_GPUS", "DS_ENV_FILE")}
+    env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", PYTHON=sys.executable, HOSTFILE=str(tmp_path / "hosts"),
+               DS_LAUNCHER_ARGS="--no_ssh_check", HF_ENDPOINT="https://hf-mirror.com", HF_HUB_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", UNRELATED_SETTING="x", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(["bash", str(ROOT / "deepspeed/run_deepspeed.sh"), "--max_steps", "1"], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    pdsh = [line for line in proc.stdout.splitlines() if line.startswith("PDSH ")]
+    assert proc.returncode == 0 and len(pdsh) == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for setting in ("HF_ENDPOINT=https://hf-mirror.com;", "HF_HUB_OFFLINE=1;", "TOKENIZERS_PARALLELISM=false;"):
+        assert f"export {setting}" in pdsh[0]
+    assert "UNRELATED_SETTING" not in pdsh[0] and "-w node1,node2" in pdsh[0]
+
+
 def test_fsdp_true_from_a_config_file_turns_fsdp_on(tmp_path):
     import pretrain
 
