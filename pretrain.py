@@ -958,6 +958,11 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
     `block_size`."""
     dtype = getattr(torch, model_args.torch_dtype)
     if model_args.model_name_or_path:
+        unused = [f"{name} {getattr(model_args, name)}" for name in ("model_config", "model_vocab_size")
+                  if getattr(model_args, name)]
+        if unused:  # a config file's model_config with --model_name_or_path on the command line, say
+            logger.warning("%s: for a model trained from scratch; this run continues %s, which keeps its own "
+                           "architecture and vocabulary", ", ".join(unused), model_args.model_name_or_path)
         options = {}
         if model_args.quantization_bit:
             options = {"quantization_config": quantization_config(model_args, compute_dtype), "device_map": {"": device}}

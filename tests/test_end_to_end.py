@@ -119,8 +119,10 @@ def test_continue_pretraining_from_the_saved_model(trained, tmp_path):
     base, config, out, _ = trained
     from transformers import AutoModelForCausalLM
 
-    run_pretrain([config, "--model_name_or_path", out, "--output_dir", tmp_path / "cont", "--max_steps", 4,
-                  "--learning_rate", "1e-3"])
+    proc = run_pretrain([config, "--model_name_or_path", out, "--output_dir", tmp_path / "cont", "--max_steps", 4,
+                         "--learning_rate", "1e-3"])
+    assert f"model_config {yaml.safe_load(config.read_text())['model_config']}: for a model trained from scratch; " \
+           f"this run continues {out}" in proc.stderr  # the config file's, not used: said, not silent
     metrics = json.loads((tmp_path / "cont" / "metrics.json").read_text())
     first = json.loads((out / "metrics.json").read_text())
     # it starts where the first run ended, not from scratch
