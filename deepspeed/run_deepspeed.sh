@@ -32,6 +32,7 @@ if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
 [ -f "$HOSTFILE" ] || { echo "run_deepspeed.sh: HOSTFILE $HOSTFILE does not exist" >&2; exit 2; }
 HOSTFILE=$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")
 [ -f "$DS_CONFIG" ] && DS_CONFIG=$(cd "$(dirname "$DS_CONFIG")" && pwd)/$(basename "$DS_CONFIG")
+[[ "${PYTHON:-}" == */* ]] && export PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")  # from the caller's directory
 cd "$ROOT"
 PYTHON=${PYTHON:-python}
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)

@@ -25,7 +25,7 @@ def launch(tmp_path):
     def run(script, gpus=0, **env):
         full = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "NUM_GPUS", "FSDP",
                                                                   "NPROC_PER_NODE", "HOSTFILE", "DS_CONFIG")}
-        full.update(PYTHON=str(python), FAKE_GPUS=str(gpus), **env)
+        full.update({"PYTHON": str(python), "FAKE_GPUS": str(gpus), **env})
         proc = subprocess.run(["bash", str(ROOT / script)], cwd=tmp_path, env=full, capture_output=True, text=True,
                               timeout=60)
         return proc.returncode, proc.stdout + proc.stderr
@@ -42,6 +42,9 @@ def test_one_process_on_a_machine_with_several_gpus_sees_one(launch):
     assert rc == 0 and "CUDA_VISIBLE_DEVICES= RUN pretrain.py" in out
     rc, out = launch("run_pretrain.sh", gpus=1)
     assert rc == 0 and "CUDA_VISIBLE_DEVICES=unset RUN pretrain.py" in out
+    for script in ("run_pretrain.sh", "torchrun/run_torchrun.sh"):  # a relative PYTHON is the caller's, not the repo's
+        rc, out = launch(script, gpus=1, PYTHON="./python")
+        assert rc == 0 and "RUN " in out, out
 
 
 def test_several_gpus_go_to_torchrun_one_process_each(launch):

@@ -26,6 +26,7 @@ if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
 [ -f "$CONFIG" ] && CONFIG=$(cd "$(dirname "$CONFIG")" && pwd)/$(basename "$CONFIG")  # else pretrain.py names it
 # a DeepSpeed config relative to where the command runs, else to the repository (deepspeed/ds_zero2.json)
 [ -n "${DS_CONFIG:-}" ] && [ -f "$DS_CONFIG" ] && DS_CONFIG=$(cd "$(dirname "$DS_CONFIG")" && pwd)/$(basename "$DS_CONFIG")
+[[ "${PYTHON:-}" == */* ]] && export PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")  # from the caller's directory
 cd "$ROOT"
 PYTHON=${PYTHON:-python}
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
