@@ -197,6 +197,26 @@ def test_fever_tokens_per_character_halve_at_least(tmp_path):
     assert after["byte_token_share"] < before["byte_token_share"]
 
 
+def test_byte_level_extension_never_merges_onto_a_base_token_its_own_merges_do_not_reach(tmp_path):
+    """Base merges (b,c), (a,b), (ab,c): "abc" encodes as [a, bc], and the token "abc" is reached only from "ab".
+    Adding "abcz" by appending (a,bc) would have re-encoded every base "abc" as the one token: it stays out."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    ids = {"<|endoftext|>": 0, **{c: i + 1 for i, c in enumerate(sorted(data_utils.byte_level_alphabet().values()))}}
+    merges = [("b", "c"), ("a", "b"), ("ab", "c")]
+    ids.update({a + b: len(ids) + i for i, (a, b) in enumerate(merges)})
+    model = Tokenizer(models.BPE(vocab=ids, merges=merges))
+    model.pre_tokenizer, model.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=model, eos_token="<|endoftext|>").save_pretrained(tmp_path / "base")
+    (tmp_path / "terms.txt").write_text("abcz\nxy\n", encoding="utf-8")
+    vocab.extend_tokenizer(tmp_path / "base", tmp_path / "terms.txt", tmp_path / "ext")
+    base, extended = AutoTokenizer.from_pretrained(tmp_path / "base"), AutoTokenizer.from_pretrained(tmp_path / "ext")
+    for text in ("abc", "xabc", "abcz", "bcab"):
+        assert extended(text)["input_ids"] == base(text)["input_ids"], text
+    assert extended.tokenize("xy") == ["xy"]  # a piece whose merges touch no base token is still added
+
+
 def test_cli_train_and_extend_with_report(tmp_path, bases):
     zh = make_text_corpus(tmp_path / "zh", repeat=20)
     config = tmp_path / "c.yaml"

@@ -289,16 +289,18 @@ def extend_byte_level_bpe(base: Path, base_tok, pieces: list[str], tmp: Path,
         if target in vocab:
             continue
         tokens = _bpe([BYTE_TO_CHAR[b] for b in text.encode("utf-8")], ranks)
-        while len(tokens) > 1:  # one merge per step, appended after every existing merge
-            pair = (tokens[0], tokens[1])
+        chain = []  # one merge per step, appended after every existing merge
+        while len(tokens) > 1:
+            chain.append((tokens[0], tokens[1]))
+            tokens = [tokens[0] + tokens[1]] + tokens[2:]
+        if any(a + b in vocab for a, b in chain):
+            continue  # a new merge onto a base token that no base merge reaches would re-encode base text holding it
+        for pair in chain:
             merges.append(pair)
             ranks[pair] = len(merges) - 1
-            merged = pair[0] + pair[1]
-            if merged not in vocab:
-                vocab[merged] = next_id
-                next_id += 1
-                added += 1
-            tokens = [merged] + tokens[2:]
+            vocab[pair[0] + pair[1]] = next_id
+            next_id += 1
+            added += 1
     model["merges"] = [list(m) for m in merges]
     _copy_base(base, tmp, skip=("tokenizer.json",))
     (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
