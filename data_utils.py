@@ -891,10 +891,17 @@ def sample_lines(path: Path, encoding: str) -> tuple[list[str], bool]:
 
 
 def table_quoting(fmt: str, lines: list[str]) -> int:
-    """csv: fields may be quoted. tsv: only when a sampled field is wholly quoted ("...", as pandas writes
-    fields holding a tab, quote or line break); otherwise a `"` in a TSV is text (a headline's
-    `"十大"评选`), which CSV quoting would eat together with the rows up to the next quote."""
-    if fmt == "csv" or re.search(r'(?:^|\t)"(?:[^"]|"")*"(?=\t|\r?\n|\r|$)', "".join(lines), re.MULTILINE):
+    """csv: fields may be quoted. tsv: only where the sample shows a writer's quoting: a wholly quoted field
+    that holds what makes pandas or the csv module quote (a tab, a line break, a doubled quote), or a header
+    of quoted names (quote-all writers); otherwise a `"` in a TSV is text (a headline's `"十大"评选`, or a
+    whole title `"十大"`), which CSV quoting would eat together with the rows up to the next quote."""
+    if fmt == "csv":
+        return csv.QUOTE_MINIMAL
+    sample = "".join(lines)
+    quoted = re.findall(r'(?:^|\t)"((?:[^"]|"")*)"(?=\t|\r?\n|\r|$)', sample, re.MULTILINE)
+    header = lines[0].rstrip("\r\n") if lines else ""
+    if any(re.search(r'\t|\n|\r|""', field) for field in quoted) or (
+            header and re.fullmatch(r'"(?:[^"]|"")*"(?:\t"(?:[^"]|"")*")*', header)):
         return csv.QUOTE_MINIMAL  # (a quoted field may hold tabs and line breaks)
     return csv.QUOTE_NONE
 

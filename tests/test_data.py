@@ -628,6 +628,11 @@ def test_tsv_quotes_are_text_unless_the_file_quotes_whole_fields(tmp_path):
         '"十大"评选|正文一', '"未闭合|正文二', "末条|正文三"]
     (tmp_path / "b.tsv").write_text('title\ttext\n"""十大""评选"\t"正文\n一"\n末条\t正文二\n', encoding="utf-8")  # pandas
     assert texts_of({"path": str(tmp_path / "b.tsv"), "template": template}) == ['"十大"评选|正文\n一', "末条|正文二"]
+    (tmp_path / "c.tsv").write_text('title\ttext\n"十大"\t正文一\n"未闭合\t正文二\n末条\t正文三\n', encoding="utf-8")
+    assert texts_of({"path": str(tmp_path / "c.tsv"), "template": template}) == [  # a whole title in quotes: text
+        '"十大"|正文一', '"未闭合|正文二', "末条|正文三"]
+    (tmp_path / "d.tsv").write_text('"title"\t"text"\n"十大"\t"正文一"\n', encoding="utf-8")  # a quote-all writer
+    assert texts_of({"path": str(tmp_path / "d.tsv"), "template": template}) == ["十大|正文一"]
 
 
 def test_tsv_whose_quoted_fields_hold_tabs_and_line_breaks(tmp_path):
