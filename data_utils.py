@@ -2962,7 +2962,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         report = {"block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
                   "dedup": dedup, "near_dedup": near_dedup, "mixture": "token weights, streaming",
                   "seconds": round(time.time() - start, 3),
-                  "sources": report_sources, "unread_data_files": unread_data_files(report_sources)}
+                  "sources": report_sources, "unread_data_files": unread_data_files(report_sources, specs)}
         return PreparedData(train_set, evals, report)
     digests.save()
     train_set = MixedBlocks(train_parts, weights, seed)
@@ -2982,16 +2982,20 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         "train_tokens": len(train_set) * block_size,
         "mixture": "token weights" if weights else "natural sizes",
         "seconds": round(time.time() - start, 3), "sources": report_sources,
-        "unread_data_files": unread_data_files(report_sources),
+        "unread_data_files": unread_data_files(report_sources, specs),
     }
     return PreparedData(train_set, evals, report)
 
 
-def unread_data_files(report_sources: dict) -> list[str]:
+def unread_data_files(report_sources: dict, specs: list[SourceConfig]) -> list[str]:
     """Data files beside the ones the sources read that no source reads: a file dropped into data/ for a config that
-    names its files one by one (configs/pretrain_tiny.yaml) would otherwise be left out without a word."""
+    names its files one by one (configs/pretrain_tiny.yaml) would otherwise be left out without a word. A hub
+    source of a file builder (`hub: text`, `json`, ...) reads its local `data_files`."""
     read = [Path(f["path"]) for s in report_sources.values()
             for f in [*s.get("files", []), *s.get("eval_input", {}).get("files", [])]]
+    read += [Path(match) for spec in specs if spec.hub in PACKAGED_BUILDERS
+             for entry in data_file_entries(spec.data_files) if "://" not in str(entry)
+             for match in globlib.glob(os.path.expanduser(str(entry)), recursive=True)]
     seen = {path.resolve() for path in read}
     unread = sorted({str(folder / other.name) for folder in {path.parent for path in read} if folder.is_dir()
                      for other in folder.iterdir()
@@ -3197,6 +3201,7 @@ def convert(sources: Any, out: str, dedup: bool = True) -> dict[str, int]:
                     seen.add(h)
                     f.write(json.dumps({"text": text, "source": spec.name}, ensure_ascii=False) + "\n")
                     written[spec.name] += 1
+        os.chmod(tmp, 0o666 & ~CURRENT_UMASK)  # mkstemp's 0600: the corpus is for others' tools too
         os.replace(tmp, out_path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

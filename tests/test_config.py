@@ -124,7 +124,10 @@ def test_written_reports_are_readable_by_others_as_the_umask_allows(tmp_path):
     import data_utils
 
     data_utils.atomic_write_text(tmp_path / "report.json", "{}")
-    assert (tmp_path / "report.json").stat().st_mode & 0o777 == 0o666 & ~data_utils.CURRENT_UMASK
+    (tmp_path / "a.txt").write_text("一行文本\n", encoding="utf-8")
+    data_utils.convert([{"path": str(tmp_path / "a.txt")}], str(tmp_path / "all.jsonl"))  # a corpus for other tools
+    for written in ("report.json", "all.jsonl"):
+        assert (tmp_path / written).stat().st_mode & 0o777 == 0o666 & ~data_utils.CURRENT_UMASK, written
 
 
 def test_streaming_needs_a_length_and_one_ordered_reader():

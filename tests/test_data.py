@@ -825,7 +825,7 @@ def test_data_files_beside_the_sources_that_no_source_reads_are_named(tmp_path, 
     """A file dropped into data/ for a config that names its files one by one is reported, not left out silently."""
     path = make_text_corpus(tmp_path / "d", repeat=3)
     dropped = path.parent / "mine.jsonl"
-    dropped.write_text('{"text": "我的语料。"}\n', encoding="utf-8")
+    dropped.write_text("".join(f'{{"text": "我的语料，第{i}条。"}}\n' for i in range(8)), encoding="utf-8")
     (path.parent / "notes.md").write_text("not data\n", encoding="utf-8")
     with caplog.at_level("WARNING"):
         data = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}])
@@ -834,3 +834,6 @@ def test_data_files_beside_the_sources_that_no_source_reads_are_named(tmp_path, 
     assert f"`{dropped}`" in data_utils.data_report_markdown(data.report)
     everything = build(tmp_path, tokenizer, [{"path": str(path.parent), "name": "all"}])
     assert everything.report["unread_data_files"] == []
+    by_builder = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"},  # a hub file builder reads it
+                                             {"hub": "json", "data_files": str(dropped), "name": "mine"}])
+    assert by_builder.report["unread_data_files"] == []
