@@ -1476,6 +1476,24 @@ def peak_memory_gib() -> float:
     return rss / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+def sentencepiece_model_of(name_or_path: str, **hub_options) -> bytes | None:
+    """A tokenizer's SentencePiece `tokenizer.model` (save_pretrained writes tokenizer.json only): from its
+    directory or, for a hub id, from the hub cache beside the files from_pretrained fetched."""
+    local = Path(name_or_path) / "tokenizer.model"
+    if local.is_file():
+        return local.read_bytes()
+    if not name_or_path or Path(name_or_path).is_dir():
+        return None
+    from transformers.utils import cached_file
+
+    try:
+        found = cached_file(name_or_path, "tokenizer.model", _raise_exceptions_for_missing_entries=False,
+                            _raise_exceptions_for_connection_errors=False, **hub_options)
+    except (OSError, ValueError):  # a repository id that does not resolve: no file to keep
+        return None
+    return Path(found).read_bytes() if found else None
+
+
 class PretrainTrainer(Trainer):
     """Adds `*_ppl` next to every eval loss, an overall eval loss over all sources, throughput and MFU
     (ThroughputMeter) and the achieved data mixture to every training log; carries out `on_nonfinite_loss`
@@ -1492,9 +1510,8 @@ class PretrainTrainer(Trainer):
         self.reduces_in_fp32 = False  # bf16 weights under DDP: gradients averaged in fp32 (allreduce_in_fp32)
         self.nonfinite_loss = None  # on the device: a micro-batch of this optimizer step had a non-finite loss
         self.first_nonfinite_step = None  # on the device (stop policy): the first step that went non-finite, or -1
-        sentencepiece_model = Path(self.processing_class.name_or_path) / "tokenizer.model"
         # read now: the directory it came from may be a checkpoint that rotation deletes later
-        self.sentencepiece_model = sentencepiece_model.read_bytes() if sentencepiece_model.is_file() else None
+        self.sentencepiece_model = sentencepiece_model_of(self.processing_class.name_or_path)
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints and the final model also keep a SentencePiece tokenizer's `tokenizer.model` (save_pretrained

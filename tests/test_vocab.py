@@ -217,6 +217,23 @@ def test_byte_level_extension_never_merges_onto_a_base_token_its_own_merges_do_n
     assert extended.tokenize("xy") == ["xy"]  # a piece whose merges touch no base token is still added
 
 
+def test_the_sentencepiece_model_of_a_hub_tokenizer_is_kept_from_the_hub_cache(tmp_path, tokenizer_dir):
+    """Checkpoints and the final model keep tokenizer.model (for a later `extend`); for a base named by hub id it
+    was looked for in a directory called `org/name` and never found."""
+    import shutil
+
+    import pretrain
+
+    repo = tmp_path / "hub" / "models--org--micro"
+    shutil.copytree(tokenizer_dir, repo / "snapshots" / ("0" * 40))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0" * 40)
+    model = (tokenizer_dir / "tokenizer.model").read_bytes()
+    assert pretrain.sentencepiece_model_of("org/micro", cache_dir=tmp_path / "hub") == model
+    assert pretrain.sentencepiece_model_of(str(tokenizer_dir)) == model
+    assert pretrain.sentencepiece_model_of("org/other", cache_dir=tmp_path / "hub") is None
+
+
 def test_cli_train_and_extend_with_report(tmp_path, bases):
     zh = make_text_corpus(tmp_path / "zh", repeat=20)
     config = tmp_path / "c.yaml"
