@@ -1460,17 +1460,20 @@ class TokenizerInfo:
 def resolve_bos(tokenizer, add_bos: str) -> int | None:
     """BOS policy. `auto`: follow the tokenizer (prepend BOS iff it adds one itself, as Llama-2's
     does), `always` / `never`: as said. EOS always ends every document."""
-    if add_bos == "never":
-        return None
-    if add_bos == "always":
-        if tokenizer.bos_token_id is None:
-            raise DataError("add_bos: always, but the tokenizer has no BOS token. Use `add_bos: never`.")
-        return tokenizer.bos_token_id
-    if add_bos != "auto":
+    if add_bos not in ("auto", "always", "never"):
         raise DataError(f"add_bos must be auto, always or never, got `{add_bos}`.")
+    if add_bos == "always" and tokenizer.bos_token_id is None:
+        raise DataError("add_bos: always, but the tokenizer has no BOS token. Use `add_bos: never`.")
     bos = tokenizer.bos_token_id
-    probe = tokenizer("a", add_special_tokens=True)["input_ids"]
-    return bos if bos is not None and probe[:1] == [bos] else None
+    adds = bos is not None and tokenizer("a", add_special_tokens=True)["input_ids"][:1] == [bos]
+    if add_bos == "always" and not adds:  # the tokenizer saved with the model encodes as it does now
+        logger.warning("add_bos always: training documents start with BOS, but the tokenizer (saved with the model) "
+                       "does not add it when it encodes: prepend BOS to text for this model, or use `add_bos: auto`")
+    if add_bos == "never" and adds:
+        logger.warning("add_bos never: training documents have no BOS, but the tokenizer (saved with the model) adds "
+                       "it when it encodes: encode text for this model with add_special_tokens=False, or use "
+                       "`add_bos: auto`")
+    return bos if add_bos == "always" or add_bos == "auto" and adds else None
 
 
 def byte_token_mask(tokenizer) -> np.ndarray:

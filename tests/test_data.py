@@ -281,11 +281,14 @@ def test_store_keeps_every_token_in_order_with_eos_after_each_document(tmp_path,
     assert all(data.train.parts[0][i]["input_ids"].shape == (16,) for i in range(len(data.train.parts[0])))
 
 
-def test_bos_policy(tmp_path, tokenizer):
+def test_bos_policy(tmp_path, tokenizer, caplog):
     path = make_text_corpus(tmp_path / "d", repeat=1)
-    data = build(tmp_path, tokenizer, [{"path": str(path)}], add_bos="always")
+    with caplog.at_level("WARNING", logger="data_utils"):
+        data = build(tmp_path, tokenizer, [{"path": str(path)}], add_bos="always")
     store = data.train.parts[0].store
     assert all(store.doc(i)[0] == tokenizer.bos_token_id for i in range(store.n_docs))
+    # the tokenizer saved with the model encodes without it: said, so inference can match training
+    assert "add_bos always: training documents start with BOS, but the tokenizer" in caplog.text
     # auto follows the tokenizer: the trained SentencePiece tokenizer does not add BOS itself
     assert data_utils.resolve_bos(tokenizer, "auto") is None
 
