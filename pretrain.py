@@ -2035,6 +2035,11 @@ def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, 
                           f"{saved['world_size']} process(es) and dataloader_num_workers "
                           f"{saved['dataloader_num_workers']}: a streaming mixture replays its order only with the "
                           "same settings. Resume with them.")
+    if training_args.deepspeed and saved["world_size"] != now["world_size"]:
+        raise ConfigError(f"{checkpoint} was saved by DeepSpeed on {saved['world_size']} process(es), this run has "
+                          f"{now['world_size']}: ZeRO partitions its optimizer state by process and cannot load it "
+                          "on another number. Resume on the same number of processes (or convert the checkpoint "
+                          "with DeepSpeed's universal-checkpoint tools first).")
     if saved["tokens_per_step"] == now["tokens_per_step"]:
         return
     micro = now["tokens_per_step"] // training_args.gradient_accumulation_steps  # tokens per micro-step, all ranks
@@ -2055,15 +2060,27 @@ def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, 
     training_args.gradient_accumulation_steps = accumulation
 
 
+def check_batch_settings(training_args: PretrainingArguments) -> None:
+    """Every optimizer step trains batch x accumulation x processes blocks, planned before the first step (the
+    block stream, the tokens counted, the batch plan a resume reads, a streaming mixture's worker batches)."""
+    if training_args.auto_find_batch_size:
+        raise ConfigError("auto_find_batch_size changes the batch size after the run planned its steps (tokens per "
+                          "step, the data position a resume reads): set per_device_train_batch_size instead.")
+    if training_args.dataloader_drop_last:
+        raise ConfigError("dataloader_drop_last: every training step is full already, and in evaluation it would "
+                          "drop each source's last blocks by the number of processes (all of a source smaller than a "
+                          "batch). Leave it off.")
+
+
 def check_streaming_settings(training_args: PretrainingArguments) -> None:
     """A streaming mixture is read as one ordered stream (rank 0's DataLoader, workers in turn, batches
     dispatched to the ranks): the logged mixture and resuming rely on that order."""
     if training_args.max_steps <= 0:
         raise ConfigError("streaming sources have no length, so the run cannot count epochs: set `max_steps` or "
                           "`max_train_tokens` (a token budget).")
-    if training_args.auto_find_batch_size:
-        raise ConfigError("auto_find_batch_size changes the batch size after the streaming mixture planned its "
-                          "workers' batches: set per_device_train_batch_size instead.")
+    if training_args.record_block_ids:
+        raise ConfigError("record_block_ids records the places of the mixture's blocks in their order; streamed blocks "
+                          "have none. Drop it for a run with streaming sources.")
     accelerator = training_args.accelerator_config
     if not training_args.dataloader_in_order or accelerator.dispatch_batches is False or accelerator.split_batches:
         raise ConfigError("streaming sources need dataloader_in_order true and accelerator_config without "
@@ -2652,6 +2669,7 @@ def train(argv: list[str]) -> dict:
                               "other from the config file).")
         training_args.max_steps = math.ceil(data_args.max_train_tokens / tokens_per_step)
         logger.info("token budget %d: max_steps %d", data_args.max_train_tokens, training_args.max_steps)
+    check_batch_settings(training_args)
     if not hasattr(data.train, "__len__"):
         check_streaming_settings(training_args)
         train_set = data.train

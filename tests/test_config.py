@@ -137,8 +137,12 @@ def test_streaming_needs_a_length_and_one_ordered_reader():
     with pytest.raises(ConfigError, match="set `max_steps`"):
         pretrain.check_streaming_settings(settings())
     pretrain.check_streaming_settings(settings("--max_steps", "5"))
-    with pytest.raises(ConfigError, match="auto_find_batch_size"):
-        pretrain.check_streaming_settings(settings("--max_steps", "5", "--auto_find_batch_size", "true"))
+    with pytest.raises(ConfigError, match="record_block_ids records the places of the mixture's blocks"):
+        pretrain.check_streaming_settings(settings("--max_steps", "5", "--record_block_ids", "true"))
+    for flag, message in (("--auto_find_batch_size", "changes the batch size after the run planned its steps"),
+                          ("--dataloader_drop_last", "every training step is full already")):  # streamed or not
+        with pytest.raises(ConfigError, match=message):
+            pretrain.check_batch_settings(settings(flag, "true"))
     for flags in (["--dataloader_in_order", "false"], ["--accelerator_config", '{"dispatch_batches": false}'],
                   ["--accelerator_config", '{"split_batches": true}']):
         with pytest.raises(ConfigError, match="read in order by the main process"):
@@ -165,8 +169,11 @@ def test_a_resume_keeps_the_checkpoints_batch_or_says_what_would(tmp_path):
     with pytest.raises(ConfigError, match="replays its order only with the same settings"):
         pretrain.keep_checkpoint_batch(str(checkpoint), settings("--per_device_train_batch_size", "8"), 32, True)
     deepspeed = settings("--per_device_train_batch_size", "4")
-    deepspeed.deepspeed = "ds.json"  # its batch sizes were fixed at parse time
-    with pytest.raises(ConfigError, match="Resume with gradient_accumulation_steps 2"):
+    deepspeed.deepspeed = "ds.json"
+    with pytest.raises(ConfigError, match="saved by DeepSpeed on 2 process.*, this run has 1: ZeRO partitions"):
+        pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)
+    (checkpoint / "batch_plan.json").write_text(json.dumps({**plan, "world_size": 1, "gradient_accumulation_steps": 2}))
+    with pytest.raises(ConfigError, match="Resume with gradient_accumulation_steps 2"):  # batch sizes fixed at parse
         pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)
 
 
