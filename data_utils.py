@@ -3018,21 +3018,23 @@ def data_report_markdown(report: dict) -> str:
     lines = ["# Data report", "", f"{size}; mixture by {report['mixture']}; exact dedup "
              f"{'on' if report['dedup'] else 'off'}; near dedup " +
              (f"at Jaccard similarity {near['threshold']} of token {near['ngram']}-grams." if near else "off."), "",
-             "| source | records | documents | characters | tokens | tokens/doc | train share | epochs | eval docs | "
-             "duplicates removed | skipped | cache |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+             "| source | records | documents | characters | tokens | tokens/doc | train share | epochs | train blocks | "
+             "eval docs | eval blocks | duplicates removed | skipped | cache |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, s in report["sources"].items():
         removed = f"{sum(s.get('duplicates_removed', {}).values()):,}"
         if s.get("streaming"):
-            lines.append(f"| {name} | streamed | | | | | {s['share_of_training_tokens']:.1%} | | "
-                         f"{s.get('eval_documents', 0):,} | {removed} | | – |")
+            lines.append(f"| {name} | streamed | | | | | {s['share_of_training_tokens']:.1%} | | | "
+                         f"{s.get('eval_documents', 0):,} | {s.get('eval_blocks', 0):,} | {removed} | | – |")
             continue
         lines.append(f"| {name} | {s.get('records', 0):,} | {s['documents']:,} | {s['characters']:,} | "
                      f"{s['tokens']:,} | {s['mean_tokens_per_document']} | {s['share_of_training_tokens']:.1%} | "
-                     f"{s['epochs_per_mixture'] if 'epochs_per_mixture' in s else ''} | {s['eval_documents']:,} | "
-                     f"{removed} | {sum(s.get('skipped', {}).values()):,} | {s['cache']} |")
+                     f"{s['epochs_per_mixture'] if 'epochs_per_mixture' in s else ''} | {s.get('train_blocks', 0):,} | "
+                     f"{s['eval_documents']:,} | {s.get('eval_blocks', 0):,} | {removed} | "
+                     f"{sum(s.get('skipped', {}).values()):,} | {s['cache']} |")
     lines += ["", "epochs: how often one pass over the mixture reads a source's training blocks (above 1 repeated, "
-              "below 1 subsampled).", ""]
+              "below 1 subsampled). documents, characters and tokens: after cleaning and dedup, eval files "
+              "(`eval_path`) included; records and skipped: the training files (eval files' counts below).", ""]
     if report.get("unread_data_files"):
         lines += [f"Not read by any source, beside files that are: {', '.join(f'`{f}`' for f in report['unread_data_files'])}"
                   " (add them to `sources`).", ""]

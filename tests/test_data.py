@@ -744,6 +744,7 @@ def test_the_report_counts_what_reading_the_eval_files_skipped(tmp_path, tokeniz
     assert report["duplicates_removed"]["within_eval"] == 1 and report["eval_documents"] == 2
     markdown = data_utils.data_report_markdown({**data.report, "train_blocks": 1, "train_tokens": 4})
     assert f"eval files: `{held}` (jsonl, utf-8)" in markdown and "skipped: invalid_json 1, not_a_string 1" in markdown
+    assert f"| {report['train_blocks']:,} | 2 | {report['eval_blocks']:,} | 1 |" in markdown  # blocks in the table
 
 
 def test_new_content_with_the_old_size_and_mtime_is_hashed_again(tmp_path):
