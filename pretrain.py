@@ -1665,12 +1665,12 @@ class PretrainTrainer(Trainer):
             step = self.state.global_step
             logs.update(self.meter.read(step))
             logs["tokens_seen"] = step * self.tokens_per_step
+            consumed = step * self.tokens_per_step // self.block_size  # blocks read: every step is full
             if hasattr(self.train_dataset, "shares"):  # the achieved mixture so far
-                consumed = step * self.tokens_per_step // self.block_size
                 for name, share in self.train_dataset.shares(consumed).items():
                     logs[f"mix_{name}"] = round(share, 4)
             if hasattr(self.train_dataset, "passes"):  # `epoch` counts the Trainer's one pass over the whole run
-                logs["data_passes"] = round(self.train_dataset.passes(step * self.tokens_per_step // self.block_size), 4)
+                logs["data_passes"] = round(self.train_dataset.passes(consumed), 4)
         super().log(logs, start_time)
         if "loss" in logs:
             self.meter.logged(self.args, self.state, self.control)
