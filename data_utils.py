@@ -222,6 +222,9 @@ class SourceConfig:
         if spec.hub is None and any((spec.hub_config, spec.eval_split, spec.revision, spec.data_files,
                                      spec.streaming)):
             raise DataError(f"{where}: hub_config, eval_split, revision, data_files and streaming need `hub:`.")
+        if spec.eval_path and spec.eval_split:
+            raise DataError(f"{where}: set `eval_path` (eval files) or `eval_split` (a split of the hub dataset), "
+                            "not both.")
         if spec.format not in cls.FORMATS:
             raise DataError(f"{where}: format `{spec.format}` is not one of {', '.join(cls.FORMATS)}.")
         if spec.on_error not in ("raise", "skip"):
@@ -373,7 +376,7 @@ def hub_access(name: str, what: str, option: str, error: type[Exception] | None 
 
 
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
-HF_URL = re.compile(r"hf://datasets/([^/@]+/[^/@]+)(?:@[^/]+)?/(.+)")
+HF_URL = re.compile(r"hf://datasets/([^/@]+/[^/@]+)(?:@([^/]+))?/(.+)")
 
 
 def data_file_entries(data_files: Any) -> list:
@@ -396,35 +399,56 @@ def hub_repo_id(hub: str, data_files: Any) -> str:
 
 def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[Any, list[str]]:
     """Point hub sources at local snapshots where `hub_local_dir/OWNER/NAME` exists (what
-    `hf download --repo-type dataset OWNER/NAME --local-dir hub_local_dir/OWNER/NAME` makes), `hf://`
-    data files at the files inside it. Returns the sources and a line per substitution."""
-    if not hub_local_dir or not isinstance(raw_sources, list):
+    `hf download --repo-type dataset OWNER/NAME --local-dir hub_local_dir/OWNER/NAME` makes), each `hf://`
+    data file at the file inside its own repository's snapshot. Returns the sources and a line per substitution."""
+    if not hub_local_dir:
         return raw_sources, []
     root, done, out = Path(os.path.expanduser(hub_local_dir)), [], []
-    for raw in raw_sources:
+    for raw in raw_sources if isinstance(raw_sources, list) else [raw_sources]:
         hub = raw.get("hub") if isinstance(raw, dict) else None
-        local = root / hub_repo_id(hub, raw.get("data_files")) if hub else None
-        if local is None or not local.is_dir() or Path(hub).is_dir():
+        if not isinstance(hub, str) or Path(os.path.expanduser(hub)).is_dir():
             out.append(raw)
             continue
         raw = dict(raw)
         if hub in PACKAGED_BUILDERS:
             def to_local(url):
                 match = HF_URL.match(str(url))
-                return str(local / match.group(2)) if match else url
-            files = raw["data_files"]
+                local = root / match.group(1) if match else None
+                if local is None or not local.is_dir():
+                    return url
+                done.append(f"{match.group(1)} -> {local}")
+                if match.group(2):
+                    logger.warning("hub source `%s`: the revision `%s` of `%s` does not apply to the local copy %s, "
+                                   "which is read as it is: check it holds that revision, or remove it from "
+                                   "`hub_local_dir` to load the revision from the hub.", hub, match.group(2), url,
+                                   local)
+                return str(local / match.group(3))
+            files = raw.get("data_files")
             raw["data_files"] = ({k: [to_local(u) for u in v] if isinstance(v, list) else to_local(v)
                                   for k, v in files.items()} if isinstance(files, dict)
                                  else [to_local(u) for u in files] if isinstance(files, list) else to_local(files))
+            revision = any(entry.startswith(str(root)) for entry in map(str, data_file_entries(raw["data_files"])))
         else:
-            raw["hub"] = str(local)
-        done.append(f"{hub_repo_id(hub, raw.get('data_files'))} -> {local}")
-        if raw.get("revision"):
-            logger.warning("hub source `%s`: `revision: %s` does not apply to the local copy %s, which is read as it "
-                           "is: check it holds that revision, or remove it from `hub_local_dir` to load the revision "
-                           "from the hub.", hub, raw["revision"], local)
+            local = root / hub
+            if not local.is_dir():
+                out.append(raw)
+                continue
+            raw["hub"], revision = str(local), True
+            done.append(f"{hub} -> {local}")
+        if revision and raw.get("revision"):
+            logger.warning("hub source `%s`: `revision: %s` does not apply to the local copy under %s, which is read "
+                           "as it is: check it holds that revision, or remove it from `hub_local_dir` to load the "
+                           "revision from the hub.", hub, raw["revision"], root)
         out.append(raw)
-    return out, done
+    return (out if isinstance(raw_sources, list) else out[0]), list(dict.fromkeys(done))
+
+
+def hub_read_error(source: str, what: str, error: Exception) -> DataError:
+    cause = error.__cause__ or error
+    return DataError(f"source `{source}`: {what} cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}"
+                     " (`datasets` logs the file above). Its files may disagree on their columns or types (schema drift), or one may be damaged: make "
+                     "them agree, pick the files that do with `data_files`, or read local files with `path:` (each "
+                     "file on its own, records may differ in their fields; the error then names file and line).")
 
 
 def unreachable_message(name: str, error: Exception | str) -> str:
@@ -451,15 +475,21 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
 
     local = Path(os.path.expanduser(spec.hub)).is_dir()
     name = os.path.expanduser(spec.hub) if local else spec.hub
+    if not local and spec.hub not in PACKAGED_BUILDERS and (spec.hub.startswith((".", "/", "~"))
+                                                           or spec.hub.count("/") > 1):  # not OWNER/NAME
+        raise DataError(f"source `{spec.name}`: hub directory `{spec.hub}` does not exist (looked from "
+                        f"{Path.cwd()}). Fix the path, or give a hub dataset id (OWNER/NAME).")
+    split_option = "split" if split == spec.split else "eval_split"
     offline = must_use_cache(name)
     hub_cache = None
-    if local:  # every caller, with or without a cache_dir of its own, gets the content-keyed cache
-        stats = [(str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in local_hub_files(Path(name))
-                 for st in [p.stat()]]
+    if spec.hub in PACKAGED_BUILDERS:
+        check_local_data_files(spec)
+    local_files = hub_source_files(spec)
+    if local_files:  # every caller, with or without a cache_dir of its own, gets the content-keyed cache
+        stats = [(str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in local_files for st in [p.stat()]]
         root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
         hub_cache = str(root / "hub_datasets" / hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
     if spec.hub in PACKAGED_BUILDERS:
-        check_local_data_files(spec)
         remote = [str(f) for f in data_file_entries(spec.data_files) if str(f).startswith("hf://")]
         if remote and must_use_cache(hub_repo_id(spec.hub, spec.data_files)):  # datasets fails on them offline
             raise DataError(f"source `{spec.name}`: " + unreachable_message(hub_repo_id(spec.hub, spec.data_files),
@@ -473,7 +503,9 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
                                          data_files=spec.data_files, streaming=spec.streaming, cache_dir=hub_cache)
     except ValueError as e:  # unknown config or split: datasets lists the valid ones
         raise DataError(f"source `{spec.name}`: hub dataset `{name}`: {str(e).rstrip('.')}. Fix `hub_config` / "
-                        "`split`.") from None
+                        f"`{split_option}`.") from None
+    except datasets.exceptions.DatasetGenerationError as e:  # reading the files into Arrow failed
+        raise hub_read_error(spec.name, f"hub dataset `{name}`", e) from None
     except RuntimeError as e:
         if "scripts are no longer supported" not in str(e):
             raise
@@ -490,8 +522,33 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
                         "(`hf auth login`) or set HF_TOKEN.") from None
     except (ConnectionError, OSError) as e:
         if not local:
-            raise DataError(unreachable_message(hub_repo_id(name, spec.data_files), e)) from None
+            raise DataError(f"source `{spec.name}`: " + unreachable_message(hub_repo_id(name, spec.data_files), e)
+                            ) from None
         raise DataError(f"source `{spec.name}`: local hub directory `{name}` cannot be read: {e}") from None
+
+
+def hub_reads_remote(spec: SourceConfig) -> bool:
+    if Path(os.path.expanduser(spec.hub)).is_dir():
+        return False
+    return spec.hub not in PACKAGED_BUILDERS or any("://" in str(f) for f in data_file_entries(spec.data_files))
+
+
+def hub_source_files(spec: SourceConfig) -> list[Path]:
+    """The local files a hub source reads: a hub-layout directory's, or a packaged builder's local
+    `data_files` (globs expanded). They key its token store and `datasets` cache by content: `datasets`
+    fingerprints local files by path and modification time only, so a copy that keeps the time (cp -p,
+    rsync -t, tar) would serve the old text."""
+    directory = Path(os.path.expanduser(spec.hub))
+    if directory.is_dir():
+        return local_hub_files(directory)
+    if spec.hub not in PACKAGED_BUILDERS:
+        return []
+    found = set()
+    for pattern in data_file_entries(spec.data_files):
+        if "://" not in str(pattern):
+            for match in map(Path, globlib.glob(os.path.expanduser(str(pattern)), recursive=True)):
+                found.update(local_hub_files(match) if match.is_dir() else [match] if match.is_file() else [])
+    return sorted(found)
 
 
 def check_local_data_files(spec: SourceConfig) -> None:
@@ -507,26 +564,25 @@ def check_local_data_files(spec: SourceConfig) -> None:
 class SourceInput:
     """What a source reads: local files, or a hub dataset (map-style or streaming)."""
 
-    files: list[Path] = field(default_factory=list)
+    files: list[Path] = field(default_factory=list)  # the local files read (a hub source's too)
     dataset: Any = None
     label: str = ""
+    remote: bool = False  # a hub source reading files from the hub
 
     @classmethod
     def open(cls, spec: SourceConfig, eval_input: bool = False, cache_dir: Path | None = None) -> "SourceInput":
-        if spec.hub:
+        if spec.hub and not (eval_input and spec.eval_path):
             split = spec.eval_split if eval_input else spec.split
-            local = Path(os.path.expanduser(spec.hub))
-            return cls(files=local_hub_files(local) if local.is_dir() else [],
-                       dataset=load_hub_dataset(spec, split, cache_dir),
-                       label=f"hub:{spec.hub}/{spec.hub_config or ''}/{split}")
+            return cls(files=hub_source_files(spec), dataset=load_hub_dataset(spec, split, cache_dir),
+                       label=f"hub:{spec.hub}/{spec.hub_config or ''}/{split}", remote=hub_reads_remote(spec))
         files = resolve_files(spec.eval_path if eval_input else spec.path, spec.name)
         return cls(files=files, label=", ".join(map(str, files)))
 
     def identity(self, digests: "FileDigests") -> list:
-        """What the token store key hashes: file contents, or the dataset's fingerprint."""
-        if self.dataset is not None and not self.files:  # a hub id: datasets keys it by revision
-            return [self.label, getattr(self.dataset, "_fingerprint", None)]
-        return [self.label if self.dataset is not None else "", *(digests(f) for f in self.files)]
+        """What the token store key hashes: file contents, and for what is read from the hub the dataset's
+        fingerprint (datasets keys it by revision)."""
+        fingerprint = [getattr(self.dataset, "_fingerprint", None)] if self.remote else []
+        return [self.label if self.dataset is not None else "", *fingerprint, *(digests(f) for f in self.files)]
 
     def size(self) -> int:
         return len(self.dataset) if self.dataset is not None else sum(f.stat().st_size for f in self.files)
@@ -1120,14 +1176,22 @@ def _grouped_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk
 
 def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk]:
     if inputs.dataset is not None:
+        import datasets
+
         number = 1
         # .iter, not iter(): in a DataLoader worker, iter() of a streamed dataset reads only that worker's
         # files, and StreamedSource shards by document itself (a dataset of one file would starve workers)
-        for columns in inputs.dataset.iter(batch_size=CHUNK_LINES):
+        batches = inputs.dataset.iter(batch_size=CHUNK_LINES)
+        while True:
+            try:
+                columns = next(batches, None)
+            except (ValueError, OSError, datasets.exceptions.DatasetsError) as e:  # a stream reads files lazily
+                raise hub_read_error(spec.name, f"`{inputs.label}` (after record {number - 1:,})", e) from None
+            if columns is None:
+                return
             batch = [dict(zip(columns, row)) for row in zip(*columns.values())]
             yield Chunk(0, inputs.label, "hub", "utf-8", number, list(enumerate(batch, number)), len(batch))
             number += len(batch)
-        return
     for file_index, path in enumerate(inputs.files):
         try:
             encoding = detect_encoding(path, spec.encoding, skip_bad_lines=spec.on_error == "skip")
@@ -2720,20 +2784,14 @@ def probe_stream(spec: SourceConfig, cache_dir: Path | None) -> dict:
     """Opens a streaming source and formats its first records, so a wrong split, path or field stops the
     run before training starts rather than at its first batch. Returns what the probe read."""
     texts, counts = 0, collections.Counter()
-    try:
-        for chunk in read_chunks(SourceInput.open(spec, cache_dir=cache_dir), spec):
-            found, _, chunk_counts, notes = format_chunk(spec, chunk)
-            texts += len(found)
-            counts.update(chunk_counts)
-            if texts:
-                return {"probed_records": counts["records"]}
-            if counts["records"] >= PROBE_RECORDS:
-                break
-    except DataError:  # already names the source and the fix
-        raise
-    except (ValueError, OSError) as e:  # what `datasets` and pyarrow raise for unreadable files (ArrowInvalid...)
-        raise DataError(f"source `{spec.name}` cannot be read as a stream: {type(e).__name__}: {e}. Fix the "
-                        "file, or set `streaming: false` to find the line.") from None
+    for chunk in read_chunks(SourceInput.open(spec, cache_dir=cache_dir), spec):
+        found, _, chunk_counts, notes = format_chunk(spec, chunk)
+        texts += len(found)
+        counts.update(chunk_counts)
+        if texts:
+            return {"probed_records": counts["records"]}
+        if counts["records"] >= PROBE_RECORDS:
+            break
     skipped = ", ".join(f"{n} {reason}" for reason, n in sorted(counts.items()) if reason != "records") or "none"
     raise DataError(f"source `{spec.name}` streams no text: its first {counts['records']} records gave none "
                     f"(skipped: {skipped}). Check `split`, `text_field` or the template, or set `streaming: false` "
@@ -2922,8 +2980,9 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                         if k not in ("name", "weight", "watch_forgetting", "eval_fraction")}
             report_sources[spec.name] = {"streaming": True, "weight": spec.weight, "settings": settings,
                                          **probe_stream(spec, cache_dir)}
-            if spec.eval_split:
+            if spec.eval_split or spec.eval_path:
                 eval_spec = dataclasses.replace(spec, streaming=False)
+                named = f"eval split `{spec.eval_split}`" if spec.eval_split else "eval files (`eval_path`)"
                 eval_store, _ = load_or_build_store(eval_spec, SourceInput.open(eval_spec, True, cache_dir), info,
                                                     cache_dir, num_proc, digests)
                 hashes = doc_slice(eval_store, "doc_hashes", 0, eval_store.n_docs)
@@ -2935,25 +2994,25 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                             in_train |= np.isin(hashes[first], trained)
                     if in_train.all():
                         every = f"every one of the {len(first)} documents" if len(first) != 1 else "the one document"
-                        raise DataError(f"source `{spec.name}`: {every} of its eval split `{spec.eval_split}` also "
-                                        "occurs in another source's training data, and dedup removed it. Give an "
-                                        "eval split with other texts, or set `dedup: false`.")
+                        raise DataError(f"source `{spec.name}`: {every} of its {named} also occurs in another "
+                                        "source's training data, and dedup removed it. Give eval data with other "
+                                        "texts, or set `dedup: false`.")
                     first = first[~in_train]
                     eval_hashes.append(hashes[first])
                 held_out = PackedBlocks(eval_store, first, block_size, document)
                 if len(held_out) == 0:
-                    raise DataError(f"source `{spec.name}`: its eval split `{spec.eval_split}` has "
-                                    f"{counted(held_out.n_tokens, 'token')}, fewer than one block of {block_size}. "
-                                    "Give a larger `eval_split` or lower `block_size`.")
+                    raise DataError(f"source `{spec.name}`: its {named} has {counted(held_out.n_tokens, 'token')}, "
+                                    f"fewer than one block of {block_size}. Give more eval data or lower "
+                                    "`block_size`.")
                 evals[spec.name] = capped_eval(held_out, max_eval_blocks, spec.name)
                 report_sources[spec.name].update(
                     eval_documents=len(first), eval_blocks=len(evals[spec.name]), eval_blocks_available=len(held_out),
                     eval_input={"files": eval_store.meta["files"], **_grouped_counts(eval_store.meta["counts"])},
                     duplicates_removed={"within_eval": eval_store.n_docs - len(first) - int(in_train.sum()),
                                         "eval_of_train": int(in_train.sum())})
-            elif (spec.eval_fraction or 0) > 0:
-                logger.warning("source `%s` streams: eval_fraction is not applied to a stream; set `eval_split` "
-                               "to evaluate it", spec.name)
+            elif (data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction) > 0:
+                logger.warning("source `%s` streams: eval_fraction is not applied to a stream, so it has no eval set; "
+                               "set `eval_split` or `eval_path` to evaluate it", spec.name)
         digests.save()
         excluded = np.unique(np.concatenate([np.zeros(0, np.uint64), *eval_hashes]).astype(np.uint64))
         sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document, excluded) if s.streaming

@@ -2676,7 +2676,12 @@ def train(argv: list[str]) -> dict:
     else:
         train_set = block_stream(data.train, training_args, tokens_per_step // data_args.block_size)
     n_params, n_trainable, _ = parameter_counts(model)  # before save_final_model merges LoRA adapters away
-    watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting and s.name in data.eval]
+    watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting]
+    if unevaluated := [name for name in watched if name not in data.eval]:
+        raise DataError(f"source{'s' if len(unevaluated) > 1 else ''} {', '.join(f'`{n}`' for n in unevaluated)}: "
+                        "`watch_forgetting` needs eval data, and there is none. Give it `eval_split` (hub), "
+                        "`eval_path`, or an `eval_fraction` above 0 (not applied to streams), or drop "
+                        "watch_forgetting.")
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
     preflight(training_args, data, model, tokens_per_step)
     preemption = PreemptionCallback()

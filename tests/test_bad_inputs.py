@@ -109,6 +109,9 @@ def case_setup(case: str, d: Path) -> dict:
         "resume_from_missing_checkpoint": lambda: {"resume_from_checkpoint": str(d / "out" / "checkpoint-99")},
         "hub_name_unreachable": lambda: {"sources": [{"name": "open", "hub": "no-such-org/no-such-dataset"}]},
         "batch_larger_than_data": lambda: {"per_device_train_batch_size": 40000},
+        "watch_forgetting_without_eval_data": lambda: {"sources": [{"name": "general", "watch_forgetting": True,
+                                                                    "path": str(make_text_corpus(d / "g"))}],
+                                                       "eval_fraction": 0},
     }[case]()
 
 
@@ -144,6 +147,7 @@ CASES = {  # case: what the one error line must say (the file and line where the
     "resume_from_missing_checkpoint": r"checkpoint-99.*does not exist",
     "hub_name_unreachable": r"no-such-org/no-such-dataset.*(offline|reach)",
     "batch_larger_than_data": r"one optimizer step needs 40000 blocks",
+    "watch_forgetting_without_eval_data": r"source `general`: `watch_forgetting` needs eval data.*`eval_split`",
 }
 
 

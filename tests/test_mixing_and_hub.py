@@ -161,16 +161,19 @@ def test_two_local_hub_directories_with_one_name_do_not_share_a_cache(tmp_path, 
     assert two.report["sources"]["m"]["records"] == 40
 
 
-def test_a_local_hub_file_copied_with_its_old_size_and_mtime_is_read_again(tmp_path, tokenizer):
+@pytest.mark.parametrize("builder", [False, True], ids=["hub-directory", "hub-json-data-files"])
+def test_a_local_hub_file_copied_with_its_old_size_and_mtime_is_read_again(tmp_path, tokenizer, builder):
     """`cp -p` / `rsync -t` can give new content the old size and mtime: the Arrow cache must not serve the old
-    text (the token store, keyed by content, would then hold it under the new content's key)."""
+    text (the token store, keyed by content, would then hold it under the new content's key). `datasets`
+    fingerprints a packaged builder's local data_files by modification time alone."""
     path = tmp_path / "medical" / "data" / "train.jsonl"
     path.parent.mkdir(parents=True)
     write = lambda word: path.write_text("".join(json.dumps({"text": f"{line}（{word}{i}）"}, ensure_ascii=False) + "\n"  # noqa: E731
                                                  for i in range(20) for line in ZH_LINES), encoding="utf-8")
     write("第一版")
     stat = path.stat()
-    source = [{"name": "m", "hub": str(path.parent.parent), "eval_fraction": 0}]
+    source = [{"name": "m", "hub": "json", "data_files": str(path.parent / "*.jsonl"), "eval_fraction": 0}
+              if builder else {"name": "m", "hub": str(path.parent.parent), "eval_fraction": 0}]
     first = build(tmp_path, tokenizer, source)
     time.sleep(0.05)  # past the file system's clock tick
     write("第二版")  # the same byte length
@@ -334,7 +337,7 @@ def test_streamed_source_problems_stop_the_run_before_training(tmp_path, tokeniz
         build(tmp_path, tokenizer, [{**base, "eval_split": "validation"}], block_size=64)
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"text": "好的一行"}\n{"text": 不是JSON}\n', encoding="utf-8")
-    with pytest.raises(DataError, match="cannot be read as a stream"):
+    with pytest.raises(DataError, match=r"^source `j`: `hub:json//train` \(after record 0\) cannot be read: "):
         build(tmp_path, tokenizer, [{"name": "j", "hub": "json", "data_files": str(broken), "streaming": True,
                                      "weight": 1}])
 
@@ -366,6 +369,62 @@ def test_revision_of_a_local_hub_copy_is_flagged(tmp_path, caplog):
             [{"hub": "owner/medical", "revision": "v2"}], str(tmp_path / "hub"))
     assert sources[0]["hub"] == str(tmp_path / "hub" / "owner" / "medical") and done
     assert "`revision: v2` does not apply to the local copy" in caplog.text
+
+
+def test_hf_data_files_of_two_repositories_map_to_their_own_local_copies(tmp_path, caplog):
+    """A repository that is not downloaded keeps its hf:// URL; a pinned commit in the URL is flagged."""
+    root = tmp_path / "hub"
+    (root / "ownerA" / "general").mkdir(parents=True)
+    urls = ["hf://datasets/ownerA/general/data/train.jsonl", "hf://datasets/ownerB/medical/data/train.jsonl"]
+    sources, done = data_utils.use_local_hub_copies([{"hub": "json", "data_files": urls}], str(root))
+    assert sources[0]["data_files"] == [str(root / "ownerA" / "general" / "data" / "train.jsonl"), urls[1]]
+    assert done == [f"ownerA/general -> {root / 'ownerA' / 'general'}"]
+    (root / "ownerB" / "medical").mkdir(parents=True)
+    with caplog.at_level(logging.WARNING, logger="data_utils"):
+        sources, done = data_utils.use_local_hub_copies(
+            {"hub": "json", "data_files": {"train": urls[0], "validation": urls[1].replace("medical/", "medical@abc12/")}},
+            str(root))  # a single mapping, as `--sources '{hub: ...}'` gives it
+    assert sources["data_files"] == {"train": str(root / "ownerA" / "general" / "data" / "train.jsonl"),
+                                     "validation": str(root / "ownerB" / "medical" / "data" / "train.jsonl")}
+    assert len(done) == 2 and "the revision `abc12`" in caplog.text
+
+
+def test_a_hub_source_evaluates_on_its_eval_path_files(tmp_path, tokenizer):
+    hub = make_hub_fixture(tmp_path / "medical")
+    eval_file = tmp_path / "my_eval.txt"
+    eval_file.write_text("".join(f"自己的验证文本第{i}条，内容与训练集不同。\n" for i in range(12)), encoding="utf-8")
+    base = {"name": "med", "hub": str(hub), "hub_config": "pretrain", "eval_path": str(eval_file)}
+    for source in (base, {**base, "streaming": True, "weight": 1}):
+        data = build(tmp_path, tokenizer, [source], block_size=16)
+        assert data.eval["med"].store.n_docs == 12 and data.report["sources"]["med"]["eval_documents"] == 12, source
+        assert data.report["sources"]["med"]["eval_input"]["files"][0]["path"] == str(eval_file)
+    with pytest.raises(DataError, match="set `eval_path` .* or `eval_split` .*not both"):
+        build(tmp_path, tokenizer, [{**base, "eval_split": "validation"}])
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["stored", "streamed"])
+def test_shards_that_disagree_on_their_columns_are_named_with_a_fix(tmp_path, tokenizer, streaming):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hub = tmp_path / "drift" / "data"
+    hub.mkdir(parents=True)
+    rows = [f"{line}（第{i}段）" for i in range(450) for line in ZH_LINES]  # past the stream's first records
+    pq.write_table(pa.table({"text": rows}), hub / "train-00000-of-00002.parquet")
+    pq.write_table(pa.table({"text": rows[:30], "source": ["x"] * 30}), hub / "train-00001-of-00002.parquet")
+    source = {"name": "drift", "hub": str(hub.parent), "eval_fraction": 0,
+              **({"streaming": True, "weight": 1} if streaming else {})}
+    with pytest.raises(DataError, match=r"^source `drift`: .* cannot be read: CastError: .*column names don't match.*"
+                                        r"schema drift.*`data_files`.*`path:`"):
+        data = build(tmp_path, tokenizer, [source], block_size=16)
+        for _ in data.train:  # a stream's later files are read during training
+            pass
+
+
+def test_a_hub_path_that_does_not_exist_is_not_taken_for_a_hub_id(tmp_path, tokenizer):
+    for hub in ("data/hub/Salesforce/wikitxt", "./wikitxt"):
+        with pytest.raises(DataError, match=f"source `m`: hub directory `{hub}` does not exist"):
+            build(tmp_path, tokenizer, [{"name": "m", "hub": hub}])
 
 
 def test_streaming_needs_weights(tmp_path, tokenizer):
