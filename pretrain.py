@@ -154,6 +154,16 @@ class ModelArguments:
             raise ConfigError(f"quantization_bit {self.quantization_bit}: quantized weights cannot be trained "
                               "directly. Set `finetuning: lora` (QLoRA), or drop quantization_bit.")
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        if self.finetuning == "freeze" and not self.model_name_or_path:
+            raise ConfigError("finetuning freeze keeps most weights of a pretrained model as they are: set "
+                              "`model_name_or_path`, or train a model from scratch with `finetuning: full`.")
+        quantization = [n for n in ("quantization_type", "double_quantization") if getattr(self, n) != defaults[n]]
+        if quantization and not self.quantization_bit:
+            raise ConfigError(f"{', '.join(quantization)} only apply with `quantization_bit` (QLoRA), which is unset: "
+                              "set it, or drop them.")
+        if self.expand_layers and self.freeze_trainable_layers != defaults["freeze_trainable_layers"]:
+            raise ConfigError("freeze_trainable_layers does not apply with expand_layers (only the new layers train, "
+                              "with `freeze_extra_modules` if given): drop it.")
         if self.config_overrides and self.model_name_or_path:
             raise ConfigError("config_overrides changes the architecture of a model trained from scratch "
                               "(`model_config`); a pretrained model keeps its own. Drop it (longer positions: "
@@ -739,7 +749,7 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient
         model = add_lora(model, model_args, new_token_ids, gradient_checkpointing)
     elif model_args.finetuning == "freeze":
         new_layers = expand_layers(model, model_args.expand_layers) if model_args.expand_layers else None
-        freeze(model, model_args, new_token_ids, gradient_checkpointing, new_layers)
+        freeze(model, model_args, new_token_ids, new_layers)
     return model
 
 
@@ -802,8 +812,7 @@ def layer_of(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
-def freeze(model, model_args: ModelArguments, new_token_ids: list[int], gradient_checkpointing: bool,
-           new_layers: list[int] | None = None) -> None:
+def freeze(model, model_args: ModelArguments, new_token_ids: list[int], new_layers: list[int] | None = None) -> None:
     """finetuning freeze (LLaMA-Factory's): only the chosen decoder layers (or the layers block expansion added)
     and extra modules train; the rest keeps its weights, needs no gradients and no optimizer state. The saved
     model is a whole model."""
@@ -830,8 +839,6 @@ def freeze(model, model_args: ModelArguments, new_token_ids: list[int], gradient
     if new_token_ids and not embeddings_train:
         logger.warning("finetuning freeze: %d new tokens keep their initial embedding rows; add embed_tokens (and "
                        "lm_head when untied) to freeze_extra_modules to train them", len(new_token_ids))
-    if gradient_checkpointing and not embeddings_train:  # frozen embeddings give checkpointed layers inputs without grad
-        model.enable_input_require_grads()
     logger.info("finetuning freeze: %s trainable parameters of %s: decoder layers %s, modules %s",
                 f"{sum(map(numel, trainable)):,}", f"{sum(map(numel, model.parameters())):,}",
                 sorted(chosen) or "none", ", ".join(sorted(extras)) or "none")
@@ -867,6 +874,15 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
             raise ConfigError(f"lora_target `{model_args.lora_target}`: {', '.join(f'`{t}`' for t in unknown)} "
                               f"name(s) no module of this model. Its linear layers: {', '.join(linear)}; or use "
                               "all-linear.")
+    embeddings = {module_names[m] for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    on_embeddings = [t for t in targets if t.rsplit(".", 1)[-1] in embeddings] if targets != "all-linear" else []
+    if on_embeddings and (new_token_ids or model.config.tie_word_embeddings):
+        why = (f"the run adds {len(new_token_ids)} new tokens, whose rows train on those modules instead (peft trainable "
+               "tokens)" if new_token_ids else "this model ties its output head to its input embeddings (one matrix), "
+               "so merging an adapter of one into it would change the other")
+        raise ConfigError(f"lora_target `{model_args.lora_target}`: {', '.join(on_embeddings)}: {why}. Drop "
+                          f"{'it' if len(on_embeddings) == 1 else 'them'} from lora_target; to train whole embedding "
+                          "matrices use `finetuning: freeze` with `freeze_extra_modules`.")
     tokens = None
     if new_token_ids:
         tokens = {module_names[model.get_input_embeddings()]: new_token_ids}
@@ -1203,14 +1219,15 @@ def peak_flops_of(device_name: str) -> float | None:
     return None
 
 
-def flops_per_token(model, block_size: int) -> float:
+def flops_per_token(model, block_size: int, backward_to_embeddings: bool = False) -> float:
     """Training FLOPs per token, PaLM's convention: 2 N forward + 2 N' for the gradients of the activations
     + 2 T for the gradients of the trainable weights, + 12 L H Q S for attention scores and values.
     N = parameters doing matmuls (all but the input embedding lookup; a tied embedding counts once, as the
     output projection); T = the trainable ones among them; N' = those that activation gradients pass
     through: all (N' = N, so 6 N when all train, about 4 N under LoRA) unless the lowest trainable decoder
     layer is above the first (finetuning freeze: backward stops there, and attention's backward 8 of the 12
-    runs in the layers above only). H heads of width Q (usually H Q = hidden size, not for Qwen3-like configs
+    runs in the layers above only; `backward_to_embeddings`: it does not stop, as under reentrant gradient
+    checkpointing). H heads of width Q (usually H Q = hidden size, not for Qwen3-like configs
     with a wider head_dim); S = block size, no discount for the causal mask."""
     config = model.config
     embedding = model.get_input_embeddings()
@@ -1221,7 +1238,7 @@ def flops_per_token(model, block_size: int) -> float:
     trained_layers = [layers if layer_of(name) is None else layer_of(name) for name, p in named if p.requires_grad
                       and not name.startswith(prefix)]  # the head and final norm count as above every layer
     embedding_trains = any(p.requires_grad for name, p in named if name.startswith(prefix))
-    lowest = 0 if embedding_trains else min(trained_layers, default=layers)
+    lowest = 0 if embedding_trains or backward_to_embeddings else min(trained_layers, default=layers)
     # LoRA's new-token rows (peft trainable tokens) stand in for rows of a matrix already counted: their gradient
     # is computed, they add no matmul of their own
     rows = {id(p) for name, p in named if "trainable_tokens_delta" in name and id(p) not in lookup}
@@ -1676,6 +1693,23 @@ class PretrainTrainer(Trainer):
             self.meter.logged(self.args, self.state, self.control)
 
 
+class FrozenBelowCallback(TrainerCallback):
+    """finetuning freeze with frozen embeddings under gradient checkpointing: transformers makes the embedding
+    output require grad, which only reentrant checkpointing needs, so the backward would run through every frozen
+    layer below the trainable ones (twice the step time with one of eight layers training). Removing that hook
+    stops the backward at the lowest trainable layer, as flops_per_token counts it."""
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if not args.gradient_checkpointing or model.get_input_embeddings().weight.requires_grad:
+            return
+        if (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+            logger.warning("finetuning freeze with reentrant gradient checkpointing: the backward runs through the "
+                           "frozen layers below the trainable ones (MFU counts it); `gradient_checkpointing_kwargs: "
+                           "{use_reentrant: false}` (the default) stops it at the lowest trainable layer.")
+            return
+        model.disable_input_require_grads()
+
+
 class PreemptionCallback(TrainerCallback):
     """SIGTERM (a scheduler preempting the job) -> save a checkpoint at the next step boundary and stop
     cleanly; `--resume_from_checkpoint auto` then continues from it. Ranks agree on the stop through an
@@ -2015,6 +2049,13 @@ def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, 
     batches of the new geometry, so a different global batch would re-read or skip data (and the learning
     rate schedule would mean other tokens). On another number of processes (a preempted job resumed on
     fewer or more nodes) gradient accumulation is set to keep the checkpoint's tokens per step."""
+    by_deepspeed = any(Path(checkpoint).glob("global_step*"))  # ZeRO's engine state, no optimizer.pt
+    if by_deepspeed != bool(training_args.deepspeed):
+        raise ConfigError(f"{checkpoint} was saved {'with' if by_deepspeed else 'without'} DeepSpeed, this run has "
+                          f"{'none' if by_deepspeed else 'it'}: the optimizer state is in the other's format, and "
+                          "the Trainer would silently start a fresh optimizer or fail to load it. Resume with the "
+                          "launcher and `deepspeed` config it was saved with (deepspeed/run_deepspeed.sh), or start "
+                          "fresh in another `output_dir`.")
     path = Path(checkpoint) / BATCH_PLAN
     if not path.is_file():  # a checkpoint from before batch plans were written
         return
@@ -2317,8 +2358,9 @@ def check_resume_matches(checkpoint: str, model, tokenizer) -> None:
     deep inside the optimizer's state loading, another vocabulary would silently train on other ids."""
     adapter = Path(checkpoint) / "adapter_config.json"
     if adapter.is_file() != is_lora(model):
+        mode = "lora" if is_lora(model) else "full" if all(p.requires_grad for p in model.parameters()) else "freeze"
         raise ConfigError(f"{checkpoint} holds {'LoRA adapters' if adapter.is_file() else 'full weights'} but this run "
-                          f"has finetuning {'lora' if is_lora(model) else 'full'}: resume with the finetuning it was "
+                          f"has finetuning {mode}: resume with the finetuning it was "
                           "trained with, or start fresh in another `output_dir`.")
     if adapter.is_file():
         saved_lora, now_lora = json.loads(adapter.read_text(encoding="utf-8")), model.peft_config["default"]
@@ -2685,12 +2727,16 @@ def train(argv: list[str]) -> dict:
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
     preflight(training_args, data, model, tokens_per_step)
     preemption = PreemptionCallback()
-    meter = ThroughputMeter(tokens_per_step, training_args.world_size, flops_per_token(model, data_args.block_size),
+    reentrant = training_args.gradient_checkpointing and bool(
+        (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant"))  # input grads hooked: full backward
+    meter = ThroughputMeter(tokens_per_step, training_args.world_size,
+                            flops_per_token(model, data_args.block_size, backward_to_embeddings=reentrant),
                             peak_flops_per_device(training_args))
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=data.eval or None,
         data_collator=BlockCollator(keep_ids=training_args.record_block_ids), processing_class=tokenizer,
-        callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption], tokens_per_step=tokens_per_step,
+        callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption,
+                   *([FrozenBelowCallback()] if model_args.finetuning == "freeze" else [])], tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter, data_plan=data_plan(data.report, training_args),
         run_id=run_id_of(resume), block_record=start_block_record(training_args, resume))
     if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole

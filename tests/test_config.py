@@ -170,6 +170,11 @@ def test_a_resume_keeps_the_checkpoints_batch_or_says_what_would(tmp_path):
         pretrain.keep_checkpoint_batch(str(checkpoint), settings("--per_device_train_batch_size", "8"), 32, True)
     deepspeed = settings("--per_device_train_batch_size", "4")
     deepspeed.deepspeed = "ds.json"
+    with pytest.raises(ConfigError, match="saved without DeepSpeed, this run has it: the optimizer state is in"):
+        pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)
+    (checkpoint / "global_step4").mkdir()  # ZeRO's optimizer state
+    with pytest.raises(ConfigError, match="saved with DeepSpeed, this run has none: .*silently start a fresh optimizer"):
+        pretrain.keep_checkpoint_batch(str(checkpoint), settings("--per_device_train_batch_size", "4"), 32, False)
     with pytest.raises(ConfigError, match="saved by DeepSpeed on 2 process.*, this run has 1: ZeRO partitions"):
         pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)
     (checkpoint / "batch_plan.json").write_text(json.dumps({**plan, "world_size": 1, "gradient_accumulation_steps": 2}))

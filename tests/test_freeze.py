@@ -54,6 +54,29 @@ def test_freeze_settings_that_cannot_work_are_refused(base_model, tokenizer):
         freeze_model(base_model, tokenizer, "--freeze_extra_modules", "embeddings")
     with pytest.raises(pretrain.ConfigError, match="trains nothing"):
         freeze_model(base_model, tokenizer, "--freeze_trainable_layers", "0")
+    with pytest.raises(pretrain.ConfigError, match="freeze_trainable_layers does not apply with expand_layers"):
+        freeze_model(base_model, tokenizer, "--expand_layers", "1", "--freeze_trainable_layers", "1")
+    with pytest.raises(pretrain.ConfigError, match="finetuning freeze keeps most weights of a pretrained model"):
+        pretrain.parse_args(["--model_config", "configs/model/tiny.json", "--finetuning", "freeze"])
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_gradient_checkpointing_backward_stops_at_the_lowest_trainable_layer(base_model, tokenizer, reentrant):
+    """transformers hooks the embedding output to require grad whenever it checkpoints; only reentrant
+    checkpointing needs that, and with it the backward would run through every frozen layer."""
+    model = freeze_model(base_model, tokenizer, "--freeze_trainable_layers", "1")
+    kwargs = {"use_reentrant": reentrant}
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # as the Trainer does
+    model.train()
+    args = pretrain.parse_args(["--use_cpu", "true", "--gradient_checkpointing", "true",
+                                "--gradient_checkpointing_kwargs", json.dumps(kwargs)])[2]
+    pretrain.FrozenBelowCallback().on_train_begin(args, None, None, model=model)
+    backward_through = []
+    model.model.layers[0].register_full_backward_hook(lambda *_: backward_through.append(0))
+    ids = torch.arange(1, 33).unsqueeze(0)
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert backward_through == ([0] if reentrant else [])  # reentrant needs the hooked inputs (and MFU counts it)
+    assert model.model.layers[1].mlp.down_proj.weight.grad.abs().sum() > 0
 
 
 def test_a_freeze_run_changes_only_what_trains_and_resumes_only_as_it_trained(tmp_path, base_model):

@@ -130,6 +130,28 @@ def test_lora_settings_that_cannot_work_are_refused(tmp_path, base_model, micro_
     full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
     with pytest.raises(pretrain.ConfigError, match="holds LoRA adapters but this run has finetuning full"):
         pretrain.check_resume_matches(str(checkpoint), full, tokenizer)
+    frozen = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model), "--finetuning",
+                                                       "freeze"])[0], tokenizer, 32)
+    with pytest.raises(pretrain.ConfigError, match="holds LoRA adapters but this run has finetuning freeze"):
+        pretrain.check_resume_matches(str(checkpoint), frozen, tokenizer)
+
+
+def test_lora_on_embedding_matrices_is_refused_where_it_cannot_be_merged_or_wrapped(
+        tmp_path_factory, base_model, micro_model_config, tokenizer_dir):
+    """A tied head is the input embedding: a merged lm_head adapter would change both (logits off by 1.4 in
+    the reproduction). New tokens' rows wrap those modules already (peft's trainable tokens)."""
+    from conftest import save_base_model
+
+    tied = save_base_model(tmp_path_factory, micro_model_config, tokenizer_dir, tie_word_embeddings=True)
+    for target in ("q_proj,lm_head", "q_proj,model.embed_tokens"):
+        with pytest.raises(pretrain.ConfigError, match="ties its output head to its input embeddings"):
+            pretrain.build_model(lora_args(tied, "--lora_target", target), AutoTokenizer.from_pretrained(tied), 32)
+    with pytest.raises(pretrain.ConfigError, match="embed_tokens: the run adds 3 new tokens"):
+        pretrain.build_model(lora_args(base_model, "--lora_target", "q_proj,embed_tokens"),
+                             with_new_tokens(base_model)[0], 32)
+    untied = pretrain.build_model(lora_args(base_model, "--lora_target", "q_proj,lm_head"),
+                                  AutoTokenizer.from_pretrained(base_model), 32)  # an untied head can take one
+    assert any("lm_head.lora_A" in name for name, _ in untied.named_parameters())
 
 
 def test_lora_refuses_sharded_weights_and_fused_losses_that_miss_its_rows(base_model, monkeypatch):
@@ -230,6 +252,9 @@ def test_quantization_settings_that_cannot_work_are_refused(base_model):
         lora_args(base_model, "--quantization_bit", "3")
     with pytest.raises(pretrain.ConfigError, match="quantization_type must be one of nf4, fp4"):
         lora_args(base_model, "--quantization_bit", "4", "--quantization_type", "int4")
+    with pytest.raises(pretrain.ConfigError, match="quantization_type, double_quantization only apply with "
+                                                   "`quantization_bit`"):
+        lora_args(base_model, "--quantization_type", "fp4", "--double_quantization", "false")
 
 
 def test_rslora_scales_by_the_root_of_the_rank_and_dora_merges_exactly(base_model, tokenizer, tmp_path):
