@@ -2762,7 +2762,8 @@ def train(argv: list[str]) -> dict:
 
     probe = probe_logits(model, data) if training_args.verify_saved_model else None
     model.config.use_cache = True  # the saved model is for inference
-    unquantized = dataclasses.replace(model_args, quantization_bit=None)
+    # merged on the CPU, where flash attention has no kernels (the saved config does not keep the implementation)
+    unquantized = dataclasses.replace(model_args, quantization_bit=None, attn_implementation="sdpa")
     merged = save_final_model(trainer, out,  # LoRA: + adapter/
                               lambda: create_model(unquantized, tokenizer, block_size=data_args.block_size)[0])
     model = trainer.model
