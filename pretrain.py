@@ -427,6 +427,8 @@ def null_settings(config: dict, given: set[str], source: str) -> list[str]:
 
 # Options of MedicalGPT's pretraining.py, LLaMA-Factory's pt stage and run_clm.py that this toolkit spells
 # otherwise: an unknown option names its counterpart here instead of a look-alike ("use_peft" -> "use_cpu").
+NEW_ADAPTERS = ("nothing: a LoRA run starts new adapters (`resume_from_checkpoint` continues one; a finished LoRA "
+                "run's merged model is the next stage's `model_name_or_path`)")
 FOREIGN_OPTIONS = {
     "use_peft": "`finetuning: lora`", "finetuning_type": "`finetuning` (full, lora, freeze)",
     "qlora": "`quantization_bit: 4` with `finetuning: lora`", "load_in_4bit": "`quantization_bit: 4`",
@@ -476,8 +478,7 @@ FOREIGN_OPTIONS = {
     "low_cpu_mem_usage": "nothing", "train_from_scratch": "leave `model_name_or_path` unset and give "
     "`model_config` (a JSON)", "preprocessing_batch_size": "nothing: tokenizer processes take chunks of 2,048 "
     "records", "buffer_size": "nothing: streamed sources are mixed by their `weight:`", "group_by_length": "nothing: "
-    "every packed block has block_size tokens", "adapter_name_or_path": "nothing: a LoRA run starts new adapters "
-    "(`resume_from_checkpoint` continues one)", "upcast_layernorm": "nothing: weights stay float32 masters",
+    "every packed block has block_size tokens", "adapter_name_or_path": NEW_ADAPTERS, "peft_path": NEW_ADAPTERS, "upcast_layernorm": "nothing: weights stay float32 masters",
     "use_unsloth": "nothing", "pissa_init": "nothing",
 }
 # TrainingArguments fields that other scripts pass and this one does not use: refused as FOREIGN_OPTIONS names them
