@@ -338,6 +338,9 @@ class PretrainingArguments(TrainingArguments):
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to
         check_deepspeed_config(self.deepspeed)
+        if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+            raise ValueError("use_liger_kernel needs liger-kernel (GPU kernels): `pip install liger-kernel`, or drop "
+                             "use_liger_kernel.")
         if isinstance(self.fsdp, str) and self.fsdp.strip().lower() in ("true", "yes", "1", "false", "no", "0", ""):
             self.fsdp = self.fsdp.strip().lower() in ("true", "yes", "1") or None  # `fsdp: true` from a config
         self.bf16_weights = self.mixed_precision == "bf16_weights"
@@ -742,7 +745,8 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and block_size > max_positions:
         scale = ("" if model_args.rope_scaling or not model_args.model_name_or_path else
-                 ", or set `rope_scaling: yarn` (or linear) to train the pretrained model at the longer length")
+                 ", or set `rope_scaling: yarn` (or linear) or a larger `rope_theta` to train the pretrained "
+                 "model at the longer length")
         raise ConfigError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_positions}. "
                           f"Lower `block_size`{scale}.")
     model.config.use_cache = False  # training: packed position_ids are only isolated without the cache
@@ -961,6 +965,8 @@ def extend_context(config, model_args: ModelArguments, block_size: int | None) -
         if model_args.rope_scaling == "yarn":
             rope["original_max_position_embeddings"] = original
         config.max_position_embeddings = int(original * factor)
+    elif model_args.rope_theta and block_size is not None and block_size > original:
+        config.max_position_embeddings = block_size  # adjusted base frequency alone: positions up to the block
     config.rope_parameters = rope
     config.validate_rope()
     logger.warning("RoPE for continued pretraining: %s, max_position_embeddings %d -> %d", rope, original,
@@ -1066,6 +1072,7 @@ def override_config(spec: dict, model_type: str, model_args: ModelArguments) -> 
             pairs = None
         if not isinstance(pairs, dict):
             raise ConfigError(f"{where} is not a mapping: write `key=value,key=value` or `{{key: value}}`.")
+        pairs = {k: override_value(v) if isinstance(v, str) else v for k, v in pairs.items()}  # YAML 1.1: 1e-6 is text
     else:
         pairs = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -1273,6 +1280,17 @@ def with_fp32_master_weights(optimizer_cls: type) -> type:
             # Until a checkpoint's masters are loaded, the first step takes them from the weights again: DDP
             # replaces every rank's weights with rank 0's after this optimizer is built.
             self.masters_from_weights = True
+
+        def check_overrides(self):
+            """bitsandbytes' per-weight settings (the Trainer keeps embeddings' optimizer state in 32 bits under
+            its 8-bit optimizers) name the model's weights; this optimizer's groups hold their masters."""
+            master_of = {id(p): m for p, m in zip(self.model_params, self.master_params)}
+            place = {id(p): (g, i) for g, group in enumerate(self.param_groups) for i, p in enumerate(group["params"])}
+            for module, attr, config in self.mng.module_weight_config_triple:
+                master = master_of.get(id(getattr(module, attr)))
+                if master is not None and id(master) in place:
+                    self.mng.pid2config[id(master)] = config
+                    self.mng.index2config[place[id(master)]] = config
 
         @torch.no_grad()
         def step(self, closure=None):
@@ -2154,6 +2172,12 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
     """Before the first step: say what the run will do, and stop on settings that cannot work together."""
     if training_args.loraplus_lr_ratio and not is_lora(model):
         raise ConfigError("loraplus_lr_ratio speeds up LoRA's B matrices: set `finetuning: lora`, or drop it.")
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training_args, model)  # what the first step would import
+    except ImportError as e:
+        name = getattr(training_args.optim, "value", training_args.optim)
+        raise ConfigError(f"optim `{name}`: {str(e).strip().splitlines()[0]} Install it, or choose another `optim` "
+                          "(adamw_torch_fused, adamw_torch, ...).") from None
     if is_lora(model):
         if training_args.fsdp:
             raise ConfigError(LORA_UNSHARDED)
@@ -2400,7 +2424,7 @@ def check_resume_matches(checkpoint: str, model, tokenizer) -> None:
 
 SHAPE_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
               "num_attention_heads", "num_key_value_heads", "tie_word_embeddings", "rope_parameters",
-              "max_position_embeddings")
+              "max_position_embeddings", "head_dim")
 
 
 def setup_logging(training_args: PretrainingArguments, data_args: DataArguments) -> None:
@@ -2759,7 +2783,10 @@ def train(argv: list[str]) -> dict:
         logger.warning("preempted at step %d: checkpoint saved in %s; not writing a final model",
                        preemption.stopped_at, training_args.output_dir)
         return {"preempted_at_step": preemption.stopped_at}
-    final_eval = trainer.evaluate() if data.eval else {}
+    # the Trainer's schedule evaluates at the last step too (transformers 5): that one is the final evaluation
+    final_eval = eval_at_step(trainer.state.log_history, trainer.state.global_step)
+    if data.eval and "eval_loss" not in final_eval:
+        final_eval = trainer.evaluate()
 
     probe = probe_logits(model, data) if training_args.verify_saved_model else None
     model.config.use_cache = True  # the saved model is for inference

@@ -4,6 +4,7 @@ No case leaves a half-written output directory or a cache entry that a later run
 
 Each case runs `pretrain.main` in-process with a micro model, so the whole suite takes seconds per case."""
 import errno
+import importlib.util
 import json
 import re
 from pathlib import Path
@@ -109,6 +110,7 @@ def case_setup(case: str, d: Path) -> dict:
         "resume_from_missing_checkpoint": lambda: {"resume_from_checkpoint": str(d / "out" / "checkpoint-99")},
         "hub_name_unreachable": lambda: {"sources": [{"name": "open", "hub": "no-such-org/no-such-dataset"}]},
         "batch_larger_than_data": lambda: {"per_device_train_batch_size": 40000},
+        "optimizer_package_missing": lambda: {"optim": "schedule_free_adamw"},
         "watch_forgetting_without_eval_data": lambda: {"sources": [{"name": "general", "watch_forgetting": True,
                                                                     "path": str(make_text_corpus(d / "g"))}],
                                                        "eval_fraction": 0},
@@ -147,12 +149,15 @@ CASES = {  # case: what the one error line must say (the file and line where the
     "resume_from_missing_checkpoint": r"checkpoint-99.*does not exist",
     "hub_name_unreachable": r"no-such-org/no-such-dataset.*(offline|reach)",
     "batch_larger_than_data": r"one optimizer step needs 40000 blocks",
+    "optimizer_package_missing": r"optim `schedule_free_adamw`: .*schedulefree.* Install it, or choose another `optim`",
     "watch_forgetting_without_eval_data": r"source `general`: `watch_forgetting` needs eval data.*`eval_split`",
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_input_ends_in_one_clear_message(case, tmp_path, capsys, micro_model_config, tokenizer_dir):
+    if case == "optimizer_package_missing" and importlib.util.find_spec("schedulefree"):
+        pytest.skip("schedulefree is installed here")
     config = write_run(tmp_path, micro_model_config, tokenizer_dir, **case_setup(case, tmp_path))
     code, err = run(capsys, [config])
     errors = [line for line in err.splitlines() if line.startswith("error:")]

@@ -294,6 +294,10 @@ def test_config_overrides_change_a_new_models_config_and_refuse_what_it_would_no
     config = pretrain.build_model(model_args({"rope_parameters": {"rope_type": "default", "rope_theta": 5e5},
                                               "num_hidden_layers": 1}), tokenizer, 32).config
     assert config.rope_parameters["rope_theta"] == 5e5 and config.num_hidden_layers == 1
+    written = tmp_path / "by_hand.yaml"  # YAML 1.1 reads 1e-6 as text; a key=value override reads it as a number
+    written.write_text(f"model_config: {micro_model_config}\nconfig_overrides: {{num_hidden_layers: 1, "
+                       "rms_norm_eps: 1e-6}\n", encoding="utf-8")
+    assert pretrain.build_model(pretrain.parse_args([str(written)])[0], tokenizer, 32).config.rms_norm_eps == 1e-6
     for overrides, message in (
             ("num_hiden_layers=3", r"`num_hiden_layers` is not a setting of llama models\. Did you mean "
                                    r"`num_hidden_layers`\?"),
@@ -320,3 +324,14 @@ def test_the_block_record_restarts_with_a_fresh_run_and_keeps_a_resumes_steps(tm
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2, 3]
     pretrain.start_block_record(training, None)
     assert path.read_text() == ""
+
+
+def test_use_liger_kernel_without_liger_is_refused_when_the_arguments_parse(monkeypatch):
+    """Not at the first step, after the data work (and under torchrun as a crash it would restart)."""
+    import importlib.util
+
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
+    with pytest.raises(ConfigError, match="use_liger_kernel needs liger-kernel"):
+        pretrain.parse_args(["--use_liger_kernel", "true"])
+

@@ -106,6 +106,26 @@ def test_from_scratch_outputs_load_and_perplexity_falls(trained):
     assert tokenizer.decode(ids[0]) == "高血压是一种常见病。"
 
 
+def test_the_evaluation_at_the_last_step_is_the_final_one(tmp_path, corpus, micro_model_config, monkeypatch):
+    """transformers 5 evaluates at max_steps by itself: the run reports that evaluation instead of a second one."""
+    import pretrain
+
+    evaluated, evaluate = [], pretrain.PretrainTrainer.evaluate
+
+    def counted(self, eval_dataset=None, *args, **kwargs):
+        if eval_dataset is None:  # an evaluation of every source (each then evaluated alone)
+            evaluated.append(self.state.global_step)
+        return evaluate(self, eval_dataset, *args, **kwargs)
+
+    monkeypatch.setattr(pretrain.PretrainTrainer, "evaluate", counted)
+    config = write_config(tmp_path / "run.yaml", corpus, micro_model_config, tmp_path / "out", max_steps=3,
+                          eval_steps=2, save_steps=100, sample_prompts=[])
+    run_pretrain([config])
+    assert evaluated == [0, 2, 3]
+    final = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))["eval"]["final"]
+    assert {"eval_loss", "eval_ppl", "eval_notes_loss", "eval_records_ppl"} <= final.keys()
+
+
 def test_second_run_is_a_data_cache_hit(trained, micro_model_config, corpus):
     base, config, _, _ = trained
     proc = run_pretrain([config, "--output_dir", base / "again", "--max_steps", 1, "--eval_strategy", "no",

@@ -39,6 +39,9 @@ def test_rope_settings_change_the_rotary_frequencies(base_model, tokenizer):
     theta = build(base_model, tokenizer, 128, "--rope_theta", "500000")
     assert theta.config.rope_parameters["rope_theta"] == 500000.0
     assert theta.model.rotary_emb.inv_freq[-1] < frequencies[-1]
+    longer = build(base_model, tokenizer, 256, "--rope_theta", "500000")  # adjusted base frequency alone
+    assert longer.config.max_position_embeddings == 256 and longer.config.rope_parameters["rope_type"] == "default"
+    assert torch.equal(longer.model.rotary_emb.inv_freq, theta.model.rotary_emb.inv_freq)
 
     unchanged = build(base_model, tokenizer, 64, "--rope_scaling", "yarn")  # fits: nothing to scale
     assert unchanged.config.rope_parameters["rope_type"] == "default"

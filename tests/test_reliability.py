@@ -219,6 +219,8 @@ def test_a_resume_keeps_its_tokenizer_and_refuses_another_model(tmp_path, micro_
     other.write_text(json_.dumps({**shape, "hidden_size": shape["hidden_size"] * 2}))
     code, err = main(capsys, run, "--resume_from_checkpoint", str(checkpoint), "--model_config", other)
     assert code == 2 and "was saved from another model shape (hidden_size" in err and "Traceback" not in err
+    code, err = main(capsys, run, "--resume_from_checkpoint", str(checkpoint), "--config_overrides", "head_dim=32")
+    assert code == 2 and "was saved from another model shape (head_dim" in err and "Traceback" not in err
 
 
 def test_forgetting_baseline_survives_a_resume(tmp_path, micro_model_config, tokenizer_dir, capsys):

@@ -45,6 +45,23 @@ def test_fp32_master_weights_keep_updates_that_bf16_weights_round_away():
     assert torch.equal(restored.model_params[0], weights["master"])
 
 
+def test_fp32_masters_keep_bitsandbytes_32_bit_embedding_state():
+    """The Trainer asks bitsandbytes' 8-bit optimizers for 32-bit state on embeddings, naming the model's
+    weight; the master-weight optimizer must pass that on to the weight's master."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import pretrain
+
+    embedding, linear = torch.nn.Embedding(300, 16, dtype=torch.bfloat16), torch.nn.Linear(16, 300, dtype=torch.bfloat16)
+    optimizer = pretrain.with_fp32_master_weights(bnb.optim.AdamW8bit)(
+        [embedding.weight, linear.weight], lr=1e-3, min_8bit_size=0)
+    bnb.optim.GlobalOptimManager.get_instance().register_module_override(embedding, "weight", {"optim_bits": 32})
+    for weight in (embedding.weight, linear.weight):
+        weight.grad = torch.ones_like(weight)
+    optimizer.step()
+    states = [optimizer.state[m]["state1"].dtype for m in optimizer.master_params]
+    assert states == [torch.float32, torch.uint8]  # the embedding's in 32 bits, the linear layer's in 8
+
+
 def test_fp32_masters_start_from_the_weights_at_the_first_step():
     """DDP overwrites each rank's weights with rank 0's after the optimizer is built, and accelerate hands the
     optimizer its own state back: the first step must still start from the weights as they are then."""
