@@ -3153,7 +3153,9 @@ TOKENIZER_MAX_LINES = 5_000_000  # SentencePiece's in-memory limit; it would sam
 
 def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int, model_type: str = "bpe",
                                   character_coverage: float = 0.9995, max_chars: int = 200_000_000,
-                                  user_defined_symbols: list[str] | None = None) -> Path:
+                                  user_defined_symbols: list[str] | None = None,
+                                  option_names: tuple[str, str] = ("tokenizer_vocab_size",
+                                                                   "tokenizer_character_coverage")) -> Path:
     """Train a SentencePiece tokenizer on the sources' texts and save it as a Hugging Face tokenizer dir.
 
     Byte fallback means no text is ever <unk>; coverage 0.9995 keeps rare CJK characters as bytes
@@ -3199,9 +3201,9 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
                 input_sentence_size=0, shuffle_input_sentence=False,
                 num_threads=os.cpu_count() or 1, minloglevel=2, user_defined_symbols=symbols)
         except RuntimeError as e:
-            fix = ("Raise `tokenizer_vocab_size` (it must hold every kept character plus 256 bytes) or lower "
-                   "`tokenizer_character_coverage`" if "smaller than required_chars" in str(e)
-                   else "Lower `tokenizer_vocab_size` or add data")
+            size, coverage = option_names  # the caller's names for them
+            fix = (f"Raise `{size}` (it must hold every kept character plus 256 bytes) or lower `{coverage}`"
+                   if "smaller than required_chars" in str(e) else f"Lower `{size}` or add data")
             article = "an" if re.match(r"8|1[18](...)*$", str(vocab_size)) else "a"  # an 8000-, an 11000-token
             raise DataError(f"SentencePiece could not train {article} {vocab_size}-token vocabulary on {written} "
                             f"characters ({e}). {fix}.") from None
@@ -3316,12 +3318,30 @@ def command_help(command: str) -> str:
     return f"usage: python data_utils.py {command} {arguments}\n{what}\n\n{note}\n\ndata {options}"
 
 
+def output_file_problem(out: str) -> str | None:
+    """What keeps `convert --out` from being written, found before the conversion runs."""
+    path = Path(os.path.expanduser(out)) if out.strip() else None
+    if path is None:
+        return "--out is empty: give the jsonl file to write, e.g. --out corpus.jsonl"
+    if path.is_dir():
+        return f"--out `{out}` is a directory: give the jsonl file to write inside it, e.g. {path / 'corpus.jsonl'}"
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"--out `{out}`: `{parent}` is a file, not a directory. Give another path."
+    if not os.access(parent, os.W_OK):
+        return f"--out `{out}`: `{parent}` is not writable. Give another path."
+    return None
+
+
 def main(argv: list[str]) -> int:
     if argv[:1] in (["-h"], ["--help"]):
         print(USAGE)
         return 0
     if not argv or argv[0] not in COMMANDS:
-        print(USAGE, file=sys.stderr)
+        named = f"unknown command `{argv[0]}`" if argv else "no command"
+        print(f"error: {named}: give one of {', '.join(COMMANDS)}.\n{USAGE}", file=sys.stderr)
         return 2
     command, rest = argv[0], argv[1:]
     if command != "search" and {"-h", "--help"} & set(rest):
@@ -3341,10 +3361,17 @@ def main(argv: list[str]) -> int:
     import pretrain
 
     cli = argparse.ArgumentParser(prog=f"data_utils.py {command}", add_help=False)
-    cli.add_argument("--source")
-    cli.add_argument("-n", type=int, default=3)
-    cli.add_argument("--out", required=command == "convert")
+    if command == "preview":
+        cli.add_argument("--source")
+        cli.add_argument("-n", type=int, default=3)
+    if command == "convert":
+        cli.add_argument("--out", required=True)
     own, overrides = cli.parse_known_args(rest)
+    problem = (f"-n {own.n}: give how many texts to show per source (0 or more)" if getattr(own, "n", 0) < 0 else
+               output_file_problem(own.out) if command == "convert" else None)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
 
     def job(args: list[str]) -> None:
         if command == "prepare":

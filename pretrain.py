@@ -338,6 +338,11 @@ class PretrainingArguments(TrainingArguments):
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to
         check_deepspeed_config(self.deepspeed)
+        if self.save_only_model:
+            raise ValueError("save_only_model writes checkpoints without the optimizer, scheduler and data state, so "
+                             "no run can resume from them (preemption, restarts, `--resume_from_checkpoint auto`): drop "
+                             "it; `save_total_limit` bounds the disk the checkpoints take, and the final model in "
+                             "output_dir holds the weights alone.")
         if self.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
             raise ValueError("use_liger_kernel needs liger-kernel (GPU kernels): `pip install liger-kernel`, or drop "
                              "use_liger_kernel.")
@@ -525,6 +530,10 @@ def unknown_options_message(where: str, options: list[tuple[str, str]], valid: s
     return f"{where}: {len(lines)} unknown options:\n" + "\n".join(lines)
 
 
+# settings with a choice `no`, which YAML 1.1 reads as false (`save_strategy: no`)
+NO_CHOICE = ("eval_strategy", "save_strategy", "logging_strategy", "mixed_precision")
+
+
 def config_to_argv(config: dict, parser: ConfigArgumentParser) -> list[str]:
     """YAML values -> command-line tokens, so YAML and CLI go through the same type checks."""
     argv = []
@@ -533,7 +542,7 @@ def config_to_argv(config: dict, parser: ConfigArgumentParser) -> list[str]:
             continue
         action = parser._option_string_actions[f"--{key}"]
         if isinstance(value, bool):
-            argv += [f"--{key}", str(value).lower()]
+            argv += [f"--{key}", "no" if value is False and key in NO_CHOICE else str(value).lower()]
         elif isinstance(value, list) and action.nargs in ("+", "*") and all(not isinstance(v, (list, dict)) for v in value):
             argv += [f"--{key}", *(map(str, value) if value else [""])]  # []: one empty item, dropped later
         elif isinstance(value, (list, dict)):
@@ -1537,12 +1546,16 @@ class PretrainTrainer(Trainer):
     builds the fp32-master optimizer of `mixed_precision: bf16_weights`."""
 
     def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, data_plan: dict,
-                 run_id: str, block_record: Path | None = None, **kwargs):
+                 resume: str | None = None, block_record: Path | None = None, **kwargs):
         super().__init__(*args, **kwargs)
         self.tokens_per_step, self.block_size, self.meter, self.data_plan = tokens_per_step, block_size, meter, data_plan
-        self.run_id, self.block_record = run_id, block_record
-        self.skipped_steps: list[int] = []  # steps whose update was skipped for a non-finite loss or gradient
-        self.consecutive_skips = 0
+        self.run_id, self.block_record = run_id_of(resume), block_record
+        # steps whose update was skipped for a non-finite loss or gradient, and the current run of them: kept in
+        # checkpoints, so a resume counts on (max_consecutive_skips) and reports every skip
+        saved = json.loads((Path(resume) / BATCH_PLAN).read_text(encoding="utf-8")) if resume and (
+            Path(resume) / BATCH_PLAN).is_file() else {}
+        self.skipped_steps: list[int] = saved.get("skipped_nonfinite_steps", [])
+        self.consecutive_skips = saved.get("consecutive_skips", 0)
         self.reduces_in_fp32 = False  # bf16 weights under DDP: gradients averaged in fp32 (allreduce_in_fp32)
         self.nonfinite_loss = None  # on the device: a micro-batch of this optimizer step had a non-finite loss
         self.first_nonfinite_step = None  # on the device (stop policy): the first step that went non-finite, or -1
@@ -1559,9 +1572,16 @@ class PretrainTrainer(Trainer):
         if self.args.should_save and directory.name.startswith("checkpoint-"):  # what a resume must keep
             atomic_write_text(directory / BATCH_PLAN, json.dumps({**batch_plan(self.args, self.block_size),
                                                                   "run_id": self.run_id,
-                                                                  "loraplus_lr_ratio": self.args.loraplus_lr_ratio}))
+                                                                  "loraplus_lr_ratio": self.args.loraplus_lr_ratio,
+                                                                  "skipped_nonfinite_steps": self.skipped_steps,
+                                                                  "consecutive_skips": self.consecutive_skips}))
             atomic_write_text(directory / TRAINABLE, json.dumps(trainable_names(self.model)))
             atomic_write_text(directory / DATA_PLAN, json.dumps(self.data_plan, ensure_ascii=False))
+
+    def blocks_read(self, step: int) -> int:
+        """Blocks of the data stream read by `step`: every step is full, and the stream began at the data plan's
+        data_start_step (an ignore_data_skip resume starts it again)."""
+        return (step - self.data_plan.get("data_start_step", 0)) * self.tokens_per_step // self.block_size
 
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = last_complete_checkpoint(self.args.output_dir)
@@ -1701,7 +1721,7 @@ class PretrainTrainer(Trainer):
             step = self.state.global_step
             logs.update(self.meter.read(step))
             logs["tokens_seen"] = step * self.tokens_per_step
-            consumed = step * self.tokens_per_step // self.block_size  # blocks read: every step is full
+            consumed = self.blocks_read(step)
             if hasattr(self.train_dataset, "shares"):  # the achieved mixture so far
                 for name, share in self.train_dataset.shares(consumed).items():
                     logs[f"mix_{name}"] = round(share, 4)
@@ -1764,15 +1784,19 @@ class BlockStream(torch.utils.data.Dataset):
     the Trainer ends every pass with a short step (the pass's remainder, a full update on fewer blocks), which
     shrank the global batch and made token counts, tokens/s, MFU and the logged mixture overcount."""
 
-    def __init__(self, blocks: data_utils.MixedBlocks, steps: int, blocks_per_step: int):
+    def __init__(self, blocks: data_utils.MixedBlocks, steps: int, blocks_per_step: int, steps_not_read: int = 0):
+        """`steps_not_read`: steps of the run that read no data of this stream (those before an ignore_data_skip
+        resume started it again): the Trainer's index counts them, the stream's place does not."""
         self.blocks, self.length = blocks, steps * blocks_per_step
+        self.offset = steps_not_read * blocks_per_step
 
     def __len__(self) -> int:
         return self.length
 
     def __getitem__(self, index: int) -> dict:
-        item = self.blocks[index % len(self.blocks)]
-        item["block_id"] = index  # its place in the run's stream
+        place = index - self.offset
+        item = self.blocks[place % len(self.blocks)]
+        item["block_id"] = place  # its place in the run's stream
         return item
 
     def shares(self, consumed: int) -> dict[str, float]:
@@ -1782,8 +1806,8 @@ class BlockStream(torch.utils.data.Dataset):
         return consumed / len(self.blocks)
 
 
-def block_stream(blocks: data_utils.MixedBlocks, training_args: PretrainingArguments,
-                 blocks_per_step: int) -> BlockStream:
+def block_stream(blocks: data_utils.MixedBlocks, training_args: PretrainingArguments, blocks_per_step: int,
+                 steps_not_read: int = 0) -> BlockStream:
     """The run as full steps over the mixture: `num_train_epochs` becomes the steps that read that many passes,
     and an `epoch` evaluation, save or logging strategy acts after every pass's worth of steps."""
     steps_per_pass = math.ceil(len(blocks) / blocks_per_step)
@@ -1796,7 +1820,7 @@ def block_stream(blocks: data_utils.MixedBlocks, training_args: PretrainingArgum
             setattr(training_args, f"{kind}_strategy", type(strategy)("steps"))
             setattr(training_args, f"{kind}_steps", steps_per_pass)
             logger.info("%s_strategy epoch: every %d steps (one pass over the mixture)", kind, steps_per_pass)
-    return BlockStream(blocks, training_args.max_steps, blocks_per_step)
+    return BlockStream(blocks, training_args.max_steps, blocks_per_step, steps_not_read)
 
 
 class BlockCollator:
@@ -1988,6 +2012,17 @@ TRAINABLE = "trainable_parameters.json"  # in every checkpoint: the parameters i
 
 
 DATA_PLAN = "data_plan.json"  # in every checkpoint: what its data position is a position in
+
+
+def data_start_step(resume: str | None, training_args: PretrainingArguments) -> int:
+    """The step at which the run's data stream began: 0, or the step an ignore_data_skip resume read it from the
+    start again (this one, or an earlier one recorded in the checkpoint's data plan)."""
+    if not resume:
+        return 0
+    if training_args.ignore_data_skip:
+        return checkpoint_step(resume)
+    path = Path(resume) / DATA_PLAN
+    return json.loads(path.read_text(encoding="utf-8")).get("data_start_step", 0) if path.is_file() else 0
 
 
 def data_plan(report: dict, training_args: PretrainingArguments) -> dict:
@@ -2292,6 +2327,11 @@ def last_complete_checkpoint(output_dir: str | Path, before: Path | None = None)
 
 def resolve_resume(training_args: PretrainingArguments) -> str | None:
     resume = training_args.resume_from_checkpoint
+    spelt = resume.strip().lower() if isinstance(resume, str) else resume
+    if spelt in ("", "false", "none", "null"):  # `--resume_from_checkpoint "$EMPTY"`: a fresh start
+        resume = None
+    elif spelt in ("true", "latest"):  # the Trainer's and run_clm's `true`: the newest checkpoint in output_dir
+        resume = "auto"
     max_restarts = int(os.environ.get("TORCHELASTIC_MAX_RESTARTS", "0"))
     if max_restarts and resume != "auto":
         raise ConfigError(f"torchrun may restart this run after a failure (MAX_RESTARTS {max_restarts}), and every "
@@ -2342,8 +2382,12 @@ def finished_run(out: Path, newest: Path) -> bool:
     if not metrics.is_file():
         return False
     finished, checkpointed = saved_run_id(metrics), saved_run_id(newest / BATCH_PLAN)
-    if finished and checkpointed:
-        return finished == checkpointed
+    if finished and checkpointed:  # a resume keeps the run id: the end written must be past the newest checkpoint
+        try:
+            steps = json.loads(metrics.read_text(encoding="utf-8"))["train"]["steps"]
+        except (OSError, ValueError, KeyError, TypeError):
+            return False
+        return finished == checkpointed and steps >= int(newest.name.split("-")[1])
     return metrics.stat().st_mtime >= newest.stat().st_mtime  # written before run ids: by time
 
 
@@ -2664,9 +2708,12 @@ def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
     except Exception as e:
         if trainer.is_world_process_zero():
             shutil.rmtree(staging, ignore_errors=True)
-        raise CheckpointError(f"{write_failure(e, out)} while writing the final model to {staging}. The "
-                              "checkpoints in output_dir are intact: fix that (free space), then rerun with "
-                              "`--resume_from_checkpoint auto` (it resumes at the last one).") from e
+        last = last_complete_checkpoint(out)
+        then = (f"The checkpoints in output_dir are intact: fix that (free space), then rerun with "
+                f"`--resume_from_checkpoint auto` (it resumes at the last one, {last.name})." if last else
+                "No checkpoint holds the training (none was saved): fix that (free space) and train again, with "
+                "`save_steps` so that a failure at the end costs less.")
+        raise CheckpointError(f"{write_failure(e, out)} while writing the final model to {staging}. {then}") from e
     if trainer.is_world_process_zero():
         for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
             stale.unlink()  # an old single file would shadow a new sharded index (and the reverse)
@@ -2737,11 +2784,21 @@ def train(argv: list[str]) -> dict:
         training_args.max_steps = math.ceil(data_args.max_train_tokens / tokens_per_step)
         logger.info("token budget %d: max_steps %d", data_args.max_train_tokens, training_args.max_steps)
     check_batch_settings(training_args)
+    data_start = data_start_step(resume, training_args)
     if not hasattr(data.train, "__len__"):
         check_streaming_settings(training_args)
+        if data_start and not training_args.ignore_data_skip:
+            raise ConfigError(f"{resume} belongs to a run that read its stream from the start again at step "
+                              f"{data_start} (ignore_data_skip): the Trainer would skip the stream's first "
+                              f"{checkpoint_step(resume)} steps, not the {checkpoint_step(resume) - data_start} it "
+                              "read since. Resume with `--ignore_data_skip true` (the stream starts again), or start "
+                              "a new run from its model.")
         train_set = data.train
     else:
-        train_set = block_stream(data.train, training_args, tokens_per_step // data_args.block_size)
+        # the Trainer skips the steps a resumed checkpoint trained; after an ignore_data_skip start the data
+        # began at data_start, so its place is that many steps earlier
+        shift = 0 if training_args.ignore_data_skip else data_start
+        train_set = block_stream(data.train, training_args, tokens_per_step // data_args.block_size, shift)
     n_params, n_trainable, _ = parameter_counts(model)  # before save_final_model merges LoRA adapters away
     watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting]
     if unevaluated := [name for name in watched if name not in data.eval]:
@@ -2762,8 +2819,9 @@ def train(argv: list[str]) -> dict:
         data_collator=BlockCollator(keep_ids=training_args.record_block_ids), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption,
                    *([FrozenBelowCallback()] if model_args.finetuning == "freeze" else [])], tokens_per_step=tokens_per_step,
-        block_size=data_args.block_size, meter=meter, data_plan=data_plan(data.report, training_args),
-        run_id=run_id_of(resume), block_record=start_block_record(training_args, resume))
+        block_size=data_args.block_size, meter=meter, data_plan={**data_plan(data.report, training_args),
+                                                                 "data_start_step": data_start},
+        resume=resume, block_record=start_block_record(training_args, resume))
     if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole
         trainer.accelerator.state.dynamo_plugin.use_regional_compilation = training_args.torch_compile_scope == "blocks"
     remove_checkpoints(stale, training_args)  # only now: a run that fails to start leaves them where they were
@@ -2811,7 +2869,7 @@ def train(argv: list[str]) -> dict:
     metrics = {
         "run_id": trainer.run_id,
         "train": {
-            "loss": result.training_loss,
+            "loss": result.training_loss if trainer.state.global_step > (resumed_from or 0) else None,  # this start's
             "final_logged_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
             "steps": trainer.state.global_step,
             "world_size": training_args.world_size,
@@ -2826,7 +2884,7 @@ def train(argv: list[str]) -> dict:
         "eval": {"before_training": eval_at_step(history, 0), "final": loss_and_ppl(final_eval),
                  "ppl_change_pct_over_baseline": forgetting.changes},
         "mixture": {"planned": {n: s["share_of_training_tokens"] for n, s in data.report["sources"].items()},
-                    "achieved": data.train.shares(trainer.state.global_step * tokens_per_step // data_args.block_size)},
+                    "achieved": data.train.shares(trainer.blocks_read(trainer.state.global_step))},
         "model": {"parameters": n_params, "trainable_parameters": n_trainable, "finetuning": model_args.finetuning, "vocab_size": model.config.vocab_size,
                   "block_size": data_args.block_size,
                   "saved_model_check": saved_check},

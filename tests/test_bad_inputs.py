@@ -279,11 +279,15 @@ def test_resuming_from_a_corrupted_checkpoint(damage, tmp_path, capsys, micro_mo
     assert code == 0 and re.search(r"resume_from_checkpoint auto: \S*checkpoint-2\b", err), err[-3000:]
 
 
-def test_full_disk_while_writing_the_final_model(tmp_path, capsys, micro_model_config, tokenizer_dir, monkeypatch):
-    """The final model is staged and renamed: a failed save leaves no model file in output_dir."""
+@pytest.mark.parametrize("checkpoints", [True, False])
+def test_full_disk_while_writing_the_final_model(tmp_path, capsys, micro_model_config, tokenizer_dir, monkeypatch,
+                                                 checkpoints):
+    """The final model is staged and renamed: a failed save leaves no model file in output_dir, and the error
+    says whether a checkpoint holds the training."""
     from transformers import Trainer
 
-    config = write_run(tmp_path, micro_model_config, tokenizer_dir, max_steps=4, save_steps=2)
+    config = write_run(tmp_path, micro_model_config, tokenizer_dir, max_steps=4,
+                       **({"save_steps": 2} if checkpoints else {"save_strategy": "no"}))
     original = Trainer.save_model
 
     def fill_disk_in_final_save(self, output_dir=None, _internal_call=False):
@@ -297,7 +301,11 @@ def test_full_disk_while_writing_the_final_model(tmp_path, capsys, micro_model_c
     assert code == 2 and len(errors) == 1 and "while writing the final model" in errors[0], err[-3000:]
     out = tmp_path / "out"
     assert not (out / "model.safetensors").exists() and not (out / ".final-model.tmp").exists()
-    assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+    if checkpoints:
+        assert (out / "checkpoint-4" / "trainer_state.json").is_file()
+        assert "(it resumes at the last one, checkpoint-4)" in errors[0]
+    else:
+        assert "No checkpoint holds the training (none was saved)" in errors[0]
 
 
 def test_auto_resume_refuses_when_no_checkpoint_is_usable(tmp_path, capsys, micro_model_config, tokenizer_dir):

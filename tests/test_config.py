@@ -36,6 +36,15 @@ def test_command_line_overrides_yaml(tmp_path):
     assert data_args.sources == [{"path": "data/x.txt"}]
 
 
+def test_a_yaml_no_is_the_choice_no_where_there_is_one(tmp_path):
+    """YAML 1.1 reads an unquoted `no` as false: `save_strategy: no` failed as `invalid choice: 'false'`."""
+    path = tmp_path / "run.yaml"
+    path.write_text("save_strategy: no\neval_strategy: no\nlogging_strategy: no\nmixed_precision: no\n"
+                    f"output_dir: {tmp_path / 'out'}\n", encoding="utf-8")
+    training_args = pretrain.parse_args([str(path)])[2]
+    assert [str(getattr(training_args, k)).split(".")[-1].lower() for k in pretrain.NO_CHOICE] == ["no"] * 4
+
+
 def test_null_in_the_config_file_means_none_not_the_default(tmp_path):
     """`save_total_limit: null` (keep every checkpoint) was dropped, and the default of 3 deleted checkpoints."""
     config = write_config(tmp_path, save_total_limit=None, eval_steps=None, max_eval_tokens=None, block_size=64,
@@ -334,4 +343,23 @@ def test_use_liger_kernel_without_liger_is_refused_when_the_arguments_parse(monk
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else find_spec(name, *a))
     with pytest.raises(ConfigError, match="use_liger_kernel needs liger-kernel"):
         pretrain.parse_args(["--use_liger_kernel", "true"])
+
+
+def test_save_only_model_is_refused_since_nothing_could_resume():
+    with pytest.raises(ConfigError, match="save_only_model writes checkpoints without the optimizer"):
+        pretrain.parse_args(["--save_only_model", "true"])
+
+
+def test_resume_from_checkpoint_spelt_empty_false_or_true(tmp_path):
+    """`--resume_from_checkpoint "$EMPTY"` starts fresh (it removed checkpoints, then crashed); the Trainer's and
+    run_clm's `true` is `auto` (it was taken for a path)."""
+    import torch
+
+    checkpoint = tmp_path / "out" / "checkpoint-3"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    torch.save({}, checkpoint / "optimizer.pt")
+    for value, expected in (("", None), ("false", None), ("True", str(checkpoint)), ("auto", str(checkpoint))):
+        args = pretrain.parse_args(["--output_dir", str(tmp_path / "out"), "--resume_from_checkpoint", value])[2]
+        assert pretrain.resolve_resume(args) == expected, value
 

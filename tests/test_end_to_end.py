@@ -13,6 +13,7 @@ import traceback
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from conftest import ROOT, make_jsonl_corpus, make_text_corpus
@@ -229,6 +230,40 @@ def test_resume_on_other_data_is_refused_unless_it_reads_that_data_from_its_star
                          "--weight_decay", 0.0])
     assert "ignore_data_skip reads it from its start" in proc.stderr
     assert "learning_rate 0.003 -> 0.01, weight_decay 0.1 -> 0.0 has no effect on a resumed run" in proc.stderr
+
+
+def test_a_resume_after_an_ignore_data_skip_start_reads_on_from_where_that_start_was(tmp_path, corpus,
+                                                                                     micro_model_config):
+    """ignore_data_skip reads the data from its start at the resume step S; a later resume at step T must read on
+    at block (T - S) x blocks per step, not skip T steps of it (blocks never trained, in the reproduction)."""
+    from safetensors.torch import load_file
+
+    def blocks(out):
+        lines = (out / "block_ids" / "rank0.jsonl").read_text(encoding="utf-8").splitlines()
+        return {row["step"]: row["block_ids"] for row in map(json.loads, lines)}
+
+    runs = {}
+    for name in ("straight", "interrupted"):
+        out = tmp_path / name
+        config = write_config(tmp_path / f"{name}.yaml", corpus, micro_model_config, out, max_steps=2, save_steps=2,
+                              eval_strategy="no", eval_on_start=False, lr_scheduler_type="constant", warmup_steps=0,
+                              record_block_ids=True, sample_prompts=[], verify_saved_model=False)
+        run_pretrain([config])
+        resume = [config, "--resume_from_checkpoint", out / "checkpoint-2", "--ignore_data_skip", "true"]
+        if name == "straight":
+            run_pretrain([*resume, "--max_steps", 6])
+        else:
+            run_pretrain([*resume, "--max_steps", 4])
+            proc = run_pretrain([config, "--resume_from_checkpoint", "auto", "--max_steps", 6])
+            assert "resume_from_checkpoint auto: " in proc.stderr
+        runs[name] = out
+    straight, interrupted = blocks(runs["straight"]), blocks(runs["interrupted"])
+    assert straight[3] == [0, 1, 2, 3] and straight[6] == [12, 13, 14, 15]  # the data from its start at step 3
+    assert {step: interrupted[step] for step in (3, 4, 5, 6)} == {step: straight[step] for step in (3, 4, 5, 6)}
+    weights = [load_file(out / "model.safetensors") for out in runs.values()]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    mixture = json.loads((runs["interrupted"] / "metrics.json").read_text(encoding="utf-8"))["mixture"]["achieved"]
+    assert sum(mixture.values()) == pytest.approx(1.0)
 
 
 def test_run_pretrain_sh_passes_config_and_overrides(trained, tmp_path):

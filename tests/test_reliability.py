@@ -4,6 +4,7 @@ its DDP and ZeRO-2 versions."""
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -156,6 +157,35 @@ def test_skip_policy_stops_a_run_that_diverged(tmp_path, micro_model_config, tok
     assert "3 steps in a row had a non-finite loss or gradient" in error and "at step 6" in error
 
 
+def test_skip_policy_counts_on_across_a_resume(tmp_path, micro_model_config, tokenizer_dir, monkeypatch, capsys):
+    """Steps 3 and 4 skipped, the run ended at checkpoint-4, step 5 skipped after a resume: three in a row, as in a
+    run without the interruption, and every skipped step reported."""
+    import pretrain
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=4, save_steps=2, on_nonfinite_loss="skip",
+                 max_consecutive_skips=3, verify_saved_model=False, sample_prompts=[])
+    monkeypatch.setattr(pretrain.PretrainTrainer, "compute_loss", nan_loss_at({3, 4, 5, 6}))
+    assert pretrain.main([str(run)]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["skipped_nonfinite_steps"] == [3, 4]
+    assert pretrain.main([str(run), "--resume_from_checkpoint", "auto", "--max_steps", "5"]) == 0
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]["skipped_nonfinite_steps"] == [3, 4, 5]
+    assert pretrain.main([str(run), "--resume_from_checkpoint", "auto", "--max_steps", "8",
+                          "--max_consecutive_skips", "2"]) == 2
+    assert "4 steps in a row had a non-finite loss or gradient (more than max_consecutive_skips 2) at step 6" in (
+        capsys.readouterr().err)  # resumed from checkpoint-5 (the last step's), three skips in a row before it
+
+
+def test_a_resume_that_trains_no_step_reports_no_train_loss(tmp_path, micro_model_config, tokenizer_dir, capsys):
+    """A preemption at the last step leaves its checkpoint and no final model; the start that writes the model
+    trains nothing, and its loss is no number (the Trainer says 0.0)."""
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=2, save_steps=2, sample_prompts=[],
+                 verify_saved_model=False)
+    assert main(capsys, run)[0] == 0
+    assert main(capsys, run, "--resume_from_checkpoint", "auto")[0] == 0
+    train = json.loads((tmp_path / "out" / "metrics.json").read_text())["train"]
+    assert train["loss"] is None and train["final_logged_loss"] > 0 and train["resumed_from_step"] == 2
+
+
 # ------------------------------------------------------------- reruns and resumes into an output_dir
 def main(capsys, *argv) -> tuple[int, str]:
     import pretrain
@@ -169,6 +199,10 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, micr
                  verify_saved_model=False)
     out = tmp_path / "out"
     assert main(capsys, run)[0] == 0  # finished: checkpoint-2, checkpoint-4, metrics.json
+    shutil.copytree(out / "checkpoint-4", out / "checkpoint-6")  # resumed for more steps (one run id), then killed
+    code, err = main(capsys, run, "--max_steps", 2)
+    assert code == 2 and "holds checkpoint-6, checkpoint-4, checkpoint-2 of a run that did not finish" in err
+    shutil.rmtree(out / "checkpoint-6")
     (out / "metrics.json").unlink()  # now they look like an unfinished run's
     code, err = main(capsys, run, "--max_steps", 2)
     assert code == 2 and "holds checkpoint-4, checkpoint-2 of a run that did not finish" in err

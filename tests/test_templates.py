@@ -238,6 +238,24 @@ def test_command_help_lists_the_data_options_not_all_training_options(command, c
     assert data_utils.main(["--help"]) == 0 and "python data_utils.py prepare CONFIG.yaml" in capsys.readouterr().out
 
 
+def test_data_commands_refuse_bad_arguments_before_any_work(tmp_path, capsys):
+    (tmp_path / "a_dir").mkdir()
+    (tmp_path / "a_file").write_text("x")
+    for argv, message in ((["bogus"], "unknown command `bogus`: give one of preview, "),
+                          (["preview", "configs/pretrain_tiny.yaml", "-n", "-1"], "-n -1: give how many texts"),
+                          (["convert", "configs/pretrain_tiny.yaml", "--out", ""], "--out is empty"),
+                          (["convert", "configs/pretrain_tiny.yaml", "--out", str(tmp_path / "a_dir")],
+                           "is a directory: give the jsonl file to write inside it"),
+                          (["convert", "configs/pretrain_tiny.yaml", "--out", str(tmp_path / "a_file" / "x.jsonl")],
+                           "is a file, not a directory"),
+                          (["convert", "configs/pretrain_tiny.yaml", "--source", "medical", "--out",
+                            str(tmp_path / "x.jsonl")], "unknown option `--source`")):  # preview's only
+        assert data_utils.main(argv) == 2, argv
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and message in errors[0], (argv, errors)
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 def test_dialog_with_openai_content_parts_renders_their_text():
     record = {"messages": [{"role": "user", "content": [{"type": "text", "text": "这张片子"},
                                                         {"type": "image_url", "image_url": {"url": "x"}},

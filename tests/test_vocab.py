@@ -366,6 +366,11 @@ def test_train_refuses_a_non_empty_out_without_overwrite(tmp_path, capsys):
     config.write_text(yaml.safe_dump({"sources": [{"path": str(make_text_corpus(tmp_path / "zh", repeat=20))}],
                                       "cache_dir": str(tmp_path / "cache")}), encoding="utf-8")
     train = ["train", str(config), "--vocab_size", "600", "--out"]
+    with pytest.raises(SystemExit):
+        vocab.main(["train", str(config), "--vocab_size", "-5", "--out", str(tmp_path / "small")])
+    assert "--vocab_size -5: a SentencePiece tokenizer with byte fallback needs at least 300" in capsys.readouterr().err
+    assert vocab.main(["train", str(config), "--vocab_size", "90000", "--out", str(tmp_path / "big")]) == 2
+    assert "Lower `--vocab_size` or add data" in capsys.readouterr().err  # this tool's flag, not the config's
 
     notes = tmp_path / "notes"
     notes.mkdir()

@@ -542,6 +542,9 @@ def main(argv: list[str]) -> int:
     rep.add_argument("config")
     rep.add_argument("--tokenizer", action="append", required=True)
     args, overrides = parser.parse_known_args(argv)
+    if args.command == "train" and args.vocab_size < 300:  # 256 byte pieces and the special tokens come first
+        parser.error(f"--vocab_size {args.vocab_size}: a SentencePiece tokenizer with byte fallback needs at least 300 "
+                     "pieces (256 bytes and the special tokens come first); Chinese text wants 8,000 or more")
     import pretrain
 
     try:
@@ -553,7 +556,7 @@ def main(argv: list[str]) -> int:
             check_output_dir(Path(args.out), [Path(data_args.cache_dir)], args.overwrite)  # before training, not after
             cached = data_utils.train_sentencepiece_tokenizer(
                 data_args.sources, data_args.cache_dir, args.vocab_size, args.model_type, args.character_coverage,
-                user_defined_symbols=symbols)
+                user_defined_symbols=symbols, option_names=("--vocab_size", "--character_coverage"))
             save_trained_tokenizer(cached, Path(args.out), args.overwrite, {
                 "config": args.config, "vocab_size": args.vocab_size, "model_type": args.model_type,
                 "character_coverage": args.character_coverage, "user_defined_symbols": symbols})
