@@ -3,7 +3,7 @@
 #   bash torchrun/run_torchrun.sh [CONFIG.yaml] [--any_field value ...]
 # Environment:
 #   NPROC_PER_NODE  processes per node (default: the GPU count; 2 on a machine without GPUs)
-#   NNODES          nodes (default 1)      NODE_RANK   this node's rank (default 0)
+#   NNODES          nodes (default 1)      NODE_RANK   this node's rank (required when NNODES > 1)
 #   MASTER_ADDR     node 0's address       MASTER_PORT its port (default 29500)
 #   RDZV_ENDPOINT   host:port for c10d rendezvous instead of MASTER_ADDR/NODE_RANK (elastic, any start order)
 #   FSDP=1          shard parameters, gradients and optimizer state (FSDP2, one unit per decoder layer;
