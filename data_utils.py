@@ -414,8 +414,8 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
             def to_local(url):
                 match = HF_URL.match(str(url))
                 local = root / match.group(1) if match else None
-                if local is None or not local.is_dir():
-                    return url
+                if local is None or not globlib.glob(str(local / match.group(3)), recursive=True):
+                    return url  # not downloaded (a partial copy may lack the file): read from the hub
                 done.append(f"{match.group(1)} -> {local}")
                 if match.group(2):
                     logger.warning("hub source `%s`: the revision `%s` of `%s` does not apply to the local copy %s, "
@@ -2897,11 +2897,16 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         raise DataError("a streaming source has no length to take a natural share from: give every source a "
                         "`weight` (its share of training tokens).")
     stored = []  # (spec, train store, cache hit, explicit eval store or None)
+    legacy_stores = {}
     for spec in specs:
         if spec.streaming:
             continue
         inputs = SourceInput.open(spec, cache_dir=cache_dir)
         store, hit = load_or_build_store(spec, inputs, info, cache_dir, num_proc, digests, byte_mask)
+        if spec.hub in PACKAGED_BUILDERS and inputs.files and not inputs.remote:
+            # its store name when local data_files were keyed by the datasets fingerprint: checkpoints of then resume
+            legacy = store_key(spec, dataclasses.replace(inputs, files=[], remote=True), info, digests)[0]
+            legacy_stores[spec.name] = f"{spec.name}-{legacy}"
         eval_store = None
         if spec.eval_path or spec.eval_split:
             eval_inputs = SourceInput.open(spec, True, cache_dir)
@@ -2947,6 +2952,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         tokens = train.n_tokens + (held_out.n_tokens if held_out is not None else 0)
         report_sources[spec.name] = {
             "files": store.meta["files"], "cache": "hit" if hit else "built", "store": str(store.dir),
+            **({"legacy_store": legacy_stores[spec.name]} if spec.name in legacy_stores else {}),
             **_grouped_counts(store.meta["counts"]), "duplicates_removed": duplicates,
             "documents": documents, "characters": view.meta["train_chars"] + view.meta["eval_chars"],
             "tokens": tokens, "mean_tokens_per_document": round(tokens / max(documents, 1), 1),

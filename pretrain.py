@@ -159,8 +159,9 @@ class ModelArguments:
                               "`model_name_or_path`, or train a model from scratch with `finetuning: full`.")
         quantization = [n for n in ("quantization_type", "double_quantization") if getattr(self, n) != defaults[n]]
         if quantization and not self.quantization_bit:
-            raise ConfigError(f"{', '.join(quantization)} only apply with `quantization_bit` (QLoRA), which is unset: "
-                              "set it, or drop them.")
+            raise ConfigError(f"{', '.join(quantization)} only appl{'y' if len(quantization) > 1 else 'ies'} with "
+                              "`quantization_bit` (QLoRA), which is unset: set it, or drop "
+                              f"{'them' if len(quantization) > 1 else 'it'}.")
         if self.expand_layers and self.freeze_trainable_layers != defaults["freeze_trainable_layers"]:
             raise ConfigError("freeze_trainable_layers does not apply with expand_layers (only the new layers train, "
                               "with `freeze_extra_modules` if given): drop it.")
@@ -1065,6 +1066,13 @@ def override_value(text: str):
     return {"true": True, "false": False, "null": None, "none": None}.get(text.lower(), text)
 
 
+def numbers_in(value):
+    """A config_overrides mapping with its text leaves read as override_value reads them, nested ones too."""
+    if isinstance(value, dict):
+        return {k: numbers_in(v) for k, v in value.items()}
+    return override_value(value) if isinstance(value, str) else value
+
+
 def override_config(spec: dict, model_type: str, model_args: ModelArguments) -> dict:
     """model_config's settings with config_overrides (`key=value,...` or a JSON/YAML mapping) applied, before
     the config is built (so what derives from them, like head_dim from hidden_size, follows): each key must be
@@ -1081,7 +1089,7 @@ def override_config(spec: dict, model_type: str, model_args: ModelArguments) -> 
             pairs = None
         if not isinstance(pairs, dict):
             raise ConfigError(f"{where} is not a mapping: write `key=value,key=value` or `{{key: value}}`.")
-        pairs = {k: override_value(v) if isinstance(v, str) else v for k, v in pairs.items()}  # YAML 1.1: 1e-6 is text
+        pairs = numbers_in(pairs)  # YAML 1.1 reads 1e-6 as text
     else:
         pairs = {}
         for item in filter(None, (part.strip() for part in text.split(","))):
@@ -1732,6 +1740,17 @@ class PretrainTrainer(Trainer):
             self.meter.logged(self.args, self.state, self.control)
 
 
+def reentrant_checkpointing(training_args: PretrainingArguments) -> bool:
+    """Whether gradient checkpointing runs reentrant, as transformers 5 and torch decide it: no kwargs (besides
+    every_n_layers and offload, which the Trainer takes out) give use_reentrant False; other kwargs without it
+    leave torch's default, True."""
+    if not training_args.gradient_checkpointing:
+        return False
+    kwargs = {k: v for k, v in (training_args.gradient_checkpointing_kwargs or {}).items()
+              if k not in ("every_n_layers", "offload")}
+    return bool(kwargs.get("use_reentrant", True)) if kwargs else False
+
+
 class FrozenBelowCallback(TrainerCallback):
     """finetuning freeze with frozen embeddings under gradient checkpointing: transformers makes the embedding
     output require grad, which only reentrant checkpointing needs, so the backward would run through every frozen
@@ -1741,7 +1760,7 @@ class FrozenBelowCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         if not args.gradient_checkpointing or model.get_input_embeddings().weight.requires_grad:
             return
-        if (args.gradient_checkpointing_kwargs or {}).get("use_reentrant"):
+        if reentrant_checkpointing(args):
             logger.warning("finetuning freeze with reentrant gradient checkpointing: the backward runs through the "
                            "frozen layers below the trainable ones (MFU counts it); `gradient_checkpointing_kwargs: "
                            "{use_reentrant: false}` (the default) stops it at the lowest trainable layer.")
@@ -2034,6 +2053,8 @@ def data_plan(report: dict, training_args: PretrainingArguments) -> dict:
         kept = {k: source[k] for k in ("train_blocks", "eval_documents", "share_of_training_tokens") if k in source}
         if "store" in source:
             kept["store"] = Path(source["store"]).name
+            if "legacy_store" in source:
+                kept["legacy_store"] = source["legacy_store"]
         else:
             kept["stream"] = source.get("settings")
         sources[name] = kept
@@ -2069,6 +2090,10 @@ def check_resume_data(checkpoint: str, plan: dict, training_args: PretrainingArg
         if before is None or now is None:
             changes.append(f"source `{name}` {'added' if before is None else 'removed'}")
             continue
+        before, now = dict(before), dict(now)
+        if before.pop("legacy_store", None) is None and before.get("store") == now.get("legacy_store"):
+            now["store"] = before["store"]  # saved before local data_files were keyed by content: the same input
+        now.pop("legacy_store", None)
         changes += [f"source `{name}` {key} {before.get(key)} -> {now.get(key)}"
                     for key in sorted(before.keys() | now.keys()) if before.get(key) != now.get(key)]
     if not changes:
@@ -2672,6 +2697,14 @@ def start_decisions(argv: list[str], model_args: ModelArguments,
     return resume, stale
 
 
+def unquantized_args(model_args: ModelArguments) -> ModelArguments:
+    """The QLoRA run's model settings for loading its base again unquantized, on the CPU for the merge (where
+    flash attention has no kernels; the saved config does not keep the attention implementation)."""
+    quantization = {f.name: f.default for f in dataclasses.fields(ModelArguments)
+                    if f.name in ("quantization_bit", "quantization_type", "double_quantization")}
+    return dataclasses.replace(model_args, **quantization, attn_implementation="sdpa")
+
+
 def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
     """The final model goes to a temporary directory first and each file is then renamed into output_dir,
     the weights last: a crash leaves either no new weights or complete ones, never a half-written file.
@@ -2809,10 +2842,9 @@ def train(argv: list[str]) -> dict:
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
     preflight(training_args, data, model, tokens_per_step)
     preemption = PreemptionCallback()
-    reentrant = training_args.gradient_checkpointing and bool(
-        (training_args.gradient_checkpointing_kwargs or {}).get("use_reentrant"))  # input grads hooked: full backward
-    meter = ThroughputMeter(tokens_per_step, training_args.world_size,
-                            flops_per_token(model, data_args.block_size, backward_to_embeddings=reentrant),
+    meter = ThroughputMeter(tokens_per_step, training_args.world_size,  # reentrant: input grads hooked, full backward
+                            flops_per_token(model, data_args.block_size,
+                                            backward_to_embeddings=reentrant_checkpointing(training_args)),
                             peak_flops_per_device(training_args))
     trainer = PretrainTrainer(
         model=model, args=training_args, train_dataset=train_set, eval_dataset=data.eval or None,
@@ -2841,17 +2873,18 @@ def train(argv: list[str]) -> dict:
         logger.warning("preempted at step %d: checkpoint saved in %s; not writing a final model",
                        preemption.stopped_at, training_args.output_dir)
         return {"preempted_at_step": preemption.stopped_at}
-    # the Trainer's schedule evaluates at the last step too (transformers 5): that one is the final evaluation
-    final_eval = eval_at_step(trainer.state.log_history, trainer.state.global_step)
+    # the Trainer's schedule evaluates at the last step too (transformers 5): that one is the final evaluation,
+    # unless load_best_model_at_end has put an earlier checkpoint's weights back since
+    final_eval = {} if training_args.load_best_model_at_end else eval_at_step(trainer.state.log_history,
+                                                                               trainer.state.global_step)
     if data.eval and "eval_loss" not in final_eval:
         final_eval = trainer.evaluate()
 
     probe = probe_logits(model, data) if training_args.verify_saved_model else None
     model.config.use_cache = True  # the saved model is for inference
-    # merged on the CPU, where flash attention has no kernels (the saved config does not keep the implementation)
-    unquantized = dataclasses.replace(model_args, quantization_bit=None, attn_implementation="sdpa")
     merged = save_final_model(trainer, out,  # LoRA: + adapter/
-                              lambda: create_model(unquantized, tokenizer, block_size=data_args.block_size)[0])
+                              lambda: create_model(unquantized_args(model_args), tokenizer,
+                                                   block_size=data_args.block_size)[0])
     model = trainer.model
     saved_dtype = next((merged or model).parameters()).dtype
     quantization_gap = None

@@ -305,8 +305,9 @@ def test_config_overrides_change_a_new_models_config_and_refuse_what_it_would_no
     assert config.rope_parameters["rope_theta"] == 5e5 and config.num_hidden_layers == 1
     written = tmp_path / "by_hand.yaml"  # YAML 1.1 reads 1e-6 as text; a key=value override reads it as a number
     written.write_text(f"model_config: {micro_model_config}\nconfig_overrides: {{num_hidden_layers: 1, "
-                       "rms_norm_eps: 1e-6}\n", encoding="utf-8")
-    assert pretrain.build_model(pretrain.parse_args([str(written)])[0], tokenizer, 32).config.rms_norm_eps == 1e-6
+                       "rms_norm_eps: 1e-6, rope_parameters: {rope_type: default, rope_theta: 5e5}}\n", encoding="utf-8")
+    config = pretrain.build_model(pretrain.parse_args([str(written)])[0], tokenizer, 32).config
+    assert config.rms_norm_eps == 1e-6 and config.rope_parameters["rope_theta"] == 5e5
     for overrides, message in (
             ("num_hiden_layers=3", r"`num_hiden_layers` is not a setting of llama models\. Did you mean "
                                    r"`num_hidden_layers`\?"),

@@ -125,6 +125,10 @@ def test_the_evaluation_at_the_last_step_is_the_final_one(tmp_path, corpus, micr
     assert evaluated == [0, 2, 3]
     final = json.loads((tmp_path / "out" / "metrics.json").read_text(encoding="utf-8"))["eval"]["final"]
     assert {"eval_loss", "eval_ppl", "eval_notes_loss", "eval_records_ppl"} <= final.keys()
+    evaluated.clear()  # load_best_model_at_end puts the best checkpoint back after the last step's evaluation
+    run_pretrain([config, "--output_dir", tmp_path / "best", "--max_steps", 4, "--save_steps", 2,
+                  "--load_best_model_at_end", "true"])
+    assert evaluated == [0, 2, 4, 4]
 
 
 def test_second_run_is_a_data_cache_hit(trained, micro_model_config, corpus):

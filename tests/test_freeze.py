@@ -60,16 +60,18 @@ def test_freeze_settings_that_cannot_work_are_refused(base_model, tokenizer):
         pretrain.parse_args(["--model_config", "configs/model/tiny.json", "--finetuning", "freeze"])
 
 
-@pytest.mark.parametrize("reentrant", [False, True])
-def test_gradient_checkpointing_backward_stops_at_the_lowest_trainable_layer(base_model, tokenizer, reentrant):
+@pytest.mark.parametrize("kwargs,reentrant", [({}, False), ({"use_reentrant": False}, False),
+                                               ({"use_reentrant": True}, True), ({"preserve_rng_state": False}, True)])
+def test_gradient_checkpointing_backward_stops_at_the_lowest_trainable_layer(base_model, tokenizer, kwargs, reentrant):
     """transformers hooks the embedding output to require grad whenever it checkpoints; only reentrant
-    checkpointing needs that, and with it the backward would run through every frozen layer."""
+    checkpointing needs that (also torch's default when other kwargs leave use_reentrant out), and with it the
+    backward would run through every frozen layer."""
     model = freeze_model(base_model, tokenizer, "--freeze_trainable_layers", "1")
-    kwargs = {"use_reentrant": reentrant}
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)  # as the Trainer does
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs or None)  # as the Trainer does
     model.train()
     args = pretrain.parse_args(["--use_cpu", "true", "--gradient_checkpointing", "true",
                                 "--gradient_checkpointing_kwargs", json.dumps(kwargs)])[2]
+    assert pretrain.reentrant_checkpointing(args) == reentrant
     pretrain.FrozenBelowCallback().on_train_begin(args, None, None, model=model)
     backward_through = []
     model.model.layers[0].register_full_backward_hook(lambda *_: backward_through.append(0))

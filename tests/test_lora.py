@@ -255,6 +255,10 @@ def test_quantization_settings_that_cannot_work_are_refused(base_model):
     with pytest.raises(pretrain.ConfigError, match="quantization_type, double_quantization only apply with "
                                                    "`quantization_bit`"):
         lora_args(base_model, "--quantization_type", "fp4", "--double_quantization", "false")
+    qlora = lora_args(base_model, "--quantization_bit", "4", "--quantization_type", "fp4", "--double_quantization",
+                      "false", "--attn_implementation", "eager")
+    merge = pretrain.unquantized_args(qlora)  # the base loaded again for the merge at the end
+    assert (merge.quantization_bit, merge.attn_implementation, merge.finetuning) == (None, "sdpa", "lora")
 
 
 def test_rslora_scales_by_the_root_of_the_rank_and_dora_merges_exactly(base_model, tokenizer, tmp_path):

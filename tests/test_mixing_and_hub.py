@@ -372,14 +372,17 @@ def test_revision_of_a_local_hub_copy_is_flagged(tmp_path, caplog):
 
 
 def test_hf_data_files_of_two_repositories_map_to_their_own_local_copies(tmp_path, caplog):
-    """A repository that is not downloaded keeps its hf:// URL; a pinned commit in the URL is flagged."""
+    """A repository that is not downloaded, or a file a partial download lacks, keeps its hf:// URL; a pinned
+    commit in the URL is flagged."""
     root = tmp_path / "hub"
-    (root / "ownerA" / "general").mkdir(parents=True)
+    for repo in ("ownerA/general", "ownerB/medical"):
+        (root / repo / "data").mkdir(parents=True)
+    (root / "ownerA" / "general" / "data" / "train.jsonl").write_text("{}\n")
     urls = ["hf://datasets/ownerA/general/data/train.jsonl", "hf://datasets/ownerB/medical/data/train.jsonl"]
     sources, done = data_utils.use_local_hub_copies([{"hub": "json", "data_files": urls}], str(root))
     assert sources[0]["data_files"] == [str(root / "ownerA" / "general" / "data" / "train.jsonl"), urls[1]]
     assert done == [f"ownerA/general -> {root / 'ownerA' / 'general'}"]
-    (root / "ownerB" / "medical").mkdir(parents=True)
+    (root / "ownerB" / "medical" / "data" / "train.jsonl").write_text("{}\n")
     with caplog.at_level(logging.WARNING, logger="data_utils"):
         sources, done = data_utils.use_local_hub_copies(
             {"hub": "json", "data_files": {"train": urls[0], "validation": urls[1].replace("medical/", "medical@abc12/")}},

@@ -225,6 +225,30 @@ def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, micr
     assert code == 0 and "checkpoint-2 of an earlier run: this run starts fresh and removes them" in err
 
 
+def test_checkpoints_from_before_content_keys_of_hub_data_files_still_resume(tmp_path, micro_model_config,
+                                                                             tokenizer_dir, capsys):
+    """`hub: json` stores of local data_files were keyed by the datasets fingerprint: such a checkpoint's store
+    name is the source's `legacy_store` now, and the same files resume; other files are refused as before."""
+    data = tmp_path / "records.jsonl"
+    data.write_text("".join(json.dumps({"text": f"第{i}条记录：高血压患者应当规律服药并监测血压。"}, ensure_ascii=False) + "\n"
+                            for i in range(200)), encoding="utf-8")
+    sources = json.dumps([{"name": "recs", "hub": "json", "data_files": str(data)}])
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=4, save_steps=2, sample_prompts=[],
+                 verify_saved_model=False)
+    assert main(capsys, run, "--sources", sources)[0] == 0
+    plan_file = tmp_path / "out" / "checkpoint-2" / "data_plan.json"
+    plan = json.loads(plan_file.read_text())
+    recs = plan["sources"]["recs"]
+    recs["store"] = recs.pop("legacy_store")  # as the earlier version wrote it
+    plan_file.write_text(json.dumps(plan))
+    shutil.rmtree(tmp_path / "out" / "checkpoint-4")
+    code, err = main(capsys, run, "--sources", sources, "--resume_from_checkpoint", "auto")
+    assert code == 0, err[-2000:]
+    data.write_text(data.read_text(encoding="utf-8").replace("第0条", "第零条"), encoding="utf-8")
+    code, err = main(capsys, run, "--sources", sources, "--resume_from_checkpoint", str(tmp_path / "out" / "checkpoint-2"))
+    assert code == 2 and "trained on other data (source `recs` store" in err
+
+
 def test_a_resume_keeps_its_tokenizer_and_refuses_another_model(tmp_path, micro_model_config, capsys):
     import json as json_
 
