@@ -2232,18 +2232,18 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
     """Before the first step: say what the run will do, and stop on settings that cannot work together."""
     if training_args.loraplus_lr_ratio and not is_lora(model):
         raise ConfigError("loraplus_lr_ratio speeds up LoRA's B matrices: set `finetuning: lora`, or drop it.")
-    try:
-        Trainer.get_optimizer_cls_and_kwargs(training_args, model)  # what the first step would import
-    except ImportError as e:
-        name = getattr(training_args.optim, "value", training_args.optim)
-        raise ConfigError(f"optim `{name}`: {str(e).strip().splitlines()[0]} Install it, or choose another `optim` "
-                          "(adamw_torch_fused, adamw_torch, ...).") from None
     if is_lora(model):
         if training_args.fsdp:
             raise ConfigError(LORA_UNSHARDED)
         if training_args.use_liger_kernel and not plain_output_head(model):
             raise ConfigError("Liger's fused loss reads the output projection's weight directly, which finetuning "
                               "lora wraps here (new tokens' rows, or lm_head in lora_target): drop use_liger_kernel.")
+    try:
+        Trainer.get_optimizer_cls_and_kwargs(training_args, model)  # what the first step would import
+    except ImportError as e:
+        name = getattr(training_args.optim, "value", training_args.optim)
+        raise ConfigError(f"optim `{name}`: {str(e).strip().splitlines()[0]} Install it, or choose another `optim` "
+                          "(adamw_torch_fused, adamw_torch, ...).") from None
     if training_args.on_nonfinite_loss == "skip" and (training_args.deepspeed or training_args.fsdp or
                                                       training_args.fp16):
         raise ConfigError("on_nonfinite_loss skip works with one process, DDP and bf16/fp32 only: DeepSpeed's engine "
