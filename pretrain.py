@@ -752,6 +752,10 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient
     except ImportError as e:  # flash_attention_2 without flash-attn, say
         raise ConfigError(f"the model cannot be built with attn_implementation `{model_args.attn_implementation}`: "
                           f"{str(e).splitlines()[0]} Install what it names, or set `attn_implementation: sdpa`.") from None
+    except ValueError as e:  # a misspelt attn_implementation: transformers names the valid ones
+        if "attn_implementation" not in str(e):
+            raise
+        raise ConfigError(f"attn_implementation `{model_args.attn_implementation}`: {str(e).splitlines()[0]}") from None
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and block_size > max_positions:
         scale = ("" if model_args.rope_scaling or not model_args.model_name_or_path else

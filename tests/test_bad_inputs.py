@@ -111,6 +111,7 @@ def case_setup(case: str, d: Path) -> dict:
         "hub_name_unreachable": lambda: {"sources": [{"name": "open", "hub": "no-such-org/no-such-dataset"}]},
         "batch_larger_than_data": lambda: {"per_device_train_batch_size": 40000},
         "optimizer_package_missing": lambda: {"optim": "schedule_free_adamw"},
+        "attention_misspelt": lambda: {"attn_implementation": "spda"},
         "watch_forgetting_without_eval_data": lambda: {"sources": [{"name": "general", "watch_forgetting": True,
                                                                     "path": str(make_text_corpus(d / "g"))}],
                                                        "eval_fraction": 0},
@@ -149,6 +150,7 @@ CASES = {  # case: what the one error line must say (the file and line where the
     "resume_from_missing_checkpoint": r"checkpoint-99.*does not exist",
     "hub_name_unreachable": r"no-such-org/no-such-dataset.*(offline|reach)",
     "batch_larger_than_data": r"one optimizer step needs 40000 blocks",
+    "attention_misspelt": r"attn_implementation `spda`: Specified `attn_implementation=\"spda\"` is not supported.*sdpa",
     "optimizer_package_missing": r"optim `schedule_free_adamw`: .*schedulefree.* Install it, or choose another `optim`",
     "watch_forgetting_without_eval_data": r"source `general`: `watch_forgetting` needs eval data.*`eval_split`",
 }
