@@ -1773,23 +1773,32 @@ class FrozenBelowCallback(TrainerCallback):
 
 
 class PreemptionCallback(TrainerCallback):
-    """SIGTERM (a scheduler preempting the job) -> save a checkpoint at the next step boundary and stop
-    cleanly; `--resume_from_checkpoint auto` then continues from it. Ranks agree on the stop through an
-    all-reduce, so they all save and stop at the same step."""
+    """SIGTERM (a scheduler preempting the job) or a first Ctrl-C (SIGINT) during training -> save a checkpoint at
+    the next step boundary and stop cleanly; `--resume_from_checkpoint auto` then continues from it. A second
+    Ctrl-C stops at once. Ranks agree on the stop through an all-reduce, so they all save and stop at the same
+    step."""
 
     def __init__(self):
-        self.requested, self.stopped_at, self.group = False, None, None
-        signal.signal(signal.SIGTERM, self._on_sigterm)
+        self.requested, self.stopped_at, self.group = None, None, None  # requested: the signal's name
+        signal.signal(signal.SIGTERM, self._on_signal)
 
-    def _on_sigterm(self, signum, frame):
-        self.requested = True
+    def _on_signal(self, signum, frame):
+        self.requested = signal.Signals(signum).name
+        if signum == signal.SIGINT:
+            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
+            logger.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, "
+                           "without it)")
 
     def on_train_begin(self, args, state, control, **kwargs):
         if distributed() and torch.distributed.get_backend() != "gloo":  # a host flag: agree on the CPU, never
             self.group = torch.distributed.new_group(backend="gloo")  # waiting for the GPU (NCCL would)
+        signal.signal(signal.SIGINT, self._on_signal)  # while steps run; outside them Ctrl-C stops at once
+
+    def on_train_end(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
     def on_step_end(self, args, state, control, **kwargs):
-        stop = self.requested
+        stop = self.requested is not None
         if distributed():
             flag = torch.tensor([float(stop)])
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX, group=self.group)
@@ -1797,8 +1806,9 @@ class PreemptionCallback(TrainerCallback):
         if stop:
             self.stopped_at = state.global_step
             control.should_save = control.should_training_stop = True
-            logger.warning("SIGTERM: saving a checkpoint at step %d and stopping; resume with "
-                           "--resume_from_checkpoint auto", state.global_step)
+            logger.warning("%s: saving a checkpoint at step %d and stopping; resume with "
+                           "--resume_from_checkpoint auto", self.requested or "another rank's signal",
+                           state.global_step)
 
 
 class BlockStream(torch.utils.data.Dataset):

@@ -7,6 +7,7 @@ import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
@@ -48,8 +49,10 @@ def test_sigterm_to_one_rank_saves_one_checkpoint_and_the_next_start_resumes(tmp
     rank1[0].send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr[-3000:]
-    stops = re.findall(r"SIGTERM: saving a checkpoint at step (\d+)", stderr)
-    assert len(stops) == 2 and stops[0] == stops[1], stderr[-3000:]
+    stops = re.findall(r"(SIGTERM|another rank's signal): saving a checkpoint at step (\d+)", stderr)
+    assert sorted(who for who, _ in stops) == ["SIGTERM", "another rank's signal"], stderr[-3000:]
+    stops = [step for _, step in stops]
+    assert stops[0] == stops[1], stderr[-3000:]
     checkpoints = list((tmp_path / "out").glob("checkpoint-*"))
     assert [c.name for c in checkpoints] == [f"checkpoint-{stops[0]}"]
     stopped = int(stops[0])
@@ -192,6 +195,27 @@ def main(capsys, *argv) -> tuple[int, str]:
 
     code = pretrain.main([str(a) for a in argv])
     return code, capsys.readouterr().err
+
+
+def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, micro_model_config, tokenizer_dir):
+    """Ctrl-C reaches the whole foreground process group (DataLoader workers too): the first one during training
+    saves a checkpoint at the step boundary and exits cleanly, as SIGTERM does."""
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=100000, save_steps=100000,
+                 dataloader_num_workers=2)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "pretrain.py"), str(run)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / "data_report.json").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(4)  # a few steps in
+    os.killpg(proc.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr[-3000:]
+    stopped = re.findall(r"SIGINT: saving a checkpoint at step (\d+)", stderr)
+    assert len(stopped) == 1 and "Ctrl-C again stops at once" in stderr, stderr[-3000:]
+    assert [p.name for p in (tmp_path / "out").glob("checkpoint-*")] == [f"checkpoint-{stopped[0]}"]
+    assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, micro_model_config, tokenizer_dir, capsys):
