@@ -1597,11 +1597,11 @@ class PretrainTrainer(Trainer):
 
     def nonfinite_error(self, what: str) -> NonFiniteLossError:
         last = last_complete_checkpoint(self.args.output_dir)
-        return NonFiniteLossError(
+        return every_rank(NonFiniteLossError(  # the ranks agreed on it (an all-reduce)
             f"{what}. No checkpoint holds its effect; the last good one is "
             f"{last or 'none (no checkpoint saved yet)'}. Lower `learning_rate`, raise `warmup_steps`, check the data "
             "of this step (`record_block_ids`), or use bf16 instead of fp16; then resume with "
-            "--resume_from_checkpoint auto.")
+            "--resume_from_checkpoint auto."))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         ids = inputs.pop("block_id", None)
@@ -2273,6 +2273,9 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
     if training_args.deepspeed and training_args.fsdp:
         raise ConfigError("both `deepspeed` and `fsdp` are set: choose one (deepspeed/run_deepspeed.sh or FSDP=1 "
                           "torchrun/run_torchrun.sh).")
+    if training_args.fsdp and training_args.device.type == "cpu":
+        raise ConfigError("fsdp on the CPU: accelerate shards models on accelerators only and would train this run "
+                          "as plain DDP. Drop FSDP=1 / `fsdp` here (DDP), or run on GPUs.")
     blocks_per_step = tokens_per_step // max(data.report["block_size"], 1)
     if hasattr(data.train, "__len__") and len(data.train) < blocks_per_step:
         raise ConfigError(f"one optimizer step needs {blocks_per_step} blocks but the training data has "
@@ -2619,6 +2622,15 @@ def every_rank(error: Exception) -> Exception:
     return error
 
 
+@contextlib.contextmanager
+def alike_on_every_rank():
+    """Checks every rank makes on the same settings and files: the error they all raise is printed once per node."""
+    try:
+        yield
+    except (ConfigError, DataError) as e:
+        raise every_rank(e)
+
+
 class RankFailure(RuntimeError):
     """Another rank failed where this one did not; the message names it and its error."""
 
@@ -2820,8 +2832,9 @@ def train(argv: list[str]) -> dict:
                        "its `eval_split`): evaluation is off")
         training_args.eval_strategy, training_args.eval_on_start = "no", False
     if resume:
-        keep_checkpoint_batch(resume, training_args, data_args.block_size, not hasattr(data.train, "__len__"))
-        check_resume_data(resume, data_plan(data.report, training_args), training_args)
+        with alike_on_every_rank():
+            keep_checkpoint_batch(resume, training_args, data_args.block_size, not hasattr(data.train, "__len__"))
+            check_resume_data(resume, data_plan(data.report, training_args), training_args)
     tokens_per_step = batch_plan(training_args, data_args.block_size)["tokens_per_step"]
     if data_args.max_train_tokens:
         if training_args.max_steps > 0:
@@ -2854,7 +2867,8 @@ def train(argv: list[str]) -> dict:
                         "`eval_path`, or an `eval_fraction` above 0 (not applied to streams), or drop "
                         "watch_forgetting.")
     forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
-    preflight(training_args, data, model, tokens_per_step)
+    with alike_on_every_rank():
+        preflight(training_args, data, model, tokens_per_step)
     preemption = PreemptionCallback()
     meter = ThroughputMeter(tokens_per_step, training_args.world_size,  # reentrant: input grads hooked, full backward
                             flops_per_token(model, data_args.block_size,
