@@ -427,15 +427,15 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
             raw["data_files"] = ({k: [to_local(u) for u in v] if isinstance(v, list) else to_local(v)
                                   for k, v in files.items()} if isinstance(files, dict)
                                  else [to_local(u) for u in files] if isinstance(files, list) else to_local(files))
-            revision = any(entry.startswith(str(root)) for entry in map(str, data_file_entries(raw["data_files"])))
+            substituted = any(entry.startswith(str(root)) for entry in map(str, data_file_entries(raw["data_files"])))
         else:
             local = root / hub
             if not local.is_dir():
                 out.append(raw)
                 continue
-            raw["hub"], revision = str(local), True
+            raw["hub"], substituted = str(local), True
             done.append(f"{hub} -> {local}")
-        if revision and raw.get("revision"):
+        if substituted and raw.get("revision"):
             logger.warning("hub source `%s`: `revision: %s` does not apply to the local copy under %s, which is read "
                            "as it is: check it holds that revision, or remove it from `hub_local_dir` to load the "
                            "revision from the hub.", hub, raw["revision"], root)
@@ -445,10 +445,11 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
 
 def hub_read_error(source: str, what: str, error: Exception) -> DataError:
     cause = error.__cause__ or error
-    return DataError(f"source `{source}`: {what} cannot be read: {type(cause).__name__}: {' '.join(str(cause).split())}"
-                     " (`datasets` logs the file above). Its files may disagree on their columns or types (schema drift), or one may be damaged: make "
-                     "them agree, pick the files that do with `data_files`, or read local files with `path:` (each "
-                     "file on its own, records may differ in their fields; the error then names file and line).")
+    return DataError(f"source `{source}`: {what} cannot be read: {type(cause).__name__}: "
+                     f"{' '.join(str(cause).split())} (`datasets` logs the file above). Its files may disagree on "
+                     "their columns or types (schema drift), or one may be damaged: make them agree, pick the files "
+                     "that do with `data_files`, or read local files with `path:` (each file on its own, records may "
+                     "differ in their fields; the error then names file and line).")
 
 
 def unreachable_message(name: str, error: Exception | str) -> str:

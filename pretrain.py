@@ -487,7 +487,8 @@ FOREIGN_OPTIONS = {
     "low_cpu_mem_usage": "nothing", "train_from_scratch": "leave `model_name_or_path` unset and give "
     "`model_config` (a JSON)", "preprocessing_batch_size": "nothing: tokenizer processes take chunks of 2,048 "
     "records", "buffer_size": "nothing: streamed sources are mixed by their `weight:`", "group_by_length": "nothing: "
-    "every packed block has block_size tokens", "adapter_name_or_path": NEW_ADAPTERS, "peft_path": NEW_ADAPTERS, "upcast_layernorm": "nothing: weights stay float32 masters",
+    "every packed block has block_size tokens", "adapter_name_or_path": NEW_ADAPTERS, "peft_path": NEW_ADAPTERS,
+    "upcast_layernorm": "nothing: weights stay float32 masters",
     "use_unsloth": "nothing", "pissa_init": "nothing",
 }
 # TrainingArguments fields that other scripts pass and this one does not use: refused as FOREIGN_OPTIONS names them
@@ -1564,8 +1565,7 @@ class PretrainTrainer(Trainer):
         self.run_id, self.block_record = run_id_of(resume), block_record
         # steps whose update was skipped for a non-finite loss or gradient, and the current run of them: kept in
         # checkpoints, so a resume counts on (max_consecutive_skips) and reports every skip
-        saved = json.loads((Path(resume) / BATCH_PLAN).read_text(encoding="utf-8")) if resume and (
-            Path(resume) / BATCH_PLAN).is_file() else {}
+        saved = checkpoint_record(resume, BATCH_PLAN) or {}
         self.skipped_steps: list[int] = saved.get("skipped_nonfinite_steps", [])
         self.consecutive_skips = saved.get("consecutive_skips", 0)
         self.reduces_in_fp32 = False  # bf16 weights under DDP: gradients averaged in fp32 (allreduce_in_fp32)
@@ -2047,6 +2047,13 @@ TRAINABLE = "trainable_parameters.json"  # in every checkpoint: the parameters i
 DATA_PLAN = "data_plan.json"  # in every checkpoint: what its data position is a position in
 
 
+def checkpoint_record(checkpoint: str | None, name: str) -> dict | None:
+    """One of the JSON records this toolkit writes into every checkpoint (BATCH_PLAN, DATA_PLAN); None without a
+    checkpoint, or for one written before that record was."""
+    path = Path(checkpoint) / name if checkpoint else None
+    return json.loads(path.read_text(encoding="utf-8")) if path is not None and path.is_file() else None
+
+
 def data_start_step(resume: str | None, training_args: PretrainingArguments) -> int:
     """The step at which the run's data stream began: 0, or the step an ignore_data_skip resume read it from the
     start again (this one, or an earlier one recorded in the checkpoint's data plan)."""
@@ -2054,8 +2061,7 @@ def data_start_step(resume: str | None, training_args: PretrainingArguments) -> 
         return 0
     if training_args.ignore_data_skip:
         return checkpoint_step(resume)
-    path = Path(resume) / DATA_PLAN
-    return json.loads(path.read_text(encoding="utf-8")).get("data_start_step", 0) if path.is_file() else 0
+    return (checkpoint_record(resume, DATA_PLAN) or {}).get("data_start_step", 0)
 
 
 def data_plan(report: dict, training_args: PretrainingArguments) -> dict:
@@ -2086,10 +2092,9 @@ def check_resume_data(checkpoint: str, plan: dict, training_args: PretrainingArg
     seed) that position means nothing, and documents it trained on could land in eval. Refused, unless
     ignore_data_skip reads the new data from its start. A new learning_rate cannot take effect: the
     scheduler resumes from its state, nor can other optimizer settings (the param groups are restored)."""
-    path = Path(checkpoint) / DATA_PLAN
-    if not path.is_file():  # a checkpoint from before data plans were written
+    saved = checkpoint_record(checkpoint, DATA_PLAN)
+    if saved is None:  # a checkpoint from before data plans were written
         return
-    saved = json.loads(path.read_text(encoding="utf-8"))
     ignored = [f"{key} {saved[key]} -> {plan[key]}" for key in OPTIMIZER_SETTINGS if key in saved and saved[key] != plan[key]]
     if ignored:
         logger.warning("%s has no effect on a resumed run: the optimizer and scheduler continue from %s's state. "
@@ -2149,10 +2154,9 @@ def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, 
                           "the Trainer would silently start a fresh optimizer or fail to load it. Resume with the "
                           "launcher and `deepspeed` config it was saved with (deepspeed/run_deepspeed.sh), or start "
                           "fresh in another `output_dir`.")
-    path = Path(checkpoint) / BATCH_PLAN
-    if not path.is_file():  # a checkpoint from before batch plans were written
+    saved, now = checkpoint_record(checkpoint, BATCH_PLAN), batch_plan(training_args, block_size)
+    if saved is None:  # a checkpoint from before batch plans were written
         return
-    saved, now = json.loads(path.read_text(encoding="utf-8")), batch_plan(training_args, block_size)
     if saved.get("loraplus_lr_ratio") != training_args.loraplus_lr_ratio:  # the optimizer's groups follow it
         raise ConfigError(f"{checkpoint} trained with loraplus_lr_ratio {saved.get('loraplus_lr_ratio')}, this run has "
                           f"{training_args.loraplus_lr_ratio}: its optimizer state holds the parameter groups and "
@@ -2878,7 +2882,8 @@ def train(argv: list[str]) -> dict:
         model=model, args=training_args, train_dataset=train_set, eval_dataset=data.eval or None,
         data_collator=BlockCollator(keep_ids=training_args.record_block_ids), processing_class=tokenizer,
         callbacks=[LossCurveCallback(training_args.output_dir), forgetting, meter, preemption,
-                   *([FrozenBelowCallback()] if model_args.finetuning == "freeze" else [])], tokens_per_step=tokens_per_step,
+                   *([FrozenBelowCallback()] if model_args.finetuning == "freeze" else [])],
+        tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter, data_plan={**data_plan(data.report, training_args),
                                                                  "data_start_step": data_start},
         resume=resume, block_record=start_block_record(training_args, resume))
@@ -2930,7 +2935,7 @@ def train(argv: list[str]) -> dict:
     metrics = {
         "run_id": trainer.run_id,
         "train": {
-            "loss": result.training_loss if trainer.state.global_step > (resumed_from or 0) else None,  # this start's
+            "loss": result.training_loss if trainer.state.global_step > resumed_from else None,  # this start's
             "final_logged_loss": next((h["loss"] for h in reversed(history) if "loss" in h), None),
             "steps": trainer.state.global_step,
             "world_size": training_args.world_size,
