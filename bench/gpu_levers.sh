@@ -11,6 +11,7 @@ set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=${OUT_DIR:-outputs/gpu_levers}
 SEQ=${SEQ:-4096}
+BUDGET=${BUDGET_S:-540}  # seconds for all variants (SECONDS counts from this script's start)
 DEFAULT="bf16 autocast|16384|;\
 bf16_weights|16384|--mixed_precision bf16_weights;\
 bf16_weights + compile blocks|16384|--mixed_precision bf16_weights --torch_compile true;\
@@ -18,18 +19,26 @@ bf16_weights + chunked loss, 32k-token micro-batch|32768|--mixed_precision bf16_
 bf16_weights + chunked loss + compile blocks, 32k|32768|--mixed_precision bf16_weights --chunked_loss true --torch_compile true;\
 bf16_weights + liger, 32k|32768|--mixed_precision bf16_weights --use_liger_kernel true"
 IFS=';' read -ra VARIANTS <<< "${VARIANTS:-$DEFAULT}"
-rm -rf "$OUT"
+rm -rf "$OUT" && mkdir -p "$OUT"
 i=0
 for variant in "${VARIANTS[@]}"; do
     IFS='|' read -r name tokens flags <<< "$variant"
     echo "== $name (micro-batch $tokens tokens) $flags"
-    # shellcheck disable=SC2086  # flags are words
-    SEQS=$SEQ BATCH_TOKENS="$tokens" STEPS="${STEPS:-30}" OUT_DIR="$OUT/$i" bash bench/gpu_bench.sh $flags \
-        | grep -E "steady|error|Error" | tail -3
     echo "$name" > "$OUT/$i.name"
+    left=$(( BUDGET - SECONDS ))  # the table must print inside the caller's limit: no variant runs past the budget
+    if (( left < 30 )); then
+        echo "skipped: ${BUDGET} s budget spent" | tee "$OUT/$i-seq$SEQ.log"
+        i=$((i + 1)); continue
+    fi
+    limit=$(( left < ${VARIANT_TIMEOUT:-240} ? left : ${VARIANT_TIMEOUT:-240} ))
+    # shellcheck disable=SC2086  # flags are words
+    SEQS=$SEQ BATCH_TOKENS="$tokens" STEPS="${STEPS:-30}" OUT_DIR="$OUT/$i" \
+        timeout -s KILL "$limit" bash bench/gpu_bench.sh $flags | grep -E "steady|error|Error" | tail -3
+    status=${PIPESTATUS[0]}  # 137 (or 124): killed at the limit, with its workers (one process group)
+    (( status == 124 || status == 137 )) && printf '\nError: timed out after %s s\n' "$limit" | tee -a "$OUT/$i-seq$SEQ.log"
     i=$((i + 1))
 done
-"${PYTHON:-python}" - "$OUT" "$SEQ" <<'PY'
+"${PYTHON:-$(command -v python || command -v python3)}" - "$OUT" "$SEQ" <<'PY'
 import json, sys
 from pathlib import Path
 out, seq = Path(sys.argv[1]), sys.argv[2]
@@ -38,7 +47,7 @@ for index, name_file in enumerate(sorted(out.glob("*.name"), key=lambda p: int(p
     name, metrics = name_file.read_text().strip(), out / name_file.stem / f"seq{seq}" / "metrics.json"
     if not metrics.is_file():
         log = out / f"{name_file.stem}-seq{seq}.log"
-        last = [l for l in log.read_text(errors="replace").splitlines() if "Error" in l or l.startswith("error:")][-1:] if log.is_file() else []
+        last = [l for l in log.read_text(errors="replace").splitlines() if "Error" in l or l.startswith(("error:", "skipped:"))][-1:] if log.is_file() else []
         rows.append(f"| {name} | failed: {(last or ['no log'])[0][:120]} | | | |")
         continue
     train = json.loads(metrics.read_text())["train"]
