@@ -1780,22 +1780,34 @@ class PreemptionCallback(TrainerCallback):
 
     def __init__(self):
         self.requested, self.stopped_at, self.group = None, None, None  # requested: the signal's name
-        signal.signal(signal.SIGTERM, self._on_signal)
+        self.pid = os.getpid()  # DataLoader workers forked later inherit the handler: only this process acts
+        self.previous = {}  # the handlers installed over (while the steps run)
 
     def _on_signal(self, signum, frame):
+        if os.getpid() != self.pid:
+            return
         self.requested = signal.Signals(signum).name
         if signum == signal.SIGINT:
-            signal.signal(signal.SIGINT, signal.default_int_handler)  # a second Ctrl-C: KeyboardInterrupt
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT])  # a second Ctrl-C: KeyboardInterrupt
             logger.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again stops at once, "
                            "without it)")
 
     def on_train_begin(self, args, state, control, **kwargs):
         if distributed() and torch.distributed.get_backend() != "gloo":  # a host flag: agree on the CPU, never
             self.group = torch.distributed.new_group(backend="gloo")  # waiting for the GPU (NCCL would)
-        signal.signal(signal.SIGINT, self._on_signal)  # while steps run; outside them Ctrl-C stops at once
+        self.previous[signal.SIGTERM] = signal.signal(signal.SIGTERM, self._on_signal)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a background job ignores Ctrl-C: keep that
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._on_signal)
 
     def on_train_end(self, args, state, control, **kwargs):
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signal.SIGINT in self.previous:  # the final evaluation and save: Ctrl-C stops at once
+            signal.signal(signal.SIGINT, self.previous.pop(signal.SIGINT))
+
+    def restore(self) -> None:
+        """The handlers as they were before the run, also when training raised (main may run again in-process)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
 
     def on_step_end(self, args, state, control, **kwargs):
         stop = self.requested is not None
@@ -2901,6 +2913,8 @@ def train(argv: list[str]) -> dict:
             f"{write_failure(e, out)} while writing {writing}: it is incomplete and is never resumed from; the "
             f"last complete checkpoint is {usable or 'none'}. Fix that (free space, or lower `save_total_limit`), "
             "then rerun with `--resume_from_checkpoint auto`.") from e
+    finally:  # after the steps a signal stops at once again (and a later in-process run starts clean)
+        preemption.restore()
     trainer.stop_if_nonfinite()  # steps after the last check: before the final evaluation and model
     if preemption.stopped_at is not None:  # preempted: the checkpoint is saved, the run is not finished
         logger.warning("preempted at step %d: checkpoint saved in %s; not writing a final model",

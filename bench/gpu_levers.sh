@@ -27,7 +27,7 @@ for variant in "${VARIANTS[@]}"; do
     echo "$name" > "$OUT/$i.name"
     left=$(( BUDGET - SECONDS ))  # the table must print inside the caller's limit: no variant runs past the budget
     if (( left < 30 )); then
-        echo "skipped: ${BUDGET} s budget spent" | tee "$OUT/$i-seq$SEQ.log"
+        echo "skipped: under 30 s of the ${BUDGET} s budget left" | tee "$OUT/$i-seq$SEQ.log"
         i=$((i + 1)); continue
     fi
     limit=$(( left < ${VARIANT_TIMEOUT:-240} ? left : ${VARIANT_TIMEOUT:-240} ))
@@ -60,4 +60,5 @@ for index, name_file in enumerate(sorted(out.glob("*.name"), key=lambda p: int(p
                 f"{figures['peak_memory_gib']:.1f} GiB | {ratio} |")
 print(f"| variant (seq {seq}) | steady tokens/s | MFU | peak memory | vs first |\n|---|---|---|---|---|")
 print("\n".join(rows))
+sys.exit(0 if any("failed:" not in row for row in rows) else 1)  # no variant measured: the command failed
 PY
