@@ -465,7 +465,7 @@ def local_hub_files(directory: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
-def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = None):
+def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], cache_dir: Path | None = None):
     """`datasets.load_dataset` for a hub source; fails within seconds, with the fixes, when offline.
 
     A local directory gets a `datasets` cache of its own, keyed by its files' sizes, modification and change
@@ -485,8 +485,7 @@ def load_hub_dataset(spec: SourceConfig, split: str, cache_dir: Path | None = No
     hub_cache = None
     if spec.hub in PACKAGED_BUILDERS:
         check_local_data_files(spec)
-    local_files = hub_source_files(spec)
-    if local_files:  # every caller, with or without a cache_dir of its own, gets the content-keyed cache
+    if local_files:  # hub_source_files(spec)  # every caller, with or without a cache_dir of its own, gets the content-keyed cache
         stats = [(str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns) for p in local_files for st in [p.stat()]]
         root = Path(cache_dir) if cache_dir is not None else Path(datasets.config.HF_DATASETS_CACHE)
         hub_cache = str(root / "hub_datasets" / hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16])
@@ -574,7 +573,8 @@ class SourceInput:
     def open(cls, spec: SourceConfig, eval_input: bool = False, cache_dir: Path | None = None) -> "SourceInput":
         if spec.hub and not (eval_input and spec.eval_path):
             split = spec.eval_split if eval_input else spec.split
-            return cls(files=hub_source_files(spec), dataset=load_hub_dataset(spec, split, cache_dir),
+            files = hub_source_files(spec)
+            return cls(files=files, dataset=load_hub_dataset(spec, split, files, cache_dir),
                        label=f"hub:{spec.hub}/{spec.hub_config or ''}/{split}", remote=hub_reads_remote(spec))
         files = resolve_files(spec.eval_path if eval_input else spec.path, spec.name)
         return cls(files=files, label=", ".join(map(str, files)))
