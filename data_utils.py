@@ -39,6 +39,7 @@ import multiprocessing
 import os
 import re
 import shutil
+import signal
 import socket
 import string
 import sys
@@ -1579,6 +1580,11 @@ _BYTE_LEVEL_DECODE = {c: b for b, c in byte_level_alphabet().items()}
 _worker_tokenizer = None
 
 
+def _init_pool_worker(info: TokenizerInfo) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process stops us
+    _init_worker(info)
+
+
 def _init_worker(info: TokenizerInfo) -> None:
     global _worker_tokenizer
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one process per core already
@@ -1833,7 +1839,7 @@ class TokenStore:
         work = ((spec, info, chunk) for chunk in itertools.islice(read_chunks(inputs, spec), n_chunks, None))
         use_pool = (num_proc > 1 and info.backend_json is not None and not inputs.dataset
                     and total >= POOL_MIN_BYTES)
-        pool = (multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (info,))
+        pool = (multiprocessing.get_context("spawn").Pool(num_proc, _init_pool_worker, (info,))
                 if use_pool else None)
         from tqdm.auto import tqdm
 

@@ -3018,6 +3018,12 @@ def main(argv: list[str], job=train) -> int:
             tell_the_launcher(f"error: {e}")
             no_restart_for_this()
         return 2
+    except KeyboardInterrupt:  # a second Ctrl-C in training, or one in data preparation, evaluation or saving
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print("\ninterrupted (Ctrl-C). Nothing written is lost: rerunning the same command reuses the token stores "
+                  "already built and resumes an unfinished one from its last saved progress; add "
+                  "`--resume_from_checkpoint auto` to continue training from the newest checkpoint.", file=sys.stderr)
+        return 130
     finally:
         if distributed():
             torch.distributed.destroy_process_group()

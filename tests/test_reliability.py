@@ -220,6 +220,38 @@ def test_ctrl_c_saves_a_checkpoint_and_stops(tmp_path, micro_model_config, token
     assert not (tmp_path / "out" / "model.safetensors").exists()
 
 
+def test_ctrl_c_during_data_preparation_stops_cleanly_and_the_rerun_resumes(tmp_path, micro_model_config,
+                                                                          tokenizer_dir):
+    """Ctrl-C while tokenizer worker processes run: one message and exit code 130, no traceback from the main
+    process or the workers, the saved tokenization progress kept for the next run."""
+    run = config(tmp_path, micro_model_config, tokenizer_dir, preprocessing_num_workers=2, max_steps=1)
+    child = f"""
+import sys, time
+sys.path.insert(0, {str(ROOT)!r})
+import data_utils, pretrain
+data_utils.POOL_MIN_BYTES, data_utils.CHUNK_LINES, data_utils.PROGRESS_SECONDS = 0, 4, 0.0
+real = data_utils.atomic_write_text
+def slow_progress(path, text):
+    real(path, text)
+    if path.name == data_utils.PROGRESS:
+        print("saved", flush=True)
+        time.sleep(0.3)
+data_utils.atomic_write_text = slow_progress
+sys.exit(pretrain.main([{str(run)!r}]))
+"""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-c", child], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert proc.stdout.readline() == "saved\n"
+    os.killpg(proc.pid, signal.SIGINT)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.count("interrupted (Ctrl-C)") == 1 and "Traceback" not in stderr, stderr[-3000:]
+    assert "the next run with the same data and settings resumes from there" in stderr
+    progress = list((tmp_path / "cache" / "token_stores").glob("*/progress.json"))
+    assert len(progress) == 1 and json.loads(progress[0].read_text())["chunks"] >= 1
+
+
 def test_a_fresh_run_never_mixes_with_an_earlier_runs_checkpoints(tmp_path, micro_model_config, tokenizer_dir, capsys):
     run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=4, save_steps=2, sample_prompts=[],
                  verify_saved_model=False)
