@@ -2153,19 +2153,38 @@ def batch_plan(training_args: PretrainingArguments, block_size: int) -> dict:
             * training_args.world_size * block_size}
 
 
+def engine(training_args: PretrainingArguments) -> str:
+    return ("DeepSpeed" if training_args.deepspeed else "FSDP" if training_args.fsdp
+            else "neither DeepSpeed nor FSDP")
+
+
+def checkpoint_engine(checkpoint: Path) -> str:
+    """Which engine wrote a checkpoint, by its optimizer files: DeepSpeed (its engine state in global_step*/),
+    FSDP (accelerate's optimizer.bin, or optimizer_0* when sharded, beside pytorch_model_fsdp*), or the
+    Trainer's own optimizer.pt."""
+    if any(checkpoint.glob("global_step*")):
+        return "DeepSpeed"
+    if any(checkpoint.glob("pytorch_model_fsdp*")) or any(checkpoint.glob("optimizer.bin")) or any(
+            checkpoint.glob("optimizer_[0-9]*")):
+        return "FSDP"
+    return "neither DeepSpeed nor FSDP"
+
+
 def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, block_size: int,
                           streaming: bool) -> None:
     """A resumed run must read on from where its checkpoint stopped: the Trainer skips steps x accumulation
     batches of the new geometry, so a different global batch would re-read or skip data (and the learning
     rate schedule would mean other tokens). On another number of processes (a preempted job resumed on
     fewer or more nodes) gradient accumulation is set to keep the checkpoint's tokens per step."""
-    by_deepspeed = any(Path(checkpoint).glob("global_step*"))  # ZeRO's engine state, no optimizer.pt
-    if by_deepspeed != bool(training_args.deepspeed):
-        raise ConfigError(f"{checkpoint} was saved {'with' if by_deepspeed else 'without'} DeepSpeed, this run has "
-                          f"{'none' if by_deepspeed else 'it'}: the optimizer state is in the other's format, and "
-                          "the Trainer would silently start a fresh optimizer or fail to load it. Resume with the "
-                          "launcher and `deepspeed` config it was saved with (deepspeed/run_deepspeed.sh), or start "
-                          "fresh in another `output_dir`.")
+    saved_by, run_by = checkpoint_engine(Path(checkpoint)), engine(training_args)
+    if saved_by != run_by:
+        launcher = {"DeepSpeed": "deepspeed/run_deepspeed.sh and the `deepspeed` config",
+                    "FSDP": "torchrun/run_torchrun.sh with FSDP=1 and the `fsdp` settings",
+                    "neither DeepSpeed nor FSDP": "the launcher without DeepSpeed or FSDP"}[saved_by]
+        raise ConfigError(f"{checkpoint} was saved with {saved_by}, this run has {run_by}: the optimizer state is in "
+                          "the other's format, and the Trainer would silently start a fresh optimizer or fail to "
+                          f"load it. Resume with {launcher} it was saved with, or start fresh in another "
+                          "`output_dir`.")
     saved, now = checkpoint_record(checkpoint, BATCH_PLAN), batch_plan(training_args, block_size)
     if saved is None:  # a checkpoint from before batch plans were written
         return

@@ -1,5 +1,6 @@
 """YAML + command-line arguments: every field settable, CLI wins, mistakes named precisely."""
 import json
+import shutil
 
 import pytest
 import yaml
@@ -179,10 +180,27 @@ def test_a_resume_keeps_the_checkpoints_batch_or_says_what_would(tmp_path):
         pretrain.keep_checkpoint_batch(str(checkpoint), settings("--per_device_train_batch_size", "8"), 32, True)
     deepspeed = settings("--per_device_train_batch_size", "4")
     deepspeed.deepspeed = "ds.json"
-    with pytest.raises(ConfigError, match="saved without DeepSpeed, this run has it: the optimizer state is in"):
+    with pytest.raises(ConfigError, match="saved with neither DeepSpeed nor FSDP, this run has DeepSpeed: the "
+                                          "optimizer state is in"):
         pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)
+    fsdp = settings("--per_device_train_batch_size", "4")
+    fsdp.fsdp = ["full_shard"]  # as parsed on a GPU (the CPU refuses FSDP before this check)
+    with pytest.raises(ConfigError, match="saved with neither DeepSpeed nor FSDP, this run has FSDP"):
+        pretrain.keep_checkpoint_batch(str(checkpoint), fsdp, 32, streaming=False)
+    fsdp_checkpoint = tmp_path / "fsdp" / "checkpoint-4"
+    for sharded in (False, True):  # accelerate's full state dict files, then its sharded (DCP) folders
+        shutil.rmtree(fsdp_checkpoint.parent, ignore_errors=True)
+        shutil.copytree(checkpoint, fsdp_checkpoint)
+        for name in ("pytorch_model_fsdp_0", "optimizer_0") if sharded else ("pytorch_model_fsdp.bin", "optimizer.bin"):
+            (fsdp_checkpoint / name).mkdir() if sharded else (fsdp_checkpoint / name).write_bytes(b"")
+        with pytest.raises(ConfigError, match="saved with FSDP, this run has neither DeepSpeed nor FSDP: .*Resume "
+                                              "with torchrun/run_torchrun.sh with FSDP=1"):
+            pretrain.keep_checkpoint_batch(str(fsdp_checkpoint), settings("--per_device_train_batch_size", "4"), 32,
+                                           False)
+        pretrain.keep_checkpoint_batch(str(fsdp_checkpoint), fsdp, 32, streaming=False)
     (checkpoint / "global_step4").mkdir()  # ZeRO's optimizer state
-    with pytest.raises(ConfigError, match="saved with DeepSpeed, this run has none: .*silently start a fresh optimizer"):
+    with pytest.raises(ConfigError, match="saved with DeepSpeed, this run has neither DeepSpeed nor FSDP: .*silently "
+                                          "start a fresh optimizer"):
         pretrain.keep_checkpoint_batch(str(checkpoint), settings("--per_device_train_batch_size", "4"), 32, False)
     with pytest.raises(ConfigError, match="saved by DeepSpeed on 2 process.*, this run has 1: ZeRO partitions"):
         pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)
