@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import errno
 import functools
 import hashlib
@@ -2704,12 +2705,37 @@ def on_every_rank(work, in_turns: PretrainingArguments | None = None, what: str 
     raise every_rank({"ConfigError": ConfigError, "DataError": DataError}.get(kind, RankFailure)(text))
 
 
+def tell_the_other_ranks(argv: list[str], error: ConfigError) -> None:
+    """A rank whose settings do not parse (its node lacks the config file, or has another version of a package)
+    stops before the process group forms, where the other ranks, whose settings parsed, would wait for it until
+    ddp_timeout (30 minutes). It joins the group as they did, and the first gather of start_decisions tells them."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "MASTER_ADDR" not in os.environ:
+        return
+    try:
+        if not distributed():
+            from accelerate import PartialState
+
+            argv = [a.lower() for a in argv]
+            on_cpu = not torch.cuda.is_available() or any(
+                a == "--use_cpu=true" or a == "--use_cpu" and argv[i + 1:i + 2] in ([], ["true"])
+                for i, a in enumerate(argv))
+            PartialState(cpu=on_cpu, timeout=datetime.timedelta(seconds=300))  # as TrainingArguments sets it up
+        from_every_rank((socket.gethostname(), str(error)))
+    except Exception as e:  # the others gone too: this rank's own error still stops it
+        logger.warning("could not tell the other ranks why this one stops: %s", e)
+
+
 def start_decisions(argv: list[str], model_args: ModelArguments,
                     training_args: PretrainingArguments) -> tuple[str | None, list[Path]]:
     """The checks and decisions each rank makes from its own view of the disk (output_dir writable, where to
     resume, which checkpoints of an earlier run go), taken by all ranks alike or by none: a rank that stops or
     decides alone would leave the others waiting in a collective until ddp_timeout (two hours). Across nodes
     this also proves output_dir is one shared directory: checkpoints, resume and the final model need it."""
+    stopped = [(rank, host, error) for rank, (host, error) in enumerate(from_every_rank((socket.gethostname(), None)))
+               if error] if distributed() else []  # the gather tell_the_other_ranks joins
+    if stopped:
+        rank, host, error = stopped[0]
+        raise every_rank(ConfigError(f"rank {rank} on {host} could not read its settings: {error}"))
     same_on_every_rank("settings (its command line or config file differ)", settings_fingerprint(argv),
                        "Start every node with the same config file and options.")
     out = Path(training_args.output_dir)
@@ -2839,6 +2865,7 @@ def train(argv: list[str]) -> dict:
         refuse_restarts_on_a_shared_store()
         model_args, data_args, training_args = parse_args(argv)
     except ConfigError as e:
+        tell_the_other_ranks(argv, e)
         raise every_rank(e)  # every rank parses the same command line: printed once per node
     setup_logging(training_args, data_args)
     set_seed(training_args.seed)

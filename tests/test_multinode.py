@@ -1,7 +1,8 @@
 """Two nodes on one machine: torchrun/run_torchrun.sh started twice (NNODES=2, NODE_RANK 0 and 1), as a cluster
 would start it on each node. A node can be given its own disk at a path (a private mount namespace, `unshare -m`):
-a node-local cache is prepared once per node, a node-local output_dir or other settings on one node stop every rank
-at start with the reason, instead of leaving the other ranks waiting in a collective until ddp_timeout."""
+a node-local cache is prepared once per node, a node-local output_dir, other settings or settings that do not parse
+on one node stop every rank at start with the reason, instead of leaving the other ranks waiting in a collective
+until ddp_timeout."""
 import os
 import re
 import shutil
@@ -79,6 +80,18 @@ def test_other_settings_on_one_node_stop_every_rank_at_start(config, tmp_path):
         assert "rank 1 on" in log and "has other settings" in log, log[-3000:]
         assert "Start every node with the same config file and options" in log
     assert not list((tmp_path / "out").glob(".shared-check-*"))
+
+
+def test_settings_that_do_not_parse_on_one_node_stop_every_rank_at_start(config, tmp_path):
+    """Node 1 stops before the process group forms; it joins the group to tell node 0, which used to wait for it
+    until ddp_timeout (30 minutes)."""
+    results = two_nodes(config, ["--output_dir", tmp_path / "out", "--cache_dir", tmp_path / "cache"],
+                        node1_args=["--max_steps", "abc"])
+    for rc, log in results:
+        assert rc != 0
+    assert "error: rank 1 on" in results[0][1] and "could not read its settings: invalid setting: argument " \
+        "--max_steps" in results[0][1], results[0][1][-3000:]
+    assert "error: invalid setting: argument --max_steps" in results[1][1], results[1][1][-3000:]
 
 
 @needs_unshare
