@@ -988,10 +988,12 @@ def not_an_object(obj: Any, chunk: "Chunk") -> "RecordError":
     return RecordError(f"is a JSON {type(obj).__name__}, not an object. {fix}", "not_an_object")
 
 
-def detect_format(path: Path, declared: str, encoding: str) -> str:
+def detect_format(path: Path, declared: str, encoding: str, text_field: str = "text",
+                  columns: list[str] | None = None) -> str:
     """`auto` looks at the content, not the extension: parquet magic, `[` then an object, string or array
     -> JSON array, a `{...}` first line -> jsonl, a header of two or more tab- (comma-) separated fields that
-    nine in ten of the next lines repeat -> tsv (csv), else plain text."""
+    nine in ten of the next lines repeat -> tsv (csv), a one-column table (a header that is `text_field`, or
+    `columns` given) -> csv, else plain text."""
     if declared != "auto":
         return declared
     with open_input(path) as (f, _):
@@ -1032,6 +1034,9 @@ def detect_format(path: Path, declared: str, encoding: str) -> str:
             matching = sum(len(row) == len(rows[0]) for row in rows[1:])
             if matching >= 0.9 * (len(rows) - 1):  # a ragged row is then the reader's `bad_row`, named
                 return fmt
+    filled = [line for line in whole if line.strip()]
+    if columns or (len(filled) >= 2 and filled[0].strip().strip('"').strip() == text_field):
+        return "tsv" if "\t" in filled[0] else "csv"  # one column: its quotes and line breaks are the table's
     return "text"
 
 
@@ -1197,7 +1202,7 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
     for file_index, path in enumerate(inputs.files):
         try:
             encoding = detect_encoding(path, spec.encoding, skip_bad_lines=spec.on_error == "skip")
-            fmt = detect_format(path, spec.format, encoding)
+            fmt = detect_format(path, spec.format, encoding, spec.text_field, spec.columns)
         except DataError as e:
             raise DataError(f"source `{spec.name}`: {e}") from None
         size = path.stat().st_size

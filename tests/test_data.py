@@ -649,6 +649,21 @@ def test_tsv_whose_quoted_fields_hold_tabs_and_line_breaks(tmp_path):
     assert texts_of({"path": str(tmp_path / "a.tsv")})[:2] == ["第一段0\n第二段 0", "第一段1\n第二段 1"]
 
 
+def test_a_one_column_table_is_read_as_a_table_not_as_lines(tmp_path):
+    """An Excel export of one text column: its header, quotes and cells with line breaks are the table's, not
+    text lines (the header was trained on, the quotes kept, a cell split in two)."""
+    (tmp_path / "a.csv").write_bytes('\ufeffcontent\r\n"头痛三天。\r\n查体：血压偏高。"\r\n"发热两天。"\r\n'
+                                     '"高血压的治疗, 需要长期坚持"\r\n'.encode())
+    assert texts_of({"path": str(tmp_path / "a.csv"), "text_field": "content"}) == [
+        "头痛三天。\n查体：血压偏高。", "发热两天。", "高血压的治疗, 需要长期坚持"]
+    (tmp_path / "b.csv").write_text('"头痛三天。\n查体"\n发热两天。\n', encoding="utf-8")  # no header: `columns`
+    assert texts_of({"path": str(tmp_path / "b.csv"), "columns": ["text"]}) == ["头痛三天。\n查体", "发热两天。"]
+    (tmp_path / "c.txt").write_text("text\n高血压\n", encoding="utf-8")  # the default text_field as a header
+    assert data_utils.detect_format(tmp_path / "c.txt", "auto", "utf-8") == "csv"
+    (tmp_path / "d.txt").write_text("content\n高血压\n", encoding="utf-8")  # another field: lines of text
+    assert texts_of({"path": str(tmp_path / "d.txt")}) == ["content", "高血压"]
+
+
 def test_format_detection_reads_a_bounded_sample(tmp_path):
     path = tmp_path / "a.txt"
     path.write_text(("长" * 3_000_000 + "\n") * 4, encoding="utf-8")
