@@ -882,6 +882,27 @@ def utf8_line(line: bytes) -> str | None:
     return text if _CJK_IDEOGRAPH.search(text) or _outside_gb2312(line) else None
 
 
+def _cjk(text: str) -> list[str]:
+    return [c for c in text if "\u4e00" <= c <= "\u9fff"]
+
+
+def big5_rather_than_gbk(head: bytes) -> bool:
+    """Whether bytes that decode as GB18030 are Big5 (Traditional Chinese; Windows' cp950): those decode too,
+    garbled, with only about two in five of their ideographs among GB2312's 3,755 common ones (lead byte
+    B0-D7, second byte A1-FE), where GBK text has nine in ten or more there. Read as cp950, Big5 text has
+    its ideographs in Big5's common block (A440-C67E)."""
+    try:
+        big5 = _cjk(head.decode("cp950"))
+    except UnicodeDecodeError:  # most GBK text: bytes Big5 has no characters for
+        return False
+    gbk = _cjk(head.decode("gb18030"))
+    if len(gbk) < 20 or len(big5) < 20:
+        return False
+    common_gb2312 = sum(0xB0 <= b[0] <= 0xD7 and b[1] >= 0xA1 for b in (c.encode("gb18030") for c in gbk))
+    common_big5 = sum(b"\xa4\x40" <= c.encode("cp950") <= b"\xc6\x7e" for c in big5)
+    return common_gb2312 < 0.7 * len(gbk) and common_big5 > 0.9 * len(big5)
+
+
 def detect_encoding(path: Path, declared: str, skip_bad_lines: bool = False) -> str:
     """`auto`: the encoding a byte-order mark names (UTF-8/16/32), else utf-8 if the first MB decodes as
     utf-8, else gb18030 (a superset of GBK). A file whose lines are each UTF-8 or GB18030, some one and some
@@ -922,7 +943,7 @@ def detect_encoding(path: Path, declared: str, skip_bad_lines: bool = False) -> 
                         "for this source to read the lines of the encoding most of them have and skip the others "
                         f"(counted as `bad_encoding`).{hatch}")
     if gb18030:
-        return "gb18030"
+        return "cp950" if big5_rather_than_gbk(b"\n".join(lines)) else "gb18030"
     text = head.decode("utf-8", errors="replace")
     if text.count("\ufffd") <= 0.01 * sum(not c.isascii() for c in text):
         return "utf-8"  # UTF-8 but for a few bytes (a line cut inside a character, a record in another encoding):

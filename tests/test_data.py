@@ -251,6 +251,19 @@ def test_gbk_file_is_detected_and_decoded(tmp_path):
     assert texts_of({"path": str(path)}) == ["高血压是常见病", "糖尿病需要控制血糖"]
 
 
+def test_big5_is_told_from_gbk_which_it_also_decodes_as(tmp_path):
+    """Traditional Chinese in Big5 decodes as GB18030 without an error, into other (rare) characters: it was
+    trained on garbled. GBK text that also decodes as Big5 stays GB18030 (real corpora: test_shared_corpora)."""
+    lines = ["高血壓是一種常見的慢性病，患者需要長期服藥並監測血壓。", "糖尿病患者應控制飲食，規律運動，定期檢測血糖。"]
+    (tmp_path / "big5.txt").write_bytes("\r\n".join(lines * 3).encode("big5"))
+    assert data_utils.detect_encoding(tmp_path / "big5.txt", "auto") == "cp950"
+    assert texts_of({"path": str(tmp_path / "big5.txt")}) == lines * 3
+    simplified = "高血压是一种常见的慢性病，患者需要长期服药并监测血压。"
+    assert simplified.encode("gbk").decode("cp950")  # Big5 reads it too (garbled)
+    (tmp_path / "gbk.txt").write_bytes(simplified.encode("gbk"))
+    assert data_utils.detect_encoding(tmp_path / "gbk.txt", "auto") == "gb18030"
+
+
 def test_unknown_source_key_suggests_the_closest(tmp_path):
     with pytest.raises(DataError, match=r"unknown key `text_feild`.*`text_field`"):
         SourceConfig.from_dict({"path": "x", "text_feild": "t"}, 0)
