@@ -1457,8 +1457,13 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                 raise not_an_object(obj, chunk)
             else:
                 text = render(obj)
-                for missing in record_missing_fields(fields, obj):
-                    _count(counts, f"missing_field:{missing}")
+                missing = record_missing_fields(fields, obj)
+                if fields and len(missing) == len(fields) and not any(f in obj for f in fields):
+                    raise RecordError(f"has none of the fields the source's template names ({', '.join(fields)}); "
+                                      f"its fields are {_fields_present(obj)}. Name this data's fields in the "
+                                      "template.", "missing_field")
+                for name in missing:
+                    _count(counts, f"missing_field:{name}")
             text = clean_text(text, spec)
             if len(text) > spec.max_document_chars:
                 raise RecordError(f"is {len(text):,} characters long, above `max_document_chars` "
@@ -1505,11 +1510,16 @@ class SkipLog:
                 logger.warning("source `%s`: skipped %s", self.source, message)
 
 
-def iter_records(spec: SourceConfig, inputs: "SourceInput | None" = None) -> Iterator[tuple[str, str]]:
-    """('FILE line N' or 'FILE record N', text) for every text of one source, in order."""
+def iter_records(spec: SourceConfig, inputs: "SourceInput | None" = None,
+                 counts: dict[str, int] | None = None) -> Iterator[tuple[str, str]]:
+    """('FILE line N' or 'FILE record N', text) for every text of one source, in order; `counts` gathers
+    what did not become text, by reason."""
     log_skips = SkipLog(spec.name)
     for chunk in read_chunks(inputs or SourceInput.open(spec), spec):
-        texts, numbers, _, notes = format_chunk(spec, chunk)
+        texts, numbers, chunk_counts, notes = format_chunk(spec, chunk)
+        for reason, n in chunk_counts.items():
+            if counts is not None:
+                _count(counts, reason, n)
         log_skips(notes)
         unit = record_unit(chunk.fmt)
         yield from ((f"{chunk.path} {unit} {number}", text) for number, text in zip(numbers, texts))
@@ -2004,9 +2014,18 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
                             "to a disk with room.") from None
     store = TokenStore(directory)
     if store.n_docs == 0:
-        raise DataError(f"source `{spec.name}`: no text left in {inputs.label} "
-                        f"(counts: {store.meta['counts']}). Check `text_field` and the files' content.")
+        raise no_text_left(spec, inputs.label, store.meta["counts"])
     return store, hit
+
+
+def spec_label(spec: SourceConfig) -> str:
+    return f"hub:{spec.hub}" if spec.hub else ", ".join(map(str, spec.path if isinstance(spec.path, list) else [spec.path]))
+
+
+def no_text_left(spec: SourceConfig, label: str, counts: dict[str, int]) -> DataError:
+    check = "the template's fields" if spec.template is not None else "`text_field`"
+    return DataError(f"source `{spec.name}`: no text left in {label} (counts: {counts}). Check {check}, "
+                     "`min_chars` and the files' content (`python data_utils.py preview CONFIG` shows the texts).")
 
 
 # --------------------------------------------------------------------------------------------
@@ -3281,10 +3300,15 @@ def preview(sources: Any, tokenizer, source_name: str | None, n: int) -> None:
                             f"Sources: {', '.join(names)}.")
     for spec in specs:
         print(f"=== source `{spec.name}` ===")
-        for where, text in itertools.islice(iter_records(spec), n):
+        counts: dict[str, int] = {}
+        shown = 0
+        for where, text in itertools.islice(iter_records(spec, counts=counts), n):
             n_tokens = len(tokenizer(text, add_special_tokens=False)["input_ids"])
             print(f"--- {where} · {len(text)} characters · {n_tokens} tokens (+EOS)")
             print(text)
+            shown += 1
+        if not shown:
+            raise no_text_left(spec, spec_label(spec), counts)
         print()
 
 
@@ -3298,14 +3322,17 @@ def convert(sources: Any, out: str, dedup: bool = True) -> dict[str, int]:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             for spec in parse_sources(sources):
-                written[spec.name] = 0
-                for text in iter_texts(spec):
+                written[spec.name], counts, produced = 0, {}, 0
+                for _, text in iter_records(spec, counts=counts):
+                    produced += 1
                     h = text_hash(text)
                     if dedup and h in seen:
                         continue
                     seen.add(h)
                     f.write(json.dumps({"text": text, "source": spec.name}, ensure_ascii=False) + "\n")
                     written[spec.name] += 1
+                if not produced:
+                    raise no_text_left(spec, spec_label(spec), counts)
         os.chmod(tmp, 0o666 & ~CURRENT_UMASK)  # mkstemp's 0600: the corpus is for others' tools too
         os.replace(tmp, out_path)
     except BaseException:

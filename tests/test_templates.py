@@ -228,6 +228,28 @@ def test_preview_and_convert_cli(tmp_path, tokenizer_dir):
     assert missing.returncode == 2 and "no source named `medqq`. Did you mean `medqa`?" in missing.stderr
 
 
+def test_a_template_that_fits_no_record_is_named_and_preview_and_convert_say_no_text(tmp_path, tokenizer_dir,
+                                                                                      capsys):
+    """An alpaca file under a `record` template for other fields: every text was empty, and preview printed
+    nothing, convert wrote an empty file with exit code 0, training blamed `text_field`."""
+    data = tmp_path / "alpaca.json"
+    data.write_text(json.dumps([{"instruction": "问", "input": "", "output": "答"}] * 3), encoding="utf-8")
+    record = {"path": str(data), "template": {"type": "record", "fields": ["name", "desc"]}}
+    with pytest.raises(DataError, match=r"record 1 has none of the fields the source's template names \(name, "
+                                        r"desc\); its fields are `instruction`, `input`, `output`"):
+        list(data_utils.iter_texts(SourceConfig.from_dict(record, 0)))
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"text": "短"}\n' * 3, encoding="utf-8")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"tokenizer_name_or_path": str(tokenizer_dir), "output_dir": str(tmp_path / "o"),
+                                  "sources": [{"path": str(short), "min_chars": 5}]}), encoding="utf-8")
+    for command in (["preview", str(config)], ["convert", str(config), "--out", str(tmp_path / "x.jsonl")]):
+        assert data_utils.main(command) == 2
+        error = capsys.readouterr().err
+        assert f"no text left in {short}" in error and "'dropped:min_chars': 3" in error and "`min_chars`" in error
+    assert not (tmp_path / "x.jsonl").exists()
+
+
 @pytest.mark.parametrize("command", ["prepare", "preview", "convert"])
 def test_command_help_lists_the_data_options_not_all_training_options(command, capsys):
     assert data_utils.main([command, "--help"]) == 0
