@@ -357,7 +357,8 @@ def hub_access(name: str, what: str, option: str, error: type[Exception] | None 
     setting to give a downloaded copy to; `error` the exception to raise (DataError by default)."""
     error = error or DataError
     path_like = (name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1
-                 or os.path.isdir(name.split("/")[0]))  # outputs/run1: a path, not the hub's OWNER/NAME
+                 or os.path.isdir(name.split("/")[0])  # outputs/run1: a path, not the hub's OWNER/NAME
+                 or name.split("/")[0] in ("models", "model", "outputs", "output", "checkpoints"))  # the README's
     if path_like and not os.path.exists(os.path.expanduser(name)):
         raise error(f"{what} directory `{name}` does not exist (relative paths start from {os.getcwd()}; the "
                     "shell scripts run from the repository root). Fix the path.")

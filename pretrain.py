@@ -637,7 +637,7 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
             data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size, model_args.tokenizer_model_type,
             model_args.tokenizer_character_coverage), in_turns=training_args, what="train the tokenizer"))
         logger.info("tokenizer: %s (SentencePiece %s, trained on the sources)", source, model_args.tokenizer_model_type)
-    with hub_access(source, "tokenizer"):
+    with hub_access(source, "tokenizer" if source != model_args.model_name_or_path else "model"):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.model_revision,
                                                       trust_remote_code=model_args.trust_remote_code)
@@ -989,6 +989,28 @@ def extend_context(config, model_args: ModelArguments, block_size: int | None) -
                    config.max_position_embeddings)
 
 
+def check_model_directory(name: str) -> None:
+    """A local directory without config.json holds no model: a LoRA adapter's, or the folder above the model's
+    (transformers would say "Unrecognized model", with a traceback)."""
+    path = Path(os.path.expanduser(name))
+    if not path.is_dir() or (path / "config.json").is_file():
+        return
+    adapter = path / "adapter_config.json"
+    if adapter.is_file():
+        base = None
+        with contextlib.suppress(ValueError, OSError, AttributeError):
+            base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        raise ConfigError(f"`{name}` holds a LoRA adapter (adapter_config.json), not a model. Pass its base model"
+                          f"{f' (`{base}`)' if base else ''} as `model_name_or_path` to train new adapters, or merge the "
+                          "adapter into it first (peft: `PeftModel.from_pretrained(base, adapter).merge_and_unload()"
+                          ".save_pretrained(dir)`) and pass that directory; a LoRA run of this toolkit writes its "
+                          "merged model to output_dir.")
+    inside = sorted(d.name for d in path.iterdir() if (d / "config.json").is_file())
+    raise ConfigError(f"model directory `{name}` has no config.json, so it holds no Hugging Face model."
+                      + (f" These folders in it do: {', '.join(inside[:5])}; pass one of them." if inside else
+                         " Pass the directory that holds config.json and the weights (model.safetensors, ...)."))
+
+
 def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dtype = torch.float32,
                  device: str = "cpu", block_size: int | None = None):
     """The base model with rows for every token (continued pretraining; also returns the new tokens' ids),
@@ -1002,6 +1024,7 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
         if unused:  # a config file's model_config with --model_name_or_path on the command line, say
             logger.warning("%s: for a model trained from scratch; this run continues %s, which keeps its own "
                            "architecture and vocabulary", ", ".join(unused), model_args.model_name_or_path)
+        check_model_directory(model_args.model_name_or_path)
         options = {}
         if model_args.quantization_bit:
             options = {"quantization_config": quantization_config(model_args, compute_dtype), "device_map": {"": device}}

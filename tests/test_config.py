@@ -272,6 +272,29 @@ def test_training_into_the_continued_models_directory_is_refused(tmp_path, base_
         pretrain.check_output_dir_writable(training, model)
 
 
+def test_a_model_directory_without_a_model_is_named_with_what_it_holds(tmp_path, base_model, tokenizer, monkeypatch):
+    """A LoRA adapter's directory, or the folder above the model: a traceback ("Unrecognized model") before; a
+    missing `models/...` (the README's layout) was taken for a hub id and its download advice was wrong."""
+    def build(path):
+        model, _, _ = pretrain.parse_args(["--model_name_or_path", str(path)])
+        return pretrain.create_model(model, tokenizer)
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text('{"peft_type": "LORA", "base_model_name_or_path": "Qwen/Qwen2.5-0.5B"}')
+    with pytest.raises(ConfigError, match=r"holds a LoRA adapter \(adapter_config.json\), not a model. Pass its "
+                                          r"base model \(`Qwen/Qwen2.5-0.5B`\) as `model_name_or_path`"):
+        build(adapter)
+    shutil.copytree(base_model, tmp_path / "parent" / "micro")
+    with pytest.raises(ConfigError, match="has no config.json, so it holds no Hugging Face model. These folders in "
+                                          "it do: micro; pass one of them."):
+        build(tmp_path / "parent")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"model directory `models/Qwen2.5-0.5B` does not exist \(relative paths "
+                                          f"start from {tmp_path}"):
+        pretrain.load_tokenizer(*pretrain.parse_args(["--model_name_or_path", "models/Qwen2.5-0.5B"]))
+
+
 def test_a_tokenizer_that_does_not_extend_the_models_own_is_refused(caplog):
     """Continuing a model with another tokenizer reads each id's row for another text: only an extension (the
     model's tokens at their ids, new ones after) may train; moved special tokens are warned about."""
