@@ -44,7 +44,6 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.utils import is_torch_bf16_gpu_available
 
 import data_utils
 from data_utils import DataError, atomic_write_text, closest_key_hint
@@ -255,6 +254,12 @@ class DataArguments:
                             f"{self.eval_fraction}.")
 
 
+def gpu_has_bf16() -> bool:
+    """A GPU with bfloat16 units (Ampere and later). torch's is_bf16_supported() also says yes where it only
+    emulates bf16 (V100, T4): slower than fp32 there, and far from the peak MFU is measured against."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 @dataclass
 class PretrainingArguments(TrainingArguments):
     """TrainingArguments with pretraining defaults, mixed precision chosen by the hardware, and samples."""
@@ -325,8 +330,12 @@ class PretrainingArguments(TrainingArguments):
         if self.mixed_precision == "auto" and (self.fp16 or self.bf16):  # the Trainer's own switches decide
             self.mixed_precision = "fp16" if self.fp16 else "bf16"
         if self.mixed_precision == "auto":
-            has_bf16 = not self.use_cpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-            self.mixed_precision = "bf16" if has_bf16 else "no"
+            on_gpu = not self.use_cpu and torch.cuda.is_available()
+            self.mixed_precision = "bf16" if on_gpu and gpu_has_bf16() else "no"
+            if on_gpu and self.mixed_precision == "no":
+                logger.warning("mixed_precision auto: this GPU (%s) has no bfloat16 units, so training runs in fp32; "
+                               "`mixed_precision: fp16` uses its fp16 tensor cores (a model trained in bf16 may "
+                               "overflow in fp16)", torch.cuda.get_device_name())
         if self.on_nonfinite_loss not in ("stop", "skip"):
             raise ValueError(f"on_nonfinite_loss must be stop or skip, got `{self.on_nonfinite_loss}`.")
         if self.mixed_precision not in ("bf16", "bf16_weights", "fp16", "no"):
@@ -352,7 +361,7 @@ class PretrainingArguments(TrainingArguments):
             self.fsdp = self.fsdp.strip().lower() in ("true", "yes", "1") or None  # `fsdp: true` from a config
         self.bf16_weights = self.mixed_precision == "bf16_weights"
         self.bf16 = self.bf16 or self.mixed_precision == "bf16"
-        if self.bf16 and not self.use_cpu and not is_torch_bf16_gpu_available():
+        if self.bf16 and not self.use_cpu and not gpu_has_bf16():
             if torch.cuda.is_available():
                 raise ValueError(f"mixed_precision bf16: this GPU ({torch.cuda.get_device_name()}) has no bfloat16 "
                                  "(V100, T4 and older): use `mixed_precision: fp16`.")
@@ -1252,8 +1261,8 @@ def use_chunked_loss(model, training_args: PretrainingArguments) -> None:
 # Dense bf16/fp16 tensor-core peaks in TFLOP/s (vendor data sheets, SXM parts unless named).
 PEAK_TFLOPS = {"H200 NVL": 835.5, "H200": 989.5, "H100 PCIe": 756.0, "H100 NVL": 835.5, "H100": 989.5,
                "H800 PCIe": 756.0, "H800": 989.5, "H20": 148.0, "A100": 312.0, "A800": 312.0, "L40S": 362.0,
-               "L40": 181.0, "L4": 121.0, "A10": 125.0, "A30": 165.0, "V100": 125.0,
-               "RTX 4090": 165.2}
+               "L40": 181.0, "L4": 121.0, "A10": 125.0, "A30": 165.0, "V100S": 130.0, "V100-PCIE": 112.0,
+               "V100": 125.0, "Tesla T4": 65.0, "RTX 4090": 165.2}  # V100, T4: fp16 (no bf16 units)
 
 
 def peak_flops_per_device(training_args: PretrainingArguments) -> float | None:
@@ -1268,6 +1277,7 @@ def peak_flops_per_device(training_args: PretrainingArguments) -> float | None:
 def peak_flops_of(device_name: str) -> float | None:
     """Dense bf16/fp16 peak FLOP/s of a GPU by its name, from PEAK_TFLOPS; None when not listed."""
     for key, tflops in PEAK_TFLOPS.items():  # "H100 PCIe" is listed before "H100", "L40S" before "L40" and "L4"
+        # (and "V100S", "V100-PCIE" before "V100")
         if all(part in device_name for part in key.split()):
             return tflops * 1e12
     return None
@@ -1280,8 +1290,8 @@ def flops_per_token(model, block_size: int, backward_to_embeddings: bool = False
     output projection); T = the trainable ones among them; N' = those that activation gradients pass
     through: all (N' = N, so 6 N when all train, about 4 N under LoRA) unless the lowest trainable decoder
     layer is above the first (finetuning freeze: backward stops there, and attention's backward 8 of the 12
-    runs in the layers above only; `backward_to_embeddings`: it does not stop, as under reentrant gradient
-    checkpointing). H heads of width Q (usually H Q = hidden size, not for Qwen3-like configs
+    runs in the layers above only; where only the head trains, none; `backward_to_embeddings`: it does not stop,
+    as under reentrant gradient checkpointing). Checked against torch's FlopCounterMode (tests/test_freeze.py). H heads of width Q (usually H Q = hidden size, not for Qwen3-like configs
     with a wider head_dim); S = block size, no discount for the causal mask."""
     config = model.config
     embedding = model.get_input_embeddings()
@@ -1300,6 +1310,10 @@ def flops_per_token(model, block_size: int, backward_to_embeddings: bool = False
     n = sum(numel(p) for _, p in matmul)
     trainable = sum(numel(p) for _, p in matmul if p.requires_grad) + sum(numel(p) for _, p in named if id(p) in rows)
     backward = sum(numel(p) for name, p in matmul if (layer_of(name) if layer_of(name) is not None else layers) >= lowest)
+    if lowest == layers:  # only the head (and the final norm) train: no activation gradient runs below the head,
+        head = {id(p) for p in model.get_output_embeddings().parameters()}  # and through it only to a norm that trains
+        norm_trains = any(p.requires_grad for name, p in matmul if layer_of(name) is None and id(p) not in head)
+        backward = sum(numel(p) for _, p in matmul if id(p) in head) if norm_trains else 0
     heads = config.num_attention_heads
     width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
     return 2 * n + 2 * backward + 2 * trainable + (4 * layers + 8 * (layers - lowest)) * width * block_size

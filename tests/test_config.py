@@ -261,6 +261,9 @@ def test_bf16_asked_for_trains_on_the_cpu_where_there_is_no_gpu_and_is_refused_o
     assert training.bf16 and training.use_cpu
     monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(pretrain.torch.cuda, "get_device_name", lambda *_: "Tesla V100-SXM2-32GB")
+    # torch says a V100 supports bf16 unless asked about bf16 units: it emulates it, slower than fp32
+    monkeypatch.setattr(pretrain.torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert not pretrain.gpu_has_bf16()
     with pytest.raises(ConfigError, match=r"this GPU \(Tesla V100-SXM2-32GB\) has no bfloat16.*mixed_precision: fp16"):
         pretrain.parse_args(["--mixed_precision", "bf16"])
 

@@ -119,5 +119,7 @@ def test_meter_excludes_logs_evaluations_and_what_follows_the_last_step(monkeypa
         assert figures["tokens_per_second"] == pytest.approx(100 / 1.5, abs=0.1)
     assert control.should_log  # the last step is always logged
     for name, tflops in [("NVIDIA L40", 181.0), ("NVIDIA L40S", 362.0), ("NVIDIA L4", 121.0), ("NVIDIA H100 NVL", 835.5),
-                         ("NVIDIA H200 NVL", 835.5), ("NVIDIA H200", 989.5), ("NVIDIA H20", 148.0)]:
+                         ("NVIDIA H200 NVL", 835.5), ("NVIDIA H200", 989.5), ("NVIDIA H20", 148.0),
+                         ("Tesla V100-SXM2-32GB", 125.0), ("Tesla V100-PCIE-16GB", 112.0),
+                         ("Tesla V100S-PCIE-32GB", 130.0), ("Tesla T4", 65.0)]:
         assert pretrain.peak_flops_of(name) == tflops * 1e12, name
