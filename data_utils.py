@@ -447,6 +447,10 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
 
 def hub_read_error(source: str, what: str, error: Exception) -> DataError:
     cause = error.__cause__ or error
+    if isinstance(cause, UnicodeDecodeError):
+        return DataError(f"source `{source}`: {what} cannot be read: a file of it is not {cause.encoding} text "
+                         f"({' '.join(str(cause).split())}; `datasets` logs the file above). Set `encoding:` to the "
+                         "files' encoding (gbk, big5, utf-16, ...), or convert them to UTF-8.")
     return DataError(f"source `{source}`: {what} cannot be read: {type(cause).__name__}: "
                      f"{' '.join(str(cause).split())} (`datasets` logs the file above). Its files may disagree on "
                      "their columns or types (schema drift), or one may be damaged: make them agree, pick the files "
@@ -465,6 +469,23 @@ def unreachable_message(name: str, error: Exception | str) -> str:
 def local_hub_files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file()
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
+
+
+def hub_files_encoding(spec: SourceConfig, local_files: list[Path]) -> str:
+    """The encoding `datasets` reads a `hub: text|json|csv` source's files in: `encoding`, or under `auto` the one
+    detected in its local files (GBK text read as UTF-8 fails mid-read), which must agree; remote ones: UTF-8."""
+    if spec.encoding != "auto":
+        return spec.encoding
+    found = {}
+    for path in local_files:
+        encoding = detect_encoding(path, "auto")
+        found.setdefault(codecs.lookup(encoding).name, path)
+    if len(found) > 1:
+        (first, a), (second, b) = list(found.items())[:2]
+        raise DataError(f"source `{spec.name}`: its data files are in different encodings (`{a}` {first}, `{b}` "
+                        f"{second}), and `datasets` reads them all in one. Convert them to one, or read them with "
+                        "`path:` (each file in its own encoding).")
+    return next(iter(found), "utf-8")
 
 
 def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], cache_dir: Path | None = None):
@@ -499,10 +520,16 @@ def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], ca
     logger.info("source `%s`: loading hub dataset %s (config %s, split %s)%s", spec.name, name, spec.hub_config,
                 split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)"
                 if offline and spec.hub not in PACKAGED_BUILDERS else "")  # a builder's files are local here
+    options = {"encoding": hub_files_encoding(spec, local_files)} if spec.hub in ("text", "json", "csv") else {}
+    if spec.encoding != "auto" and not options:
+        raise DataError(f"source `{spec.name}`: `encoding` applies to files read by this toolkit (`path:`) and to "
+                        f"`hub: text`, `json` or `csv` with `data_files`; hub dataset `{spec.hub}` is read by its own "
+                        "builder. Drop `encoding`.")
     try:
         with offline_hub() if offline else contextlib.nullcontext():
             return datasets.load_dataset(name, spec.hub_config, split=split, revision=spec.revision,
-                                         data_files=spec.data_files, streaming=spec.streaming, cache_dir=hub_cache)
+                                         data_files=spec.data_files, streaming=spec.streaming, cache_dir=hub_cache,
+                                         **options)
     except ValueError as e:  # unknown config or split: datasets lists the valid ones
         raise DataError(f"source `{spec.name}`: hub dataset `{name}`: {str(e).rstrip('.')}. Fix `hub_config` / "
                         f"`{split_option}`.") from None

@@ -356,6 +356,27 @@ def test_script_datasets_and_offline_hf_data_files_get_one_clear_message(tmp_pat
                                      "weight": 1}])
 
 
+def test_hub_builders_read_local_files_in_their_encoding(tmp_path, monkeypatch):
+    """`hub: text` on GBK files failed mid-read, blamed on schema drift, and `encoding: gbk` was ignored."""
+    from test_data import texts_of
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    lines = ["高血压患者需长期服药。", "糖尿病患者应控制饮食。"]
+    (tmp_path / "gbk.txt").write_bytes("\n".join(lines).encode("gbk"))
+    (tmp_path / "utf8.txt").write_text("\n".join(lines), encoding="utf-8")
+    source = {"name": "h", "hub": "text", "data_files": str(tmp_path / "gbk.txt")}
+    assert texts_of(source) == lines  # detected, as for `path:` sources
+    assert texts_of({**source, "encoding": "gbk"}) == lines
+    with pytest.raises(DataError, match=r"cannot be read: a file of it is not utf-8 text .*Set `encoding:` to the "
+                                        r"files' encoding"):
+        texts_of({**source, "encoding": "utf-8"})
+    with pytest.raises(DataError, match=r"its data files are in different encodings \(`.*gbk.txt` gb18030, "
+                                        r"`.*utf8.txt` utf-8\)"):
+        texts_of({**source, "data_files": [str(tmp_path / "gbk.txt"), str(tmp_path / "utf8.txt")]})
+    with pytest.raises(DataError, match="hub dataset `shibing624/medical` is read by its own builder. Drop `encoding`"):
+        texts_of({"name": "m", "hub": "shibing624/medical", "encoding": "gbk"})
+
+
 def test_missing_local_data_files_are_named(tmp_path, tokenizer):
     for pattern in (str(tmp_path / "nowhere.jsonl"), str(tmp_path / "nowhere" / "*.jsonl")):
         with pytest.raises(DataError, match="matches no file"):
