@@ -268,8 +268,9 @@ def parse_sources(raw_sources: Any) -> list[SourceConfig]:
     return specs
 
 
-def resolve_files(patterns: str | list[str], source_name: str) -> list[Path]:
-    """Expand files, directories (recursively, data extensions only) and globs, in sorted order."""
+def resolve_files(patterns: str | list[str], source_name: str, skip_empty: bool = False) -> list[Path]:
+    """Expand files, directories (recursively, data extensions only) and globs, in sorted order. An empty file
+    is an error, or with `skip_empty` (on_error: skip) read as no records and counted (`skipped:empty_file`)."""
     files: list[Path] = []
     for pattern in [patterns] if isinstance(patterns, str) else patterns:
         path = Path(os.path.expanduser(pattern))
@@ -299,8 +300,9 @@ def resolve_files(patterns: str | list[str], source_name: str) -> list[Path]:
             raise DataError(f"source `{source_name}`: path `{pattern}` does not exist. "
                             f"Fix `path` (a file, a directory or a glob), relative to {os.getcwd()}.")
     for f in files:
-        if f.stat().st_size == 0:
-            raise DataError(f"source `{source_name}`: file `{f}` is empty. Remove it or fill it.")
+        if f.stat().st_size == 0 and not skip_empty:
+            raise DataError(f"source `{source_name}`: file `{f}` is empty. Remove it or fill it, or set `on_error: "
+                            "skip` for this source to skip empty files (counted in the data report).")
     return files
 
 
@@ -605,7 +607,7 @@ class SourceInput:
             files = hub_source_files(spec)
             return cls(files=files, dataset=load_hub_dataset(spec, split, files, cache_dir),
                        label=f"hub:{spec.hub}/{spec.hub_config or ''}/{split}", remote=hub_reads_remote(spec))
-        files = resolve_files(spec.eval_path if eval_input else spec.path, spec.name)
+        files = resolve_files(spec.eval_path if eval_input else spec.path, spec.name, spec.on_error == "skip")
         return cls(files=files, label=", ".join(map(str, files)))
 
     def identity(self, digests: "FileDigests") -> list:
@@ -1249,6 +1251,9 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
             yield Chunk(0, inputs.label, "hub", "utf-8", number, list(enumerate(batch, number)), len(batch))
             number += len(batch)
     for file_index, path in enumerate(inputs.files):
+        if path.stat().st_size == 0:  # only under on_error: skip (resolve_files)
+            yield Chunk(file_index, str(path), "empty", "-", 1, [], 0)
+            continue
         try:
             encoding = detect_encoding(path, spec.encoding, skip_bad_lines=spec.on_error == "skip")
             fmt = detect_format(path, spec.format, encoding, spec.text_field, spec.columns)
@@ -1465,6 +1470,9 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
     fields = template_fields(spec.template)
     texts, record_ids, counts, notes = [], [], {}, []
     unit = record_unit(chunk.fmt)
+    if chunk.fmt == "empty":
+        counts["skipped:empty_file"] = 1
+        notes.append(("empty_file", f"`{chunk.path}` is empty"))
     if chunk.last_allowed:
         counts["stopped_at_max_records"] = spec.max_records
     for i in range(len(chunk.records)):

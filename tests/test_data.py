@@ -75,6 +75,18 @@ def test_missing_or_empty_paths_are_clear_errors(tmp_path, setup, message):
         texts_of({"path": setup(tmp_path), "name": "med"})
 
 
+def test_empty_files_are_skipped_and_counted_under_the_skip_policy(tmp_path, tokenizer):
+    """Real dumps hold 0-byte shards: `on_error: skip` stopped on them all the same."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text('{"text": "高血压是常见病"}\n', encoding="utf-8")
+    (tmp_path / "d" / "b.jsonl").write_text("")
+    with pytest.raises(DataError, match="b.jsonl` is empty. Remove it or fill it, or set `on_error: skip`"):
+        texts_of({"path": str(tmp_path / "d")})
+    assert texts_of({"path": str(tmp_path / "d"), "on_error": "skip"}) == ["高血压是常见病"]
+    data = build(tmp_path, tokenizer, [{"path": str(tmp_path / "d"), "on_error": "skip", "name": "d"}], block_size=4)
+    assert data.report["sources"]["d"]["skipped"] == {"empty_file": 1}
+
+
 def test_invalid_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "好"}\n{"text": "坏"\n', encoding="utf-8")
