@@ -642,8 +642,20 @@ def _require(obj: dict, field_name: str, option: str) -> Any:
     if field_name not in obj:
         where = "for this source" if option == "text_field" else "in the source's template (or `text_field`)"
         raise RecordError(f"has no field `{field_name}`; its fields are {_fields_present(obj)}. Set `{option}` "
-                          f"{where} to the field that holds it.", "missing_field")
+                          f"{where} to the field that holds it.{template_hint(obj) if option == 'text_field' else ''}",
+                          "missing_field")
     return obj[field_name]
+
+
+def template_hint(obj: dict) -> str:
+    """The template that renders a record of a well-known layout (alpaca, ShareGPT/OpenAI chat, QA pairs)."""
+    if {"instruction", "output"} <= obj.keys():
+        return " These are an instruction dataset's (alpaca): `template: qa_instruction` renders them."
+    if "conversations" in obj or "messages" in obj:
+        return " It holds a dialog (ShareGPT/OpenAI chat): `template: dialog` renders its turns."
+    if {"question", "answer"} <= obj.keys():
+        return " It is a question-answer pair: `template: qa_concat` renders it."
+    return " For records of several fields, a `template` (record, format, ...) renders them into one text."
 
 
 def _require_text(obj: dict, field_name: str, option: str) -> str:

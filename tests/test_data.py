@@ -97,8 +97,14 @@ def test_invalid_json_line_names_file_and_line(tmp_path):
 def test_missing_text_field_names_the_fields_the_record_has(tmp_path):
     path = tmp_path / "qa.jsonl"
     path.write_text('{"text": "ok"}\n{"question": "问", "answer": "答"}\n', encoding="utf-8")
-    with pytest.raises(DataError, match=r"line 2 has no field `text`; its fields are `question`, `answer`"):
+    with pytest.raises(DataError, match=r"line 2 has no field `text`; its fields are `question`, `answer`.*"
+                                        r"question-answer pair: `template: qa_concat`"):
         texts_of({"path": str(path)})
+    for record, template in (({"instruction": "问", "input": "", "output": "答"}, "qa_instruction"),
+                             ({"conversations": [{"from": "human", "value": "问"}]}, "dialog")):
+        path.write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=f"`template: {template}` renders"):
+            texts_of({"path": str(path)})
 
 
 @pytest.mark.parametrize("value", [3, None, ["a"]])
