@@ -212,8 +212,11 @@ class SourceConfig:
         spec = cls(**raw)
         if not spec.name:
             first = spec.hub or (spec.path if isinstance(spec.path, str) else spec.path[0])
-            spec.name = re.sub(r"\W+", "_", Path(first.rstrip("/*")).stem if spec.path else first).strip("_")
+            spec.name = source_stem(Path(first.rstrip("/*"))) if spec.path else re.sub(r"\W+", "_", first).strip("_")
             spec.name = spec.name or f"source{index}"
+        if re.search(r"[/\\]", spec.name):
+            raise DataError(f"{where}: name `{spec.name}` holds a path separator; it names cache folders and metrics "
+                            "(eval_<name>_ppl): use letters, digits, `_` or `-`.")
         where = f"{where} ({spec.name})"
         if spec.weight is not None and not (isinstance(spec.weight, (int, float)) and spec.weight > 0):
             raise DataError(f"{where}: weight must be a number above 0 (a share of training tokens), got "
@@ -250,11 +253,63 @@ class SourceConfig:
                              "watch_forgetting")}
 
 
+def source_stem(path: Path) -> str:
+    """A source name from a file or folder name: `medical_zh` from medical_zh.txt or medical_zh.jsonl.gz."""
+    name = re.sub(r"\.(gz|bz2|xz)$", "", path.name, flags=re.IGNORECASE)
+    if Path(name).suffix.lower() in DATA_EXTENSIONS:
+        name = Path(name).stem
+    return re.sub(r"\W+", "_", name).strip("_")
+
+
+def sources_per_file(raw: Any, index: int) -> list:
+    """A `per_file: true` directory source -> one source per data file directly in the directory and per folder
+    in it (all data files below), named by it, each with the entry's other settings: files dropped into data/
+    train under the default config, each with its own eval perplexity. Left out: dot-files, and a `hub` folder
+    (where hub datasets are downloaded, read through `hub:` sources)."""
+    if not isinstance(raw, dict) or "per_file" not in raw:
+        return [raw]
+    where, settings = f"sources[{index}]", {k: v for k, v in raw.items() if k != "per_file"}
+    if raw["per_file"] is False:
+        return [settings]
+    if raw["per_file"] is not True:
+        raise DataError(f"{where}: `per_file` must be true or false, got {raw['per_file']!r}.")
+    for key in ("name", "weight", "eval_path", "hub"):
+        if key in raw:
+            raise DataError(f"{where}: `per_file` names each source by its file or folder, so `{key}` cannot apply "
+                            "to all of them: list those files as sources of their own to set it.")
+    directory = Path(os.path.expanduser(str(raw.get("path", ""))))
+    if not isinstance(raw.get("path"), str) or not directory.is_dir():
+        raise DataError(f"{where}: `per_file` needs `path` to be one directory, got {raw.get('path')!r} (relative "
+                        f"to {os.getcwd()}).")
+    entries, names, others = [], set(), []
+    for entry in sorted(directory.iterdir()):
+        if entry.name.startswith(".") or entry.is_dir() and entry.name == "hub":
+            continue
+        if entry.is_file() and not is_data_file(entry) or entry.is_dir() and not any(
+                p.is_file() and is_data_file(p) for p in entry.rglob("*")):
+            others.append(entry.name)
+            continue
+        name = source_stem(entry)
+        if name in names:  # a.txt beside a.jsonl
+            name = re.sub(r"\W+", "_", entry.name).strip("_")
+        names.add(name)
+        entries.append({**settings, "path": str(entry), "name": name})
+    if others:
+        logger.warning("sources[%d] (per_file): in `%s`, %s no data file, not read: %s%s", index, directory,
+                       "this holds" if len(others) == 1 else f"these {len(others)} hold", ", ".join(others[:5]),
+                       ", ..." if len(others) > 5 else "")
+    if not entries:
+        raise DataError(f"{where}: directory `{directory}` holds no data files ({', '.join(DATA_EXTENSIONS)}). Add "
+                        "files or point `path` elsewhere.")
+    return entries
+
+
 def parse_sources(raw_sources: Any) -> list[SourceConfig]:
     if not raw_sources:
         raise DataError("No data sources: set `sources:` in the config, e.g. `sources: [{path: data/}]`.")
     if not isinstance(raw_sources, list):
         raw_sources = [raw_sources]
+    raw_sources = [one for i, raw in enumerate(raw_sources) for one in sources_per_file(raw, i)]
     specs = [SourceConfig.from_dict(raw, i) for i, raw in enumerate(raw_sources)]
     names = [s.name for s in specs]
     for name in names:

@@ -1,8 +1,11 @@
 """Loaders, the token store and packing."""
+import gzip
 import json
+import logging
 import os
 import time
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -62,6 +65,38 @@ def test_directory_and_glob_sources_are_sorted_and_complete(tmp_path):
     assert [f.name for f in files] == ["b.txt", "a.jsonl"]
     assert data_utils.resolve_files(str(tmp_path / "d" / "*.txt"), "s") == [tmp_path / "d" / "b.txt"]
     assert len(texts_of({"path": str(tmp_path / "d")})) == 2 * len(ZH_LINES)
+
+
+def test_per_file_makes_each_file_and_folder_of_a_directory_a_source(tmp_path, caplog):
+    """The default config's `data/`: a file dropped in is trained on, with its own eval perplexity."""
+    d = tmp_path / "data"
+    (d / "wiki").mkdir(parents=True)
+    (d / "hub" / "owner" / "name").mkdir(parents=True)
+    (d / "notes").mkdir()
+    (d / "medical_zh.txt").write_text("高血压\n", encoding="utf-8")
+    (d / "cases.jsonl").write_text('{"content": "发热"}\n', encoding="utf-8")
+    (d / "cases.txt").write_text("咳嗽\n", encoding="utf-8")
+    (d / "dump.jsonl.gz").write_bytes(gzip.compress('{"content": "头痛"}\n'.encode()))
+    (d / "wiki" / "a.txt").write_text("北京\n", encoding="utf-8")
+    (d / "hub" / "owner" / "name" / "x.jsonl").write_text('{"text": "hub"}\n')  # hub_local_dir's downloads
+    (d / "notes" / "todo.md").write_text("not data")
+    (d / "README.md").write_text("not data")
+    with caplog.at_level(logging.WARNING):
+        specs = data_utils.parse_sources([{"path": str(d), "per_file": True, "text_field": "content",
+                                           "on_error": "skip"}])
+    assert [(s.name, Path(s.path).name) for s in specs] == [
+        ("cases", "cases.jsonl"), ("cases_txt", "cases.txt"), ("dump", "dump.jsonl.gz"),
+        ("medical_zh", "medical_zh.txt"), ("wiki", "wiki")]
+    assert all(s.text_field == "content" and s.on_error == "skip" for s in specs)
+    assert "these 2 hold no data file, not read: README.md, notes" in caplog.text
+    assert data_utils.parse_sources([{"path": str(d / "wiki"), "per_file": False}])[0].name == "wiki"
+    for extra, message in (({"name": "x"}, "`name` cannot apply to all of them"),
+                           ({"weight": 1}, "`weight` cannot apply"), ({"per_file": "yes"}, "must be true or false"),
+                           ({"path": str(d / "cases.txt")}, "needs `path` to be one directory")):
+        with pytest.raises(DataError, match=message):
+            data_utils.parse_sources([{"path": str(d), "per_file": True, **extra}])
+    with pytest.raises(DataError, match="name `a/b` holds a path separator"):
+        data_utils.parse_sources([{"path": str(d), "name": "a/b"}])
 
 
 @pytest.mark.parametrize("setup,message", [
