@@ -151,7 +151,7 @@ class SourceConfig:
     streaming: bool = False  # hub: read as a stream (see build_streaming_train)
     name: str = ""  # used in logs, eval metric names (eval_<name>_ppl) and reports
     weight: float | None = None  # share of training TOKENS; unset on every source: natural sizes
-    group: str | None = None  # wikitext_articles: rebuild whole articles from one-paragraph-per-line text
+    group: str | None = None  # paragraph | document | wikitext_articles: several lines make one document (README)
     watch_forgetting: bool = False  # warn when this source's eval perplexity rises over its baseline
     format: str = "auto"  # auto (by content) | text | jsonl | json | csv | tsv | parquet
     encoding: str = "auto"  # auto (utf-8, else gb18030) | utf-8 | utf-8-sig | gbk | gb18030 | ...
@@ -221,8 +221,11 @@ class SourceConfig:
         if spec.weight is not None and not (isinstance(spec.weight, (int, float)) and spec.weight > 0):
             raise DataError(f"{where}: weight must be a number above 0 (a share of training tokens), got "
                             f"{spec.weight!r}. Remove the source instead of giving it weight 0.")
-        if spec.group not in (None, "wikitext_articles"):
-            raise DataError(f"{where}: group `{spec.group}` is not known; the one grouping is `wikitext_articles`.")
+        if spec.group is not None and spec.group not in LINE_GROUPS:
+            raise DataError(f"{where}: group `{spec.group}` is not known: use {', '.join(LINE_GROUPS)}.")
+        if spec.group is not None and spec.template is not None:
+            raise DataError(f"{where}: `group` joins lines (or `text_field` values) into documents, `template` "
+                            "renders whole records: use one.")
         if spec.hub is None and any((spec.hub_config, spec.eval_split, spec.revision, spec.data_files,
                                      spec.streaming)):
             raise DataError(f"{where}: hub_config, eval_split, revision, data_files and streaming need `hub:`.")
@@ -1255,6 +1258,43 @@ def group_wikitext_articles(lines: Iterator[tuple[int, str | RecordError]]) -> I
         yield start, "\n".join(parts)
 
 
+def group_paragraphs(lines: Iterator[tuple[int, str | RecordError]]) -> Iterator[tuple[int, str | RecordError]]:
+    """Blocks of lines between blank lines -> one document each (a textbook's paragraphs; `datasets`' text
+    builder calls it sample_by: paragraph). Numbered by their first line."""
+    start, parts = 0, []
+    for number, line in lines:
+        if isinstance(line, RecordError):
+            yield number, line
+            continue
+        line = line.rstrip("\r\n")
+        if not line.strip():
+            if parts:
+                yield start, "\n".join(parts)
+                parts = []
+            continue
+        start = start if parts else number
+        parts.append(line)
+    if parts:
+        yield start, "\n".join(parts)
+
+
+def group_document(lines: Iterator[tuple[int, str | RecordError]]) -> Iterator[tuple[int, str | RecordError]]:
+    """A whole file -> one document, its blank lines (paragraph breaks) kept (sample_by: document)."""
+    parts = []
+    for number, line in lines:
+        if isinstance(line, RecordError):
+            yield number, line
+            continue
+        parts.append(line.rstrip("\r\n"))
+    text = "\n".join(parts).strip("\n")
+    if text:
+        yield 1, re.sub(r"\n{3,}", "\n\n", text)
+
+
+LINE_GROUPS = {"paragraph": group_paragraphs, "document": group_document,
+               "wikitext_articles": group_wikitext_articles}
+
+
 def _text_lines(chunks: Iterator[Chunk], spec: SourceConfig) -> Iterator[tuple[int, str | RecordError]]:
     """(number, text) of every line-like record of these chunks: decoded text lines, or the text field of
     jsonl records and hub rows; a record without one gives its RecordError instead."""
@@ -1288,12 +1328,12 @@ def read_chunks(inputs: "SourceInput | list[Path]", spec: SourceConfig) -> Itera
 
 def _grouped_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk]:
     chunks = _read_raw_chunks(inputs, spec)
-    if spec.group != "wikitext_articles":
+    if spec.group is None:
         yield from chunks
         return
     for _, file_chunks in itertools.groupby(chunks, key=lambda chunk: chunk.file_index):
         first = next(file_chunks)
-        articles = group_wikitext_articles(_text_lines(itertools.chain([first], file_chunks), spec))
+        articles = LINE_GROUPS[spec.group](_text_lines(itertools.chain([first], file_chunks), spec))
         while part := list(itertools.islice(articles, CHUNK_LINES)):
             yield Chunk(first.file_index, first.path, "article", first.encoding, part[0][0], part,
                         sum(len(t) for _, t in part if isinstance(t, str)))

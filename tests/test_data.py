@@ -756,6 +756,26 @@ def test_text_lines_starting_with_a_bracket_are_text(tmp_path):
     assert data_utils.detect_format(tmp_path / "b.txt", "auto", "utf-8") == "json"
 
 
+def test_paragraph_and_document_groups_keep_an_articles_lines_together(tmp_path):
+    """A textbook .txt: one document per line split its sections from their headings, and exact dedup then
+    removed the repeated headings (【病因】) of every article but the first."""
+    (tmp_path / "d").mkdir()
+    for name, title in (("a.txt", "高血压"), ("b.txt", "糖尿病")):
+        (tmp_path / "d" / name).write_bytes(f"{title}\r\n【病因】\r\n遗传与环境。\r\n\r\n\r\n\r\n【治疗】\r\n"
+                                            "长期服药。\r\n".encode())
+    assert texts_of({"path": str(tmp_path / "d"), "group": "paragraph"}) == [
+        "高血压\n【病因】\n遗传与环境。", "【治疗】\n长期服药。", "糖尿病\n【病因】\n遗传与环境。", "【治疗】\n长期服药。"]
+    assert texts_of({"path": str(tmp_path / "d"), "group": "document"}) == [
+        "高血压\n【病因】\n遗传与环境。\n\n【治疗】\n长期服药。", "糖尿病\n【病因】\n遗传与环境。\n\n【治疗】\n长期服药。"]
+    records = tmp_path / "r.jsonl"
+    records.write_text('{"t": "第一段"}\n{"t": ""}\n{"t": "第二段"}\n', encoding="utf-8")  # a text_field's values
+    assert texts_of({"path": str(records), "text_field": "t", "group": "paragraph"}) == ["第一段", "第二段"]
+    with pytest.raises(DataError, match="group `lines` is not known: use paragraph, document, wikitext_articles"):
+        texts_of({"path": str(records), "group": "lines"})
+    with pytest.raises(DataError, match="`group` joins lines .* `template` renders whole records: use one"):
+        texts_of({"path": str(records), "group": "document", "template": "qa_concat"})
+
+
 def test_wikitext_articles_are_grouped_per_file_and_bad_lines_follow_the_skip_policy(tmp_path):
     (tmp_path / "w").mkdir()
     (tmp_path / "w" / "a.txt").write_text(" = 甲 = \n 甲的段落 \n", encoding="utf-8")
