@@ -158,6 +158,7 @@ class SourceConfig:
     text_field: str = "text"  # structured records without a template: the field that holds the text
     template: str | dict | None = None  # qa_concat | qa_instruction | dialog | record | format (see README)
     columns: list[str] | None = None  # csv/tsv without a header row: the column names
+    records_field: str | None = None  # json: the field of a file's top-level object that holds the records
     min_chars: int = 1  # texts shorter than this (after cleaning) are dropped and counted
     max_document_chars: int = 10_000_000  # a longer text is a bad record (a file without line breaks?)
     collapse_spaces: bool = True  # runs of spaces/tabs -> one space
@@ -253,7 +254,7 @@ class SourceConfig:
         """The settings that decide which text a record becomes (part of the cache key)."""
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("path", "name", "eval_fraction", "eval_path", "eval_split", "weight", "streaming",
-                             "watch_forgetting")}
+                             "watch_forgetting") and not (k == "records_field" and v is None)}  # (keys kept)
 
 
 def source_stem(path: Path) -> str:
@@ -581,6 +582,10 @@ def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], ca
                 split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)"
                 if offline and spec.hub not in PACKAGED_BUILDERS else "")  # a builder's files are local here
     options = {"encoding": hub_files_encoding(spec, local_files)} if spec.hub in ("text", "json", "csv") else {}
+    if spec.records_field is not None:
+        if spec.hub != "json":
+            raise DataError(f"source `{spec.name}`: `records_field` applies to JSON files (`path:`, or `hub: json`).")
+        options["field"] = spec.records_field
     if spec.encoding != "auto" and not options:
         raise DataError(f"source `{spec.name}`: `encoding` applies to files read by this toolkit (`path:`) and to "
                         f"`hub: text`, `json` or `csv` with `data_files`; hub dataset `{spec.hub}` is read by its own "
@@ -713,6 +718,10 @@ def template_hint(obj: dict) -> str:
         return " It holds a dialog (ShareGPT/OpenAI chat): `template: dialog` renders its turns."
     if {"question", "answer"} <= obj.keys():
         return " It is a question-answer pair: `template: qa_concat` renders it."
+    lists = [k for k, v in obj.items() if isinstance(v, list) and v and isinstance(v[0], dict)]
+    if lists:
+        return (f" If the file is one JSON object whose `{lists[0]}` holds the records, set `records_field: "
+                f"{lists[0]}`.")
     return " For records of several fields, a `template` (record, format, ...) renders them into one text."
 
 
@@ -1110,7 +1119,7 @@ def not_an_object(obj: Any, chunk: "Chunk") -> "RecordError":
 
 
 def detect_format(path: Path, declared: str, encoding: str, text_field: str = "text",
-                  columns: list[str] | None = None) -> str:
+                  columns: list[str] | None = None, records_field: str | None = None) -> str:
     """`auto` looks at the content, not the extension: parquet magic, `[` then an object, string or array
     -> JSON array, a `{...}` first line -> jsonl, a header of two or more tab- (comma-) separated fields that
     nine in ten of the next lines repeat -> tsv (csv), a one-column table (a header that is `text_field`, or
@@ -1133,6 +1142,8 @@ def detect_format(path: Path, declared: str, encoding: str, text_field: str = "t
                             "neither JSON Lines (one object per line) nor one JSON array. "
                             + json_list_lines_fix(path, lists))
         return "json"
+    if stripped.startswith("{") and records_field:
+        return "json"  # one object, its records under records_field
     if stripped.startswith("{"):
         first = next(line for line in lines if line.strip())
         if cut_off and first is lines[-1]:
@@ -1174,6 +1185,29 @@ class Chunk:
     nbytes: int  # input bytes this chunk covers (progress bar)
     line_encoding: str | None = None  # the byte lines' encoding where it is not the file's (decoded, re-encoded)
     last_allowed: bool = False  # the chunk that ends at the source's max_records (it is counted in the report)
+
+
+def json_records(spec: SourceConfig, path: Path, data: Any) -> list:
+    """The records of a JSON file: its array, or with `records_field` the array under that field of its object
+    (`{"version": 1, "data": [...]}`, as `datasets`' json builder reads with `field`)."""
+    where = f"source `{spec.name}`: file `{path}`"
+    if spec.records_field is None:
+        if isinstance(data, dict):
+            lists = [k for k, v in data.items() if isinstance(v, list)]
+            hint = (f" If its records are the list under `{lists[0]}`, set `records_field: {lists[0]}`." if lists
+                    else "")
+            raise DataError(f"{where} holds a JSON object (fields {_fields_present(data)}), expected an array of "
+                            f"records (or jsonl, one object per line).{hint}")
+        if not isinstance(data, list):
+            raise DataError(f"{where} holds a JSON {type(data).__name__}, expected an array of objects (or use "
+                            "jsonl, one object per line).")
+        return data
+    if not isinstance(data, dict) or not isinstance(data.get(spec.records_field), list):
+        found = (f"its object's fields are {_fields_present(data)}" if isinstance(data, dict)
+                 else f"it holds a JSON {type(data).__name__}, not an object")
+        raise DataError(f"{where}: `records_field: {spec.records_field}` names no list of records: {found}. Fix "
+                        "`records_field`, or remove it for a file that is one array.")
+    return data[spec.records_field]
 
 
 def _chunks_of(items: list, file_index: int, path: Path, fmt: str, encoding: str, size: int) -> Iterator[Chunk]:
@@ -1363,7 +1397,7 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
             continue
         try:
             encoding = detect_encoding(path, spec.encoding, skip_bad_lines=spec.on_error == "skip")
-            fmt = detect_format(path, spec.format, encoding, spec.text_field, spec.columns)
+            fmt = detect_format(path, spec.format, encoding, spec.text_field, spec.columns, spec.records_field)
         except DataError as e:
             raise DataError(f"source `{spec.name}`: {e}") from None
         size = path.stat().st_size
@@ -1385,9 +1419,7 @@ def _read_raw_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chun
                     _raise_for_escaped_byte(spec, str(path), text, escaped.start(), encoding)
                 raise DataError(f"source `{spec.name}`: file `{path}` is not a valid JSON array "
                                 f"({e}). If it holds one object per line, set `format: jsonl`.") from None
-            if not isinstance(items, list):
-                raise DataError(f"source `{spec.name}`: file `{path}` holds a JSON {type(items).__name__}, "
-                                "expected an array of objects (or use jsonl, one object per line).")
+            items = json_records(spec, path, items)
             if escaped or (spec.encoding == "auto" and encoding == "gb18030"):  # named, or skipped, by record
                 items = [checked_record(spec, str(path), f"record {n}", item, encoding)
                          for n, item in enumerate(items, 1)]

@@ -122,6 +122,26 @@ def test_empty_files_are_skipped_and_counted_under_the_skip_policy(tmp_path, tok
     assert data.report["sources"]["d"]["skipped"] == {"empty_file": 1}
 
 
+def test_a_json_object_holding_the_records_is_read_with_records_field(tmp_path):
+    wrapped = {"version": "1.0", "data": [{"text": "高血压是常见病"}, {"text": "糖尿病"}]}
+    (tmp_path / "one_line.json").write_text(json.dumps(wrapped, ensure_ascii=False), encoding="utf-8")
+    (tmp_path / "pretty.json").write_text(json.dumps(wrapped, ensure_ascii=False, indent=2), encoding="utf-8")
+    for name in ("one_line.json", "pretty.json"):
+        assert texts_of({"path": str(tmp_path / name), "records_field": "data"}) == ["高血压是常见病", "糖尿病"]
+    with pytest.raises(DataError, match="line 1 has no field `text`; its fields are `version`, `data`.* If the "
+                                        "file is one JSON object whose `data` holds the records, set `records_field: data`"):
+        texts_of({"path": str(tmp_path / "one_line.json")})
+    with pytest.raises(DataError, match=r"`records_field: rows` names no list of records: its object's fields are "
+                                        "`version`, `data`"):
+        texts_of({"path": str(tmp_path / "pretty.json"), "records_field": "rows"})
+    with pytest.raises(DataError, match="`records_field` applies to JSON files"):
+        texts_of({"hub": "text", "data_files": str(tmp_path / "pretty.json"), "records_field": "data"})
+    assert texts_of({"hub": "json", "data_files": str(tmp_path / "pretty.json"), "records_field": "data"}) == [
+        "高血压是常见病", "糖尿病"]
+    spec = SourceConfig.from_dict({"path": "x"}, 0)
+    assert "records_field" not in spec.text_settings()  # the token stores of sources without it keep their keys
+
+
 def test_invalid_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "好"}\n{"text": "坏"\n', encoding="utf-8")
