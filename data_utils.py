@@ -248,6 +248,10 @@ class SourceConfig:
             except LookupError:
                 raise DataError(f"{where}: unknown encoding `{spec.encoding}`. Use auto, utf-8, gb18030, ...") from None
         make_renderer(spec.template, spec.text_field, where)  # validate the template now, not mid-run
+        for key, value in spec.template.items() if isinstance(spec.template, dict) else ():
+            if isinstance(value, str) and "\\n" in value:
+                warn_once(f"{where}: template option `{key}` holds a backslash and an n ({value!r}), trained as "
+                          "those two characters: YAML turns \\n into a line break only in double quotes")
         return spec
 
     def text_settings(self) -> dict:
@@ -802,9 +806,17 @@ def template_options(template: str | dict, where: str) -> tuple[str, dict]:
         if expected is list and isinstance(value, str):
             options[key] = value = [value]
         if not isinstance(value, expected):
+            quote = (" In YAML a value starting with `{` is a mapping: quote it, with double quotes for \\n to be a "
+                     "line break (\"{title}\\n{content}\")." if expected is str and isinstance(value, dict) else "")
             raise DataError(f"{where}: template `{kind}` option `{key}` must be a "
-                            f"{ {str: 'string', list: 'list', dict: 'mapping'}[expected]}, got {value!r}.")
+                            f"{ {str: 'string', list: 'list', dict: 'mapping'}[expected]}, got {value!r}.{quote}")
     return kind, {**defaults, **options}
+
+
+@functools.lru_cache(maxsize=None)
+def warn_once(message: str) -> None:
+    """A warning about a setting, once per process however often the setting is read."""
+    logger.warning(message)
 
 
 def make_renderer(template: str | dict | None, text_field: str, where: str):

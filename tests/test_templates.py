@@ -159,6 +159,24 @@ def test_min_chars_and_replacement_characters_are_counted(tmp_path):
 
 
 # ------------------------------------------------------------------------------ formats
+def test_yaml_quoting_traps_in_a_format_are_named(caplog):
+    """`format: {标题}` unquoted is a YAML mapping; in single quotes `\\n` stays a backslash and an n."""
+    import logging
+
+    import yaml
+
+    unquoted = yaml.safe_load("{path: x, template: {type: format, format: {标题}}}")
+    with pytest.raises(DataError, match="got {'标题': None}. In YAML a value starting with `{` is a mapping: quote it"):
+        SourceConfig.from_dict(unquoted, 0)
+    single = yaml.safe_load("{path: x, name: s, template: {type: format, format: '{标题}\\n{正文}'}}")
+    with caplog.at_level(logging.WARNING):
+        SourceConfig.from_dict(single, 0)
+        SourceConfig.from_dict(single, 0)
+    assert caplog.text.count("template option `format` holds a backslash and an n") == 1
+    double = yaml.safe_load('{path: x, name: d, template: {type: format, format: "{标题}\\n{正文}"}}')
+    assert SourceConfig.from_dict(double, 0).template["format"] == "{标题}\n{正文}"
+
+
 def test_formats_are_detected_by_content(tmp_path):
     cases = {
         "a.dat": ("line one\nline two\n", "text"),
