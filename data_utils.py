@@ -288,7 +288,7 @@ def sources_per_file(raw: Any, index: int) -> list:
     directory = Path(os.path.expanduser(str(raw.get("path", ""))))
     if not isinstance(raw.get("path"), str) or not directory.is_dir():
         raise DataError(f"{where}: `per_file` needs `path` to be one directory, got {raw.get('path')!r} (relative "
-                        f"to {os.getcwd()}).")
+                        f"to {os.getcwd()}).{started_elsewhere_hint(raw.get('path', ''))}")
     entries, names, others = [], set(), []
     for entry in sorted(directory.iterdir()):
         if entry.name.startswith(".") or entry.is_dir() and entry.name == "hub":
@@ -331,6 +331,20 @@ def parse_sources(raw_sources: Any) -> list[SourceConfig]:
     return specs
 
 
+def started_elsewhere_hint(relative: Any) -> str:
+    """For a relative path the run did not find: the shell scripts run from the repository root, so a path
+    given relative to the directory the user started them from (PRETRAIN_CALLER_DIR, which they set) is missed;
+    named, with the fix, when it is there."""
+    caller, relative = os.environ.get("PRETRAIN_CALLER_DIR"), os.path.expanduser(str(relative))
+    if not caller or os.path.isabs(relative) or Path(caller).resolve() == Path.cwd().resolve():
+        return ""
+    there = Path(caller) / relative
+    if not globlib.glob(str(there), recursive=True):
+        return ""
+    return (f" It is there relative to the directory the script was started from: pass `{there}` (the scripts run "
+            f"from the repository root, {os.getcwd()}, where relative paths start).")
+
+
 def resolve_files(patterns: str | list[str], source_name: str, skip_empty: bool = False) -> list[Path]:
     """Expand files, directories (recursively, data extensions only) and globs, in sorted order. An empty file
     is an error, or with `skip_empty` (on_error: skip) read as no records and counted (`skipped:empty_file`)."""
@@ -357,11 +371,13 @@ def resolve_files(patterns: str | list[str], source_name: str, skip_empty: bool 
             found = sorted(Path(p) for p in globlib.glob(os.path.expanduser(pattern), recursive=True)
                            if Path(p).is_file())
             if not found:
-                raise DataError(f"source `{source_name}`: glob `{pattern}` matches no file. Check the pattern.")
+                raise DataError(f"source `{source_name}`: glob `{pattern}` matches no file. Check the pattern."
+                                f"{started_elsewhere_hint(pattern)}")
             files.extend(found)
         else:
             raise DataError(f"source `{source_name}`: path `{pattern}` does not exist. "
-                            f"Fix `path` (a file, a directory or a glob), relative to {os.getcwd()}.")
+                            f"Fix `path` (a file, a directory or a glob), relative to {os.getcwd()}."
+                            f"{started_elsewhere_hint(pattern)}")
     for f in files:
         if f.stat().st_size == 0 and not skip_empty:
             raise DataError(f"source `{source_name}`: file `{f}` is empty. Remove it or fill it, or set `on_error: "
@@ -426,7 +442,7 @@ def hub_access(name: str, what: str, option: str, error: type[Exception] | None 
                  or name.split("/")[0] in ("models", "model", "outputs", "output", "checkpoints"))  # the README's
     if path_like and not os.path.exists(os.path.expanduser(name)):
         raise error(f"{what} directory `{name}` does not exist (relative paths start from {os.getcwd()}; the "
-                    "shell scripts run from the repository root). Fix the path.")
+                    f"shell scripts run from the repository root). Fix the path.{started_elsewhere_hint(name)}")
     offline = must_use_cache(name)
     try:
         with offline_hub() if offline else contextlib.nullcontext():
@@ -567,7 +583,8 @@ def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], ca
     if not local and spec.hub not in PACKAGED_BUILDERS and (spec.hub.startswith((".", "/", "~"))
                                                            or spec.hub.count("/") > 1):  # not OWNER/NAME
         raise DataError(f"source `{spec.name}`: hub directory `{spec.hub}` does not exist (looked from "
-                        f"{Path.cwd()}). Fix the path, or give a hub dataset id (OWNER/NAME).")
+                        f"{Path.cwd()}). Fix the path, or give a hub dataset id (OWNER/NAME)."
+                        f"{started_elsewhere_hint(spec.hub)}")
     split_option = "split" if split == spec.split else "eval_split"
     offline = must_use_cache(name)
     hub_cache = None
@@ -655,7 +672,7 @@ def check_local_data_files(spec: SourceConfig) -> None:
     for pattern in data_file_entries(spec.data_files):
         if "://" not in str(pattern) and not globlib.glob(os.path.expanduser(str(pattern)), recursive=True):
             raise DataError(f"source `{spec.name}`: `data_files` entry `{pattern}` matches no file (looked from "
-                            f"{Path.cwd()}). Fix the path or pattern.")
+                            f"{Path.cwd()}). Fix the path or pattern.{started_elsewhere_hint(pattern)}")
 
 
 @dataclass

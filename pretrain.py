@@ -769,7 +769,9 @@ def build_model(model_args: ModelArguments, tokenizer, block_size: int, gradient
         raise ConfigError(f"attn_implementation `{model_args.attn_implementation}`: {str(e).splitlines()[0]}") from None
     max_positions = getattr(model.config, "max_position_embeddings", None)
     if max_positions and block_size > max_positions:
-        scale = ("" if model_args.rope_scaling or not model_args.model_name_or_path else
+        scale = ("" if model_args.rope_scaling else
+                 f", or raise it for this model from scratch (`--config_overrides max_position_embeddings={block_size}`"
+                 f", or in {model_args.model_config})" if not model_args.model_name_or_path else
                  ", or set `rope_scaling: yarn` (or linear) or a larger `rope_theta` to train the pretrained "
                  "model at the longer length")
         raise ConfigError(f"block_size {block_size} exceeds the model's max_position_embeddings {max_positions}. "
@@ -1065,7 +1067,8 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
         try:
             spec = json.loads(Path(model_args.model_config).read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:
-            raise ConfigError(f"model_config `{model_args.model_config}` cannot be read as JSON: {e}") from None
+            raise ConfigError(f"model_config `{model_args.model_config}` cannot be read as JSON: {e}"
+                              f"{data_utils.started_elsewhere_hint(model_args.model_config)}") from None
         model_type = spec.pop("model_type", None)
         if not model_type:
             raise ConfigError(f"model_config `{model_args.model_config}` has no `model_type` (llama, qwen2, ...).")

@@ -140,7 +140,9 @@ CASES = {  # case: what the one error line must say (the file and line where the
     "binary_file": r"model\.bin.*binary",
     "unknown_config_key": r"run\.yaml.*unknown key `blok_size`.*Did you mean `block_size`",
     "wrong_value_type": r"block_size.*invalid int value",
-    "block_size_above_max_positions": r"block_size 4096 exceeds the model's max_position_embeddings",
+    "block_size_above_max_positions": r"block_size 4096 exceeds the model.s max_position_embeddings 128. Lower "
+                                      r"`block_size`, or raise it for this model from scratch \(`--config_overrides "
+                                      r"max_position_embeddings=4096`",
     "eval_empty_after_split": r"`bad`.*eval split.*(no documents|fewer than one block).*eval_fraction",
     "every_text_removed_by_dedup": r"`copy`.*all 120 documents duplicate documents of earlier sources",
     "eval_files_all_in_training": r"`bad`: every one of the 48 documents of its eval set also occurs in the training",

@@ -177,3 +177,21 @@ def test_restarts_need_resume_from_the_newest_checkpoint(tmp_path, monkeypatch):
     training_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true",
                                          "--resume_from_checkpoint", "auto"])[2]
     assert pretrain.resolve_resume(training_args) is None  # nothing there yet: a fresh start
+
+
+def test_a_path_relative_to_where_the_script_was_started_is_named_with_the_fix(tmp_path, micro_model_config,
+                                                                                tokenizer_dir):
+    """run_pretrain.sh runs from the repository root, so `mydata/...` given from another directory is not found:
+    the error says where it is and what to pass."""
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "cases.txt").write_text("高血压\n", encoding="utf-8")
+    (tmp_path / "run.yaml").write_text(
+        f"model_config: {micro_model_config}\ntokenizer_name_or_path: {tokenizer_dir}\n"
+        f"sources: [{{path: mydata/cases.txt}}]\noutput_dir: {tmp_path / 'out'}\nblock_size: 32\n", encoding="utf-8")
+    env = {k: v for k, v in os.environ.items() if k not in ("PRETRAIN_CALLER_DIR", "NUM_GPUS")}
+    proc = subprocess.run(["bash", str(ROOT / "run_pretrain.sh"), "run.yaml"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300, env={**env, "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert (f"path `mydata/cases.txt` does not exist. Fix `path` (a file, a directory or a glob), relative to {ROOT}. "
+            f"It is there relative to the directory the script was started from: pass `{tmp_path}/mydata/cases.txt`"
+            ) in proc.stderr
