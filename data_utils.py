@@ -359,10 +359,9 @@ def resolve_files(patterns: str | list[str], source_name: str, skip_empty: bool 
             found = sorted(p for p in visible if is_data_file(p))
             if len(found) < len(visible):
                 others = sorted(str(p.relative_to(path)) for p in visible if not is_data_file(p))
-                logger.warning("source `%s`: directory `%s`: %s without a data extension %s not read (%s%s); "
-                               "name them in `path` to read them", source_name, pattern, counted(len(others), "file"),
-                               "is" if len(others) == 1 else "are",
-                               ", ".join(others[:5]), ", ..." if len(others) > 5 else "")
+                warn_once(f"source `{source_name}`: directory `{pattern}`: {counted(len(others), 'file')} without a "
+                          f"data extension {'is' if len(others) == 1 else 'are'} not read ({', '.join(others[:5])}"
+                          f"{', ...' if len(others) > 5 else ''}); name them in `path` to read them")
             if not found:
                 raise DataError(f"source `{source_name}`: directory `{pattern}` holds no data files "
                                 f"({', '.join(DATA_EXTENSIONS)}). Add files or point `path` elsewhere.")
@@ -1052,6 +1051,9 @@ def detect_encoding(path: Path, declared: str, skip_bad_lines: bool = False) -> 
         head = f.read(1 << 20)
     if head.startswith(b"PAR1"):
         return "utf-8"  # parquet: binary, strings inside are utf-8
+    if head.startswith(b"PK\x03\x04"):
+        raise DataError(f"file `{path}` is a zip archive (an Excel .xlsx, a .docx or a .zip), not text: save an Excel "
+                        "sheet as \"CSV UTF-8\", unzip an archive, or remove it from the source.")
     for bom, encoding in UNICODE_BOMS:
         if head.startswith(bom):
             return encoding
@@ -3325,9 +3327,11 @@ def unread_data_files(report_sources: dict, specs: list[SourceConfig]) -> list[s
                      for other in folder.iterdir()
                      if other.is_file() and is_data_file(other) and other.resolve() not in seen})
     if unread:
-        logger.warning("%s beside the sources' files no source reads: %s%s. Add %s to `sources` (or read a whole "
-                       "directory: `path: data/`)", counted(len(unread), "data file"), ", ".join(unread[:5]),
-                       ", ..." if len(unread) > 5 else "", "it" if len(unread) == 1 else "them")
+        folder = Path(unread[0]).parent
+        logger.warning("%s beside the sources' files no source reads: %s%s. Add %s to `sources` (or read the whole "
+                       "directory, each file a source of its own: `{path: %s/, per_file: true}`)",
+                       counted(len(unread), "data file"), ", ".join(unread[:5]), ", ..." if len(unread) > 5 else "",
+                       "it" if len(unread) == 1 else "them", folder)
     return unread
 
 

@@ -1990,6 +1990,9 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
             ax_loss.plot(*zip(*train), label="train loss")
         ax_loss.set(xlabel="step", ylabel="loss", title="train loss")
         names = sorted({k for h in history for k in h if k.startswith("eval") and k.endswith("_ppl")})
+        if fonts[0] not in CJK_FONTS and any(not name.isascii() for name in names):
+            data_utils.warn_once(f"{path.name}: no CJK font installed, so Chinese source names show as boxes "
+                                 "(Linux: `apt install fonts-noto-cjk`)")
         for name in names:
             points = [(h["step"], h[name]) for h in history if name in h]
             ax_ppl.plot(*zip(*points), marker="o", label=name)

@@ -142,6 +142,16 @@ def test_a_json_object_holding_the_records_is_read_with_records_field(tmp_path):
     assert "records_field" not in spec.text_settings()  # the token stores of sources without it keep their keys
 
 
+def test_an_excel_workbook_is_named_with_how_to_save_it(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "cases.xlsx", "w") as book:
+        book.writestr("xl/workbook.xml", "<workbook/>")
+    with pytest.raises(DataError, match=r"cases.xlsx` is a zip archive \(an Excel .xlsx.*save an Excel sheet as "
+                                        r"\"CSV UTF-8\""):
+        texts_of({"path": str(tmp_path / "cases.xlsx")})
+
+
 def test_invalid_json_line_names_file_and_line(tmp_path):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"text": "好"}\n{"text": "坏"\n', encoding="utf-8")
