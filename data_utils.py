@@ -1685,7 +1685,8 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                 raise RecordError(f"source `{spec.name}`: `{chunk.path}` {unit} {number} {e}{skip}", e.reason) from None
             _count(counts, f"skipped:{e.reason}")
             if counts[f"skipped:{e.reason}"] <= SkipLog.LIMIT:
-                notes.append((e.reason, f"`{chunk.path}` {unit} {number}: {e}"))
+                told = re.sub(r",? or set `on_error: skip`( for this source)?", "", str(e))  # it is set
+                notes.append((e.reason, f"`{chunk.path}` {unit} {number}: {told}"))
             continue
         if not text:
             _count(counts, "dropped:empty")
