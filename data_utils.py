@@ -168,6 +168,7 @@ class SourceConfig:
     on_error: str = "raise"  # raise: stop with a message | skip: count, report and go on
     max_records: int | None = None  # read only the first N records (a quick run on a slice of a large source)
 
+    from_per_file = False  # expanded from a `per_file` entry (not a field: no part of keys or settings)
     FORMATS = ("auto", "text", "jsonl", "json", "csv", "tsv", "parquet")
     STRINGS = ((str, list), "a string or a list of strings")
     KEY_TYPES = {"path": STRINGS, "eval_path": STRINGS, "columns": ((list,), "a list of strings"),
@@ -213,11 +214,8 @@ class SourceConfig:
         spec = cls(**raw)
         if not spec.name:
             first = spec.hub or (spec.path if isinstance(spec.path, str) else spec.path[0])
-            spec.name = source_stem(Path(first.rstrip("/*"))) if spec.path else re.sub(r"\W+", "_", first).strip("_")
-            spec.name = spec.name or f"source{index}"
-        if re.search(r"[/\\]", spec.name):
-            raise DataError(f"{where}: name `{spec.name}` holds a path separator; it names cache folders and metrics "
-                            "(eval_<name>_ppl): use letters, digits, `_` or `-`.")
+            spec.name = re.sub(r"\W+", "_", Path(first.rstrip("/*")).stem if spec.path else first).strip("_")
+            spec.name = spec.name or f"source{index}"  # (kept as it was: the name prefixes stores and data plans)
         where = f"{where} ({spec.name})"
         if spec.weight is not None and not (isinstance(spec.weight, (int, float)) and spec.weight > 0):
             raise DataError(f"{where}: weight must be a number above 0 (a share of training tokens), got "
@@ -317,8 +315,12 @@ def parse_sources(raw_sources: Any) -> list[SourceConfig]:
         raise DataError("No data sources: set `sources:` in the config, e.g. `sources: [{path: data/}]`.")
     if not isinstance(raw_sources, list):
         raw_sources = [raw_sources]
-    raw_sources = [one for i, raw in enumerate(raw_sources) for one in sources_per_file(raw, i)]
-    specs = [SourceConfig.from_dict(raw, i) for i, raw in enumerate(raw_sources)]
+    specs = []
+    for i, raw in enumerate(raw_sources):
+        expanded = sources_per_file(raw, i)
+        for one in expanded:
+            specs.append(SourceConfig.from_dict(one, i))
+            specs[-1].from_per_file = isinstance(raw, dict) and raw.get("per_file") is True
     names = [s.name for s in specs]
     for name in names:
         if names.count(name) > 1:
@@ -3175,6 +3177,13 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         store.meta["files"] = inputs_now(store, inputs)
         stored.append((spec, store, hit, eval_store))
     fractions = [data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction for spec, *_ in stored]
+    for i, (spec, store, _, _) in enumerate(stored):
+        if spec.from_per_file and fractions[i] and (store.n_docs < 2 or fractions[i] * store.meta["n_tokens"] < 2 * block_size):
+            logger.warning("source `%s` (per_file): %s, %s: too small for an eval split of %.0f%% (at least two blocks "
+                           "of %d tokens expected): it trains whole, without an eval perplexity", spec.name,
+                           counted(store.n_docs, "document"), counted(store.meta["n_tokens"], "token"), 100 * fractions[i],
+                           block_size)
+            fractions[i] = 0.0
     views = DocumentViews.load_or_build(stored, fractions, dedup, seed, cache_dir, near_dedup) if stored else None
     if near_dedup and streamed:
         logger.warning("near_dedup covers the stored sources only: %s stream%s (exact dedup within the stream)",
@@ -3184,7 +3193,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
     for (spec, store, hit, explicit_eval), view in zip(stored, views.sources if views else []):
         eval_store = explicit_eval or store
         train = PackedBlocks(store, view.train_ids, block_size, document, cum=view.train_cum)
-        if len(train) == 0:
+        if len(train) == 0 and spec.from_per_file:
+            logger.warning("source `%s` (per_file): its %s make no block of %d: not trained on (add text to it, or "
+                           "lower `block_size`)", spec.name, counted(train.n_tokens, "token"), block_size)
+        elif len(train) == 0:
             n_held = len(view.eval_ids)
             held = f" ({n_held} of its documents {'is' if n_held == 1 else 'are'} held out for eval)" if n_held else ""
             raise DataError(f"source `{spec.name}`: {train.n_tokens} training tokens{held} make no block of "
@@ -3205,7 +3217,8 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                 raise DataError(f"source `{spec.name}`: its eval split has {counted(held_out.n_tokens, 'token')}, "
                                 f"fewer than one block of {block_size}. {more}, or lower `block_size`.")
             evals[spec.name] = capped_eval(held_out, max_eval_blocks, spec.name)
-        train_parts[spec.name] = train
+        if len(train):  # (a per_file source under one block has none: in the report, not in the mixture)
+            train_parts[spec.name] = train
         duplicates = view.meta["duplicates"]
         documents = len(view.train_ids) + len(view.eval_ids)
         tokens = train.n_tokens + (held_out.n_tokens if held_out is not None else 0)
@@ -3281,10 +3294,13 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         digests.save()
         excluded = np.unique(np.concatenate([np.zeros(0, np.uint64), *eval_hashes]).astype(np.uint64))
         sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document, excluded) if s.streaming
-                            else ShuffledBlocks(train_parts[s.name], seed)) for s in specs}
+                            else ShuffledBlocks(train_parts[s.name], seed)) for s in specs
+                   if s.streaming or s.name in train_parts}
         mixture = StreamingMixture(sources, weights, max_epochs, batch_size, workers)
         for name, share in zip(mixture.names, mixture.share):
             report_sources[name]["share_of_training_tokens"] = round(float(share), 4)
+        for entry in report_sources.values():
+            entry.setdefault("share_of_training_tokens", 0.0)  # a per_file source under one block
         train_set = mixture.as_torch_dataset()
         report = {"block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
                   "dedup": dedup, "near_dedup": near_dedup, "mixture": "token weights, streaming",
@@ -3298,6 +3314,8 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
             weight=weights[name] if weights else None, mixture_blocks=int(train_set.counts[i]),
             share_of_training_tokens=round(float(train_set.counts[i]) / len(train_set), 4),
             epochs_per_mixture=round(float(train_set.epochs[i]), 3))
+    for entry in report_sources.values():
+        entry.setdefault("share_of_training_tokens", 0.0)  # a per_file source under one block
         if train_set.epochs[i] > max_epochs:
             logger.warning("source `%s`: its weight repeats its %s %.1f times per pass over the mixture "
                            "(more than max_source_epochs %s): the model may memorise it. Lower its weight or add "

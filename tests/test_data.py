@@ -95,8 +95,28 @@ def test_per_file_makes_each_file_and_folder_of_a_directory_a_source(tmp_path, c
                            ({"path": str(d / "cases.txt")}, "needs `path` to be one directory")):
         with pytest.raises(DataError, match=message):
             data_utils.parse_sources([{"path": str(d), "per_file": True, **extra}])
-    with pytest.raises(DataError, match="name `a/b` holds a path separator"):
-        data_utils.parse_sources([{"path": str(d), "name": "a/b"}])
+    with pytest.raises(DataError, match=r"sources\[1\] \(m\): weight must be a number above 0"):  # the config's entry
+        data_utils.parse_sources([{"path": str(d), "per_file": True}, {"path": str(d / "wiki"), "name": "m",
+                                                                         "weight": -1}])
+
+
+def test_a_per_file_source_too_small_to_split_or_pack_trains_whole_or_is_reported(tmp_path, tokenizer, caplog):
+    """A few lines dropped into data/ stopped the default config's run (an eval split under one block, or no
+    block at all), with fixes (`eval_path`) that per_file refuses."""
+    d = tmp_path / "data"
+    make_text_corpus(d, "big.txt", repeat=30)
+    (d / "notes.txt").write_text("\n".join(f"短句{i}号" for i in range(8)), encoding="utf-8")
+    (d / "one.txt").write_text("只有一行", encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        data = build(tmp_path, tokenizer, [{"path": str(d), "per_file": True}], eval_fraction=0.1)
+    sources = data.report["sources"]
+    assert sources["big"]["eval_blocks"] > 0 and "notes" not in data.eval and "one" not in data.eval
+    assert sources["notes"]["eval_documents"] == 0 and sources["notes"]["train_documents"] == 8
+    assert sources["one"]["train_blocks"] == 0 and sources["one"]["share_of_training_tokens"] == 0.0
+    assert "source `notes` (per_file): 8 documents" in caplog.text and "it trains whole" in caplog.text
+    assert "source `one` (per_file): its 9 tokens make no block of 16: not trained on" in caplog.text
+    with pytest.raises(DataError, match="source `one`: 9 training tokens make no block"):  # named sources: stop
+        build(tmp_path, tokenizer, [{"path": str(d / "big.txt")}, {"path": str(d / "one.txt")}])
 
 
 @pytest.mark.parametrize("setup,message", [
