@@ -646,6 +646,8 @@ def load_tokenizer(model_args: ModelArguments, data_args: DataArguments, trainin
             data_args.sources, data_args.cache_dir, model_args.tokenizer_vocab_size, model_args.tokenizer_model_type,
             model_args.tokenizer_character_coverage), in_turns=training_args, what="train the tokenizer"))
         logger.info("tokenizer: %s (SentencePiece %s, trained on the sources)", source, model_args.tokenizer_model_type)
+    if source == model_args.model_name_or_path:
+        check_model_directory(source)  # before its tokenizer is looked for there
     with hub_access(source, "tokenizer" if source != model_args.model_name_or_path else "model"):
         try:
             tokenizer = AutoTokenizer.from_pretrained(source, revision=model_args.model_revision,
@@ -2748,7 +2750,7 @@ def on_every_rank(work, in_turns: PretrainingArguments | None = None, what: str 
     raise every_rank({"ConfigError": ConfigError, "DataError": DataError}.get(kind, RankFailure)(text))
 
 
-def tell_the_other_ranks(argv: list[str], error: ConfigError) -> None:
+def tell_the_other_ranks(argv: list[str], error: Exception) -> None:
     """A rank whose settings do not parse (its node lacks the config file, or has another version of a package)
     stops before the process group forms, where the other ranks, whose settings parsed, would wait for it until
     ddp_timeout (30 minutes). It joins the group as they did, and the first gather of start_decisions tells them."""
@@ -2758,10 +2760,14 @@ def tell_the_other_ranks(argv: list[str], error: ConfigError) -> None:
         if not distributed():
             from accelerate import PartialState
 
-            argv = [a.lower() for a in argv]
+            options, _ = split_local_rank(argv)
+            config = {}
+            with contextlib.suppress(Exception):  # its use_cpu, if the file reads
+                config = yaml.safe_load(Path(options[0]).read_text(encoding="utf-8")) if options else {}
+            options = [a.lower() for a in options]
             on_cpu = not torch.cuda.is_available() or any(
-                a == "--use_cpu=true" or a == "--use_cpu" and argv[i + 1:i + 2] in ([], ["true"])
-                for i, a in enumerate(argv))
+                a == "--use_cpu=true" or a == "--use_cpu" and options[i + 1:i + 2] in ([], ["true"])
+                for i, a in enumerate(options)) or isinstance(config, dict) and config.get("use_cpu") is True
             PartialState(cpu=on_cpu, timeout=datetime.timedelta(seconds=300))  # as TrainingArguments sets it up
         from_every_rank((socket.gethostname(), str(error)))
     except Exception as e:  # the others gone too: this rank's own error still stops it
@@ -2907,7 +2913,7 @@ def train(argv: list[str]) -> dict:
     try:
         refuse_restarts_on_a_shared_store()
         model_args, data_args, training_args = parse_args(argv)
-    except ConfigError as e:
+    except (ConfigError, DataError) as e:  # (DataArguments checks its sources as it parses)
         tell_the_other_ranks(argv, e)
         raise every_rank(e)  # every rank parses the same command line: printed once per node
     setup_logging(training_args, data_args)

@@ -278,9 +278,8 @@ def test_training_into_the_continued_models_directory_is_refused(tmp_path, base_
 def test_a_model_directory_without_a_model_is_named_with_what_it_holds(tmp_path, base_model, tokenizer, monkeypatch):
     """A LoRA adapter's directory, or the folder above the model: a traceback ("Unrecognized model") before; a
     missing `models/...` (the README's layout) was taken for a hub id and its download advice was wrong."""
-    def build(path):
-        model, _, _ = pretrain.parse_args(["--model_name_or_path", str(path)])
-        return pretrain.create_model(model, tokenizer)
+    def build(path):  # as a run does: the tokenizer from the model's directory first
+        pretrain.load_tokenizer(*pretrain.parse_args(["--model_name_or_path", str(path)]))
 
     adapter = tmp_path / "adapter"
     adapter.mkdir()
