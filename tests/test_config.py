@@ -275,7 +275,7 @@ def test_training_into_the_continued_models_directory_is_refused(tmp_path, base_
         pretrain.check_output_dir_writable(training, model)
 
 
-def test_a_model_directory_without_a_model_is_named_with_what_it_holds(tmp_path, base_model, tokenizer, monkeypatch):
+def test_a_model_directory_without_a_model_is_named_with_what_it_holds(tmp_path, base_model, monkeypatch):
     """A LoRA adapter's directory, or the folder above the model: a traceback ("Unrecognized model") before; a
     missing `models/...` (the README's layout) was taken for a hub id and its download advice was wrong."""
     def build(path):  # as a run does: the tokenizer from the model's directory first
