@@ -44,6 +44,7 @@ from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsA
                           Trainer, TrainerCallback, TrainingArguments, default_data_collator, set_seed)
 from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.utils import is_torch_bf16_gpu_available
 
 import data_utils
 from data_utils import DataError, atomic_write_text, closest_key_hint
@@ -255,9 +256,12 @@ class DataArguments:
 
 
 def gpu_has_bf16() -> bool:
-    """A GPU with bfloat16 units (Ampere and later). torch's is_bf16_supported() also says yes where it only
-    emulates bf16 (V100, T4): slower than fp32 there, and far from the peak MFU is measured against."""
-    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+    """An accelerator with bfloat16 units: on CUDA Ampere and later (torch's is_bf16_supported() also says yes
+    where it only emulates bf16, on a V100 or T4: slower than fp32 there, and far from the peak MFU is measured
+    against); other accelerators (MPS, XPU, NPU, ...) as transformers checks them."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return is_torch_bf16_gpu_available()
 
 
 @dataclass

@@ -264,6 +264,10 @@ def test_bf16_asked_for_trains_on_the_cpu_where_there_is_no_gpu_and_is_refused_o
     # torch says a V100 supports bf16 unless asked about bf16 units: it emulates it, slower than fp32
     monkeypatch.setattr(pretrain.torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     assert not pretrain.gpu_has_bf16()
+    monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: False)  # another accelerator (MPS, XPU, ...)
+    monkeypatch.setattr(pretrain, "is_torch_bf16_gpu_available", lambda: True)
+    assert pretrain.gpu_has_bf16()
+    monkeypatch.setattr(pretrain.torch.cuda, "is_available", lambda: True)
     with pytest.raises(ConfigError, match=r"this GPU \(Tesla V100-SXM2-32GB\) has no bfloat16.*mixed_precision: fp16"):
         pretrain.parse_args(["--mixed_precision", "bf16"])
 
