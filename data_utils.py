@@ -1665,12 +1665,7 @@ def format_chunk(spec: SourceConfig, chunk: Chunk) -> tuple[list[str], list[int]
                 raise not_an_object(obj, chunk)
             else:
                 text = render(obj)
-                missing = record_missing_fields(fields, obj)
-                if fields and len(missing) == len(fields) and not any(f in obj for f in fields):
-                    raise RecordError(f"has none of the fields the source's template names ({', '.join(fields)}); "
-                                      f"its fields are {_fields_present(obj)}. Name this data's fields in the "
-                                      "template.", "missing_field")
-                for name in missing:
+                for name in record_missing_fields(fields, obj):
                     _count(counts, f"missing_field:{name}")
             text = clean_text(text, spec)
             if len(text) > spec.max_document_chars:
@@ -2232,7 +2227,10 @@ def spec_label(spec: SourceConfig) -> str:
 
 
 def no_text_left(spec: SourceConfig, label: str, counts: dict[str, int]) -> DataError:
-    check = "the template's fields" if spec.template is not None else "`text_field`"
+    missing = [k.split(":", 1)[1] for k, n in counts.items() if k.startswith("missing_field:") and
+               n == counts.get("records")]
+    check = (f"the template's fields ({', '.join(f'`{m}`' for m in missing)} in no record)" if missing else
+             "the template's fields") if spec.template is not None else "`text_field`"
     return DataError(f"source `{spec.name}`: no text left in {label} (counts: {counts}). Check {check}, "
                      "`min_chars` and the files' content (`python data_utils.py preview CONFIG` shows the texts).")
 

@@ -253,9 +253,14 @@ def test_a_template_that_fits_no_record_is_named_and_preview_and_convert_say_no_
     data = tmp_path / "alpaca.json"
     data.write_text(json.dumps([{"instruction": "问", "input": "", "output": "答"}] * 3), encoding="utf-8")
     record = {"path": str(data), "template": {"type": "record", "fields": ["name", "desc"]}}
-    with pytest.raises(DataError, match=r"record 1 has none of the fields the source's template names \(name, "
-                                        r"desc\); its fields are `instruction`, `input`, `output`"):
-        list(data_utils.iter_texts(SourceConfig.from_dict(record, 0)))
+    stray = [{"name": "高血压", "desc": "血压高"}, {"meta": 1}]  # one stray record: counted, not an error
+    (tmp_path / "kg.json").write_text(json.dumps(stray, ensure_ascii=False), encoding="utf-8")
+    assert len(list(data_utils.iter_texts(SourceConfig.from_dict({**record, "path": str(tmp_path / "kg.json")}, 0)))) == 1
+    config = tmp_path / "r.yaml"
+    config.write_text(json.dumps({"tokenizer_name_or_path": str(tokenizer_dir), "output_dir": str(tmp_path / "o"),
+                                  "sources": [record]}), encoding="utf-8")
+    assert data_utils.main(["preview", str(config)]) == 2
+    assert "Check the template's fields (`name`, `desc` in no record)" in capsys.readouterr().err
     short = tmp_path / "short.jsonl"
     short.write_text('{"text": "短"}\n' * 3, encoding="utf-8")
     config = tmp_path / "c.yaml"
