@@ -1200,8 +1200,12 @@ def detect_format(path: Path, declared: str, encoding: str, text_field: str = "t
             if matching >= 0.9 * (len(rows) - 1):  # a ragged row is then the reader's `bad_row`, named
                 return fmt
     filled = [line for line in whole if line.strip()]
-    if columns or (len(filled) >= 2 and filled[0].strip().strip('"').strip() == text_field):
-        return "tsv" if "\t" in filled[0] else "csv"  # one column: its quotes and line breaks are the table's
+    if columns:
+        return "tsv" if "\t" in filled[0] else "csv"
+    if len(filled) >= 2 and filled[0].strip().strip('"').strip() == text_field:
+        with contextlib.suppress(csv.Error):  # one column: its quotes and line breaks are the table's
+            if all(len(row) == 1 for row in csv.reader(whole) if row):
+                return "csv"
     return "text"
 
 

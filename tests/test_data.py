@@ -778,6 +778,8 @@ def test_a_one_column_table_is_read_as_a_table_not_as_lines(tmp_path):
     assert data_utils.detect_format(tmp_path / "c.txt", "auto", "utf-8") == "csv"
     (tmp_path / "d.txt").write_text("content\n高血压\n", encoding="utf-8")  # another field: lines of text
     assert texts_of({"path": str(tmp_path / "d.txt")}) == ["content", "高血压"]
+    (tmp_path / "e.txt").write_text("text\nHello, world.\n", encoding="utf-8")  # an unquoted comma: not one column
+    assert texts_of({"path": str(tmp_path / "e.txt")}) == ["text", "Hello, world."]
 
 
 def test_format_detection_reads_a_bounded_sample(tmp_path):
