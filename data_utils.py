@@ -1404,6 +1404,9 @@ def _grouped_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk
         return
     for _, file_chunks in itertools.groupby(chunks, key=lambda chunk: chunk.file_index):
         first = next(file_chunks)
+        if first.fmt == "empty":  # counted as skipped by format_chunk
+            yield first
+            continue
         articles = LINE_GROUPS[spec.group](_text_lines(itertools.chain([first], file_chunks), spec))
         while part := list(itertools.islice(articles, CHUNK_LINES)):
             yield Chunk(first.file_index, first.path, "article", first.encoding, part[0][0], part,

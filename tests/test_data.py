@@ -138,6 +138,11 @@ def test_empty_files_are_skipped_and_counted_under_the_skip_policy(tmp_path, tok
     with pytest.raises(DataError, match="b.jsonl` is empty. Remove it or fill it, or set `on_error: skip`"):
         texts_of({"path": str(tmp_path / "d")})
     assert texts_of({"path": str(tmp_path / "d"), "on_error": "skip"}) == ["高血压是常见病"]
+    for group in (None, "paragraph"):
+        spec = SourceConfig.from_dict({"path": str(tmp_path / "d"), "on_error": "skip", "group": group}, 0)
+        counts = [data_utils.format_chunk(spec, chunk)[2] for chunk in data_utils.read_chunks(
+            data_utils.SourceInput.open(spec), spec)]
+        assert sum(c.get("skipped:empty_file", 0) for c in counts) == 1, group
     data = build(tmp_path, tokenizer, [{"path": str(tmp_path / "d"), "on_error": "skip", "name": "d"}], block_size=4)
     assert data.report["sources"]["d"]["skipped"] == {"empty_file": 1}
 
