@@ -1187,8 +1187,9 @@ def detect_format(path: Path, declared: str, encoding: str, text_field: str = "t
         except ValueError:
             pass
         raise DataError(f"file `{path}` starts with `{{` but its first line is not a JSON object: "
-                        "a pretty-printed JSON object is not a supported layout. Write one JSON object "
-                        "per line (jsonl), a JSON array, or set `format: text` for this source.")
+                        "a pretty-printed JSON object. If it holds the records as a list under one of its fields "
+                        "(`{\"data\": [...]}`), set `records_field` to that field; else write one JSON object per line "
+                        "(jsonl) or a JSON array, or set `format: text` for this source.")
     whole = lines[:-1] if cut_off else lines
     for fmt, sep in (("tsv", "\t"), ("csv", ",")):
         try:

@@ -156,6 +156,9 @@ def test_a_json_object_holding_the_records_is_read_with_records_field(tmp_path):
     with pytest.raises(DataError, match="line 1 has no field `text`; its fields are `version`, `data`.* If the "
                                         "file is one JSON object whose `data` holds the records, set `records_field: data`"):
         texts_of({"path": str(tmp_path / "one_line.json")})
+    with pytest.raises(DataError, match="a pretty-printed JSON object. If it holds the records as a list under one of "
+                                        "its fields .*set `records_field` to that field"):
+        texts_of({"path": str(tmp_path / "pretty.json")})
     with pytest.raises(DataError, match=r"`records_field: rows` names no list of records: its object's fields are "
                                         "`version`, `data`"):
         texts_of({"path": str(tmp_path / "pretty.json"), "records_field": "rows"})
