@@ -222,6 +222,9 @@ class SourceConfig:
                             f"{spec.weight!r}. Remove the source instead of giving it weight 0.")
         if spec.group is not None and spec.group not in LINE_GROUPS:
             raise DataError(f"{where}: group `{spec.group}` is not known: use {', '.join(LINE_GROUPS)}.")
+        if spec.group in ("paragraph", "document") and spec.hub not in (None, "text"):
+            raise DataError(f"{where}: group `{spec.group}` on a hub source needs `hub: text` (its builder groups each "
+                            "file's lines; rows of other builders do not say where a file ends).")
         if spec.group is not None and spec.template is not None:
             raise DataError(f"{where}: `group` joins lines (or `text_field` values) into documents, `template` "
                             "renders whole records: use one.")
@@ -553,21 +556,29 @@ def local_hub_files(directory: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
-def hub_files_encoding(spec: SourceConfig, local_files: list[Path]) -> str:
-    """The encoding `datasets` reads a `hub: text|json|csv` source's files in: `encoding`, or under `auto` the one
-    detected in its local files (GBK text read as UTF-8 fails mid-read), which must agree; remote ones: UTF-8."""
-    if spec.encoding != "auto":
-        return spec.encoding
+def hub_files_encoding(spec: SourceConfig, local_files: list[Path]) -> str | None:
+    """The encoding `datasets` should read a hub source's text files (json, csv, text) in where it is not UTF-8,
+    its default: `encoding`, or under `auto` the one detected in its local files (GBK text read as UTF-8 fails
+    mid-read), which must agree (ASCII files agree with any). None: UTF-8, passed as no option at all, so the
+    `datasets` cache of a source read before stays valid."""
     found = {}
-    for path in local_files:
-        encoding = detect_encoding(path, "auto")
-        found.setdefault(codecs.lookup(encoding).name, path)
+    if spec.encoding != "auto":
+        found[codecs.lookup(spec.encoding).name] = None
+    else:
+        for path in local_files:
+            if not is_data_file(path) or path.suffix.lower() == ".parquet":
+                continue
+            with open_input(path) as (f, _):
+                if f.read(1 << 20).isascii():
+                    continue
+            found.setdefault(codecs.lookup(detect_encoding(path, "auto")).name, path)
     if len(found) > 1:
         (first, a), (second, b) = list(found.items())[:2]
         raise DataError(f"source `{spec.name}`: its data files are in different encodings (`{a}` {first}, `{b}` "
                         f"{second}), and `datasets` reads them all in one. Convert them to one, or read them with "
                         "`path:` (each file in its own encoding).")
-    return next(iter(found), "utf-8")
+    encoding = next(iter(found), "utf-8")
+    return None if encoding == "utf-8" else encoding
 
 
 def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], cache_dir: Path | None = None):
@@ -603,15 +614,20 @@ def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], ca
     logger.info("source `%s`: loading hub dataset %s (config %s, split %s)%s", spec.name, name, spec.hub_config,
                 split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)"
                 if offline and spec.hub not in PACKAGED_BUILDERS else "")  # a builder's files are local here
-    options = {"encoding": hub_files_encoding(spec, local_files)} if spec.hub in ("text", "json", "csv") else {}
+    options = {}
+    if spec.hub in ("text", "json", "csv") or local:  # a local directory: its files' builder takes it too
+        encoding = hub_files_encoding(spec, local_files)
+        options.update({"encoding": encoding} if encoding else {})
+    elif spec.encoding != "auto" and codecs.lookup(spec.encoding).name != "utf-8":
+        raise DataError(f"source `{spec.name}`: `encoding` applies to files read by this toolkit (`path:`), to "
+                        f"`hub: text`, `json` or `csv` and to local hub directories; hub dataset `{spec.hub}` is read "
+                        "by its own builder. Drop `encoding`.")
     if spec.records_field is not None:
         if spec.hub != "json":
             raise DataError(f"source `{spec.name}`: `records_field` applies to JSON files (`path:`, or `hub: json`).")
         options["field"] = spec.records_field
-    if spec.encoding != "auto" and not options:
-        raise DataError(f"source `{spec.name}`: `encoding` applies to files read by this toolkit (`path:`) and to "
-                        f"`hub: text`, `json` or `csv` with `data_files`; hub dataset `{spec.hub}` is read by its own "
-                        "builder. Drop `encoding`.")
+    if spec.hub == "text" and spec.group in ("paragraph", "document"):
+        options["sample_by"] = spec.group  # the builder knows where its files end; rows of several files do not
     try:
         with offline_hub() if offline else contextlib.nullcontext():
             return datasets.load_dataset(name, spec.hub_config, split=split, revision=spec.revision,
@@ -1400,8 +1416,8 @@ def read_chunks(inputs: "SourceInput | list[Path]", spec: SourceConfig) -> Itera
 
 def _grouped_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk]:
     chunks = _read_raw_chunks(inputs, spec)
-    if spec.group is None:
-        yield from chunks
+    if spec.group is None or inputs.dataset is not None and spec.group in ("paragraph", "document"):
+        yield from chunks  # (a hub text builder's sample_by grouped them, file by file)
         return
     for _, file_chunks in itertools.groupby(chunks, key=lambda chunk: chunk.file_index):
         first = next(file_chunks)

@@ -373,8 +373,31 @@ def test_hub_builders_read_local_files_in_their_encoding(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"its data files are in different encodings \(`.*gbk.txt` gb18030, "
                                         r"`.*utf8.txt` utf-8\)"):
         texts_of({**source, "data_files": [str(tmp_path / "gbk.txt"), str(tmp_path / "utf8.txt")]})
+    (tmp_path / "ascii.txt").write_text("Hypertension\n", encoding="ascii")  # ASCII: one with any of them
+    assert texts_of({**source, "data_files": [str(tmp_path / "ascii.txt"), str(tmp_path / "gbk.txt")]}) == [
+        "Hypertension", *lines]
     with pytest.raises(DataError, match="hub dataset `shibing624/medical` is read by its own builder. Drop `encoding`"):
         texts_of({"name": "m", "hub": "shibing624/medical", "encoding": "gbk"})
+    hub_dir = tmp_path / "hubdir"  # a local directory in hub layout (hub_local_dir copies are)
+    hub_dir.mkdir()
+    (hub_dir / "train.txt").write_bytes("\n".join(lines).encode("gbk"))
+    assert texts_of({"name": "d", "hub": str(hub_dir)}) == lines
+    assert texts_of({"name": "d", "hub": str(hub_dir), "encoding": "gbk"}) == lines
+
+
+def test_hub_text_groups_each_files_lines_not_the_rows_of_several(tmp_path, monkeypatch):
+    from test_data import texts_of
+
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf"))
+    (tmp_path / "a.txt").write_text("高血压\n病因\n\n治疗\n", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("糖尿病\n病因\n", encoding="utf-8")
+    files = [str(tmp_path / "a.txt"), str(tmp_path / "b.txt")]
+    for streaming in (False, True):
+        source = {"name": "h", "hub": "text", "data_files": files, "streaming": streaming}
+        assert texts_of({**source, "group": "document"}) == ["高血压\n病因\n\n治疗", "糖尿病\n病因"]
+        assert texts_of({**source, "group": "paragraph"}) == ["高血压\n病因", "治疗", "糖尿病\n病因"]
+    with pytest.raises(DataError, match="group `document` on a hub source needs `hub: text`"):
+        texts_of({"name": "j", "hub": "json", "data_files": files, "group": "document"})
 
 
 def test_missing_local_data_files_are_named(tmp_path, tokenizer):
