@@ -703,8 +703,14 @@ def grow_embeddings(model, tokenizer, model_args: ModelArguments) -> list[int]:
     new_ids = [*range(first_new, len(tokenizer)), *range(max(rows, len(tokenizer)), total)]
     pieces = {}
     if base_tokenizer is not None and model_args.new_token_init == "subword_mean":
+        base_vocab = base_tokenizer.get_vocab()
         for new_id in range(first_new, len(tokenizer)):
-            ids = base_tokenizer(tokenizer.decode([new_id]), add_special_tokens=False)["input_ids"]
+            text = tokenizer.decode([new_id])
+            if "\ufffd" in text:  # part of a character (byte-level BPE builds a character from such tokens): the
+                token = tokenizer.convert_ids_to_tokens(new_id)  # base's tokens of its bytes, one per symbol
+                ids = [base_vocab[c] for c in token] if all(c in base_vocab for c in token) else []
+            else:
+                ids = base_tokenizer(text, add_special_tokens=False)["input_ids"]
             pieces[new_id] = [i for i in ids if i < first_new]
     gather = contextlib.nullcontext()
     if is_deepspeed_zero3_enabled():

@@ -137,6 +137,35 @@ def test_unknown_base_is_a_clear_error(tmp_path, bases):
         vocab.extend_tokenizer(tmp_path / "empty", bases[2], tmp_path / "out")
 
 
+def test_new_byte_level_tokens_that_are_part_of_a_character_start_at_their_bytes_rows(bases, micro_model_config,
+                                                                                     tmp_path):
+    """Byte-level BPE spells a new character through tokens of part of its bytes (`ä¸`), which decode to U+FFFD:
+    their rows all started at the mean of U+FFFD's three bytes."""
+    from transformers import AutoTokenizer
+
+    import pretrain
+
+    base_dir, families, chinese = bases
+    out = tmp_path / "extended"
+    vocab.extend_tokenizer(families["byte-level BPE"], chinese, out)
+    base, extended = AutoTokenizer.from_pretrained(families["byte-level BPE"]), AutoTokenizer.from_pretrained(out)
+    spec = json.loads(micro_model_config.read_text())
+    (tmp_path / "model.json").write_text(json.dumps({**spec, "vocab_size": len(base), "tie_word_embeddings": False}))
+    model = pretrain.build_model(pretrain.parse_args(["--model_config", str(tmp_path / "model.json")])[0], base, 32)
+    model.save_pretrained(tmp_path / "base_model")
+    base.save_pretrained(tmp_path / "base_model")
+    old_rows = model.get_input_embeddings().weight.detach().clone()
+    args = pretrain.parse_args(["--model_name_or_path", str(tmp_path / "base_model"), "--tokenizer_name_or_path",
+                                str(out)])[0]
+    rows = pretrain.build_model(args, extended, 32).get_input_embeddings().weight.detach()
+    partial = [i for i in range(len(base), len(extended)) if "\ufffd" in extended.decode([i])]
+    assert len(partial) > 10
+    base_vocab = base.get_vocab()
+    for new_id in partial:
+        own = [base_vocab[symbol] for symbol in extended.convert_ids_to_tokens(new_id)]
+        assert torch.allclose(rows[new_id], old_rows[own].mean(0)), extended.convert_ids_to_tokens(new_id)
+
+
 def test_continued_pretraining_with_an_extended_tokenizer(bases, micro_model_config, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

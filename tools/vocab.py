@@ -12,7 +12,9 @@ with their own inputs and outputs; pretrain.py only needs their result, a tokeni
 resizes and initialises the model's embeddings for it (pretrain.build_model).
 
 Extending keeps every base token's id and text, appends the new ones, and leaves the tokenization of
-text containing none of the new pieces (their characters included) unchanged, for both tokenizer families:
+text containing none of the new pieces (their characters included) unchanged, for both tokenizer families
+(byte-level: where its characters are whole base tokens; one the base spells in bytes may use the new
+part-of-a-character tokens that spell another character with the same leading bytes):
   * SentencePiece-model tokenizers (Llama-2 style, tokenizer.model): new pieces are appended to the
     model proto (as Chinese-LLaMA does, but scored below every base piece, in their own order, so the
     base merges keep their priority; in a BPE model each with the characters and intermediate pieces a
