@@ -2621,8 +2621,8 @@ def near_duplicate_flags(stores: list[TokenStore], keep: list[np.ndarray], thres
     try:
         for j, i, identical, sj, dj, si, di, set_of in tqdm(in_order(), desc="near dedup: verifying", unit="pair",
                                                             mininterval=1):
-            if identical or not (flags[i] and flags[j]):
-                continue
+            if identical or not (flags[i] and flags[j]) or si >= n_train and sj >= n_train and si != sj:
+                continue  # (two sources' eval sets may share texts, as exact dedup lets them)
             a, b = set_of(i), set_of(j)
             shared = len(np.intersect1d(a, b, assume_unique=True))
             if shared >= threshold * (len(a) + len(b) - shared):

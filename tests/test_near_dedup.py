@@ -102,6 +102,24 @@ def test_near_copies_are_removed_in_order_and_counted_like_brute_force(tmp_path)
     assert not (tmp_path / "work").exists()
 
 
+def test_two_sources_eval_sets_may_share_near_copies_as_exact_ones(tmp_path):
+    """Exact dedup compares an eval set with itself and with training, not with another source's eval set:
+    near dedup removed near copies there (more harshly than exact copies), counted as near_within_eval."""
+    rng = np.random.default_rng(3)
+    train = [rng.integers(0, 5000, 100).tolist() for _ in range(5)]
+    shared = rng.integers(0, 5000, 100).tolist()
+    near = list(shared)
+    near[50] = 9999
+    own_copy = list(near)
+    own_copy[10] = 9998
+    stores = fake_stores(tmp_path, [train, [shared], [near, own_copy]])
+    keep = [np.ones(n, dtype=bool) for n in (5, 1, 2)]
+    counts, _ = data_utils.near_duplicate_flags(stores, keep, 0.8, 3, tmp_path / "work", n_train=1,
+                                                skip_identical=True)
+    assert keep[2].tolist() == [True, False]  # the near copy of the other source's eval text stays; its own goes
+    assert counts[2] == {"near_within_eval": 1, "near_eval_of_train": 0}
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.lists(st.lists(st.integers(0, 5), min_size=1, max_size=12), min_size=1, max_size=8),
                 min_size=1, max_size=3), st.sampled_from([0.5, 0.8, 1.0]), st.integers(1, 3), st.integers(1, 4))
