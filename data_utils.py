@@ -2689,8 +2689,8 @@ class DocumentViews:
             {"name": spec.name, "store": store.dir.name, "eval_store": explicit.dir.name if explicit else None,
              "eval_fraction": None if explicit else fraction}
             for (spec, store, _, explicit), fraction in zip(stored, fractions)]}
-        if near_dedup:
-            material["near_dedup"] = near_dedup
+        if near_dedup:  # ("eval_sets_apart": views from before two sources' eval sets were left apart are rebuilt)
+            material["near_dedup"] = {**near_dedup, "eval_sets_apart": True}
         key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()[:20]
         directory = cache_dir / "views" / key
         names = [spec.name for spec, *_ in stored]
