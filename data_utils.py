@@ -270,11 +270,28 @@ def source_stem(path: Path) -> str:
     return re.sub(r"\W+", "_", name).strip("_")
 
 
-def sources_per_file(raw: Any, index: int) -> list:
+def paths_named_by(raw_sources: list) -> set[Path]:
+    """The files and folders the entries other than `per_file` ones name in `path` or `eval_path` (globs
+    expanded), resolved."""
+    named = set()
+    for raw in raw_sources:
+        if isinstance(raw, dict) and raw.get("per_file") is True:
+            continue
+        values = [raw] if isinstance(raw, str) else [raw.get("path"), raw.get("eval_path")] if isinstance(raw, dict) else []
+        for value in values:
+            for pattern in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
+                pattern = os.path.expanduser(str(pattern))
+                for match in globlib.glob(pattern, recursive=True) if globlib.has_magic(pattern) else [pattern]:
+                    named.add(Path(match).resolve())
+    return named
+
+
+def sources_per_file(raw: Any, index: int, named: set[Path] = frozenset()) -> list:
     """A `per_file: true` directory source -> one source per data file directly in the directory and per folder
     in it (all data files below), named by it, each with the entry's other settings: files dropped into data/
-    train under the default config, each with its own eval perplexity. Left out: dot-files, and a `hub` folder
-    (where hub datasets are downloaded, read through `hub:` sources)."""
+    train under the default config, each with its own eval perplexity. Left out: dot-files, a `hub` folder
+    (where hub datasets are downloaded, read through `hub:` sources), and what other entries name (`named`:
+    a file given its own settings, another source's eval files), which would otherwise be read twice."""
     if not isinstance(raw, dict) or "per_file" not in raw:
         return [raw]
     where, settings = f"sources[{index}]", {k: v for k, v in raw.items() if k != "per_file"}
@@ -292,8 +309,13 @@ def sources_per_file(raw: Any, index: int) -> list:
                         f"to {os.getcwd()}).{started_elsewhere_hint(raw.get('path', ''))}")
     entries, names, others = [], set(), []
     for entry in sorted(directory.iterdir()):
-        if entry.name.startswith(".") or entry.is_dir() and entry.name == "hub":
+        if entry.name.startswith(".") or entry.is_dir() and entry.name == "hub" or entry.resolve() in named:
             continue
+        inside = sorted(str(p) for p in named if entry.is_dir() and p.is_relative_to(entry.resolve()))
+        if inside:
+            raise DataError(f"{where}: `{inside[0]}`, which another source names, lies in folder `{entry}`, which "
+                            "`per_file` reads as one source: it would be read twice. Give that folder a source entry "
+                            "of its own (its files listed), or move the file out of it.")
         if entry.is_file() and not is_data_file(entry) or entry.is_dir() and not any(
                 p.is_file() and is_data_file(p) for p in entry.rglob("*")):
             others.append(entry.name)
@@ -318,9 +340,11 @@ def parse_sources(raw_sources: Any) -> list[SourceConfig]:
         raise DataError("No data sources: set `sources:` in the config, e.g. `sources: [{path: data/}]`.")
     if not isinstance(raw_sources, list):
         raw_sources = [raw_sources]
-    specs = []
+    specs, named = [], None
     for i, raw in enumerate(raw_sources):
-        expanded = sources_per_file(raw, i)
+        if named is None and isinstance(raw, dict) and raw.get("per_file") is True:
+            named = paths_named_by(raw_sources)
+        expanded = sources_per_file(raw, i, named or frozenset())
         for one in expanded:
             specs.append(SourceConfig.from_dict(one, i))
             specs[-1].from_per_file = isinstance(raw, dict) and raw.get("per_file") is True

@@ -100,6 +100,23 @@ def test_per_file_makes_each_file_and_folder_of_a_directory_a_source(tmp_path, c
                                                                          "weight": -1}])
 
 
+def test_per_file_leaves_out_what_other_sources_name(tmp_path):
+    """A file given its own settings beside `per_file` (a jsonl whose text is in `content`), or another source's
+    eval file, was read twice: trained on as well."""
+    d = tmp_path / "data"
+    (d / "books").mkdir(parents=True)
+    for name in ("a.txt", "cases.jsonl", "dev.txt", "books/ch1.txt"):
+        (d / name).write_text('{"content": "x"}\n' if name.endswith("jsonl") else "x\n", encoding="utf-8")
+    specs = data_utils.parse_sources([{"path": str(d), "per_file": True},
+                                      {"path": str(d / "cases.jsonl"), "text_field": "content"},
+                                      {"path": str(tmp_path / "other.txt"), "eval_path": str(d / "dev.txt")}])
+    assert [(s.name, Path(s.path).name) for s in specs] == [("a", "a.txt"), ("books", "books"), ("cases", "cases.jsonl"),
+                                                            ("other", "other.txt")]
+    with pytest.raises(DataError, match="ch1.txt`, which another source names, lies in folder `.*books`, which "
+                                        "`per_file` reads as one source"):
+        data_utils.parse_sources([{"path": str(d), "per_file": True}, {"path": str(d / "books" / "ch1.txt")}])
+
+
 def test_a_per_file_source_too_small_to_split_or_pack_trains_whole_or_is_reported(tmp_path, tokenizer, caplog):
     """A few lines dropped into data/ stopped the default config's run (an eval split under one block, or no
     block at all), with fixes (`eval_path`) that per_file refuses."""
