@@ -3340,13 +3340,10 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         digests.save()
         excluded = np.unique(np.concatenate([np.zeros(0, np.uint64), *eval_hashes]).astype(np.uint64))
         sources = {s.name: (StreamedSource(s, info, block_size, dedup, cache_dir, document, excluded) if s.streaming
-                            else ShuffledBlocks(train_parts[s.name], seed)) for s in specs
-                   if s.streaming or s.name in train_parts}
+                            else ShuffledBlocks(train_parts[s.name], seed)) for s in specs}
         mixture = StreamingMixture(sources, weights, max_epochs, batch_size, workers)
         for name, share in zip(mixture.names, mixture.share):
             report_sources[name]["share_of_training_tokens"] = round(float(share), 4)
-        for entry in report_sources.values():
-            entry.setdefault("share_of_training_tokens", 0.0)  # a per_file source under one block
         train_set = mixture.as_torch_dataset()
         report = {"block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
                   "dedup": dedup, "near_dedup": near_dedup, "mixture": "token weights, streaming",
@@ -3354,19 +3351,22 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
                   "sources": report_sources, "unread_data_files": unread_data_files(report_sources, specs)}
         return PreparedData(train_set, evals, report)
     digests.save()
+    if not train_parts:  # every source a per_file one under one block (a named one stops above)
+        raise DataError(f"no source has a training block of block_size {block_size} (shorter: "
+                        f"{', '.join(f'`{name}`' for name in report_sources)}). Add data or lower `block_size`.")
     train_set = MixedBlocks(train_parts, weights, seed)
     for i, name in enumerate(train_set.names):
         report_sources[name].update(
             weight=weights[name] if weights else None, mixture_blocks=int(train_set.counts[i]),
             share_of_training_tokens=round(float(train_set.counts[i]) / len(train_set), 4),
             epochs_per_mixture=round(float(train_set.epochs[i]), 3))
-    for entry in report_sources.values():
-        entry.setdefault("share_of_training_tokens", 0.0)  # a per_file source under one block
         if train_set.epochs[i] > max_epochs:
             logger.warning("source `%s`: its weight repeats its %s %.1f times per pass over the mixture "
                            "(more than max_source_epochs %s): the model may memorise it. Lower its weight or add "
                            "data.", name, counted(int(train_set.available[i]), "block"), train_set.epochs[i],
                            max_epochs)
+    for entry in report_sources.values():
+        entry.setdefault("share_of_training_tokens", 0.0)  # a per_file source under one block
     report = {
         "block_size": block_size, "tokenizer": info.fingerprint, "bos": info.bos_id, "eos": info.eos_id,
         "dedup": dedup, "near_dedup": near_dedup, "train_blocks": len(train_set),

@@ -134,6 +134,10 @@ def test_a_per_file_source_too_small_to_split_or_pack_trains_whole_or_is_reporte
     assert "source `one` (per_file): its 9 tokens make no block of 16: not trained on" in caplog.text
     with pytest.raises(DataError, match="source `one`: 9 training tokens make no block"):  # named sources: stop
         build(tmp_path, tokenizer, [{"path": str(d / "big.txt")}, {"path": str(d / "one.txt")}])
+    (d / "big.txt").unlink()
+    (d / "notes.txt").unlink()
+    with pytest.raises(DataError, match=r"no source has a training block of block_size 16 \(shorter: `one`\)"):
+        build(tmp_path, tokenizer, [{"path": str(d), "per_file": True}], eval_fraction=0.1)
 
 
 @pytest.mark.parametrize("setup,message", [

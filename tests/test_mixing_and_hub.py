@@ -70,10 +70,13 @@ def test_heavy_repetition_warns(tmp_path, tokenizer, caplog):
     big = make_text_corpus(tmp_path / "big", repeat=60)
     tiny = tmp_path / "tiny.txt"
     tiny.write_text("极少量的医学文本，重复很多次。\n", encoding="utf-8")
-    with caplog.at_level(logging.WARNING, logger="data_utils"):
-        build(tmp_path, tokenizer, [{"name": "general", "path": str(big), "weight": 0.5},
-                                    {"name": "tiny", "path": str(tiny), "weight": 0.5}])
-    assert "source `tiny`" in caplog.text and "max_source_epochs" in caplog.text
+    for order in (1, -1):  # wherever it is listed, once
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="data_utils"):
+            build(tmp_path, tokenizer, [{"name": "general", "path": str(big), "weight": 0.5},
+                                        {"name": "tiny", "path": str(tiny), "weight": 0.5}][::order])
+        warned = [r.getMessage() for r in caplog.records if "max_source_epochs" in r.getMessage()]
+        assert len(warned) == 1 and "source `tiny`" in warned[0], (order, warned)
 
 
 @pytest.mark.parametrize("weights,message", [
