@@ -216,6 +216,9 @@ class SourceConfig:
             first = spec.hub or (spec.path if isinstance(spec.path, str) else spec.path[0])
             spec.name = re.sub(r"\W+", "_", Path(first.rstrip("/*")).stem if spec.path else first).strip("_")
             spec.name = spec.name or f"source{index}"  # (kept as it was: the name prefixes stores and data plans)
+        if spec.name.startswith(("/", "~")) or ".." in re.split(r"[/\\]", spec.name):
+            raise DataError(f"{where}: name `{spec.name}` would put the source's cache folders outside `cache_dir` "
+                            "(it names them, and eval_<name>_ppl): use letters, digits, `_` or `-`.")
         where = f"{where} ({spec.name})"
         if spec.weight is not None and not (isinstance(spec.weight, (int, float)) and spec.weight > 0):
             raise DataError(f"{where}: weight must be a number above 0 (a share of training tokens), got "

@@ -95,6 +95,10 @@ def test_per_file_makes_each_file_and_folder_of_a_directory_a_source(tmp_path, c
                            ({"path": str(d / "cases.txt")}, "needs `path` to be one directory")):
         with pytest.raises(DataError, match=message):
             data_utils.parse_sources([{"path": str(d), "per_file": True, **extra}])
+    for name in ("../../escape", "/abs", "a/../../b"):
+        with pytest.raises(DataError, match="would put the source's cache folders outside `cache_dir`"):
+            data_utils.parse_sources([{"path": str(d), "name": name}])
+    assert data_utils.parse_sources([{"path": str(d), "name": "zh/medical"}])[0].name == "zh/medical"  # as before
     with pytest.raises(DataError, match=r"sources\[1\] \(m\): weight must be a number above 0"):  # the config's entry
         data_utils.parse_sources([{"path": str(d), "per_file": True}, {"path": str(d / "wiki"), "name": "m",
                                                                          "weight": -1}])
