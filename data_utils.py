@@ -642,13 +642,14 @@ def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], ca
                 split, " from the local cache (hub unreachable or HF_HUB_OFFLINE)"
                 if offline and spec.hub not in PACKAGED_BUILDERS else "")  # a builder's files are local here
     options = {}
-    if spec.hub in ("text", "json", "csv") or local:  # a local directory: its files' builder takes it too
-        encoding = hub_files_encoding(spec, local_files)
+    binary = any(path.suffix.lower() in (".parquet", ".arrow") for path in local_files)
+    if spec.hub in ("text", "json", "csv") or local and not binary:  # a local directory of text files: its
+        encoding = hub_files_encoding(spec, local_files)              # builder (json, csv, text) takes it too
         options.update({"encoding": encoding} if encoding else {})
     elif spec.encoding != "auto" and codecs.lookup(spec.encoding).name != "utf-8":
         raise DataError(f"source `{spec.name}`: `encoding` applies to files read by this toolkit (`path:`), to "
-                        f"`hub: text`, `json` or `csv` and to local hub directories; hub dataset `{spec.hub}` is read "
-                        "by its own builder. Drop `encoding`.")
+                        f"`hub: text`, `json` or `csv` and to local hub directories of text files; hub dataset "
+                        f"`{spec.hub}` is read by its own builder. Drop `encoding`.")
     if spec.records_field is not None:
         if spec.hub != "json":
             raise DataError(f"source `{spec.name}`: `records_field` applies to JSON files (`path:`, or `hub: json`).")

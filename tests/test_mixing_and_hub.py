@@ -386,6 +386,16 @@ def test_hub_builders_read_local_files_in_their_encoding(tmp_path, monkeypatch):
     (hub_dir / "train.txt").write_bytes("\n".join(lines).encode("gbk"))
     assert texts_of({"name": "d", "hub": str(hub_dir)}) == lines
     assert texts_of({"name": "d", "hub": str(hub_dir), "encoding": "gbk"}) == lines
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parquet_dir = tmp_path / "parquet_hub"  # parquet data beside a GBK note: the parquet builder takes no encoding
+    (parquet_dir / "data").mkdir(parents=True)
+    pq.write_table(pa.table({"text": lines}), parquet_dir / "data" / "train.parquet")
+    (parquet_dir / "说明.txt").write_bytes("数据说明".encode("gbk"))
+    assert texts_of({"name": "p", "hub": str(parquet_dir)}) == lines
+    with pytest.raises(DataError, match="local hub directories of text files; .* Drop `encoding`"):
+        texts_of({"name": "p", "hub": str(parquet_dir), "encoding": "gbk"})
 
 
 def test_hub_text_groups_each_files_lines_not_the_rows_of_several(tmp_path, monkeypatch):
