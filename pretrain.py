@@ -2760,6 +2760,21 @@ def on_every_rank(work, in_turns: PretrainingArguments | None = None, what: str 
     raise every_rank({"ConfigError": ConfigError, "DataError": DataError}.get(kind, RankFailure)(text))
 
 
+def asked_for_cpu(argv: list[str]) -> bool:
+    """`use_cpu` as settings that did not parse give it: the command line's last value, else the config file's."""
+    options, _ = split_local_rank(argv)
+    value = None
+    with contextlib.suppress(Exception):  # a config file that does not read says nothing
+        config = yaml.safe_load(Path(options[0]).read_text(encoding="utf-8"))
+        value = config.get("use_cpu") if isinstance(config, dict) else None
+    for i, option in enumerate(options):
+        if option.startswith("--use_cpu="):
+            value = option.split("=", 1)[1]
+        elif option == "--use_cpu":
+            value = options[i + 1] if i + 1 < len(options) and not options[i + 1].startswith("--") else True
+    return str(value).strip().lower() in ("true", "yes", "1")
+
+
 def tell_the_other_ranks(argv: list[str], error: Exception) -> None:
     """A rank whose settings do not parse (its node lacks the config file, or has another version of a package)
     stops before the process group forms, where the other ranks, whose settings parsed, would wait for it until
@@ -2770,14 +2785,7 @@ def tell_the_other_ranks(argv: list[str], error: Exception) -> None:
         if not distributed():
             from accelerate import PartialState
 
-            options, _ = split_local_rank(argv)
-            config = {}
-            with contextlib.suppress(Exception):  # its use_cpu, if the file reads
-                config = yaml.safe_load(Path(options[0]).read_text(encoding="utf-8")) if options else {}
-            options = [a.lower() for a in options]
-            on_cpu = not torch.cuda.is_available() or any(
-                a == "--use_cpu=true" or a == "--use_cpu" and options[i + 1:i + 2] in ([], ["true"])
-                for i, a in enumerate(options)) or isinstance(config, dict) and config.get("use_cpu") is True
+            on_cpu = not torch.cuda.is_available() or asked_for_cpu(argv)
             PartialState(cpu=on_cpu, timeout=datetime.timedelta(seconds=300))  # as TrainingArguments sets it up
         from_every_rank((socket.gethostname(), str(error)))
     except Exception as e:  # the others gone too: this rank's own error still stops it

@@ -152,3 +152,15 @@ def test_the_settings_compared_across_nodes_are_the_options_and_the_configs_cont
     assert pretrain.settings_fingerprint([str(here), "--seed", "2"]) != fingerprint
     there.write_text("max_steps: 4\n")
     assert pretrain.settings_fingerprint([str(there), "--seed", "1"]) != fingerprint
+
+
+def test_a_rank_that_could_not_parse_joins_the_others_on_their_backend(tmp_path):
+    """It reads use_cpu as parsing would: the command line's last value over the config file's (a gloo rank among
+    NCCL ones, or the reverse, could not reach them)."""
+    import pretrain
+
+    config = tmp_path / "run.yaml"
+    config.write_text("use_cpu: true\n")
+    for argv, on_cpu in (([], False), ([str(config)], True), ([str(config), "--use_cpu", "false"], False),
+                         (["--use_cpu=yes"], True), (["--use_cpu"], True), ([str(config), "--use_cpu=no"], False)):
+        assert pretrain.asked_for_cpu(argv) == on_cpu, argv
