@@ -2989,7 +2989,13 @@ def train(argv: list[str]) -> dict:
         shift = 0 if training_args.ignore_data_skip else data_start
         train_set = block_stream(data.train, training_args, tokens_per_step // data_args.block_size, shift)
     n_params, n_trainable, _ = parameter_counts(model)  # before save_final_model merges LoRA adapters away
-    watched = [s.name for s in data_utils.parse_sources(data_args.sources) if s.watch_forgetting]
+    watched = []
+    for spec in data_utils.parse_sources(data_args.sources):
+        if spec.watch_forgetting and spec.from_per_file and spec.name not in data.eval:
+            logger.warning("source `%s` (per_file) is not watched for forgetting: it is too small for an eval set",
+                           spec.name)
+        elif spec.watch_forgetting:
+            watched.append(spec.name)
     if unevaluated := [name for name in watched if name not in data.eval]:
         raise DataError(f"source{'s' if len(unevaluated) > 1 else ''} {', '.join(f'`{n}`' for n in unevaluated)}: "
                         "`watch_forgetting` needs eval data, and there is none. Give it `eval_split` (hub), "

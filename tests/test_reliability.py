@@ -357,6 +357,19 @@ def test_forgetting_baseline_survives_a_resume(tmp_path, micro_model_config, tok
         100 * (evals[-1]["eval_notes_ppl"] / evals[0]["eval_notes_ppl"] - 1), 2)
 
 
+def test_a_per_file_source_too_small_for_eval_is_not_watched_for_forgetting(tmp_path, micro_model_config,
+                                                                              tokenizer_dir, capsys):
+    import json as json_
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=1, sample_prompts=[], verify_saved_model=False)
+    data = make_text_corpus(tmp_path / "data", repeat=30).parent
+    (data / "notes.txt").write_text("一行\n两行\n", encoding="utf-8")
+    sources = [{"path": str(data), "per_file": True, "watch_forgetting": True}]
+    code, err = main(capsys, run, "--sources", json_.dumps(sources))
+    assert code == 0, err[-2000:]
+    assert "source `notes` (per_file) is not watched for forgetting: it is too small for an eval set" in err
+
+
 def test_run_length_from_the_command_line_wins_over_the_configs(tmp_path, micro_model_config, tokenizer_dir, capsys):
     import pretrain
 
