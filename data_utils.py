@@ -3260,6 +3260,13 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
             raise DataError(f"source `{spec.name}`: {every} of its eval set also occurs in the training data{nearly}, "
                             f"and dedup removed it. Give eval files with other texts, or {off}.")
         held_out = PackedBlocks(eval_store, view.eval_ids, block_size, document) if len(view.eval_ids) else None
+        unused_eval = 0
+        if held_out is not None and len(held_out) == 0 and spec.from_per_file:  # (smaller after dedup than it looked)
+            unused_eval = len(view.eval_ids)
+            logger.warning("source `%s` (per_file): its eval split has %s, fewer than one block of %d: it has no eval "
+                           "perplexity, and its %s held out neither train nor evaluate", spec.name,
+                           counted(held_out.n_tokens, "token"), block_size, counted(len(view.eval_ids), "document"))
+            held_out = None
         if held_out is not None:
             if len(held_out) == 0:
                 more = ("Add texts to its eval files (`eval_path`; dedup drops those that are also training texts)"
@@ -3286,6 +3293,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
             "eval_documents": len(view.eval_ids) if held_out else 0,
             "eval_blocks": len(evals[spec.name]) if held_out else 0,
             "eval_blocks_available": len(held_out) if held_out else 0,
+            **({"eval_documents_unused": unused_eval} if unused_eval else {}),
         }
         if near_dedup:
             report_sources[spec.name]["near_duplicate_examples"] = near_duplicate_examples(stored, views.plan,

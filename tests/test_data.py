@@ -138,6 +138,14 @@ def test_a_per_file_source_too_small_to_split_or_pack_trains_whole_or_is_reporte
     assert "source `one` (per_file): its 9 tokens make no block of 16: not trained on" in caplog.text
     with pytest.raises(DataError, match="source `one`: 9 training tokens make no block"):  # named sources: stop
         build(tmp_path, tokenizer, [{"path": str(d / "big.txt")}, {"path": str(d / "one.txt")}])
+    (d / "dup.txt").write_text("重复的一行文字。\n" * 50 + "另一行。\n第三行。\n", encoding="utf-8")  # small after dedup
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        data = build(tmp_path, tokenizer, [{"path": str(d), "per_file": True}], eval_fraction=0.1)
+    assert "dup" not in data.eval and data.report["sources"]["dup"]["eval_documents"] == 0
+    assert "source `dup` (per_file): its eval split has" in caplog.text and (
+        data.report["sources"]["dup"]["eval_documents_unused"] > 0)
+    (d / "dup.txt").unlink()
     (d / "big.txt").unlink()
     (d / "notes.txt").unlink()
     with pytest.raises(DataError, match=r"no source has a training block of block_size 16 \(shorter: `one`\)"):
