@@ -225,9 +225,10 @@ class SourceConfig:
                             f"{spec.weight!r}. Remove the source instead of giving it weight 0.")
         if spec.group is not None and spec.group not in LINE_GROUPS:
             raise DataError(f"{where}: group `{spec.group}` is not known: use {', '.join(LINE_GROUPS)}.")
-        if spec.group in ("paragraph", "document") and spec.hub not in (None, "text"):
-            raise DataError(f"{where}: group `{spec.group}` on a hub source needs `hub: text` (its builder groups each "
-                            "file's lines; rows of other builders do not say where a file ends).")
+        if spec.group in ("paragraph", "document") and spec.hub is not None and not read_by_text_builder(spec):
+            raise DataError(f"{where}: group `{spec.group}` on a hub source needs `hub: text` or a local hub directory "
+                            "of .txt files (their builder groups each file's lines; rows of other builders do not say "
+                            "where a file ends).")
         if spec.group is not None and spec.template is not None:
             raise DataError(f"{where}: `group` joins lines (or `text_field` values) into documents, `template` "
                             "renders whole records: use one.")
@@ -583,6 +584,16 @@ def local_hub_files(directory: Path) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(directory).parts))
 
 
+def read_by_text_builder(spec: SourceConfig) -> bool:
+    """`hub: text`, or a local hub directory whose data files are all text files (`datasets` reads it with the
+    text builder, which takes `sample_by`)."""
+    if spec.hub == "text":
+        return True
+    directory = Path(os.path.expanduser(spec.hub))
+    files = [p for p in local_hub_files(directory) if is_data_file(p)] if directory.is_dir() else []
+    return bool(files) and all(re.search(r"\.(txt|text)(\.(gz|bz2|xz))?$", p.name, re.IGNORECASE) for p in files)
+
+
 def hub_files_encoding(spec: SourceConfig, local_files: list[Path]) -> str | None:
     """The encoding `datasets` should read a hub source's text files (json, csv, text) in where it is not UTF-8,
     its default: `encoding`, or under `auto` the one detected in its local files (GBK text read as UTF-8 fails
@@ -654,7 +665,7 @@ def load_hub_dataset(spec: SourceConfig, split: str, local_files: list[Path], ca
         if spec.hub != "json":
             raise DataError(f"source `{spec.name}`: `records_field` applies to JSON files (`path:`, or `hub: json`).")
         options["field"] = spec.records_field
-    if spec.hub == "text" and spec.group in ("paragraph", "document"):
+    if spec.group in ("paragraph", "document"):  # (read_by_text_builder: checked when the source was read)
         options["sample_by"] = spec.group  # the builder knows where its files end; rows of several files do not
     try:
         with offline_hub() if offline else contextlib.nullcontext():

@@ -409,8 +409,12 @@ def test_hub_text_groups_each_files_lines_not_the_rows_of_several(tmp_path, monk
         source = {"name": "h", "hub": "text", "data_files": files, "streaming": streaming}
         assert texts_of({**source, "group": "document"}) == ["高血压\n病因\n\n治疗", "糖尿病\n病因"]
         assert texts_of({**source, "group": "paragraph"}) == ["高血压\n病因", "治疗", "糖尿病\n病因"]
-    with pytest.raises(DataError, match="group `document` on a hub source needs `hub: text`"):
+    with pytest.raises(DataError, match="group `document` on a hub source needs `hub: text` or a local hub directory"):
         texts_of({"name": "j", "hub": "json", "data_files": files, "group": "document"})
+    hub_dir = tmp_path / "hubdir"  # a local hub directory of .txt files: the text builder's too
+    (hub_dir / "data").mkdir(parents=True)
+    (hub_dir / "data" / "train.txt").write_text("高血压\n病因\n\n治疗\n", encoding="utf-8")
+    assert texts_of({"name": "d", "hub": str(hub_dir), "group": "paragraph"}) == ["高血压\n病因", "治疗"]
 
 
 def test_missing_local_data_files_are_named(tmp_path, tokenizer):
