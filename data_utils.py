@@ -1210,8 +1210,8 @@ def detect_format(path: Path, declared: str, encoding: str, text_field: str = "t
                   columns: list[str] | None = None, records_field: str | None = None) -> str:
     """`auto` looks at the content, not the extension: parquet magic, `[` then an object, string or array
     -> JSON array, a `{...}` first line -> jsonl, a header of two or more tab- (comma-) separated fields that
-    nine in ten of the next lines repeat -> tsv (csv), a one-column table (a header that is `text_field`, or
-    `columns` given) -> csv, else plain text."""
+    nine in ten of the next lines repeat -> tsv (csv), a one-column table (a .csv/.tsv file, or a header that
+    is `text_field`, whose rows are each one CSV field; or `columns` given) -> csv, else plain text."""
     if declared != "auto":
         return declared
     with open_input(path) as (f, _):
@@ -1258,7 +1258,8 @@ def detect_format(path: Path, declared: str, encoding: str, text_field: str = "t
     filled = [line for line in whole if line.strip()]
     if columns:
         return "tsv" if "\t" in filled[0] else "csv"
-    if len(filled) >= 2 and filled[0].strip().strip('"').strip() == text_field:
+    table_name = re.search(r"\.(csv|tsv)(\.(gz|bz2|xz))?$", path.name, re.IGNORECASE)
+    if len(filled) >= 2 and (table_name or filled[0].strip().strip('"').strip() == text_field):
         with contextlib.suppress(csv.Error):  # one column: its quotes and line breaks are the table's
             if all(len(row) == 1 for row in csv.reader(whole) if row):
                 return "csv"
@@ -1346,6 +1347,9 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
                     continue
                 if names is None:
                     names = [c.strip() for c in row]
+                    if len(names) == 1 and spec.template is None and spec.text_field == "text" != names[0]:
+                        logger.info("source `%s`: `%s` has one column, `%s`: its text", spec.name, path, names[0])
+                        names = ["text"]  # a one-column table's column is its text (an Excel export's `病历内容`)
                     continue
                 if len(row) != len(names):
                     rows.append((row_start, RecordError(

@@ -819,6 +819,8 @@ def test_a_one_column_table_is_read_as_a_table_not_as_lines(tmp_path):
     assert data_utils.detect_format(tmp_path / "c.txt", "auto", "utf-8") == "csv"
     (tmp_path / "d.txt").write_text("content\n高血压\n", encoding="utf-8")  # another field: lines of text
     assert texts_of({"path": str(tmp_path / "d.txt")}) == ["content", "高血压"]
+    (tmp_path / "excel.csv").write_bytes('\ufeff病历内容\r\n"主诉：头痛3天。\r\n现病史：胀痛。"\r\n"发热1天。"\r\n'.encode())
+    assert texts_of({"path": str(tmp_path / "excel.csv")}) == ["主诉：头痛3天。\n现病史：胀痛。", "发热1天。"]  # its column
     (tmp_path / "e.txt").write_text("text\nHello, world.\n", encoding="utf-8")  # an unquoted comma: not one column
     assert texts_of({"path": str(tmp_path / "e.txt")}) == ["text", "Hello, world."]
 
