@@ -327,7 +327,8 @@ def sources_per_file(raw: Any, index: int, named: set[Path] = frozenset()) -> li
         name = source_stem(entry)
         if name in names:  # a.txt beside a.jsonl
             name = re.sub(r"\W+", "_", entry.name).strip("_")
-        names.add(name)
+        name = next(f"{name}{k}" for k in ("", *range(2, len(names) + 3)) if f"{name}{k}" not in names)  # 病历 2023
+        names.add(name)                                                                         # beside 病历-2023
         entries.append({**settings, "path": str(entry), "name": name})
     if others:
         logger.warning("sources[%d] (per_file): in `%s`, %s no data file, not read: %s%s", index, directory,
@@ -355,7 +356,9 @@ def parse_sources(raw_sources: Any) -> list[SourceConfig]:
     names = [s.name for s in specs]
     for name in names:
         if names.count(name) > 1:
-            raise DataError(f"Two sources are named `{name}`: give each source a unique `name:`.")
+            paths = [str(s.path or s.hub) for s in specs if s.name == name]
+            raise DataError(f"Two sources are named `{name}` ({paths[0]}, {paths[1]}): give each source a unique "
+                            "`name:` (a `per_file` entry names its files itself: name the other one).")
     weighted = [s.name for s in specs if s.weight is not None]
     if weighted and len(weighted) != len(specs):
         missing = [s.name for s in specs if s.weight is None]

@@ -89,6 +89,12 @@ def test_per_file_makes_each_file_and_folder_of_a_directory_a_source(tmp_path, c
         ("medical_zh", "medical_zh.txt"), ("wiki", "wiki")]
     assert all(s.text_field == "content" and s.on_error == "skip" for s in specs)
     assert "these 2 hold no data file, not read: README.md, notes" in caplog.text
+    collide = tmp_path / "collide"
+    collide.mkdir()
+    for name in ("病历 2023.txt", "病历-2023.txt", "病历_2023.txt"):
+        (collide / name).write_text("高血压\n", encoding="utf-8")
+    assert sorted(s.name for s in data_utils.parse_sources([{"path": str(collide), "per_file": True}])) == [
+        "病历_2023", "病历_2023_txt", "病历_2023_txt2"]
     assert data_utils.parse_sources([{"path": str(d / "wiki"), "per_file": False}])[0].name == "wiki"
     for extra, message in (({"name": "x"}, "`name` cannot apply to all of them"),
                            ({"weight": 1}, "`weight` cannot apply"), ({"per_file": "yes"}, "must be true or false"),
