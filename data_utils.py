@@ -290,6 +290,9 @@ def paths_named_by(raw_sources: list) -> set[Path]:
     return named
 
 
+PER_FILE_MAX_EVAL_FRACTION = 0.2  # a per_file source holds out up to this share to get two eval blocks
+
+
 def sources_per_file(raw: Any, index: int, named: set[Path] = frozenset()) -> list:
     """A `per_file: true` directory source -> one source per data file directly in the directory and per folder
     in it (all data files below), named by it, each with the entry's other settings: files dropped into data/
@@ -1204,7 +1207,7 @@ def _json_list(line: str) -> list | None:
 def not_an_object(obj: Any, chunk: "Chunk") -> "RecordError":
     """A JSON record that is no object; an array on a jsonl line gets the conversion that makes it jsonl."""
     fix = "Each record must be an object such as {\"text\": \"...\"}."
-    if isinstance(obj, list) and chunk.fmt in ("jsonl", "article"):
+    if isinstance(obj, list) and chunk.fmt.startswith("jsonl"):  # (grouped: "jsonl (paragraph)")
         fix = json_list_lines_fix(chunk.path, [obj])
     return RecordError(f"is a JSON {type(obj).__name__}, not an object. {fix}", "not_an_object")
 
@@ -1472,7 +1475,7 @@ def _grouped_chunks(inputs: "SourceInput", spec: SourceConfig) -> Iterator[Chunk
             continue
         articles = LINE_GROUPS[spec.group](_text_lines(itertools.chain([first], file_chunks), spec))
         while part := list(itertools.islice(articles, CHUNK_LINES)):
-            yield Chunk(first.file_index, first.path, "article", first.encoding, part[0][0], part,
+            yield Chunk(first.file_index, first.path, f"{first.fmt} ({spec.group})", first.encoding, part[0][0], part,
                         sum(len(t) for _, t in part if isinstance(t, str)))
 
 
@@ -3246,12 +3249,18 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         stored.append((spec, store, hit, eval_store))
     fractions = [data_args.eval_fraction if spec.eval_fraction is None else spec.eval_fraction for spec, *_ in stored]
     for i, (spec, store, _, _) in enumerate(stored):
-        if spec.from_per_file and fractions[i] and (store.n_docs < 2 or fractions[i] * store.meta["n_tokens"] < 2 * block_size):
-            logger.warning("source `%s` (per_file): %s, %s: too small for an eval split of %.0f%% (at least two blocks "
-                           "of %d tokens expected): it trains whole, without an eval perplexity", spec.name,
-                           counted(store.n_docs, "document"), counted(store.meta["n_tokens"], "token"), 100 * fractions[i],
-                           block_size)
-            fractions[i] = 0.0
+        tokens, needed = store.meta["n_tokens"], 2 * block_size / max(store.meta["n_tokens"], 1)
+        if spec.from_per_file and 0 < fractions[i] < needed:  # a file dropped into data/: two eval blocks if it can
+            size = f"{counted(store.n_docs, 'document')}, {counted(tokens, 'token')} before dedup"
+            if store.n_docs >= 3 and needed <= PER_FILE_MAX_EVAL_FRACTION:
+                logger.info("source `%s` (per_file): %s: its eval share is %.1f%%, not %.0f%%, to hold out about two "
+                            "blocks of %d tokens", spec.name, size, 100 * needed, 100 * fractions[i], block_size)
+                fractions[i] = needed
+            else:
+                logger.warning("source `%s` (per_file): %s: too small for an eval split (two blocks of %d tokens would "
+                               "be more than %.0f%% of it): no eval perplexity for it", spec.name, size, block_size,
+                               100 * PER_FILE_MAX_EVAL_FRACTION)
+                fractions[i] = 0.0
     views = DocumentViews.load_or_build(stored, fractions, dedup, seed, cache_dir, near_dedup) if stored else None
     if near_dedup and streamed:
         logger.warning("near_dedup covers the stored sources only: %s stream%s (exact dedup within the stream)",

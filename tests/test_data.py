@@ -140,10 +140,16 @@ def test_a_per_file_source_too_small_to_split_or_pack_trains_whole_or_is_reporte
     assert sources["big"]["eval_blocks"] > 0 and "notes" not in data.eval and "one" not in data.eval
     assert sources["notes"]["eval_documents"] == 0 and sources["notes"]["train_documents"] == 8
     assert sources["one"]["train_blocks"] == 0 and sources["one"]["share_of_training_tokens"] == 0.0
-    assert "source `notes` (per_file): 8 documents" in caplog.text and "it trains whole" in caplog.text
+    assert "source `notes` (per_file): 8 documents, 88 tokens before dedup: too small for an eval split (two " \
+        "blocks of 16 tokens would be more than 20% of it): no eval perplexity for it" in caplog.text
     assert "source `one` (per_file): its 9 tokens make no block of 16: not trained on" in caplog.text
     with pytest.raises(DataError, match="source `one`: 9 training tokens make no block"):  # named sources: stop
         build(tmp_path, tokenizer, [{"path": str(d / "big.txt")}, {"path": str(d / "one.txt")}])
+    (d / "mid.txt").write_text("\n".join(f"中等大小的文件，第{i}行。" for i in range(14)), encoding="utf-8")
+    with caplog.at_level(logging.INFO):
+        data = build(tmp_path, tokenizer, [{"path": str(d), "per_file": True}], eval_fraction=0.1)
+    assert "mid" in data.eval and "its eval share is" in caplog.text  # raised to hold out two blocks
+    (d / "mid.txt").unlink()
     (d / "dup.txt").write_text("重复的一行文字。\n" * 50 + "另一行。\n第三行。\n", encoding="utf-8")  # small after dedup
     caplog.clear()
     with caplog.at_level(logging.WARNING):
