@@ -334,9 +334,11 @@ def sources_per_file(raw: Any, index: int, named: set[Path] = frozenset()) -> li
         names.add(name)                                                                         # beside 病历-2023
         entries.append({**settings, "path": str(entry), "name": name})
     if others:
-        logger.warning("sources[%d] (per_file): in `%s`, %s no data file, not read: %s%s", index, directory,
-                       "this holds" if len(others) == 1 else f"these {len(others)} hold", ", ".join(others[:5]),
-                       ", ..." if len(others) > 5 else "")
+        office = " (save Word documents as .txt, Excel sheets as CSV UTF-8)" if any(
+            re.search(r"\.(docx?|xlsx?|pdf)$", name, re.IGNORECASE) for name in others) else ""
+        warn_once(f"sources[{index}] (per_file): in `{directory}`, "
+                  f"{'this holds' if len(others) == 1 else f'these {len(others)} hold'} no data file, not read: "
+                  f"{', '.join(others[:5])}{', ...' if len(others) > 5 else ''}{office}")
     if not entries:
         raise DataError(f"{where}: directory `{directory}` holds no data files ({', '.join(DATA_EXTENSIONS)}). Add "
                         "files or point `path` elsewhere.")
