@@ -1377,44 +1377,40 @@ def _read_table(path: Path, fmt: str, encoding: str, spec: SourceConfig) -> list
 WIKITEXT_TITLE = re.compile(r"^ ?= [^=].* = ?$")
 
 
-def group_wikitext_articles(lines: Iterator[tuple[int, str | RecordError]]) -> Iterator[tuple[int, str | RecordError]]:
-    """WikiText's one-paragraph-per-line layout -> whole articles: each ` = Title = ` line starts a
-    document holding the title, its ` = = Section = = ` headings and paragraphs (blank lines dropped).
-    A line that is no text (a bad JSON line) passes through as its error, for the skip policy."""
-    start, parts = 0, []
-    for number, line in lines:
-        if isinstance(line, RecordError):
-            yield number, line
-            continue
-        line = line.rstrip("\r\n")
-        if WIKITEXT_TITLE.match(line) and parts:
-            yield start, "\n".join(parts)
-            parts = []
-        if line.strip():
-            start = start if parts else number
-            parts.append(line.strip())
-    if parts:
-        yield start, "\n".join(parts)
-
-
-def group_paragraphs(lines: Iterator[tuple[int, str | RecordError]]) -> Iterator[tuple[int, str | RecordError]]:
-    """Blocks of lines between blank lines -> one document each (a textbook's paragraphs; `datasets`' text
-    builder calls it sample_by: paragraph). Numbered by their first line."""
-    start, parts = 0, []
+def _group_lines(lines: Iterator[tuple[int, str | RecordError]], starts: Callable[[str, bool], bool],
+                 strip: bool) -> Iterator[tuple[int, str | RecordError]]:
+    """Lines -> documents, numbered by their first line: a line for which `starts(line, after_a_blank_line)`
+    holds begins the next document; blank lines are dropped. A line that is no text (a bad JSON line) passes
+    through as its error, for the skip policy."""
+    start, parts, after_blank = 0, [], False
     for number, line in lines:
         if isinstance(line, RecordError):
             yield number, line
             continue
         line = line.rstrip("\r\n")
         if not line.strip():
-            if parts:
-                yield start, "\n".join(parts)
-                parts = []
+            after_blank = True
             continue
+        if parts and starts(line, after_blank):
+            yield start, "\n".join(parts)
+            parts = []
         start = start if parts else number
-        parts.append(line)
+        parts.append(line.strip() if strip else line)
+        after_blank = False
     if parts:
         yield start, "\n".join(parts)
+
+
+def group_wikitext_articles(lines: Iterator[tuple[int, str | RecordError]]) -> Iterator[tuple[int, str | RecordError]]:
+    """WikiText's one-paragraph-per-line layout -> whole articles: each ` = Title = ` line starts a
+    document holding the title, its ` = = Section = = ` headings and paragraphs."""
+    return _group_lines(lines, lambda line, _: bool(WIKITEXT_TITLE.match(line)), strip=True)
+
+
+def group_paragraphs(lines: Iterator[tuple[int, str | RecordError]]) -> Iterator[tuple[int, str | RecordError]]:
+    """Blocks of lines between blank lines -> one document each (a textbook's paragraphs; `datasets`' text
+    builder calls it sample_by: paragraph)."""
+    return _group_lines(lines, lambda _, after_blank: after_blank, strip=False)
 
 
 def group_document(lines: Iterator[tuple[int, str | RecordError]]) -> Iterator[tuple[int, str | RecordError]]:
