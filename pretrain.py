@@ -1306,7 +1306,8 @@ def flops_per_token(model, block_size: int, backward_to_embeddings: bool = False
     through: all (N' = N, so 6 N when all train, about 4 N under LoRA) unless the lowest trainable decoder
     layer is above the first (finetuning freeze: backward stops there, and attention's backward 8 of the 12
     runs in the layers above only; where only the head trains, none; `backward_to_embeddings`: it does not stop,
-    as under reentrant gradient checkpointing). Checked against torch's FlopCounterMode (tests/test_freeze.py). H heads of width Q (usually H Q = hidden size, not for Qwen3-like configs
+    as under reentrant gradient checkpointing). Checked against torch's FlopCounterMode (tests/test_freeze.py).
+    H heads of width Q (usually H Q = hidden size, not for Qwen3-like configs
     with a wider head_dim); S = block size, no discount for the causal mask."""
     config = model.config
     embedding = model.get_input_embeddings()
@@ -2778,7 +2779,7 @@ def asked_for_cpu(argv: list[str]) -> bool:
 def tell_the_other_ranks(argv: list[str], error: Exception) -> None:
     """A rank whose settings do not parse (its node lacks the config file, or has another version of a package)
     stops before the process group forms, where the other ranks, whose settings parsed, would wait for it until
-    ddp_timeout (30 minutes). It joins the group as they did, and the first gather of start_decisions tells them."""
+    ddp_timeout (two hours by default). It joins the group as they did, and the first gather of start_decisions tells them."""
     if int(os.environ.get("WORLD_SIZE", "1")) < 2 or "MASTER_ADDR" not in os.environ:
         return
     try:

@@ -86,7 +86,7 @@ def test_other_settings_on_one_node_stop_every_rank_at_start(config, tmp_path):
                                          (["--eval_fraction", "2"], "eval_fraction")])  # a ConfigError, a DataError
 def test_settings_that_do_not_parse_on_one_node_stop_every_rank_at_start(config, tmp_path, bad, message):
     """Node 1 stops before the process group forms; it joins the group to tell node 0, which used to wait for it
-    until ddp_timeout (30 minutes)."""
+    until ddp_timeout."""
     results = two_nodes(config, ["--output_dir", tmp_path / "out", "--cache_dir", tmp_path / "cache"],
                         node1_args=bad)
     for rc, log in results:
