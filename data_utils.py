@@ -281,7 +281,8 @@ def paths_named_by(raw_sources: list) -> set[Path]:
     for raw in raw_sources:
         if isinstance(raw, dict) and raw.get("per_file") is True:
             continue
-        values = [raw] if isinstance(raw, str) else [raw.get("path"), raw.get("eval_path")] if isinstance(raw, dict) else []
+        values = ([raw] if isinstance(raw, str) else
+                  [raw.get("path"), raw.get("eval_path")] if isinstance(raw, dict) else [])
         for value in values:
             for pattern in [value] if isinstance(value, str) else value if isinstance(value, list) else []:
                 pattern = os.path.expanduser(str(pattern))
@@ -2294,7 +2295,8 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
 
 
 def spec_label(spec: SourceConfig) -> str:
-    return f"hub:{spec.hub}" if spec.hub else ", ".join(map(str, spec.path if isinstance(spec.path, list) else [spec.path]))
+    paths = spec.path if isinstance(spec.path, list) else [spec.path]
+    return f"hub:{spec.hub}" if spec.hub else ", ".join(map(str, paths))
 
 
 def no_text_left(spec: SourceConfig, label: str, counts: dict[str, int]) -> DataError:
