@@ -45,6 +45,7 @@ import string
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 import unicodedata
 import zlib
@@ -1892,9 +1893,17 @@ _BYTE_LEVEL_DECODE = {c: b for b, c in byte_level_alphabet().items()}
 _worker_tokenizer = None
 
 
-def _init_pool_worker(info: TokenizerInfo) -> None:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the main process stops us
-    _init_worker(info)
+def start_tokenizer_pool(num_proc: int, info: TokenizerInfo):
+    """Worker processes that leave Ctrl-C, which reaches the whole process group, to the main process (it stops
+    them): they start with SIGINT ignored, which a spawned interpreter keeps, so that one still starting up
+    prints no traceback either."""
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN) if in_main_thread else None
+    try:
+        return multiprocessing.get_context("spawn").Pool(num_proc, _init_worker, (info,))
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGINT, previous)
 
 
 def _init_worker(info: TokenizerInfo) -> None:
@@ -2151,8 +2160,7 @@ class TokenStore:
         work = ((spec, info, chunk) for chunk in itertools.islice(read_chunks(inputs, spec), n_chunks, None))
         use_pool = (num_proc > 1 and info.backend_json is not None and not inputs.dataset
                     and total >= POOL_MIN_BYTES)
-        pool = (multiprocessing.get_context("spawn").Pool(num_proc, _init_pool_worker, (info,))
-                if use_pool else None)
+        pool = start_tokenizer_pool(num_proc, info) if use_pool else None
         from tqdm.auto import tqdm
 
         files: dict[str, Any] = {}
