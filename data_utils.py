@@ -604,6 +604,9 @@ def read_by_text_builder(spec: SourceConfig) -> bool:
     return bool(files) and all(re.search(r"\.(txt|text)(\.(gz|bz2|xz))?$", p.name, re.IGNORECASE) for p in files)
 
 
+HUB_SAMPLED_FILES = 32  # local files of a hub source whose encoding is detected (each open reads their first MB)
+
+
 def hub_files_encoding(spec: SourceConfig, local_files: list[Path]) -> str | None:
     """The encoding `datasets` should read a hub source's text files (json, csv, text) in where it is not UTF-8,
     its default: `encoding`, or under `auto` the one detected in its local files (GBK text read as UTF-8 fails
@@ -612,14 +615,13 @@ def hub_files_encoding(spec: SourceConfig, local_files: list[Path]) -> str | Non
     found = {}
     if spec.encoding != "auto":
         found[codecs.lookup(spec.encoding).name] = None
-    else:
-        for path in local_files:
-            if not is_data_file(path) or path.suffix.lower() == ".parquet":
-                continue
+    else:  # the first files tell (a later one in another encoding fails the read, named by hub_read_error)
+        for path in [p for p in local_files if is_data_file(p) and p.suffix.lower() != ".parquet"][:HUB_SAMPLED_FILES]:
             with open_input(path) as (f, _):
-                if f.read(1 << 20).isascii():
-                    continue
-            found.setdefault(codecs.lookup(detect_encoding(path, "auto")).name, path)
+                head = f.read(1 << 20)
+            if not head.isascii():
+                encoding = "utf-8" if _decodes(head, "utf-8") else detect_encoding(path, "auto")
+                found.setdefault(codecs.lookup(encoding).name, path)
     if len(found) > 1:
         (first, a), (second, b) = list(found.items())[:2]
         raise DataError(f"source `{spec.name}`: its data files are in different encodings (`{a}` {first}, `{b}` "
