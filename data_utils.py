@@ -214,8 +214,8 @@ class SourceConfig:
             raise DataError(f"{where}: set either `path` (a file, a directory or a glob) or `hub` (a dataset id).")
         spec = cls(**raw)
         if not spec.name:
-            first = spec.hub or (spec.path if isinstance(spec.path, str) else spec.path[0])
-            spec.name = re.sub(r"\W+", "_", Path(first.rstrip("/*")).stem if spec.path else first).strip("_")
+            spec.name = (hub_source_name(spec.hub) if spec.hub else re.sub(r"\W+", "_", Path(
+                (spec.path if isinstance(spec.path, str) else spec.path[0]).rstrip("/*")).stem).strip("_"))
             spec.name = spec.name or f"source{index}"  # (kept as it was: the name prefixes stores and data plans)
         if spec.name.startswith(("/", "~")) or ".." in re.split(r"[/\\]", spec.name):
             raise DataError(f"{where}: name `{spec.name}` would put the source's cache folders outside `cache_dir` "
@@ -265,6 +265,13 @@ class SourceConfig:
         return {k: v for k, v in dataclasses.asdict(self).items()
                 if k not in ("path", "name", "eval_fraction", "eval_path", "eval_split", "weight", "streaming",
                              "watch_forgetting") and not (k == "records_field" and v is None)}  # (keys kept)
+
+
+def hub_source_name(hub: str) -> str:
+    """The name of a hub source without `name`: its id with every run of other characters one `_`, OWNER/NAME
+    -> OWNER_NAME. A local copy of it (hub_local_dir) keeps that name: it names the source's stores, data plan
+    and eval_<name>_ppl, which must not change when the copy is downloaded."""
+    return re.sub(r"\W+", "_", hub).strip("_")
 
 
 def source_stem(path: Path) -> str:
@@ -559,6 +566,7 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
                 out.append(raw)
                 continue
             raw["hub"], substituted = str(local), True
+            raw["name"] = raw.get("name") or hub_source_name(hub)
             done.append(f"{hub} -> {local}")
         if substituted and raw.get("revision"):
             logger.warning("hub source `%s`: `revision: %s` does not apply to the local copy under %s, which is read "

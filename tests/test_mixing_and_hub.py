@@ -526,3 +526,14 @@ def test_workers_started_by_spawn_map_the_stores_instead_of_copying_them(tmp_pat
         spawned = list(itertools.islice(torch.utils.data.DataLoader(
             dataset, batch_size=4, num_workers=1, multiprocessing_context="spawn"), 3))
         assert all(torch.equal(a["input_ids"], b["input_ids"]) for a, b in zip(alone, spawned))
+
+
+def test_a_local_hub_copy_keeps_the_source_name_of_its_hub_id(tmp_path):
+    """Downloading a copy into hub_local_dir must not rename an unnamed source (its stores, data plan and
+    eval_<name>_ppl): it was `data_hub_owner_medical`, so a resumed run no longer matched its data plan."""
+    make_hub_fixture(tmp_path / "hub" / "owner" / "medical")
+    before = data_utils.parse_sources([{"hub": "owner/medical"}])[0].name
+    sources, _ = data_utils.use_local_hub_copies([{"hub": "owner/medical"}], str(tmp_path / "hub"))
+    assert data_utils.parse_sources(sources)[0].name == before == "owner_medical"
+    named, _ = data_utils.use_local_hub_copies([{"hub": "owner/medical", "name": "med"}], str(tmp_path / "hub"))
+    assert data_utils.parse_sources(named)[0].name == "med"
