@@ -271,7 +271,7 @@ def hub_source_name(hub: str) -> str:
     """The name of a hub source without `name`: its id with every run of other characters one `_`, OWNER/NAME
     -> OWNER_NAME. A local copy of it (hub_local_dir) keeps that name: it names the source's stores, data plan
     and eval_<name>_ppl, which must not change when the copy is downloaded."""
-    return re.sub(r"\W+", "_", hub).strip("_")
+    return re.sub(r"\W+", "_", modelscope_id(hub) or hub).strip("_")
 
 
 def source_stem(path: Path) -> str:
@@ -445,13 +445,12 @@ def hub_offline() -> bool:
     return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Can a TCP connection to the hub endpoint (HF_ENDPOINT) be opened? Answers within `timeout`,
-    where the hub client itself retries for tens of seconds before giving up."""
-    import socket
+def hub_reachable(timeout: float = 3.0, endpoint: str | None = None) -> bool:
+    """Can a TCP connection to the hub endpoint (HF_ENDPOINT, or `endpoint`) be opened? Answers within
+    `timeout`, where the hub client itself retries for tens of seconds before giving up."""
     from urllib.parse import urlparse
 
-    url = urlparse(hub_endpoint())
+    url = urlparse(endpoint or hub_endpoint())
     try:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)),
                                  timeout=timeout).close()
@@ -479,6 +478,13 @@ def offline_hub():
         datasets.config.HF_HUB_OFFLINE, hub_constants.HF_HUB_OFFLINE = saved
 
 
+def looks_like_path(name: str) -> bool:
+    """A model or tokenizer name that can only be a local path, not a hub's OWNER/NAME."""
+    return (name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1
+            or os.path.isdir(name.split("/")[0])  # outputs/run1: a path, not the hub's OWNER/NAME
+            or name.split("/")[0] in ("models", "model", "outputs", "output", "checkpoints"))  # the README's
+
+
 @contextlib.contextmanager
 def hub_access(name: str, what: str, option: str, error: type[Exception] | None = None):
     """Load a model or tokenizer (the body of the `with`) from a local directory or the hub, failing within seconds
@@ -486,10 +492,7 @@ def hub_access(name: str, what: str, option: str, error: type[Exception] | None 
     only be a path (absolute, ./, ../, ~, or deeper than owner/name) and is missing is named as such. `option` is the
     setting to give a downloaded copy to; `error` the exception to raise (DataError by default)."""
     error = error or DataError
-    path_like = (name.startswith(("/", ".", "~")) or "\\" in name or name.strip("/").count("/") > 1
-                 or os.path.isdir(name.split("/")[0])  # outputs/run1: a path, not the hub's OWNER/NAME
-                 or name.split("/")[0] in ("models", "model", "outputs", "output", "checkpoints"))  # the README's
-    if path_like and not os.path.exists(os.path.expanduser(name)):
+    if looks_like_path(name) and not os.path.exists(os.path.expanduser(name)):
         raise error(f"{what} directory `{name}` does not exist (relative paths start from {os.getcwd()}; the "
                     f"shell scripts run from the repository root). Fix the path.{started_elsewhere_hint(name)}")
     offline = must_use_cache(name)
@@ -505,6 +508,135 @@ def hub_access(name: str, what: str, option: str, error: type[Exception] | None 
                     f"e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first: `hf download {name} --local-dir "
                     f"models/{name.split('/')[-1]}` and pass that directory as `{option}`; (3) check the id (no "
                     f"directory `{name}` under {os.getcwd()} either) and, for gated models, HF_TOKEN.") from None
+
+
+# --------------------------------------------------------------------------------------------
+# ModelScope (modelscope.cn): `modelscope:OWNER/NAME` models and datasets, fetched into local directories
+# --------------------------------------------------------------------------------------------
+MODELSCOPE = "modelscope:"
+MODELSCOPE_FETCHED = ".modelscope.json"  # in a dataset's local copy: what a completed download put there
+
+
+def modelscope_id(name: Any) -> str | None:
+    """OWNER/NAME of a `modelscope:OWNER/NAME` id; None for anything else."""
+    if isinstance(name, str) and name.startswith(MODELSCOPE):
+        return name[len(MODELSCOPE):].strip().strip("/")
+    return None
+
+
+def checked_modelscope_id(name: str, what: str, error: type[Exception]) -> str:
+    found = modelscope_id(name)
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", found):
+        raise error(f"{what} `{name}` is not a ModelScope id: write `modelscope:OWNER/NAME` (as on "
+                    f"{modelscope_endpoint()}, e.g. modelscope:Qwen/Qwen2.5-0.5B).")
+    return found
+
+
+def modelscope_endpoint() -> str:
+    """Where the modelscope client downloads from: MODELSCOPE_ENDPOINT, else MODELSCOPE_DOMAIN, else modelscope.cn."""
+    url = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or "https://modelscope.cn"
+    return (url if "://" in url else f"https://{url}").rstrip("/")
+
+
+def modelscope_online() -> bool:
+    """ModelScope's endpoint answers within seconds (its client retries for minutes). HF_HUB_OFFLINE does not
+    apply: it is often set because Hugging Face is out of reach where ModelScope is not."""
+    return hub_reachable(endpoint=modelscope_endpoint())
+
+
+def modelscope_client(what: str, error: type[Exception]):
+    try:
+        import modelscope
+    except ImportError:
+        raise error(f"{what} is read from ModelScope, which needs its client: `pip install modelscope`.") from None
+    return modelscope
+
+
+def modelscope_failure(e: Exception) -> str:
+    """A modelscope client error in one line: its kind (NotExistError, AuthenticationError, ...) and message."""
+    return f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}"
+
+
+def fetch_modelscope_model(name: str, revision: str | None, what: str, option: str, error: type[Exception],
+                           cached_first: bool = False) -> str:
+    """The local directory of ModelScope model `name` (modelscope:OWNER/NAME), downloaded into the modelscope
+    cache (MODELSCOPE_CACHE) unless it is there. `cached_first`: the cache is tried before the hub (a rank after
+    the one that downloaded it)."""
+    model_id = checked_modelscope_id(name, what, error)
+    client = modelscope_client(f"{what} `{name}`", error)
+    revision = None if revision in (None, "main") else revision  # main: Hugging Face's default branch (master here)
+    fixes = (f"Fixes: (1) set MODELSCOPE_ENDPOINT to a reachable endpoint (now {modelscope_endpoint()}); (2) "
+             f"download it where there is network: `modelscope download --model {model_id} --local_dir "
+             f"models/{model_id.split('/')[-1]}`, and pass that directory as `{option}`; (3) check the id at "
+             f"{modelscope_endpoint()}/models/{model_id} and, for a private model, MODELSCOPE_API_TOKEN.")
+    online = modelscope_online()
+    if cached_first or not online:
+        try:
+            return client.snapshot_download(model_id, revision=revision, local_files_only=True)
+        except Exception as e:  # the client's own kinds of error: not found in the cache
+            if not online:
+                raise error(f"{what} `{name}` cannot be loaded: ModelScope ({modelscope_endpoint()}) is unreachable, "
+                            f"and it is not in the ModelScope cache ({modelscope_failure(e)}). {fixes}") from None
+    logger.info("downloading %s `%s` from ModelScope (%s)", what, model_id, modelscope_endpoint())
+    try:
+        return client.snapshot_download(model_id, revision=revision)
+    except Exception as e:  # NotExistError, AuthenticationError, a network error ...: named, with the fixes
+        raise error(f"{what} `{name}` cannot be downloaded from ModelScope: {modelscope_failure(e)}. {fixes}") from None
+
+
+def fetch_modelscope_dataset(raw: dict, root: Path) -> tuple[dict, str]:
+    """A `hub: modelscope:OWNER/NAME` source as the local hub directory ROOT/OWNER/NAME, downloaded there (only
+    its `data_files`, paths in the repository, when given) unless a download of the same revision and files
+    completed there before (then it is read as it is, without asking the hub)."""
+    name = raw.get("name") or hub_source_name(raw["hub"])
+    dataset_id = checked_modelscope_id(raw["hub"], f"source `{name}`: hub", DataError)
+    where, local = f"source `{name}`: ModelScope dataset `{dataset_id}`", root / dataset_id
+    files = [str(f) for f in data_file_entries(raw.get("data_files"))] or None
+    if any("://" in f or os.path.isabs(os.path.expanduser(f)) for f in files or []):
+        raise DataError(f"{where}: `data_files` of a ModelScope source are paths or patterns inside its repository "
+                        f"(e.g. data/train.jsonl), got {files}. Read other files with a source of their own.")
+    wanted = {"dataset": dataset_id, "revision": raw.get("revision"), "data_files": files}
+    try:
+        fetched = json.loads((local / MODELSCOPE_FETCHED).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        fetched = None
+    if fetched not in (wanted, {**wanted, "data_files": None}):  # (a whole copy holds any of its files)
+        if modelscope_online():
+            client = modelscope_client(where, DataError)
+            logger.info("%s: downloading into %s (%s)", where, local, modelscope_endpoint())
+            try:
+                client.dataset_snapshot_download(dataset_id, revision=raw.get("revision"), local_dir=str(local),
+                                                 allow_patterns=files)
+            except Exception as e:  # NotExistError, AuthenticationError, a network error ...: named, with the fixes
+                raise DataError(f"{where} cannot be downloaded: {modelscope_failure(e)}. Check the id at "
+                                f"{modelscope_endpoint()}/datasets/{dataset_id} (and `revision`, `data_files`) and, "
+                                "for a private dataset, MODELSCOPE_API_TOKEN.") from None
+            atomic_write_text(local / MODELSCOPE_FETCHED, json.dumps(wanted, ensure_ascii=False))
+        elif local.is_dir() and local_hub_files(local):  # copied by hand (`modelscope download --dataset`)
+            logger.warning("%s: ModelScope (%s) is unreachable; the files in %s are read as they are"
+                           " (no completed download of this revision and these files is recorded there).",
+                           where, modelscope_endpoint(), local)
+        else:
+            raise DataError(f"{where} cannot be loaded: ModelScope ({modelscope_endpoint()}) is unreachable, and "
+                            f"{local} holds no copy. Fixes: (1) set MODELSCOPE_ENDPOINT to "
+                            f"a reachable endpoint; (2) download it where there is network: `modelscope download "
+                            f"--dataset {dataset_id} --local_dir {local}` (found there through `hub_local_dir`); (3) "
+                            "point `path:` at a local copy of its files.")
+    raw = {**raw, "hub": str(local), "name": name}
+    raw.pop("revision", None)  # fetched: the local copy holds it
+    return raw, f"{MODELSCOPE}{dataset_id} -> {local}"
+
+
+def fetch_modelscope_sources(raw_sources: Any, hub_local_dir: str | None) -> tuple[Any, list[str]]:
+    """Every `hub: modelscope:OWNER/NAME` source fetched into HUB_LOCAL_DIR/OWNER/NAME (data/hub without one) and
+    read from there. Returns the sources and a line per source fetched."""
+    root, done, out = Path(os.path.expanduser(hub_local_dir or "data/hub")), [], []
+    for raw in raw_sources if isinstance(raw_sources, list) else [raw_sources]:
+        if isinstance(raw, dict) and modelscope_id(raw.get("hub")):
+            raw, line = fetch_modelscope_dataset(raw, root)
+            done.append(line)
+        out.append(raw)
+    return (out if isinstance(raw_sources, list) else out[0]), done
 
 
 PACKAGED_BUILDERS = ("json", "csv", "parquet", "text", "arrow")
@@ -538,7 +670,7 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
     root, done, out = Path(os.path.expanduser(hub_local_dir)), [], []
     for raw in raw_sources if isinstance(raw_sources, list) else [raw_sources]:
         hub = raw.get("hub") if isinstance(raw, dict) else None
-        if not isinstance(hub, str) or Path(os.path.expanduser(hub)).is_dir():
+        if not isinstance(hub, str) or Path(os.path.expanduser(hub)).is_dir() or modelscope_id(hub):
             out.append(raw)
             continue
         raw = dict(raw)
@@ -3775,6 +3907,7 @@ def main(argv: list[str]) -> int:
             return
         model_args, data_args, training_args = pretrain.parse_args(args)
         pretrain.setup_logging(training_args, data_args)
+        pretrain.fetch_from_modelscope(model_args, data_args, training_args, with_models=command == "preview")
         if command == "preview":
             tokenizer = pretrain.load_tokenizer(model_args, data_args, training_args)
             preview(data_args.sources, tokenizer, own.source, own.n)

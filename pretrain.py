@@ -215,7 +215,8 @@ class DataArguments:
         "help": "Token budget: sets max_steps to ceil(budget / tokens per step)."})
     hub_local_dir: str | None = field(default="data/hub", metadata={
         "help": "Local hub snapshots: a hub source OWNER/NAME is read from HUB_LOCAL_DIR/OWNER/NAME when that "
-                "directory exists (hf download --repo-type dataset OWNER/NAME --local-dir ...)."})
+                "directory exists (hf download --repo-type dataset OWNER/NAME --local-dir ...); `modelscope:` "
+                "datasets are downloaded there."})
     forgetting_threshold_pct: float = field(default=10.0, metadata={
         "help": "Warn when a `watch_forgetting` source's eval perplexity rises this many percent over its "
                 "step-0 baseline."})
@@ -614,6 +615,41 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
 # --------------------------------------------------------------------------------------------
 # 2. Tokenizer and 3. model
 # --------------------------------------------------------------------------------------------
+def fetch_from_modelscope(model_args: ModelArguments, data_args: DataArguments, training_args: PretrainingArguments,
+                          with_models: bool = True) -> None:
+    """What is named `modelscope:OWNER/NAME` (a model, a tokenizer, a hub source; model and tokenizer ids also
+    under LLaMA-Factory's USE_MODELSCOPE_HUB=1) is downloaded, rank 0 first, then each node's first rank (the
+    others find it there), and read from its local directory for the rest of the run. `with_models` off: the
+    sources only (`data_utils.py convert` loads no tokenizer)."""
+    settings = ("model_name_or_path", "tokenizer_name_or_path") if with_models else ()
+    if os.environ.get("USE_MODELSCOPE_HUB", "").strip().lower() in ("1", "true", "yes", "on"):
+        for setting in settings:
+            name = getattr(model_args, setting)
+            if (name and not data_utils.modelscope_id(name) and not data_utils.looks_like_path(name)
+                    and not os.path.exists(os.path.expanduser(name))):
+                setattr(model_args, setting, data_utils.MODELSCOPE + name)
+    models = {getattr(model_args, s) for s in settings if data_utils.modelscope_id(getattr(model_args, s))}
+    sources = data_args.sources if isinstance(data_args.sources, list) else [data_args.sources]
+    if not models and not any(isinstance(r, dict) and data_utils.modelscope_id(r.get("hub")) for r in sources):
+        return
+
+    def fetch():
+        local = {name: data_utils.fetch_modelscope_model(
+            name, model_args.model_revision, "model" if name == model_args.model_name_or_path else "tokenizer",
+            "model_name_or_path" if name == model_args.model_name_or_path else "tokenizer_name_or_path",
+            ConfigError, cached_first=training_args.process_index > 0) for name in sorted(models)}
+        return local, *data_utils.fetch_modelscope_sources(data_args.sources, data_args.hub_local_dir)
+
+    local, data_args.sources, fetched = on_every_rank(fetch, in_turns=training_args, what="download from ModelScope")
+    for setting in settings:
+        name = getattr(model_args, setting)
+        if name in local:
+            setattr(model_args, setting, local[name])
+            logger.info("%s %s: read from %s", setting, name, local[name])
+    for line in fetched:
+        logger.info("hub source read from its ModelScope download: %s", line)
+
+
 def hub_access(name: str, what: str):
     """data_utils.hub_access for the model or tokenizer of a run: a ConfigError naming the setting."""
     return data_utils.hub_access(name, what, "tokenizer_name_or_path" if what == "tokenizer" else "model_name_or_path",
@@ -2638,6 +2674,7 @@ def prepare_only(argv: list[str]) -> dict:
     """`python data_utils.py prepare CONFIG`: build the token stores and print the data report."""
     model_args, data_args, training_args = parse_args(argv)
     setup_logging(training_args, data_args)
+    fetch_from_modelscope(model_args, data_args, training_args)
     data = load_data(data_args, training_args, load_tokenizer(model_args, data_args, training_args))
     print(json.dumps(data.report, ensure_ascii=False, indent=1))
     return data.report
@@ -2943,6 +2980,7 @@ def train(argv: list[str]) -> dict:
         deepspeed.init_distributed(dist_backend="gloo")
     resume, stale = start_decisions(argv, model_args, training_args)
     resumed_from = checkpoint_step(resume) if resume else 0  # read now: rotation may delete it during training
+    fetch_from_modelscope(model_args, data_args, training_args)
     tokenizer = on_every_rank(lambda: load_tokenizer(model_args, data_args, training_args, resume))
     model_args.torch_dtype = weight_dtype(model_args, training_args)
     compute_dtype = (torch.bfloat16 if training_args.bf16 or training_args.bf16_weights else
