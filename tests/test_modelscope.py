@@ -15,7 +15,7 @@ import pytest
 
 import data_utils
 import pretrain
-from conftest import make_jsonl_corpus
+from conftest import ROOT, make_jsonl_corpus
 from data_utils import DataError
 from pretrain import ConfigError
 from test_end_to_end import run_pretrain
@@ -219,3 +219,18 @@ def test_the_real_client_offline_names_the_fixes(tmp_path, monkeypatch):
     with pytest.raises(ConfigError) as error:
         data_utils.fetch_modelscope_model("modelscope:acme/base", "main", "model", "model_name_or_path", ConfigError)
     assert "CacheNotFound" in str(error.value) and "modelscope download --model acme/base" in str(error.value)
+
+
+def test_the_vocabulary_tool_reads_modelscope_tokenizers_and_sources(tmp_path, modelscope, base_model, capsys,
+                                                                    monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "tools"))
+    import vocab
+
+    shutil.copytree(base_model, modelscope.repos / "models" / "acme" / "base")
+    modelscope.add_dataset("acme/notes", {"notes.jsonl": make_jsonl_corpus(tmp_path / "c").read_text("utf-8")})
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"sources": [{"hub": "modelscope:acme/notes"}], "cache_dir": str(tmp_path / "cache"),
+                                  "hub_local_dir": str(modelscope.hub_local_dir)}), encoding="utf-8")
+    assert vocab.main(["report", str(config), "--tokenizer", "modelscope:acme/base"]) == 0
+    assert "acme_notes" in capsys.readouterr().out
+    assert [c["id"] for c in modelscope.calls()] == ["acme/notes", "acme/base"]

@@ -395,11 +395,13 @@ def hub_download_hint(name: str) -> str:
 
 
 def load_tokenizer(name: str, flag: str):
-    """AutoTokenizer for a tokenizer directory or a hub id, as pretrain.py loads one (data_utils.hub_access): a hub
-    id that is neither reachable nor cached fails within seconds with the fixes, not after the hub client's retries
-    (most of a minute) with an OSError traceback."""
+    """AutoTokenizer for a tokenizer directory, a hub id or a modelscope: id, as pretrain.py loads one
+    (data_utils.hub_access): a hub id that is neither reachable nor cached fails within seconds with the fixes, not
+    after the hub client's retries (most of a minute) with an OSError traceback."""
     from transformers import AutoTokenizer
 
+    if data_utils.modelscope_id(name):  # the model it belongs to, downloaded whole: the run reads it next
+        name = data_utils.fetch_modelscope_model(name, None, flag, flag, DataError)
     with data_utils.hub_access(name, flag, flag):
         try:
             return AutoTokenizer.from_pretrained(os.path.expanduser(name))
@@ -516,7 +518,8 @@ def print_report(table: dict) -> None:
 def load_sources(config: str, overrides: list[str]):
     import pretrain
 
-    _, data_args, _ = pretrain.parse_args([config, *overrides])
+    model_args, data_args, training_args = pretrain.parse_args([config, *overrides])
+    pretrain.fetch_from_modelscope(model_args, data_args, training_args, with_models=False)
     return data_args
 
 
@@ -564,6 +567,8 @@ def main(argv: list[str]) -> int:
                 "character_coverage": args.character_coverage, "user_defined_symbols": symbols})
             print(f"wrote a {args.vocab_size}-token SentencePiece {args.model_type} tokenizer to {args.out}")
         elif args.command == "extend":
+            if data_utils.modelscope_id(args.base):  # the model it belongs to, downloaded whole: the run reads it next
+                args.base = data_utils.fetch_modelscope_model(args.base, None, "--base", "--base", DataError)
             result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out), args.overwrite)
             print(json.dumps(result, ensure_ascii=False))
             if result.get("terms_not_whole"):
