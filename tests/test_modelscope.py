@@ -234,3 +234,14 @@ def test_the_vocabulary_tool_reads_modelscope_tokenizers_and_sources(tmp_path, m
     assert vocab.main(["report", str(config), "--tokenizer", "modelscope:acme/base"]) == 0
     assert "acme_notes" in capsys.readouterr().out
     assert [c["id"] for c in modelscope.calls()] == ["acme/notes", "acme/base"]
+
+
+def test_convert_reads_modelscope_sources_without_fetching_a_model(tmp_path, modelscope):
+    modelscope.add_dataset("acme/notes", {"notes.jsonl": '{"text": "高血压"}\n{"text": "糖尿病"}\n'})
+    out = tmp_path / "all.jsonl"
+    assert data_utils.main(["convert", "--out", str(out), "--model_name_or_path", "modelscope:acme/base", "--sources",
+                            json.dumps([{"hub": "modelscope:acme/notes"}]), "--hub_local_dir",
+                            str(modelscope.hub_local_dir)]) == 0
+    assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
+        {"text": "高血压", "source": "acme_notes"}, {"text": "糖尿病", "source": "acme_notes"}]
+    assert [c["kind"] for c in modelscope.calls()] == ["dataset"]
