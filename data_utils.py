@@ -506,8 +506,9 @@ def hub_access(name: str, what: str, option: str, error: type[Exception] | None 
             else str(e).splitlines()[0]
         raise error(f"{what} `{name}` cannot be loaded: {reason}. Fixes: (1) set HF_ENDPOINT to a reachable mirror, "
                     f"e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first: `hf download {name} --local-dir "
-                    f"models/{name.split('/')[-1]}` and pass that directory as `{option}`; (3) check the id (no "
-                    f"directory `{name}` under {os.getcwd()} either) and, for gated models, HF_TOKEN.") from None
+                    f"models/{name.split('/')[-1]}` and pass that directory as `{option}`; (3) if it is on ModelScope, "
+                    f"`{MODELSCOPE}{name}`; (4) check the id (no directory `{name}` under {os.getcwd()} either) and, "
+                    "for gated models, HF_TOKEN.") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -726,7 +727,8 @@ def unreachable_message(name: str, error: Exception | str) -> str:
             f"the dataset is not in the local cache ({error}). Fixes: (1) set HF_ENDPOINT to a reachable mirror, "
             f"e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first where there is network: "
             f"`hf download --repo-type dataset {name} --local-dir data/hub/{name}` (found there automatically "
-            f"through `hub_local_dir`); (3) point `path:` at a local copy of its files.")
+            f"through `hub_local_dir`); (3) if it is on ModelScope, `hub: {MODELSCOPE}{name}`; (4) point `path:` at "
+            "a local copy of its files.")
 
 
 def local_hub_files(directory: Path) -> list[Path]:
