@@ -17,6 +17,7 @@ corpus (SentencePiece BPE, 8,000 pieces) and is the same for all three.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import resource
@@ -57,18 +58,41 @@ def make_corpus(path: Path, megabytes: float) -> Path:
     return path
 
 
-def child(args: list[str]) -> dict:
-    """Run one measurement in a fresh process: peak RSS is then that measurement's alone."""
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True,
-                         env=dict(os.environ, TOKENIZERS_PARALLELISM="true"))
+def run_child(script: str, args: list[str], **env: str) -> dict:
+    """Run one measurement of `script` (its `--child ARGS`) in a fresh process, so peak RSS and start-up are that
+    measurement's alone; returns the JSON it prints last."""
+    out = subprocess.run([sys.executable, script, "--child", *args], capture_output=True, text=True,
+                         env=dict(os.environ, **env))
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-3000:])
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def child_main(functions: dict, child_args: list[str]) -> None:
+    """The `--child KIND ARGS...` side of run_child: call functions[KIND] with the arguments (digits as ints)."""
+    kind, *rest = child_args
+    print(json.dumps(functions[kind](*[int(x) if x.isdigit() else x for x in rest])))
+
+
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 + resource.getrusage(
-        resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    """The largest process's peak RSS so far: this one's, or its largest finished child's (a tokenizer pool)."""
+    return max(resource.getrusage(who).ru_maxrss / 1024 for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+
+
+def run_clm_group_texts(block_size: int):
+    """run_clm.py's `group_texts`, as written there: concatenate a batch of documents, cut blocks, drop the rest."""
+    from itertools import chain
+
+    def group_texts(examples):
+        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
+        total_length = len(concatenated[list(examples.keys())[0]])
+        total_length = (total_length // block_size) * block_size
+        result = {k: [t[i: i + block_size] for i in range(0, total_length, block_size)]
+                  for k, t in concatenated.items()}
+        result["labels"] = result["input_ids"].copy()
+        return result
+
+    return group_texts
 
 
 def run_toolkit(corpus: str, tokenizer_dir: str, cache: str, workers: int, block_size: int) -> dict:
@@ -88,15 +112,11 @@ def run_toolkit(corpus: str, tokenizer_dir: str, cache: str, workers: int, block
     seconds = time.perf_counter() - start
     del first
     return {"seconds": seconds, "tokens": data.report["sources"]["corpus"]["tokens"],
-            "cache": data.report["sources"]["corpus"]["cache"], "padding_tokens": 0,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+            "cache": data.report["sources"]["corpus"]["cache"], "peak_rss_mb": peak_rss_mb()}
 
 
 def run_clm_baseline(corpus: str, tokenizer_dir: str, cache: str, workers: int, block_size: int) -> dict:
     """transformers/examples/pytorch/language-modeling/run_clm.py's data path, step for step."""
-    from itertools import chain
-
     import datasets
     from transformers import AutoTokenizer
 
@@ -110,24 +130,13 @@ def run_clm_baseline(corpus: str, tokenizer_dir: str, cache: str, workers: int, 
     tokenized = raw.map(tokenize_function, batched=True, num_proc=workers, remove_columns=["text"],
                         desc="Running tokenizer on dataset")
 
-    def group_texts(examples):
-        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
-        total_length = len(concatenated[list(examples.keys())[0]])
-        total_length = (total_length // block_size) * block_size
-        result = {k: [t[i: i + block_size] for i in range(0, total_length, block_size)]
-                  for k, t in concatenated.items()}
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    grouped = tokenized.map(group_texts, batched=True, num_proc=workers, desc=f"Grouping texts in chunks of {block_size}")
+    grouped = tokenized.map(run_clm_group_texts(block_size), batched=True, num_proc=workers, desc=f"Grouping texts in chunks of {block_size}")
     first = grouped["train"][0]
     seconds = time.perf_counter() - start
     del first
     n_tokens = sum(len(ids) for ids in tokenized["train"]["input_ids"])
     kept = len(grouped["train"]) * block_size
-    return {"seconds": seconds, "tokens": n_tokens, "tokens_kept": kept,
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "peak_rss_children_mb": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}
+    return {"seconds": seconds, "tokens": n_tokens, "tokens_kept": kept, "peak_rss_mb": peak_rss_mb()}
 
 
 def raw_limit(corpus: str, tokenizer_dir: str, workers: int, method: str = "encode_batch") -> dict:
@@ -156,10 +165,7 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, *rest = args.child
-        fn = {"toolkit": run_toolkit, "baseline": run_clm_baseline, "raw": raw_limit}[kind]
-        typed = [int(x) if x.isdigit() else x for x in rest]
-        print(json.dumps(fn(*typed)))
+        child_main({"toolkit": run_toolkit, "baseline": run_clm_baseline, "raw": raw_limit}, args.child)
         return
 
     import data_utils
@@ -173,6 +179,7 @@ def main() -> None:
     print(f"corpus {corpus} ({corpus.stat().st_size / 1e6:.0f} MB), {w} workers, block {b}, "
           f"{os.cpu_count()} CPUs", flush=True)
     shutil.rmtree(work / "cache", ignore_errors=True)
+    child = functools.partial(run_child, __file__, TOKENIZERS_PARALLELISM="true")
     ours = child(["toolkit", str(corpus), str(tokenizer_dir), str(work / "cache"), str(w), str(b)])
     again = child(["toolkit", str(corpus), str(tokenizer_dir), str(work / "cache"), str(w), str(b)])
     base = child(["baseline", str(corpus), str(tokenizer_dir), str(work / "hf_cache"), str(w), str(b)])
@@ -187,15 +194,16 @@ def main() -> None:
     print(f"  tokens trained on: toolkit {ours['tokens']:,} (all, one tail < block), run_clm keeps "
           f"{base['tokens_kept']:,} of {base['tokens']:,} ({1 - base['tokens_kept'] / base['tokens']:.2%} dropped)")
     print(f"second run, unchanged inputs: first batch after {again['seconds']:.2f} s ({again['cache']}; target < 2 s)")
-    peaks = {args.mb: max(ours["peak_rss_mb"], ours["peak_rss_children_mb"])}
+    peaks = {args.mb: ours["peak_rss_mb"]}
     if args.mb2:
         big = make_corpus(work / f"corpus_{args.mb2:g}mb.txt", args.mb2)
         r = child(["toolkit", str(big), str(tokenizer_dir), str(work / "cache_big"), str(w), str(b)])
-        peaks[args.mb2] = max(r["peak_rss_mb"], r["peak_rss_children_mb"])
+        peaks[args.mb2] = r["peak_rss_mb"]
         shutil.rmtree(work / "cache_big", ignore_errors=True)
         big.unlink()
     print("peak RSS of preparation (largest process): " + ", ".join(f"{k:g} MB text: {v:,.0f} MB" for k, v in peaks.items())
-          + (f"; ratio {peaks[args.mb2] / peaks[args.mb]:.2f} (target <= 1.2, and < 1500 MB)" if args.mb2 else ""))
+          + (f"; ratio {peaks[args.mb2] / peaks[args.mb]:.2f} (target <= 1.2, and < 1500 MB)" if args.mb2 else "")
+          + f"; run_clm at {args.mb:g} MB: {base['peak_rss_mb']:,.0f} MB")
     if not args.keep:
         shutil.rmtree(work, ignore_errors=True)
 

@@ -23,11 +23,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
+from prepare_bench import child_main, make_corpus, run_child, run_clm_group_texts  # noqa: E402
+
 
 def plain_trainer(corpus: str, tokenizer_dir: str, work: str, steps: int, block: int, batch: int) -> dict:
     """run_clm.py's dataset (tokenize, group_texts) and a Trainer with its defaults for everything else."""
-    from itertools import chain
-
     import datasets
     import torch
     from transformers import (AutoConfig, AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments,
@@ -36,15 +36,7 @@ def plain_trainer(corpus: str, tokenizer_dir: str, work: str, steps: int, block:
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
     raw = datasets.load_dataset("text", data_files={"train": corpus}, cache_dir=f"{work}/hf")["train"]
     tokenized = raw.map(lambda e: tokenizer(e["text"]), batched=True, remove_columns=["text"])
-
-    def group_texts(examples):
-        concatenated = {k: list(chain(*examples[k])) for k in examples.keys()}
-        total = len(concatenated["input_ids"]) // block * block
-        result = {k: [t[i:i + block] for i in range(0, total, block)] for k, t in concatenated.items()}
-        result["labels"] = result["input_ids"].copy()
-        return result
-
-    grouped = tokenized.map(group_texts, batched=True)
+    grouped = tokenized.map(run_clm_group_texts(block), batched=True)
     spec = json.loads((ROOT / "configs/model/tiny.json").read_text())
     spec["vocab_size"] = (len(tokenizer) + 63) // 64 * 64
     torch.manual_seed(0)
@@ -81,12 +73,9 @@ def main() -> None:
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        kind, *rest = args.child
-        typed = [int(x) if x.isdigit() else x for x in rest]
-        print(json.dumps(plain_trainer(*typed) if kind == "plain" else toolkit(*typed)))
+        child_main({"plain": plain_trainer, "toolkit": toolkit}, args.child)
         return
     import data_utils
-    from prepare_bench import make_corpus
 
     work = tempfile.mkdtemp(prefix="train_bench-")
     corpus = make_corpus(Path(work) / "corpus.txt", args.mb)
@@ -95,11 +84,7 @@ def main() -> None:
     common = [str(corpus), tokenizer_dir, work, str(args.steps), str(args.block_size), str(args.batch)]
 
     def child(kind, *extra):
-        out = subprocess.run([sys.executable, __file__, "--child", kind, *common, *extra], capture_output=True,
-                             text=True, env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
-        if out.returncode:
-            raise RuntimeError(out.stderr[-3000:])
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return run_child(__file__, [kind, *common, *extra], CUDA_VISIBLE_DEVICES="")
 
     tokens = args.steps * args.batch * args.block_size
     started = time.time()

@@ -24,6 +24,12 @@ ZH_LINES = [
 ]
 
 
+def logged_losses(checkpoint: Path) -> dict[int, float]:
+    """The training loss at each logged step, from a checkpoint's trainer_state.json."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
+
+
 def make_text_corpus(directory: Path, name: str = "corpus.txt", repeat: int = 8) -> Path:
     """A plain-text file, one sample per line, with distinct lines (numbered variants)."""
     directory.mkdir(parents=True, exist_ok=True)

@@ -69,11 +69,6 @@ def metrics(out):
     return json.loads((out / "metrics.json").read_text(encoding="utf-8"))
 
 
-def losses(checkpoint):
-    state = json.loads((checkpoint / "trainer_state.json").read_text())
-    return {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-
-
 @pytest.fixture(scope="module")
 def single(setup):
     return launch(setup, "single", "pretrain.py")

@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import ROOT, make_jsonl_corpus, make_text_corpus
+from conftest import ROOT, logged_losses, make_jsonl_corpus, make_text_corpus
 
 
 def run_pretrain(args, cwd=ROOT, script="pretrain.py", check=True, fresh_process=False):
@@ -162,10 +162,7 @@ def test_resume_from_checkpoint_continues_the_same_run(trained, tmp_path):
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-6", resumed / "checkpoint-6")
     run_pretrain([config, "--output_dir", resumed, "--resume_from_checkpoint", "auto"])
-    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
-    state_resumed = json.loads((resumed / "checkpoint-12" / "trainer_state.json").read_text())
-    losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-    losses_resumed = {h["step"]: h["loss"] for h in state_resumed["log_history"] if "loss" in h}
+    losses, losses_resumed = logged_losses(out / "checkpoint-12"), logged_losses(resumed / "checkpoint-12")
     for step in range(7, 13):  # steps trained after the resume match the uninterrupted run
         assert losses_resumed[step] == pytest.approx(losses[step], rel=1e-4), step
 
@@ -180,10 +177,7 @@ def test_resume_with_another_batch_split_keeps_the_global_batch(trained, tmp_pat
     proc = run_pretrain([config, "--output_dir", resumed, "--resume_from_checkpoint", "auto",
                          "--per_device_train_batch_size", 2])
     assert "gradient_accumulation_steps 1 -> 2 keeps its 128 tokens per step" in proc.stderr
-    state = json.loads((out / "checkpoint-12" / "trainer_state.json").read_text())
-    state_resumed = json.loads((resumed / "checkpoint-12" / "trainer_state.json").read_text())
-    losses = {h["step"]: h["loss"] for h in state["log_history"] if "loss" in h}
-    losses_resumed = {h["step"]: h["loss"] for h in state_resumed["log_history"] if "loss" in h}
+    losses, losses_resumed = logged_losses(out / "checkpoint-12"), logged_losses(resumed / "checkpoint-12")
     for step in range(7, 13):
         assert losses_resumed[step] == pytest.approx(losses[step], rel=1e-3), step
     with pytest.raises(AssertionError, match="Resume with a per_device_train_batch_size"):

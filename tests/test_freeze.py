@@ -8,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import pretrain
-from conftest import make_text_corpus
+from conftest import logged_losses, make_text_corpus
 from test_end_to_end import run_pretrain
 
 
@@ -125,8 +125,7 @@ def test_a_freeze_run_changes_only_what_trains_and_resumes_only_as_it_trained(tm
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     again = [resumed if a == out else a for a in args]
     run_pretrain([*again, "--max_steps", 4, "--resume_from_checkpoint", "auto"])
-    losses = [{h["step"]: h["loss"] for h in json.loads((d / "checkpoint-4" / "trainer_state.json").read_text())[
-        "log_history"] if "loss" in h} for d in (out, resumed)]
+    losses = [logged_losses(d / "checkpoint-4") for d in (out, resumed)]
     assert losses[1][4] == pytest.approx(losses[0][4], rel=1e-4)
     other = [2 if a == 1 else a for a in again]  # two layers now: the optimizer state would not fit
     proc = run_pretrain([*other, "--max_steps", 6, "--resume_from_checkpoint", str(out / "checkpoint-2")], check=False)
@@ -179,6 +178,5 @@ def test_a_block_expansion_run_saves_the_grown_model_with_the_base_layers_unchan
     resumed = tmp_path / "resumed"  # the expansion is rebuilt, then the checkpoint's weights load into it
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     run_pretrain([resumed if a == out else a for a in args] + ["--resume_from_checkpoint", "auto"])
-    losses = [{h["step"]: h["loss"] for h in json.loads((d / "checkpoint-3" / "trainer_state.json").read_text())[
-        "log_history"] if "loss" in h} for d in (out, resumed)]
+    losses = [logged_losses(d / "checkpoint-3") for d in (out, resumed)]
     assert losses[1][3] == pytest.approx(losses[0][3], rel=1e-4)

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pretrain
-from conftest import make_text_corpus
+from conftest import logged_losses, make_text_corpus
 from test_end_to_end import run_pretrain
 
 
@@ -39,8 +39,7 @@ def test_lora_run_saves_a_merged_model_and_the_adapter(tmp_path, base_model):
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     run_pretrain([*[resumed if a == out else a for a in args], "--max_steps", 4, "--resume_from_checkpoint", "auto"])
-    losses = [{h["step"]: h["loss"] for h in json.loads((d / "checkpoint-4" / "trainer_state.json").read_text())[
-        "log_history"] if "loss" in h} for d in (out, resumed)]
+    losses = [logged_losses(d / "checkpoint-4") for d in (out, resumed)]
     assert losses[1][3] == pytest.approx(losses[0][3], rel=1e-4) and losses[1][4] == pytest.approx(losses[0][4], rel=1e-4)
 
     base = AutoModelForCausalLM.from_pretrained(base_model)
@@ -240,8 +239,7 @@ def test_qlora_trains_on_4bit_weights_and_saves_the_merge_into_unquantized_ones(
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
     run_pretrain([*[resumed if a == out else a for a in args], "--max_steps", 4, "--resume_from_checkpoint", "auto"])
-    losses = [{h["step"]: h["loss"] for h in json.loads((d / "checkpoint-4" / "trainer_state.json").read_text())[
-        "log_history"] if "loss" in h} for d in (out, resumed)]
+    losses = [logged_losses(d / "checkpoint-4") for d in (out, resumed)]
     assert losses[1][4] == pytest.approx(losses[0][4], rel=1e-4)
 
 
