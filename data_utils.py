@@ -1,16 +1,16 @@
 """Data pipeline: sources -> text -> tokens -> packed blocks.
 
-One run reads every configured source (a file, a directory or a glob of plain text, jsonl or
-JSON-array files), turns each record into one training text, tokenizes all texts once into a
-memory-mapped *token store* (a flat token array plus document offsets) under a content-addressed
-cache key, then cuts `block_size` windows over the stream of training documents (EOS between
-documents, no padding). The train/eval split is by document and is a cheap view over the store,
-so changing `block_size`, `eval_fraction` or the seed re-packs in milliseconds without
-re-tokenizing, while any change to a file's content, the formatting or the tokenizer builds a new
-store.
+One run reads every configured source (a file, a directory or a glob of text, jsonl, JSON, csv, tsv or
+parquet files, or a dataset on the Hugging Face hub or ModelScope), turns each record into one training
+text, tokenizes all texts once into a memory-mapped *token store* (a flat token array plus document
+offsets) under a content-addressed cache key, then cuts `block_size` windows over the stream of
+training documents (EOS between documents, no padding). The train/eval split is by document and is
+a cheap view over the store, so changing `block_size`, `eval_fraction` or the seed re-packs in
+milliseconds without re-tokenizing, while any change to a file's content, the formatting or the
+tokenizer builds a new store.
 
 The module is also a command line tool (`python data_utils.py` prints its usage): preview
-rendered texts, convert sources to one jsonl, prepare the token stores ahead of training.
+rendered texts, convert sources to one jsonl, prepare the token stores ahead of training, search the hub.
 """
 from __future__ import annotations
 
@@ -149,7 +149,7 @@ class SourceConfig:
     eval_split: str | None = None  # hub: a split to evaluate on instead of a held-out fraction
     revision: str | None = None  # hub: branch, tag or commit
     data_files: Any = None  # hub: passed to datasets.load_dataset
-    streaming: bool = False  # hub: read as a stream (see build_streaming_train)
+    streaming: bool = False  # hub: read as a stream (see StreamedSource, StreamingMixture)
     name: str = ""  # used in logs, eval metric names (eval_<name>_ppl) and reports
     weight: float | None = None  # share of training TOKENS; unset on every source: natural sizes
     group: str | None = None  # paragraph | document | wikitext_articles: several lines make one document (README)
@@ -533,16 +533,37 @@ def checked_modelscope_id(name: str, what: str, error: type[Exception]) -> str:
     return found
 
 
+def modelscope_endpoints() -> list[str]:
+    """Where the modelscope client reads from, in its order: MODELSCOPE_ENDPOINT (or the older MODELSCOPE_DOMAIN)
+    alone, else modelscope.cn and then modelscope.ai (.ai first under MODELSCOPE_PREFER_AI_SITE=true)."""
+    url = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN")
+    if url:
+        return [(url if "://" in url else f"https://{url}").rstrip("/")]
+    sites = ["https://modelscope.cn", "https://www.modelscope.ai"]
+    prefer_ai = os.environ.get("MODELSCOPE_PREFER_AI_SITE", "").strip().lower() in ("1", "true", "yes", "on")
+    return sites[::-1] if prefer_ai else sites
+
+
 def modelscope_endpoint() -> str:
-    """Where the modelscope client downloads from: MODELSCOPE_ENDPOINT, else MODELSCOPE_DOMAIN, else modelscope.cn."""
-    url = os.environ.get("MODELSCOPE_ENDPOINT") or os.environ.get("MODELSCOPE_DOMAIN") or "https://modelscope.cn"
-    return (url if "://" in url else f"https://{url}").rstrip("/")
+    """The first of modelscope_endpoints: the site a model's or dataset's page is named on."""
+    return modelscope_endpoints()[0]
 
 
 def modelscope_online() -> bool:
-    """ModelScope's endpoint answers within seconds (its client retries for minutes). HF_HUB_OFFLINE does not
-    apply: it is often set because Hugging Face is out of reach where ModelScope is not."""
-    return hub_reachable(endpoint=modelscope_endpoint())
+    """One of ModelScope's endpoints answers within seconds (its client retries for minutes). HF_HUB_OFFLINE does
+    not apply: it is often set because Hugging Face is out of reach where ModelScope is not."""
+    return any(hub_reachable(endpoint=url) for url in modelscope_endpoints())
+
+
+def modelscope_revision(revision: str | None) -> str | None:
+    """`main`, Hugging Face's default branch (the default of `model_revision`), as ModelScope's (master): None."""
+    return None if revision in (None, "main") else revision
+
+
+def client_patterns(data_files: list[str]) -> list[str]:
+    """`data_files` globs as the modelscope client matches them (fnmatch: `*` crosses `/`, `**/` needs a folder):
+    each `**/` as `*` and a leading `./` dropped, so it downloads at least the files `datasets` then selects."""
+    return [pattern.removeprefix("./").replace("**/", "*") for pattern in data_files]
 
 
 def modelscope_client(what: str, error: type[Exception]):
@@ -565,8 +586,9 @@ def fetch_modelscope_model(name: str, revision: str | None, what: str, option: s
     the one that downloaded it)."""
     model_id = checked_modelscope_id(name, what, error)
     client = modelscope_client(f"{what} `{name}`", error)
-    revision = None if revision in (None, "main") else revision  # main: Hugging Face's default branch (master here)
-    fixes = (f"Fixes: (1) set MODELSCOPE_ENDPOINT to a reachable endpoint (now {modelscope_endpoint()}); (2) "
+    revision = modelscope_revision(revision)
+    fixes = (f"Fixes: (1) set MODELSCOPE_ENDPOINT to a reachable endpoint (now "
+             f"{', '.join(modelscope_endpoints())}); (2) "
              f"download it where there is network: `modelscope download --model {model_id} --local_dir "
              f"models/{model_id.split('/')[-1]}`, and pass that directory as `{option}`; (3) check the id at "
              f"{modelscope_endpoint()}/models/{model_id} and, for a private model, MODELSCOPE_API_TOKEN.")
@@ -576,8 +598,9 @@ def fetch_modelscope_model(name: str, revision: str | None, what: str, option: s
             return client.snapshot_download(model_id, revision=revision, local_files_only=True)
         except Exception as e:  # the client's own kinds of error: not found in the cache
             if not online:
-                raise error(f"{what} `{name}` cannot be loaded: ModelScope ({modelscope_endpoint()}) is unreachable, "
-                            f"and it is not in the ModelScope cache ({modelscope_failure(e)}). {fixes}") from None
+                raise error(f"{what} `{name}` cannot be loaded: ModelScope ({', '.join(modelscope_endpoints())}) is "
+                            f"unreachable, and it is not in the ModelScope cache ({modelscope_failure(e)}). {fixes}"
+                            ) from None
     logger.info("downloading %s `%s` from ModelScope (%s)", what, model_id, modelscope_endpoint())
     try:
         return client.snapshot_download(model_id, revision=revision)
@@ -587,8 +610,10 @@ def fetch_modelscope_model(name: str, revision: str | None, what: str, option: s
 
 def fetch_modelscope_dataset(raw: dict, root: Path) -> tuple[dict, str]:
     """A `hub: modelscope:OWNER/NAME` source as the local hub directory ROOT/OWNER/NAME, downloaded there (only
-    its `data_files`, paths in the repository, when given) unless a download of the same revision and files
-    completed there before (then it is read as it is, without asking the hub)."""
+    what its `data_files`, paths or globs inside the repository, select, when given) unless a download of the
+    same revision and files completed there before: then it is read as it is, without asking the hub. The record
+    of the download (.modelscope.json) is written before it starts and marked complete after, so an interrupted
+    or failed one is never read as a whole."""
     name = raw.get("name") or hub_source_name(raw["hub"])
     dataset_id = checked_modelscope_id(raw["hub"], f"source `{name}`: hub", DataError)
     where, local = f"source `{name}`: ModelScope dataset `{dataset_id}`", root / dataset_id
@@ -596,33 +621,49 @@ def fetch_modelscope_dataset(raw: dict, root: Path) -> tuple[dict, str]:
     if any("://" in f or os.path.isabs(os.path.expanduser(f)) for f in files or []):
         raise DataError(f"{where}: `data_files` of a ModelScope source are paths or patterns inside its repository "
                         f"(e.g. data/train.jsonl), got {files}. Read other files with a source of their own.")
-    wanted = {"dataset": dataset_id, "revision": raw.get("revision"), "data_files": files}
+    revision, record = modelscope_revision(raw.get("revision")), local / MODELSCOPE_FETCHED
+    done = {"dataset": dataset_id, "revision": revision, "data_files": files, "complete": True}
     try:
-        fetched = json.loads((local / MODELSCOPE_FETCHED).read_text(encoding="utf-8"))
+        fetched = json.loads(record.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         fetched = None
-    if fetched not in (wanted, {**wanted, "data_files": None}):  # (a whole copy holds any of its files)
-        if modelscope_online():
-            client = modelscope_client(where, DataError)
-            logger.info("%s: downloading into %s (%s)", where, local, modelscope_endpoint())
-            try:
-                client.dataset_snapshot_download(dataset_id, revision=raw.get("revision"), local_dir=str(local),
-                                                 allow_patterns=files)
-            except Exception as e:  # NotExistError, AuthenticationError, a network error ...: named, with the fixes
-                raise DataError(f"{where} cannot be downloaded: {modelscope_failure(e)}. Check the id at "
-                                f"{modelscope_endpoint()}/datasets/{dataset_id} (and `revision`, `data_files`) and, "
-                                "for a private dataset, MODELSCOPE_API_TOKEN.") from None
-            atomic_write_text(local / MODELSCOPE_FETCHED, json.dumps(wanted, ensure_ascii=False))
-        elif local.is_dir() and local_hub_files(local):  # copied by hand (`modelscope download --dataset`)
-            logger.warning("%s: ModelScope (%s) is unreachable; the files in %s are read as they are"
-                           " (no completed download of this revision and these files is recorded there).",
-                           where, modelscope_endpoint(), local)
-        else:
-            raise DataError(f"{where} cannot be loaded: ModelScope ({modelscope_endpoint()}) is unreachable, and "
-                            f"{local} holds no copy. Fixes: (1) set MODELSCOPE_ENDPOINT to "
-                            f"a reachable endpoint; (2) download it where there is network: `modelscope download "
-                            f"--dataset {dataset_id} --local_dir {local}` (found there through `hub_local_dir`); (3) "
-                            "point `path:` at a local copy of its files.")
+    if fetched in (done, {**done, "data_files": None}):  # (a whole copy holds any of its files)
+        pass
+    elif modelscope_online():
+        client = modelscope_client(where, DataError)
+        if isinstance(fetched, dict) and fetched.get("revision") != revision:
+            shutil.rmtree(local)  # files the other revision has and this one lacks would be read as its data
+        atomic_write_text(record, json.dumps({**done, "complete": False}, ensure_ascii=False))
+        logger.info("%s: downloading into %s", where, local)
+        try:
+            client.dataset_snapshot_download(dataset_id, revision=revision, local_dir=str(local),
+                                             allow_patterns=client_patterns(files) if files else None)
+        except Exception as e:  # NotExistError, AuthenticationError, a network error ...: named, with the fixes
+            raise DataError(f"{where} cannot be downloaded: {modelscope_failure(e)}. Check the id at "
+                            f"{modelscope_endpoint()}/datasets/{dataset_id} (and `revision`, `data_files`) and, "
+                            "for a private dataset, MODELSCOPE_API_TOKEN; rerunning resumes the download.") from None
+        unmatched = [f for f in files or [] if not globlib.glob(str(local / f), recursive=True)]
+        if unmatched:
+            raise DataError(f"{where}: `data_files` {', '.join(unmatched)} match no file of the repository (revision "
+                            f"{revision or 'default'}). Fix them: paths or globs inside it, as listed at "
+                            f"{modelscope_endpoint()}/datasets/{dataset_id}/files.")
+        atomic_write_text(record, json.dumps(done, ensure_ascii=False))
+    elif fetched is not None:
+        state = ("did not complete" if not isinstance(fetched, dict) or not fetched.get("complete") else
+                 f"holds revision {fetched.get('revision') or 'default'} with data_files {fetched.get('data_files')}")
+        raise DataError(f"{where}: the download into {local} {state}, and ModelScope "
+                        f"({', '.join(modelscope_endpoints())}) is unreachable. Rerun where it can be reached (the download resumes), or set `revision` / "
+                        "`data_files` to what the folder holds.")
+    elif local.is_dir() and local_hub_files(local):  # copied by hand (`modelscope download --dataset`)
+        logger.warning("%s: ModelScope (%s) is unreachable; the files in %s are read as they are (copied by hand: "
+                       "no download of this revision and these files is recorded there).", where,
+                       ", ".join(modelscope_endpoints()), local)
+    else:
+        raise DataError(f"{where} cannot be loaded: ModelScope ({', '.join(modelscope_endpoints())}) is unreachable, "
+                        f"and {local} holds no copy. Fixes: (1) set MODELSCOPE_ENDPOINT to a reachable endpoint; (2) "
+                        f"download it where there is network: `modelscope download --dataset {dataset_id} --local_dir "
+                        f"{local}` (found there through `hub_local_dir`); (3) point `path:` at a local copy of its "
+                        "files.")
     raw = {**raw, "hub": str(local), "name": name}
     raw.pop("revision", None)  # fetched: the local copy holds it
     return raw, f"{MODELSCOPE}{dataset_id} -> {local}"
@@ -2487,9 +2528,6 @@ class PackedBlocks:
 
     def __len__(self) -> int:
         return self.n_blocks
-
-    def block_tokens(self, index: int) -> np.ndarray:
-        return np.concatenate(self._pieces(index))
 
     def _pieces(self, index: int) -> list[np.ndarray]:
         """The block's tokens, one array per document (or part of one) it holds."""

@@ -498,6 +498,7 @@ FOREIGN_OPTIONS = {
     "new_special_tokens": "tools/vocab.py extend (a text file of tokens), then `tokenizer_name_or_path`",
     "eval_dataset": "a source's `eval_path:` (files) or `eval_split:` (hub)", "device_map": "nothing: the launch "
     "script puts one process on each GPU (`NUM_GPUS`)", "use_auth_token": "the HF_TOKEN environment variable",
+    "ms_hub_token": "the MODELSCOPE_API_TOKEN environment variable (ModelScope ids: `modelscope:OWNER/NAME`)",
     "token": "the HF_TOKEN environment variable", "use_fast_tokenizer": "nothing: the fast tokenizer is always used",
     "low_cpu_mem_usage": "nothing", "train_from_scratch": "leave `model_name_or_path` unset and give "
     "`model_config` (a JSON)", "preprocessing_batch_size": "nothing: tokenizer processes take chunks of 2,048 "
@@ -625,8 +626,8 @@ def fetch_from_modelscope(model_args: ModelArguments, data_args: DataArguments, 
     if os.environ.get("USE_MODELSCOPE_HUB", "").strip().lower() in ("1", "true", "yes", "on"):
         for setting in settings:
             name = getattr(model_args, setting)
-            if (name and not data_utils.modelscope_id(name) and not data_utils.looks_like_path(name)
-                    and not os.path.exists(os.path.expanduser(name))):
+            if (name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not data_utils.looks_like_path(name)
+                    and not os.path.exists(os.path.expanduser(name))):  # a hub's OWNER/NAME, not a path
                 setattr(model_args, setting, data_utils.MODELSCOPE + name)
     models = {getattr(model_args, s) for s in settings if data_utils.modelscope_id(getattr(model_args, s))}
     sources = data_args.sources if isinstance(data_args.sources, list) else [data_args.sources]

@@ -51,14 +51,18 @@ def snapshot_download(model_id, revision=None, cache_dir=None, local_files_only=
 def dataset_snapshot_download(dataset_id, revision=None, cache_dir=None, local_dir=None, allow_patterns=None,
                               **kwargs):
     _log(kind="dataset", id=dataset_id, revision=revision, allow_patterns=allow_patterns)
-    repo = Path(os.environ["FAKE_MODELSCOPE_REPOS"]) / "datasets" / dataset_id
+    repo = Path(os.environ["FAKE_MODELSCOPE_REPOS"]) / "datasets" / (dataset_id + (f"@{revision}" if revision else ""))
     if not repo.is_dir():
         raise NotExistError(f"The dataset: {dataset_id} not exists")
+    copied = 0
     for f in sorted(repo.rglob("*")):
-        rel = f.relative_to(repo).as_posix()
+        rel = f.relative_to(repo).as_posix()  # matched as the real client does (fnmatch on the path)
         if f.is_file() and (allow_patterns is None or any(fnmatch.fnmatch(rel, p) for p in allow_patterns)):
+            if copied == int(os.environ.get("FAKE_MODELSCOPE_FAIL_AFTER", -1)):
+                raise ConnectionError("[E1020] Connection failed")
             (Path(local_dir) / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(f, Path(local_dir) / rel)
+            copied += 1
     return local_dir
 '''
 
@@ -137,6 +141,7 @@ def test_a_modelscope_model_and_dataset_train_and_a_rerun_reads_the_copy(tmp_pat
 
 def test_a_dataset_is_fetched_again_only_for_another_revision_or_other_files(tmp_path, modelscope):
     modelscope.add_dataset("acme/notes", {"a/x.jsonl": '{"text": "x"}\n', "b/y.jsonl": '{"text": "y"}\n'})
+    modelscope.add_dataset("acme/notes@v2", {"a/x.jsonl": '{"text": "x2"}\n'})
     root = modelscope.hub_local_dir
 
     def fetch(**options):
@@ -207,6 +212,9 @@ def test_use_modelscope_hub_sends_model_ids_to_modelscope_and_leaves_paths(tmp_p
     assert model_args.model_name_or_path == str(tmp_path / "ms" / "cache" / "models" / "acme" / "base")
     assert model_args.tokenizer_name_or_path == str(base_model)  # a directory stays one
     assert [c["id"] for c in modelscope.calls()] == ["acme/base"]
+    model_args.model_name_or_path = "my_model"  # a directory misspelt, not an OWNER/NAME id
+    pretrain.fetch_from_modelscope(model_args, data_args, training_args)
+    assert model_args.model_name_or_path == "my_model"
 
 
 def test_the_real_client_offline_names_the_fixes(tmp_path, monkeypatch):
@@ -245,3 +253,62 @@ def test_convert_reads_modelscope_sources_without_fetching_a_model(tmp_path, mod
     assert [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()] == [
         {"text": "高血压", "source": "acme_notes"}, {"text": "糖尿病", "source": "acme_notes"}]
     assert [c["kind"] for c in modelscope.calls()] == ["dataset"]
+
+
+def test_data_files_globs_download_what_datasets_reads_and_a_glob_matching_nothing_is_named(tmp_path, modelscope,
+                                                                                        monkeypatch):
+    """The client matches `data_files` with fnmatch (`**/` needs a folder there), `datasets` as globs: a top-level
+    train.jsonl under `**/*.jsonl` was not downloaded, and the copy recorded as complete without it."""
+    modelscope.add_dataset("acme/notes", {"train.jsonl": '{"text": "t"}\n', "data/x.jsonl": '{"text": "x"}\n',
+                                          "data/sub/y.jsonl": '{"text": "y"}\n', "raw/z.csv": "text\nz\n"})
+    root, copy = str(modelscope.hub_local_dir), modelscope.hub_local_dir / "acme" / "notes"
+
+    def fetch(data_files):
+        return data_utils.fetch_modelscope_sources([{"hub": "modelscope:acme/notes", "data_files": data_files}], root)
+
+    fetch(["**/*.jsonl"])
+    assert {p.relative_to(copy).as_posix() for p in data_utils.local_hub_files(copy)} == {
+        "train.jsonl", "data/x.jsonl", "data/sub/y.jsonl"}
+    fetch(["./raw/z.csv"])
+    assert (copy / "raw" / "z.csv").is_file()
+    with pytest.raises(DataError, match=r"`data_files` data/\*\.json match no file of the repository"):
+        fetch(["data/*.json"])  # a typo: nothing to download, and nothing recorded as complete
+    go_offline(monkeypatch)
+    with pytest.raises(DataError, match="did not complete"):
+        fetch(["data/*.json"])
+
+
+def test_an_interrupted_download_is_resumed_not_read_and_another_revision_starts_clean(tmp_path, modelscope,
+                                                                                       monkeypatch):
+    modelscope.add_dataset("acme/notes", {"a.jsonl": '{"text": "a"}\n', "old.jsonl": '{"text": "old"}\n'})
+    modelscope.add_dataset("acme/notes@v2", {"a.jsonl": '{"text": "a2"}\n', "new.jsonl": '{"text": "new"}\n'})
+    root, copy = str(modelscope.hub_local_dir), modelscope.hub_local_dir / "acme" / "notes"
+    monkeypatch.setenv("FAKE_MODELSCOPE_FAIL_AFTER", "1")
+    with pytest.raises(DataError, match=r"cannot be downloaded: ConnectionError.*rerunning resumes the download"):
+        data_utils.fetch_modelscope_sources([{"hub": "modelscope:acme/notes"}], root)
+    assert (copy / "a.jsonl").is_file()  # half of it arrived
+    with monkeypatch.context() as offline:
+        go_offline(offline)
+        with pytest.raises(DataError, match=r"the download into .* did not complete"):
+            data_utils.fetch_modelscope_sources([{"hub": "modelscope:acme/notes"}], root)
+    monkeypatch.delenv("FAKE_MODELSCOPE_FAIL_AFTER")
+    data_utils.fetch_modelscope_sources([{"hub": "modelscope:acme/notes"}], root)
+    assert sorted(p.name for p in data_utils.local_hub_files(copy)) == ["a.jsonl", "old.jsonl"]
+    data_utils.fetch_modelscope_sources([{"hub": "modelscope:acme/notes", "revision": "v2"}], root)
+    assert sorted(p.name for p in data_utils.local_hub_files(copy)) == ["a.jsonl", "new.jsonl"]  # old.jsonl: gone
+    go_offline(monkeypatch)
+    with pytest.raises(DataError, match="holds revision v2"):
+        data_utils.fetch_modelscope_sources([{"hub": "modelscope:acme/notes"}], root)
+    assert data_utils.fetch_modelscope_sources([{"hub": "modelscope:acme/notes", "revision": "v2"}], root)[0]
+
+
+def test_modelscope_endpoints_follow_the_client(monkeypatch):
+    for name in ("MODELSCOPE_ENDPOINT", "MODELSCOPE_DOMAIN", "MODELSCOPE_PREFER_AI_SITE"):
+        monkeypatch.delenv(name, raising=False)
+    assert data_utils.modelscope_endpoints() == ["https://modelscope.cn", "https://www.modelscope.ai"]
+    monkeypatch.setenv("MODELSCOPE_PREFER_AI_SITE", "true")
+    assert data_utils.modelscope_endpoints() == ["https://www.modelscope.ai", "https://modelscope.cn"]
+    monkeypatch.setenv("MODELSCOPE_DOMAIN", "mirror.example.cn")
+    assert data_utils.modelscope_endpoints() == ["https://mirror.example.cn"]
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://10.0.0.1:8080/")
+    assert data_utils.modelscope_endpoints() == ["http://10.0.0.1:8080"]
