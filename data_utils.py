@@ -525,9 +525,12 @@ def modelscope_id(name: Any) -> str | None:
     return None
 
 
+MODELSCOPE_ID = re.compile(r"(?!\.\.?/)[\w.-]+/(?!\.\.?$)[\w.-]+")  # OWNER/NAME; `.` or `..` would leave its folder
+
+
 def checked_modelscope_id(name: str, what: str, error: type[Exception]) -> str:
     found = modelscope_id(name)
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", found):
+    if not MODELSCOPE_ID.fullmatch(found):
         raise error(f"{what} `{name}` is not a ModelScope id: write `modelscope:OWNER/NAME` (as on "
                     f"{modelscope_endpoint()}, e.g. modelscope:Qwen/Qwen2.5-0.5B).")
     return found
@@ -617,6 +620,9 @@ def fetch_modelscope_dataset(raw: dict, root: Path) -> tuple[dict, str]:
     name = raw.get("name") or hub_source_name(raw["hub"])
     dataset_id = checked_modelscope_id(raw["hub"], f"source `{name}`: hub", DataError)
     where, local = f"source `{name}`: ModelScope dataset `{dataset_id}`", root / dataset_id
+    if local.is_symlink() or local.parent.is_symlink():
+        raise DataError(f"{where}: {local} is a symbolic link; a download there could replace what it points to. "
+                        "Replace it by a folder, or set `hub_local_dir` to another place.")
     files = [str(f) for f in data_file_entries(raw.get("data_files"))] or None
     if any("://" in f or os.path.isabs(os.path.expanduser(f)) for f in files or []):
         raise DataError(f"{where}: `data_files` of a ModelScope source are paths or patterns inside its repository "
@@ -631,7 +637,7 @@ def fetch_modelscope_dataset(raw: dict, root: Path) -> tuple[dict, str]:
         pass
     elif modelscope_online():
         client = modelscope_client(where, DataError)
-        if isinstance(fetched, dict) and fetched.get("revision") != revision:
+        if isinstance(fetched, dict) and fetched.get("dataset") == dataset_id and fetched.get("revision") != revision:
             shutil.rmtree(local)  # files the other revision has and this one lacks would be read as its data
         atomic_write_text(record, json.dumps({**done, "complete": False}, ensure_ascii=False))
         logger.info("%s: downloading into %s", where, local)

@@ -312,3 +312,20 @@ def test_modelscope_endpoints_follow_the_client(monkeypatch):
     assert data_utils.modelscope_endpoints() == ["https://mirror.example.cn"]
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://10.0.0.1:8080/")
     assert data_utils.modelscope_endpoints() == ["http://10.0.0.1:8080"]
+
+
+def test_ids_that_would_leave_hub_local_dir_are_refused(tmp_path, modelscope):
+    """`modelscope:../..` passed the id check: its record was written two folders above hub_local_dir, and a
+    later revision emptied that folder (the working directory)."""
+    root = modelscope.hub_local_dir / "deep"
+    for bad in ("../..", "a/..", "../b", "./b", "a/."):
+        with pytest.raises(DataError, match="is not a ModelScope id"):
+            data_utils.fetch_modelscope_sources([{"hub": f"modelscope:{bad}", "revision": "v2"}], str(root))
+    assert not (modelscope.hub_local_dir / data_utils.MODELSCOPE_FETCHED).exists() and not root.exists()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (root / "acme").mkdir(parents=True)
+    (root / "acme" / "notes").symlink_to(elsewhere)
+    with pytest.raises(DataError, match="is a symbolic link"):
+        data_utils.fetch_modelscope_sources([{"hub": "modelscope:acme/notes"}], str(root))
+    assert elsewhere.is_dir() and not list(elsewhere.iterdir())
