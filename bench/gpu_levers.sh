@@ -19,6 +19,13 @@ bf16_weights + chunked loss, 32k-token micro-batch|32768|--mixed_precision bf16_
 bf16_weights + chunked loss + compile blocks, 32k|32768|--mixed_precision bf16_weights --chunked_loss true --torch_compile true;\
 bf16_weights + liger, 32k|32768|--mixed_precision bf16_weights --use_liger_kernel true"
 IFS=';' read -ra VARIANTS <<< "${VARIANTS:-$DEFAULT}"
+# the folder is emptied: refuse one that holds anything but this script's own outputs (OUT_DIR=outputs would
+# delete every trained model)
+foreign=$(ls -A "$OUT" 2>/dev/null | grep -Ev '^([0-9]+|[0-9]+\.name|[0-9]+-seq[0-9]+\.log)$' | head -1)
+if [ -n "$foreign" ]; then
+    echo "gpu_levers.sh: OUT_DIR $OUT holds $foreign, which this script did not write, and it empties OUT_DIR at each run: choose another OUT_DIR" >&2
+    exit 2
+fi
 rm -rf "$OUT" && mkdir -p "$OUT"
 i=0
 for variant in "${VARIANTS[@]}"; do

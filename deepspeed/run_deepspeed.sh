@@ -51,10 +51,17 @@ ENV_FILE=$(mktemp "${TMPDIR:-/tmp}/deepspeed_env.XXXXXX")
 for own in ~/.deepspeed_env ./.deepspeed_env; do
     if [ -f "$own" ]; then grep '=' "$own" >> "$ENV_FILE" || true; fi
 done
+# The launcher sends each as `export NAME="VALUE";` through the other nodes' shell: a value holding $, `, " or \
+# would run there as code (WANDB_NOTES='lr $(...)'), so such values are not forwarded.
+UNSAFE='[$`"\\]'
 while IFS= read -r -d '' pair; do
     if [[ "${pair%%=*}" =~ ^((HF|HUGGINGFACE|TRANSFORMERS|WANDB)_[A-Za-z0-9_]+|TORCH_EXTENSIONS_DIR|TOKENIZERS_PARALLELISM)$ \
           && "$pair" != *$'\n'* ]]; then
-        printf '%s\n' "$pair" >> "$ENV_FILE"
+        if [[ "${pair#*=}" =~ $UNSAFE ]]; then
+            echo "run_deepspeed.sh: ${pair%%=*} is not passed to the other nodes: its value holds \$, \`, \" or \\, which their shell would run or change. Set it on each node (~/.deepspeed_env) without them." >&2
+        else
+            printf '%s\n' "$pair" >> "$ENV_FILE"
+        fi
     fi
 done < <(env -0)
 export DS_ENV_FILE=$ENV_FILE  # an absolute path: the launcher's os.path.join keeps it

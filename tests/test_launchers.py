@@ -109,7 +109,8 @@ def test_a_hostfile_run_hands_the_hub_settings_to_the_other_nodes(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HOSTFILE", "DS_CONFIG", "NUM_GPUS", "DS_ENV_FILE")}
     env.update(PATH=f"{tmp_path / 'bin'}:{env['PATH']}", PYTHON=sys.executable, HOSTFILE=str(tmp_path / "hosts"),
                DS_LAUNCHER_ARGS="--no_ssh_check", HF_ENDPOINT="https://hf-mirror.com", HF_HUB_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", UNRELATED_SETTING="x", CUDA_VISIBLE_DEVICES="")
+               TOKENIZERS_PARALLELISM="false", UNRELATED_SETTING="x", CUDA_VISIBLE_DEVICES="",
+               WANDB_NOTES="lr $(touch pwned) sweep")  # run as code by the other nodes' shell if forwarded
     proc = subprocess.run(["bash", str(ROOT / "deepspeed/run_deepspeed.sh"), "--max_steps", "1"], cwd=tmp_path,
                           env=env, capture_output=True, text=True, timeout=120)
     pdsh = [line for line in proc.stdout.splitlines() if line.startswith("PDSH ")]
@@ -117,6 +118,7 @@ def test_a_hostfile_run_hands_the_hub_settings_to_the_other_nodes(tmp_path):
     for setting in ("HF_ENDPOINT=https://hf-mirror.com;", "HF_HUB_OFFLINE=1;", "TOKENIZERS_PARALLELISM=false;"):
         assert f"export {setting}" in pdsh[0]
     assert "UNRELATED_SETTING" not in pdsh[0] and "-w node1,node2" in pdsh[0]
+    assert "WANDB_NOTES" not in pdsh[0] and "WANDB_NOTES is not passed to the other nodes" in proc.stderr
 
 
 def test_fsdp_true_from_a_config_file_turns_fsdp_on(tmp_path):
