@@ -3820,11 +3820,29 @@ def preview(sources: Any, tokenizer, source_name: str | None, n: int) -> None:
         print()
 
 
+def convert_target_problem(specs: list[SourceConfig], out: Path) -> str | None:
+    """`convert --out` must not replace a file it reads (its text was lost), nor land in a folder a source reads
+    (the next run would train on it too)."""
+    target = out.resolve()
+    for spec in specs:
+        for entry in [spec.hub] if spec.hub else [p for p in (spec.path, spec.eval_path) if p]:
+            for pattern in [entry] if isinstance(entry, str) else entry:
+                found = Path(os.path.expanduser(pattern))
+                if found.is_dir() and target.is_relative_to(found.resolve()):
+                    return (f"--out `{out}` is inside `{pattern}`, which source `{spec.name}` reads: the next run "
+                            "would train on the converted file too. Write it elsewhere.")
+                if any(target == Path(f).resolve() for f in globlib.glob(os.path.expanduser(pattern), recursive=True)):
+                    return f"--out `{out}` is a file source `{spec.name}` reads: it would be overwritten. Write it elsewhere."
+    return None
+
+
 def convert(sources: Any, out: str, dedup: bool = True) -> dict[str, int]:
     """Write every source's formatted, cleaned (and deduplicated) texts to one jsonl file."""
     seen: set[int] = set()
     written: dict[str, int] = {}
     out_path = Path(out)
+    if problem := convert_target_problem(parse_sources(sources), out_path):
+        raise DataError(problem)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
     try:

@@ -307,3 +307,20 @@ def test_dialog_with_openai_content_parts_renders_their_text():
                                                         {"type": "text", "text": "怎么看？"}]},
                            {"role": "assistant", "content": "需要结合症状。"}]}
     assert render("dialog", record) == "[User] 这张片子\n怎么看？\n[Assistant] 需要结合症状。"
+
+
+def test_convert_refuses_to_overwrite_its_input_or_write_where_a_source_reads(tmp_path):
+    """`convert --out` on a source file replaced the text with its jsonl (exit 0); inside a source folder it
+    would be read as data by the next run."""
+    import data_utils
+
+    notes = tmp_path / "data" / "notes.txt"
+    notes.parent.mkdir()
+    notes.write_text("高血压患者应定期测量血压。\n", encoding="utf-8")
+    for sources, out, problem in (([{"path": str(notes)}], notes, "is a file source `notes` reads"),
+                                  ([{"path": str(tmp_path / "data" / "*.txt")}], notes, "is a file source"),
+                                  ([{"path": str(notes.parent)}], notes.parent / "all.jsonl", "is inside")):
+        with pytest.raises(data_utils.DataError, match=problem):
+            data_utils.convert(sources, str(out))
+    assert notes.read_text(encoding="utf-8") == "高血压患者应定期测量血压。\n"
+    assert data_utils.convert([{"path": str(notes)}], str(tmp_path / "all.jsonl")) == {"notes": 1}
