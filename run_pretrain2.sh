@@ -4,6 +4,7 @@
 #   tokens, per-domain eval perplexity. Hub access honours HF_ENDPOINT (a mirror), HF_TOKEN and HF_HUB_OFFLINE;
 #   datasets downloaded to data/hub/OWNER/NAME are read from there; `modelscope:OWNER/NAME` models and datasets
 #   come from ModelScope (MODELSCOPE_ENDPOINT). GPUs are used as in run_pretrain.sh.
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"  # started with sh (dash has no pipefail)
 set -euo pipefail
 CONFIG=configs/pretrain_open_mixed.yaml
 if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi

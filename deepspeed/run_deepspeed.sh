@@ -11,7 +11,7 @@
 #                same path on every node); MASTER_ADDR (default: the first host), MASTER_PORT (default 29500)
 #   DS_LAUNCHER_ARGS  more options for the deepspeed launcher with HOSTFILE, e.g. "--launcher openmpi" or
 #                "--ssh_port 2222"
-#   PYTHON       the interpreter (default python); with HOSTFILE the same path on every node
+#   PYTHON       the interpreter (default python3, else python); with HOSTFILE the same path on every node
 # With HOSTFILE, HF_*, TRANSFORMERS_*, TORCH_EXTENSIONS_DIR, TOKENIZERS_PARALLELISM and WANDB_* variables reach
 # the other nodes too (the launcher alone passes on only PYTHON*, NCCL*, ... and ~/.deepspeed_env's lines).
 # One node goes through torchrun/run_torchrun.sh (also the way to run single-process DeepSpeed), which
@@ -35,7 +35,8 @@ HOSTFILE=$(cd "$(dirname "$HOSTFILE")" && pwd)/$(basename "$HOSTFILE")
 [[ "${PYTHON:-}" == */* ]] && export PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")  # from the caller's directory
 export PRETRAIN_CALLER_DIR=${PRETRAIN_CALLER_DIR:-$PWD}  # named in errors about relative paths
 cd "$ROOT"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python || true)}
+[ -n "$PYTHON" ] || { echo "run_deepspeed.sh: no python3 or python on PATH: activate the environment the requirements were installed into, or set PYTHON=/path/to/python" >&2; exit 2; }
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 LAUNCHER=(--hostfile "$HOSTFILE" --no_local_rank)  # --local_rank=N before the config path would hide it
 [ -n "${NUM_GPUS:-}" ] && LAUNCHER+=(--num_gpus "$NUM_GPUS")

@@ -8,7 +8,7 @@ import pytest
 from conftest import ROOT
 
 FAKE_PYTHON = """#!/usr/bin/env bash
-if [ "$1" = "-c" ]; then echo "${FAKE_GPUS:-0}"; exit 0; fi
+if [ "$1" = "-c" ]; then case "$2" in *mps*) echo "${FAKE_GPUS:-0} ${FAKE_MPS:-0}" ;; *) echo "${FAKE_GPUS:-0}" ;; esac; exit 0; fi
 echo "CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES-unset} RUN $*"
 for name in TORCH_DISABLE_SHARE_RDZV_TCP_STORE TORCH_ELASTIC_SHUTDOWN_TIMEOUT; do
     [ -z "${!name:-}" ] || echo "$name=${!name}"
@@ -45,6 +45,38 @@ def test_one_process_on_a_machine_with_several_gpus_sees_one(launch):
     for script in ("run_pretrain.sh", "torchrun/run_torchrun.sh"):  # a relative PYTHON is the caller's, not the repo's
         rc, out = launch(script, gpus=1, PYTHON="./python")
         assert rc == 0 and "RUN " in out, out
+
+
+def test_a_mac_trains_on_the_cpu_unless_num_gpus_asks_for_its_gpu(launch):
+    """transformers picks MPS by itself when it is there: NUM_GPUS=0 (the default without CUDA) said CPU."""
+    rc, out = launch("run_pretrain.sh", FAKE_MPS="1")
+    assert rc == 0 and "RUN pretrain.py" in out and "--use_cpu true" in out, out
+    assert "NUM_GPUS=1 trains on this Mac's GPU" in out
+    rc, out = launch("run_pretrain.sh", FAKE_MPS="1", NUM_GPUS="1")
+    assert rc == 0 and "RUN pretrain.py" in out and "--use_cpu" not in out, out
+    rc, out = launch("run_pretrain.sh")  # no GPU of any kind: as before
+    assert rc == 0 and "RUN pretrain.py" in out and "--use_cpu" not in out, out
+
+
+def test_without_python_on_path_python3_runs_and_sh_starts_bash(launch, tmp_path):
+    """Macs and Ubuntu have python3 but often no `python` (exec: python: not found, exit 127); dash has no
+    pipefail (`sh run_pretrain.sh`)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3").write_text(FAKE_PYTHON)
+    (bin_dir / "python3").chmod(0o755)
+    for tool in ("bash", "dirname", "basename", "env"):
+        (bin_dir / tool).symlink_to(subprocess.run(["bash", "-c", f"command -v {tool}"], capture_output=True,
+                                                   text=True).stdout.strip())
+    env = {"PATH": str(bin_dir), "HOME": str(tmp_path)}
+    for shell in ("bash", "sh"):
+        proc = subprocess.run([shell if shell == "bash" else "/bin/sh", str(ROOT / "run_pretrain.sh")], cwd=tmp_path,
+                              env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0 and "RUN pretrain.py" in proc.stdout, (shell, proc.stdout + proc.stderr)
+    (bin_dir / "python3").unlink()
+    proc = subprocess.run(["bash", str(ROOT / "run_pretrain.sh")], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2 and "no python3 or python on PATH" in proc.stderr
 
 
 def test_several_gpus_go_to_torchrun_one_process_each(launch):

@@ -17,7 +17,7 @@
 #   TORCH_ELASTIC_SHUTDOWN_TIMEOUT  seconds torchrun lets the ranks finish after it passes on SIGTERM (a scheduler
 #                   preempting the job: they save a checkpoint at the next step) before it kills them (default here
 #                   300; torch's own is 30, too short to save a large model; read by torch >= 2.11)
-#   PYTHON          the interpreter (default python)
+#   PYTHON          the interpreter (default python3, else python)
 # Without CUDA the processes train on the CPU over gloo (--use_cpu true: otherwise each rank trains alone).
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -29,7 +29,8 @@ if [ $# -gt 0 ] && [[ "$1" != -* ]]; then CONFIG=$1; shift; fi
 [[ "${PYTHON:-}" == */* ]] && export PYTHON=$(cd "$(dirname "$PYTHON")" && pwd)/$(basename "$PYTHON")  # from the caller's directory
 export PRETRAIN_CALLER_DIR=${PRETRAIN_CALLER_DIR:-$PWD}  # named in errors about relative paths
 cd "$ROOT"
-PYTHON=${PYTHON:-python}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python || true)}
+[ -n "$PYTHON" ] || { echo "run_torchrun.sh: no python3 or python on PATH: activate the environment the requirements were installed into, or set PYTHON=/path/to/python" >&2; exit 2; }
 GPUS=$("$PYTHON" -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)
 NPROC_PER_NODE=${NPROC_PER_NODE:-$([ "$GPUS" -gt 0 ] && echo "$GPUS" || echo 2)}
 NNODES=${NNODES:-1}
