@@ -379,3 +379,20 @@ def test_run_length_from_the_command_line_wins_over_the_configs(tmp_path, micro_
     code, err = main(capsys, both)
     assert code == 2 and "max_steps 3 and max_train_tokens 100000 both set the run's length" in err
     assert pretrain.parse_args([str(both), "--max_train_tokens", "500"])[2].max_steps == -1
+
+
+def test_many_sources_fit_under_a_low_soft_open_file_limit(tmp_path, tokenizer_dir):
+    """Each source keeps ~8 memory maps open: 40 files in a per_file folder under a soft limit of 256 open files
+    (macOS's default) failed with Errno 24; the soft limit is now raised towards the hard one."""
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(40):
+        (data / f"f{i:02d}.txt").write_text("".join(f"第{i}个文件第{j}行：高血压患者应定期测量血压。\n" for j in range(20)),
+                                            encoding="utf-8")
+    sources = json.dumps([{"path": str(data), "per_file": True}])
+    command = (f"ulimit -Sn 256 && {sys.executable} data_utils.py prepare --tokenizer_name_or_path {tokenizer_dir} "
+               f"--sources '{sources}' --cache_dir {tmp_path / 'cache'} --block_size 32 --output_dir {tmp_path / 'out'}")
+    proc = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert len(json.loads(proc.stdout[proc.stdout.index("{"):])["sources"]) == 40
