@@ -2324,6 +2324,18 @@ class TokenStore:
     def n_docs(self) -> int:
         return len(self.offsets) - 1
 
+    def damage(self) -> str | None:
+        """Where the files disagree with meta.json (a copy of the cache cut short, a file replaced), else None:
+        a damaged store fails later with an unrelated error (ragged blocks in the collator, ids out of range)."""
+        n_docs, n_tokens = self.meta["n_docs"], self.meta["n_tokens"]
+        lengths = {"tokens": (len(self.tokens), n_tokens), "offsets": (len(self.offsets), n_docs + 1),
+                   **{name: (len(getattr(self, name)), n_docs) for name in DOC_ARRAYS}}
+        wrong = [f"{name}.bin holds {have:,} values, not {want:,}" for name, (have, want) in lengths.items()
+                 if have != want]
+        if not wrong and (self.offsets[0] != 0 or self.offsets[-1] != n_tokens):
+            wrong.append("offsets.bin does not span tokens.bin")
+        return "; ".join(wrong) or None
+
     def doc(self, i: int) -> np.ndarray:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
@@ -2474,6 +2486,16 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
     hit = (directory / "meta.json").exists()
     if directory.parent.is_dir():
         remove_obsolete_partial_stores(directory)
+    if hit:
+        try:
+            damage = TokenStore(directory).damage()
+        except (OSError, ValueError, KeyError) as e:  # a file missing, a size not whole values, meta.json cut
+            damage = f"{type(e).__name__}: {e}"
+        if damage:
+            logger.warning("source `%s`: the cached token store %s is damaged (%s): tokenizing the source again",
+                           spec.name, directory, damage)
+            shutil.rmtree(directory)
+            hit = False
     if not hit:
         logger.info("source `%s`: tokenizing %s into %s", spec.name, inputs.label, directory)
         try:

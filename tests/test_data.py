@@ -517,6 +517,25 @@ def test_second_run_is_a_cache_hit_without_tokenization(tmp_path, tokenizer, mon
     assert second.train.parts[0].store.dir == first.train.parts[0].store.dir
 
 
+def test_a_damaged_cached_store_is_tokenized_again(tmp_path, tokenizer, caplog):
+    """A cache copied short (tokens.bin truncated) was used as a hit: 'stack expects each tensor to be equal size'
+    from the collator, many steps later."""
+    import logging
+
+    path = make_text_corpus(tmp_path / "d", repeat=3)
+    first = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}])
+    store = first.train.parts[0].store.dir
+    expected = [first.train[i]["input_ids"].tolist() for i in range(len(first.train))]
+    for damage in (lambda: os.truncate(store / "tokens.bin", 100), lambda: os.truncate(store / "offsets.bin", 17),
+                   lambda: (store / "doc_hashes.bin").unlink()):
+        damage()
+        with caplog.at_level(logging.WARNING, logger="data_utils"):
+            again = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}])
+        assert again.report["sources"]["c"]["cache"] == "built" and "is damaged" in caplog.text
+        assert [again.train[i]["input_ids"].tolist() for i in range(len(again.train))] == expected
+        caplog.clear()
+
+
 def test_any_changed_input_rebuilds(tmp_path, tokenizer, tokenizer_dir):
     from transformers import AutoTokenizer
 
