@@ -325,6 +325,9 @@ class PretrainingArguments(TrainingArguments):
     loraplus_lr_ratio: float | None = field(default=None, metadata={
         "help": "finetuning lora: LoRA+ (Hayou et al., 2024): the adapters' B matrices learn this many times faster "
                 "than the rest (16 is the paper's default), which reaches a given loss in fewer steps."})
+    trust_checkpoint: bool = field(default=False, metadata={
+        "help": "Resume a DeepSpeed checkpoint whose files name classes outside the few DeepSpeed writes (DeepSpeed "
+                "loads its files with pickle, which runs such code): only for a checkpoint you trust."})
     record_block_ids: bool = field(default=False, metadata={
         "help": "Write the ids of the blocks each micro-batch trains on to output_dir/block_ids/rank<R>.jsonl, one "
                 "line per micro-batch ({\"step\": S, \"block_ids\": [...]}): an audit of what each rank trained on "
@@ -2264,6 +2267,26 @@ def checkpoint_engine(checkpoint: Path) -> str:
     return "neither DeepSpeed nor FSDP"
 
 
+DEEPSPEED_CHECKPOINT_GLOBALS = {  # what DeepSpeed 0.19's ZeRO 1-3 (with offload) pickle beside tensors
+    "deepspeed.runtime.zero.config.ZeroStageEnum", "deepspeed.utils.tensor_fragment.fragment_address",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler", "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler"}
+
+
+def check_checkpoint_code(checkpoint: str, training_args: PretrainingArguments) -> None:
+    """DeepSpeed resumes its global_step*/ files with torch.load(weights_only=False): a downloaded checkpoint could
+    run any code it names. Its pickles are read (not run) for the classes they would build, and one outside
+    torch's safe set and the few DeepSpeed writes stops the run, unless `trust_checkpoint`. (The Trainer loads
+    its own optimizer, scheduler and RNG files with weights_only=True.)"""
+    if training_args.trust_checkpoint:
+        return
+    for path in sorted(Path(checkpoint).glob("global_step*/*.pt")):
+        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_CHECKPOINT_GLOBALS
+        if unsafe:
+            raise ConfigError(f"{path} would run code of {', '.join(sorted(unsafe))} when DeepSpeed loads it (it "
+                              "unpickles its files): resume only checkpoints written by runs you trust. If this one "
+                              "is (a DeepSpeed version that saves other classes), pass `--trust_checkpoint true`.")
+
+
 def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, block_size: int,
                           streaming: bool) -> None:
     """A resumed run must read on from where its checkpoint stopped: the Trainer skips steps x accumulation
@@ -3002,6 +3025,7 @@ def train(argv: list[str]) -> dict:
         training_args.eval_strategy, training_args.eval_on_start = "no", False
     if resume:
         with alike_on_every_rank():
+            check_checkpoint_code(resume, training_args)
             keep_checkpoint_batch(resume, training_args, data_args.block_size, not hasattr(data.train, "__len__"))
             check_resume_data(resume, data_plan(data.report, training_args), training_args)
     tokens_per_step = batch_plan(training_args, data_args.block_size)["tokens_per_step"]

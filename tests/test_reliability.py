@@ -396,3 +396,28 @@ def test_many_sources_fit_under_a_low_soft_open_file_limit(tmp_path, tokenizer_d
                           env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(json.loads(proc.stdout[proc.stdout.index("{"):])["sources"]) == 40
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_a_deepspeed_checkpoint_that_would_run_code_is_not_resumed(tmp_path):
+    """DeepSpeed unpickles its global_step*/ files (weights_only=False): a downloaded checkpoint ran its code.
+    Their pickles are now read for the classes they name, without running them."""
+    import torch
+
+    import pretrain
+
+    checkpoint = tmp_path / "checkpoint-10"
+    (checkpoint / "global_step10").mkdir(parents=True)
+    torch.save({"module": {"w": torch.zeros(2)}, "ds_version": "0.19.8"},
+               checkpoint / "global_step10" / "mp_rank_00_model_states.pt")
+    args = pretrain.parse_args(["--output_dir", str(tmp_path / "out")])[2]
+    pretrain.check_checkpoint_code(str(checkpoint), args)  # tensors, dicts and strings: fine
+    torch.save({"module": RunsCode()}, checkpoint / "global_step10" / "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    with pytest.raises(pretrain.ConfigError, match=r"would run code of posix\.system.*--trust_checkpoint true"):
+        pretrain.check_checkpoint_code(str(checkpoint), args)
+    args.trust_checkpoint = True
+    pretrain.check_checkpoint_code(str(checkpoint), args)
