@@ -136,6 +136,9 @@ class ModelArguments:
                "quantization_type": ("nf4", "fp4")}
 
     def __post_init__(self):
+        for name in ("model_name_or_path", "tokenizer_name_or_path", "model_config"):  # transformers takes ~/x
+            if (getattr(self, name) or "").startswith("~"):                          # for a malformed hub id
+                setattr(self, name, os.path.expanduser(getattr(self, name)))
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 auto = (" (`auto` loads a model in its saved dtype elsewhere; here weights stay float32 masters and "
@@ -2593,7 +2596,7 @@ def earlier_checkpoints(training_args: PretrainingArguments, model_args: ModelAr
     out = Path(training_args.output_dir)
     found = checkpoints_newest_first(out)
     for setting in ("model_name_or_path", "tokenizer_name_or_path"):
-        base = getattr(model_args, setting)
+        base = os.path.expanduser(getattr(model_args, setting) or "")
         inside = [c for c in found if base and os.path.isdir(base) and Path(base).resolve().is_relative_to(c.resolve())]
         if inside:
             raise ConfigError(f"{setting} `{base}` is {inside[0].name} of output_dir `{out}`, which a fresh run there "
