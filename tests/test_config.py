@@ -415,10 +415,6 @@ def test_resume_from_checkpoint_spelt_empty_false_or_true(tmp_path):
 
 def test_model_and_tokenizer_paths_may_start_with_home(tmp_path, monkeypatch, tokenizer_dir):
     """`~/models/x` in a config went to transformers unexpanded, which took it for a malformed hub id."""
-    import shutil
-
-    import pretrain
-
     monkeypatch.setenv("HOME", str(tmp_path))
     shutil.copytree(tokenizer_dir, tmp_path / "tok")
     args = pretrain.parse_args(["--tokenizer_name_or_path", "~/tok", "--output_dir", str(tmp_path / "out")])
