@@ -2046,6 +2046,20 @@ def resolve_bos(tokenizer, add_bos: str) -> int | None:
     return bos if add_bos == "always" or add_bos == "auto" and adds else None
 
 
+def record_special_token_flags(directory: Path, tokenizer) -> None:
+    """Write `add_bos_token` / `add_eos_token` into a saved tokenizer_config.json as the tokenizer encodes:
+    transformers 5 leaves them out, and llama.cpp's conversion then assumes a SentencePiece tokenizer adds BOS
+    (every prompt would start with a token the model never trained after)."""
+    path = directory / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    config = json.loads(path.read_text(encoding="utf-8"))
+    ids = tokenizer("a", add_special_tokens=True)["input_ids"]
+    config["add_bos_token"] = tokenizer.bos_token_id is not None and ids[:1] == [tokenizer.bos_token_id]
+    config["add_eos_token"] = tokenizer.eos_token_id is not None and ids[-1:] == [tokenizer.eos_token_id]
+    atomic_write_text(path, json.dumps(config, ensure_ascii=False, indent=2) + "\n")
+
+
 def byte_token_mask(tokenizer) -> np.ndarray:
     """True for the ids that stand for raw bytes rather than text: SentencePiece byte-fallback pieces
     (<0xE4>) and byte-level BPE tokens that are not whole UTF-8 characters (a third of 高)."""
@@ -3808,6 +3822,7 @@ def train_sentencepiece_tokenizer(sources: Any, cache_dir: str, vocab_size: int,
         tokenizer = AutoTokenizer.from_pretrained(hf_dir)  # converts tokenizer.model to a fast tokenizer
         final = tmp / "final"
         tokenizer.save_pretrained(final)
+        record_special_token_flags(final, tokenizer)
         shutil.copy(hf_dir / "tokenizer.model", final / "tokenizer.model")  # kept for vocabulary extension
         if not out_dir.exists():  # else another process finished first: keep theirs
             os.replace(final, out_dir)

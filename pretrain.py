@@ -136,9 +136,12 @@ class ModelArguments:
                "quantization_type": ("nf4", "fp4")}
 
     def __post_init__(self):
-        for name in ("model_name_or_path", "tokenizer_name_or_path", "model_config"):  # transformers takes ~/x
-            if (getattr(self, name) or "").startswith("~"):                          # for a malformed hub id
-                setattr(self, name, os.path.expanduser(getattr(self, name)))
+        for name in ("model_name_or_path", "tokenizer_name_or_path", "model_config"):
+            value = os.path.expanduser(getattr(self, name) or "")  # transformers takes ~/x for a bad hub id
+            if value and (getattr(self, name).startswith("~") or name != "model_config" and os.path.isdir(value)):
+                # a directory absolute: a LoRA adapter names its base by it (a relative one, read from elsewhere,
+                # was looked up on the hub)
+                setattr(self, name, os.path.abspath(value) if os.path.isdir(value) else value)
         for name, allowed in self.CHOICES.items():
             if getattr(self, name) not in allowed:
                 auto = (" (`auto` loads a model in its saved dtype elsewhere; here weights stay float32 masters and "
@@ -1678,6 +1681,9 @@ class PretrainTrainer(Trainer):
         directory = Path(output_dir or self.args.output_dir)
         if self.args.should_save and self.sentencepiece_model is not None:
             (directory / "tokenizer.model").write_bytes(self.sentencepiece_model)
+        if self.args.should_save:
+            data_utils.record_special_token_flags(directory, self.processing_class)
+            write_legacy_rope_keys(directory)
         if self.args.should_save and directory.name.startswith("checkpoint-"):  # what a resume must keep
             atomic_write_text(directory / BATCH_PLAN, json.dumps({**batch_plan(self.args, self.block_size),
                                                                   "run_id": self.run_id,
@@ -2924,6 +2930,24 @@ def unquantized_args(model_args: ModelArguments) -> ModelArguments:
     return dataclasses.replace(model_args, **quantization, attn_implementation="sdpa")
 
 
+def write_legacy_rope_keys(directory: Path) -> None:
+    """transformers 5 saves RoPE settings in `rope_parameters` only, with `rope_theta: null` beside them: readers
+    built on transformers 4 (older vLLM, conversion scripts) then take the default base of 10,000 (Qwen2 uses
+    1,000,000) and no scaling. The top-level `rope_theta` (and `rope_scaling` for a scaled RoPE) they read are
+    written too; transformers 5 reads the file as before."""
+    path = directory / "config.json"
+    if not path.is_file():
+        return  # a LoRA adapter's directory
+    config = json.loads(path.read_text(encoding="utf-8"))
+    rope = config.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" not in rope:
+        return
+    config["rope_theta"] = rope["rope_theta"]
+    if rope.get("rope_type", "default") != "default" and not config.get("rope_scaling"):
+        config["rope_scaling"] = {"type": rope["rope_type"], **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
     """The final model goes to a temporary directory first and each file is then renamed into output_dir,
     the weights last: a crash leaves either no new weights or complete ones, never a half-written file.
@@ -2967,6 +2991,8 @@ def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
                 "`save_steps` so that a failure at the end costs less.")
         raise CheckpointError(f"{write_failure(e, out)} while writing the final model to {staging}. {then}") from e
     if trainer.is_world_process_zero():
+        for pickled in [*staging.rglob("training_args.bin"), out / "training_args.bin"]:
+            pickled.unlink(missing_ok=True)  # a pickle of this script's class: nothing outside it can load it
         for stale in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
             stale.unlink()  # an old single file would shadow a new sharded index (and the reverse)
         shutil.rmtree(out / "adapter", ignore_errors=True)  # an earlier LoRA run's, or the one replaced now

@@ -420,3 +420,6 @@ def test_model_and_tokenizer_paths_may_start_with_home(tmp_path, monkeypatch, to
     args = pretrain.parse_args(["--tokenizer_name_or_path", "~/tok", "--output_dir", str(tmp_path / "out")])
     assert args[0].tokenizer_name_or_path == str(tmp_path / "tok")
     assert len(pretrain.load_tokenizer(*args)) > 100
+    monkeypatch.chdir(tmp_path)  # a relative directory is made absolute: a LoRA adapter's base named by it
+    args = pretrain.parse_args(["--model_name_or_path", "tok", "--output_dir", str(tmp_path / "out")])  # was looked
+    assert args[0].model_name_or_path == str(tmp_path / "tok")  # up on the hub when read from elsewhere

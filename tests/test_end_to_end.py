@@ -89,7 +89,12 @@ def test_from_scratch_outputs_load_and_perplexity_falls(trained):
                  "metrics.json", "data_report.json", "loss.png"):
         assert (out / name).is_file(), name
     assert list((out / "runs").rglob("events.out.tfevents.*")), "TensorBoard logs"
-    assert not list(out.glob("*.bin")) or list(out.glob("*.bin")) == [out / "training_args.bin"]
+    assert not list(out.glob("*.bin"))  # no pickles: training_args.bin named a class only pretrain.py has
+    config = json.loads((out / "config.json").read_text(encoding="utf-8"))
+    assert config["rope_theta"] == config["rope_parameters"]["rope_theta"]  # readers on transformers 4 (was null)
+    flags = json.loads((out / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert flags["add_bos_token"] is False and flags["add_eos_token"] is False  # llama.cpp assumed BOS without them
+    assert AutoTokenizer.from_pretrained(out)("高血压")["input_ids"][0] != AutoTokenizer.from_pretrained(out).bos_token_id
     metrics = json.loads((out / "metrics.json").read_text(encoding="utf-8"))
     before, after = metrics["eval"]["before_training"], metrics["eval"]["final"]
     for name in ("notes", "records"):

@@ -28,7 +28,8 @@ def test_lora_run_saves_a_merged_model_and_the_adapter(tmp_path, base_model):
             "none", "--sample_prompts", "高血压是", "--sample_max_new_tokens", 4, "--gradient_checkpointing", "true"]
     run_pretrain([*args, "--max_steps", 4])
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
-    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["base_model_name_or_path"] == str(base_model)  # absolute: found from anywhere
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["model"]["finetuning"] == "lora" and metrics["train"]["steps"] == 4 and metrics["samples"]
     assert metrics["model"]["trainable_parameters"] < metrics["model"]["parameters"] / 4
