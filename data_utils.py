@@ -24,6 +24,7 @@ import csv
 import dataclasses
 import difflib
 import errno
+import fnmatch
 import functools
 import glob as globlib
 import gzip
@@ -48,6 +49,7 @@ import textwrap
 import threading
 import time
 import unicodedata
+import uuid
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -2508,8 +2510,11 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
         if damage:
             logger.warning("source `%s`: the cached token store %s is damaged (%s): tokenizing the source again",
                            spec.name, directory, damage)
-            shutil.rmtree(directory)
-            hit = False
+            aside = directory.with_name(f"{directory.name}.damaged-{uuid.uuid4().hex[:8]}")
+            with contextlib.suppress(FileNotFoundError):  # another process (a second job) moved it first
+                os.rename(directory, aside)
+            shutil.rmtree(aside, ignore_errors=True)
+            hit = (directory / "meta.json").exists()  # that process may have rebuilt it since
     if not hit:
         logger.info("source `%s`: tokenizing %s into %s", spec.name, inputs.label, directory)
         try:
@@ -3857,19 +3862,33 @@ def preview(sources: Any, tokenizer, source_name: str | None, n: int) -> None:
         print()
 
 
+def source_patterns(spec: SourceConfig) -> list[str]:
+    """Every file, folder or glob a source reads: its `path` and `eval_path`, or a local hub folder and the
+    local `data_files` (relative to that folder, else to here)."""
+    entries = [entry for entry in (spec.path, spec.eval_path) if entry]
+    patterns = [p for entry in entries for p in ([entry] if isinstance(entry, str) else entry)]
+    if spec.hub:
+        folder = Path(os.path.expanduser(spec.hub))
+        patterns += [str(folder)] if folder.is_dir() else []
+        patterns += [str(folder / str(f)) if folder.is_dir() else str(f) for f in data_file_entries(spec.data_files)
+                     if "://" not in str(f)]
+    return patterns
+
+
 def convert_target_problem(specs: list[SourceConfig], out: Path) -> str | None:
-    """`convert --out` must not replace a file it reads (its text was lost), nor land in a folder a source reads
-    (the next run would train on it too)."""
+    """`convert --out` must not replace a file a source reads (its text was lost), nor be a file a source's
+    folder or glob would read next time (trained on twice)."""
     target = out.resolve()
     for spec in specs:
-        for entry in [spec.hub] if spec.hub else [p for p in (spec.path, spec.eval_path) if p]:
-            for pattern in [entry] if isinstance(entry, str) else entry:
-                found = Path(os.path.expanduser(pattern))
-                if found.is_dir() and target.is_relative_to(found.resolve()):
-                    return (f"--out `{out}` is inside `{pattern}`, which source `{spec.name}` reads: the next run "
-                            "would train on the converted file too. Write it elsewhere.")
-                if any(target == Path(f).resolve() for f in globlib.glob(os.path.expanduser(pattern), recursive=True)):
-                    return f"--out `{out}` is a file source `{spec.name}` reads: it would be overwritten. Write it elsewhere."
+        for pattern in source_patterns(spec):
+            found = Path(os.path.expanduser(pattern))
+            if found.is_dir() and target.is_relative_to(found.resolve()):
+                return (f"--out `{out}` is inside `{pattern}`, which source `{spec.name}` reads: the next run would "
+                        "train on the converted file too. Write it elsewhere.")
+            if fnmatch.fnmatch(str(target), os.path.abspath(os.path.expanduser(pattern))) or any(
+                    target == Path(f).resolve() for f in globlib.glob(os.path.expanduser(pattern), recursive=True)):
+                return (f"--out `{out}` is a file source `{spec.name}` reads (`{pattern}`): it would be overwritten, "
+                        "or read as data by the next run. Write it elsewhere.")
     return None
 
 

@@ -2286,10 +2286,21 @@ def check_checkpoint_code(checkpoint: str, training_args: PretrainingArguments) 
     run any code it names. Its pickles are read (not run) for the classes they would build, and one outside
     torch's safe set and the few DeepSpeed writes stops the run, unless `trust_checkpoint`. (The Trainer loads
     its own optimizer, scheduler and RNG files with weights_only=True.)"""
-    if training_args.trust_checkpoint:
+    checkpoint = Path(checkpoint)
+    if training_args.trust_checkpoint or checkpoint_engine(checkpoint) != "DeepSpeed":
         return
-    for path in sorted(Path(checkpoint).glob("global_step*/*.pt")):
-        unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_CHECKPOINT_GLOBALS
+    for name in ("latest", "latest_universal"):  # the folder DeepSpeed loads is the one these name
+        tag = (checkpoint / name).read_text(encoding="utf-8").strip() if (checkpoint / name).is_file() else ""
+        if tag and not (re.fullmatch(r"[\w.-]+", tag) and tag not in (".", "..") and (checkpoint / tag).is_dir()):
+            raise ConfigError(f"{checkpoint / name} names `{tag}`, which is not a folder of the checkpoint: it is "
+                              "damaged or made to load files from elsewhere. Resume from another checkpoint.")
+    for path in sorted(p for p in checkpoint.rglob("*") if p.suffix in (".pt", ".pth") and p.parent != checkpoint):
+        try:  # (every file below the checkpoint's top level: any folder can be named as the tag)
+            unsafe = set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) - DEEPSPEED_CHECKPOINT_GLOBALS
+        except (ValueError, RuntimeError, OSError) as e:  # torch's legacy format, or not a torch file at all
+            raise ConfigError(f"{path} cannot be checked for the code it would run when DeepSpeed loads it ({e}): "
+                              "resume only checkpoints written by runs you trust, and pass `--trust_checkpoint true` "
+                              "for this one if it is.") from None
         if unsafe:
             raise ConfigError(f"{path} would run code of {', '.join(sorted(unsafe))} when DeepSpeed loads it (it "
                               "unpickles its files): resume only checkpoints written by runs you trust. If this one "
@@ -3224,16 +3235,22 @@ def no_restart_for_this() -> None:
 def raise_open_file_limit(wanted: int = 16384) -> None:
     """A source keeps about 8 memory-mapped files open for the whole run, and `per_file` makes every file in
     data/ a source: macOS's default of 256 open files ran out at about 30 files (Errno 24). The soft limit is
-    raised towards the hard one, as far as the system lets it."""
+    raised towards the hard one, as far as the system lets it (macOS caps it at kern.maxfilesperproc, often
+    10,240, even under an unlimited hard limit)."""
     try:
         import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
-        if soft != resource.RLIM_INFINITY and soft < target:
+    except ImportError:  # Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for target in (wanted, 10240, 4096, 1024):
+        target = target if hard == resource.RLIM_INFINITY else min(target, hard)
+        if soft == resource.RLIM_INFINITY or soft >= target:
+            return
+        try:
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    except (ImportError, ValueError, OSError):  # no `resource` (Windows), or a limit the system refuses
-        pass
+            return
+        except (ValueError, OSError):  # above what the system allows: try less
+            continue
 
 
 def main(argv: list[str], job=train) -> int:

@@ -9,7 +9,7 @@
 # On a machine without datasets/deepspeed (the lent GPU boxes) nothing here imports them.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-PYTHON=${PYTHON:-$(command -v python || command -v python3)}
+PYTHON=${PYTHON:-$(command -v python3 || command -v python)}
 OUT=${OUT_DIR:-outputs/gpu_bench}
 mkdir -p "$(dirname "$OUT")"
 STEPS=${STEPS:-60}

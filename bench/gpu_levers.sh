@@ -45,7 +45,7 @@ for variant in "${VARIANTS[@]}"; do
     (( status == 124 || status == 137 )) && printf '\nError: timed out after %s s\n' "$limit" | tee -a "$OUT/$i-seq$SEQ.log"
     i=$((i + 1))
 done
-"${PYTHON:-$(command -v python || command -v python3)}" - "$OUT" "$SEQ" <<'PY'
+"${PYTHON:-$(command -v python3 || command -v python)}" - "$OUT" "$SEQ" <<'PY'
 import json, sys
 from pathlib import Path
 out, seq = Path(sys.argv[1]), sys.argv[2]

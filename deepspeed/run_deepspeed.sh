@@ -16,6 +16,7 @@
 # the other nodes too (the launcher alone passes on only PYTHON*, NCCL*, ... and ~/.deepspeed_env's lines).
 # One node goes through torchrun/run_torchrun.sh (also the way to run single-process DeepSpeed), which
 # trains on the CPU over gloo when there is no CUDA (--use_cpu true: otherwise each rank trains alone).
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"  # started with sh (dash has no pipefail)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 export DS_CONFIG=${DS_CONFIG:-deepspeed/ds_zero2.json}

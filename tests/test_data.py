@@ -536,6 +536,22 @@ def test_a_damaged_cached_store_is_tokenized_again(tmp_path, tokenizer, caplog):
         caplog.clear()
 
 
+def test_a_damaged_store_another_process_moved_first_is_rebuilt_not_a_crash(tmp_path, tokenizer, monkeypatch):
+    """Two jobs on one cache both saw the damage: the second rmtree raised FileNotFoundError."""
+    path = make_text_corpus(tmp_path / "d", repeat=3)
+    store = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}]).train.parts[0].store.dir
+    os.truncate(store / "tokens.bin", 100)
+    real_rename = os.rename
+
+    def other_process_first(src, dst):
+        real_rename(src, tmp_path / "moved_by_the_other_job")
+        raise FileNotFoundError(src)
+
+    monkeypatch.setattr(data_utils.os, "rename", other_process_first)
+    again = build(tmp_path, tokenizer, [{"path": str(path), "name": "c"}])
+    assert again.report["sources"]["c"]["cache"] == "built"
+
+
 def test_any_changed_input_rebuilds(tmp_path, tokenizer, tokenizer_dir):
     from transformers import AutoTokenizer
 

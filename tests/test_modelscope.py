@@ -223,6 +223,8 @@ def test_the_real_client_offline_names_the_fixes(tmp_path, monkeypatch):
     monkeypatch.delitem(sys.modules, "modelscope", raising=False)  # (a stand-in another test imported)
     assert hasattr(pytest.importorskip("modelscope"), "__version__")  # the real client, not the stand-in
     monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MODELSCOPE_HOME", str(tmp_path / "home"))  # its credentials folder, not the user's
+    monkeypatch.setenv("HOME", str(tmp_path))
     go_offline(monkeypatch)
     with pytest.raises(ConfigError) as error:
         data_utils.fetch_modelscope_model("modelscope:acme/base", "main", "model", "model_name_or_path", ConfigError)

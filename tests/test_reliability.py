@@ -421,3 +421,45 @@ def test_a_deepspeed_checkpoint_that_would_run_code_is_not_resumed(tmp_path):
         pretrain.check_checkpoint_code(str(checkpoint), args)
     args.trust_checkpoint = True
     pretrain.check_checkpoint_code(str(checkpoint), args)
+
+
+def test_the_deepspeed_tag_to_load_is_checked_wherever_it_points(tmp_path):
+    """DeepSpeed loads the folder `latest` names, not only global_step*/: a payload in another folder, named by
+    `latest`, passed the check and ran."""
+    import torch
+
+    import pretrain
+
+    checkpoint = tmp_path / "checkpoint-10"
+    (checkpoint / "global_step10").mkdir(parents=True)
+    torch.save({"module": {}}, checkpoint / "global_step10" / "mp_rank_00_model_states.pt")
+    (checkpoint / "evil").mkdir()
+    torch.save({"module": RunsCode()}, checkpoint / "evil" / "mp_rank_00_model_states.pt")
+    (checkpoint / "latest").write_text("evil")
+    args = pretrain.parse_args(["--output_dir", str(tmp_path / "out")])[2]
+    with pytest.raises(pretrain.ConfigError, match=r"evil/mp_rank_00_model_states\.pt would run code"):
+        pretrain.check_checkpoint_code(str(checkpoint), args)
+    for tag in ("../elsewhere", "missing"):
+        (checkpoint / "latest").write_text(tag)
+        with pytest.raises(pretrain.ConfigError, match="is not a folder of the checkpoint"):
+            pretrain.check_checkpoint_code(str(checkpoint), args)
+
+
+def test_the_open_file_limit_steps_down_to_what_the_system_allows(monkeypatch):
+    """macOS refuses a soft limit above kern.maxfilesperproc (often 10,240) even under an unlimited hard limit:
+    one refused request left the limit at 256."""
+    import resource
+
+    import pretrain
+
+    asked = []
+
+    def setrlimit(which, limits):
+        asked.append(limits[0])
+        if limits[0] > 10240:
+            raise ValueError("not allowed")
+
+    monkeypatch.setattr(resource, "getrlimit", lambda which: (256, resource.RLIM_INFINITY))
+    monkeypatch.setattr(resource, "setrlimit", setrlimit)
+    pretrain.raise_open_file_limit()
+    assert asked == [16384, 10240]

@@ -317,8 +317,13 @@ def test_convert_refuses_to_overwrite_its_input_or_write_where_a_source_reads(tm
     notes = tmp_path / "data" / "notes.txt"
     notes.parent.mkdir()
     notes.write_text("高血压患者应定期测量血压。\n", encoding="utf-8")
+    (tmp_path / "data" / "notes.jsonl").write_text('{"text": "糖尿病"}\n', encoding="utf-8")
     for sources, out, problem in (([{"path": str(notes)}], notes, "is a file source `notes` reads"),
                                   ([{"path": str(tmp_path / "data" / "*.txt")}], notes, "is a file source"),
+                                  ([{"path": str(tmp_path / "data" / "*.jsonl")}], notes.parent / "all.jsonl",
+                                   "read as data by the next run"),  # a new file the glob would read
+                                  ([{"hub": "json", "data_files": str(notes.parent / "notes.jsonl")}],
+                                   notes.parent / "notes.jsonl", "is a file source `json` reads"),
                                   ([{"path": str(notes.parent)}], notes.parent / "all.jsonl", "is inside")):
         with pytest.raises(data_utils.DataError, match=problem):
             data_utils.convert(sources, str(out))

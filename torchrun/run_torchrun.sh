@@ -19,6 +19,7 @@
 #                   300; torch's own is 30, too short to save a large model; read by torch >= 2.11)
 #   PYTHON          the interpreter (default python3, else python)
 # Without CUDA the processes train on the CPU over gloo (--use_cpu true: otherwise each rank trains alone).
+[ -n "${BASH_VERSION:-}" ] || exec bash "$0" "$@"  # started with sh (dash has no pipefail)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CONFIG=$ROOT/configs/pretrain_tiny.yaml
