@@ -217,8 +217,10 @@ def test_bad_json_names_line_column_and_snippet(tmp_path):
 
 
 # ------------------------------------------------------------------------------ CLI
-def test_preview_and_convert_cli(tmp_path, tokenizer_dir):
+def test_preview_and_convert_cli(tmp_path, tokenizer_dir, capsys):
     import yaml
+
+    import data_utils
 
     data = tmp_path / "qa.jsonl"
     data.write_text("\n".join(json.dumps({"问": f"问题{i}？", "答": f"回答{i}。"}, ensure_ascii=False)
@@ -234,16 +236,13 @@ def test_preview_and_convert_cli(tmp_path, tokenizer_dir):
     assert shown.returncode == 0, shown.stderr
     assert "[QUESTION] 问题1？ [ANSWER] 回答1。" in shown.stdout
     assert f"{data} line 2 · 29 characters" in shown.stdout and "tokens" in shown.stdout
-    out = tmp_path / "all.jsonl"
-    done = subprocess.run(run + ["convert", str(config), "--out", str(out), "--near_dedup", "0.8"], capture_output=True,
-                          text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    assert "convert removes exact duplicates only: near_dedup works on token n-grams" in done.stderr
+    out = tmp_path / "all.jsonl"  # the other commands in this process (the entry point is checked above)
+    assert data_utils.main(["convert", str(config), "--out", str(out), "--near_dedup", "0.8"]) == 0
+    assert "convert removes exact duplicates only: near_dedup works on token n-grams" in capsys.readouterr().err
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert [r["text"] for r in rows] == [f"[QUESTION] 问题{i}？ [ANSWER] 回答{i}。" for i in (1, 2, 3)]  # deduped
-    missing = subprocess.run(run + ["preview", str(config), "--source", "medqq"], capture_output=True, text=True,
-                             cwd=ROOT)
-    assert missing.returncode == 2 and "no source named `medqq`. Did you mean `medqa`?" in missing.stderr
+    assert data_utils.main(["preview", str(config), "--source", "medqq"]) == 2
+    assert "no source named `medqq`. Did you mean `medqa`?" in capsys.readouterr().err
 
 
 def test_a_template_that_fits_no_record_is_named_and_preview_and_convert_say_no_text(tmp_path, tokenizer_dir,
