@@ -520,11 +520,14 @@ MODELSCOPE = "modelscope:"
 MODELSCOPE_FETCHED = ".modelscope.json"  # in a dataset's local copy: what a completed download put there
 
 
+def is_modelscope(name: Any) -> bool:
+    """Named `modelscope:...` (checked_modelscope_id says whether the rest is an id)."""
+    return isinstance(name, str) and name.startswith(MODELSCOPE)
+
+
 def modelscope_id(name: Any) -> str | None:
     """OWNER/NAME of a `modelscope:OWNER/NAME` id; None for anything else."""
-    if isinstance(name, str) and name.startswith(MODELSCOPE):
-        return name[len(MODELSCOPE):].strip().strip("/")
-    return None
+    return name[len(MODELSCOPE):].strip().strip("/") if is_modelscope(name) else None
 
 
 MODELSCOPE_ID = re.compile(r"(?!\.\.?/)[\w.-]+/(?!\.\.?$)[\w.-]+")  # OWNER/NAME; `.` or `..` would leave its folder
@@ -555,9 +558,15 @@ def modelscope_endpoint() -> str:
 
 
 def modelscope_online() -> bool:
-    """One of ModelScope's endpoints answers within seconds (its client retries for minutes). HF_HUB_OFFLINE does
-    not apply: it is often set because Hugging Face is out of reach where ModelScope is not."""
-    return any(hub_reachable(endpoint=url) for url in modelscope_endpoints())
+    """One of ModelScope's endpoints answers within seconds (its client retries for minutes); asked once per
+    process and endpoint list. HF_HUB_OFFLINE does not apply: it is often set because Hugging Face is out of
+    reach where ModelScope is not."""
+    return endpoints_reachable(tuple(modelscope_endpoints()))
+
+
+@functools.lru_cache(maxsize=None)
+def endpoints_reachable(endpoints: tuple[str, ...]) -> bool:
+    return any(hub_reachable(endpoint=url) for url in endpoints)
 
 
 def modelscope_revision(revision: str | None) -> str | None:
@@ -586,9 +595,9 @@ def modelscope_failure(e: Exception) -> str:
 
 def fetch_modelscope_model(name: str, revision: str | None, what: str, option: str, error: type[Exception],
                            cached_first: bool = False) -> str:
-    """The local directory of ModelScope model `name` (modelscope:OWNER/NAME), downloaded into the modelscope
-    cache (MODELSCOPE_CACHE) unless it is there. `cached_first`: the cache is tried before the hub (a rank after
-    the one that downloaded it)."""
+    """The local directory of ModelScope model `name` (modelscope:OWNER/NAME), from the modelscope cache
+    (MODELSCOPE_CACHE) where the hub cannot be reached, else downloaded (the client skips files it has).
+    `cached_first`: the cache is tried before the hub (a rank after the one that downloaded it)."""
     model_id = checked_modelscope_id(name, what, error)
     client = modelscope_client(f"{what} `{name}`", error)
     revision = modelscope_revision(revision)
@@ -597,12 +606,11 @@ def fetch_modelscope_model(name: str, revision: str | None, what: str, option: s
              f"download it where there is network: `modelscope download --model {model_id} --local_dir "
              f"models/{model_id.split('/')[-1]}`, and pass that directory as `{option}`; (3) check the id at "
              f"{modelscope_endpoint()}/models/{model_id} and, for a private model, MODELSCOPE_API_TOKEN.")
-    online = modelscope_online()
-    if cached_first or not online:
+    if cached_first or not modelscope_online():  # (the probe costs seconds where the endpoints are out of reach)
         try:
             return client.snapshot_download(model_id, revision=revision, local_files_only=True)
         except Exception as e:  # the client's own kinds of error: not found in the cache
-            if not online:
+            if not modelscope_online():
                 raise error(f"{what} `{name}` cannot be loaded: ModelScope ({', '.join(modelscope_endpoints())}) is "
                             f"unreachable, and it is not in the ModelScope cache ({modelscope_failure(e)}). {fixes}"
                             ) from None
@@ -641,6 +649,9 @@ def fetch_modelscope_dataset(raw: dict, root: Path) -> tuple[dict, str]:
         client = modelscope_client(where, DataError)
         if isinstance(fetched, dict) and fetched.get("dataset") == dataset_id and fetched.get("revision") != revision:
             shutil.rmtree(local)  # files the other revision has and this one lacks would be read as its data
+        elif fetched is None and local.is_dir() and local_hub_files(local):
+            logger.warning("%s: %s already holds files no ModelScope download recorded (an `hf download`, or copied "
+                           "by hand): the download joins them, and all are read as this dataset.", where, local)
         atomic_write_text(record, json.dumps({**done, "complete": False}, ensure_ascii=False))
         logger.info("%s: downloading into %s", where, local)
         try:
@@ -682,7 +693,7 @@ def fetch_modelscope_sources(raw_sources: Any, hub_local_dir: str | None) -> tup
     read from there. Returns the sources and a line per source fetched."""
     root, done, out = Path(os.path.expanduser(hub_local_dir or "data/hub")), [], []
     for raw in raw_sources if isinstance(raw_sources, list) else [raw_sources]:
-        if isinstance(raw, dict) and modelscope_id(raw.get("hub")):
+        if isinstance(raw, dict) and is_modelscope(raw.get("hub")):
             raw, line = fetch_modelscope_dataset(raw, root)
             done.append(line)
         out.append(raw)
@@ -720,7 +731,7 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
     root, done, out = Path(os.path.expanduser(hub_local_dir)), [], []
     for raw in raw_sources if isinstance(raw_sources, list) else [raw_sources]:
         hub = raw.get("hub") if isinstance(raw, dict) else None
-        if not isinstance(hub, str) or Path(os.path.expanduser(hub)).is_dir() or modelscope_id(hub):
+        if not isinstance(hub, str) or Path(os.path.expanduser(hub)).is_dir() or is_modelscope(hub):
             out.append(raw)
             continue
         raw = dict(raw)
@@ -2051,7 +2062,8 @@ def resolve_bos(tokenizer, add_bos: str) -> int | None:
 def record_special_token_flags(directory: Path, tokenizer) -> None:
     """Write `add_bos_token` / `add_eos_token` into a saved tokenizer_config.json as the tokenizer encodes:
     transformers 5 leaves them out, and llama.cpp's conversion then assumes a SentencePiece tokenizer adds BOS
-    (every prompt would start with a token the model never trained after)."""
+    (every prompt would start with a token the model never trained after). `add_bos: always|never` against the
+    tokenizer's own behaviour is warned about by resolve_bos."""
     path = directory / "tokenizer_config.json"
     if not path.is_file():
         return
@@ -2341,7 +2353,8 @@ class TokenStore:
         return len(self.offsets) - 1
 
     def damage(self) -> str | None:
-        """Where the files disagree with meta.json (a copy of the cache cut short, a file replaced), else None:
+        """Where the files disagree with meta.json (a copy of the cache cut short, a file missing or of another
+        length; contents are not checked), else None:
         a damaged store fails later with an unrelated error (ragged blocks in the collator, ids out of range)."""
         n_docs, n_tokens = self.meta["n_docs"], self.meta["n_tokens"]
         lengths = {"tokens": (len(self.tokens), n_tokens), "offsets": (len(self.offsets), n_docs + 1),
@@ -3875,11 +3888,14 @@ def source_patterns(spec: SourceConfig) -> list[str]:
     return patterns
 
 
-def convert_target_problem(specs: list[SourceConfig], out: Path) -> str | None:
+def convert_target_problem(sources: Any, specs: list[SourceConfig], out: Path) -> str | None:
     """`convert --out` must not replace a file a source reads (its text was lost), nor be a file a source's
-    folder or glob would read next time (trained on twice)."""
+    folder or glob would read next time (trained on twice), a `per_file` folder's included (its files are
+    separate sources by now)."""
     target = out.resolve()
-    for spec in specs:
+    folders = [SourceConfig(path=raw["path"], name=f"per_file {raw['path']}") for raw in
+               (sources if isinstance(sources, list) else [sources]) if isinstance(raw, dict) and raw.get("per_file")]
+    for spec in [*specs, *folders]:
         for pattern in source_patterns(spec):
             found = Path(os.path.expanduser(pattern))
             if found.is_dir() and target.is_relative_to(found.resolve()):
@@ -3897,13 +3913,14 @@ def convert(sources: Any, out: str, dedup: bool = True) -> dict[str, int]:
     seen: set[int] = set()
     written: dict[str, int] = {}
     out_path = Path(out)
-    if problem := convert_target_problem(parse_sources(sources), out_path):
+    specs = parse_sources(sources)
+    if problem := convert_target_problem(sources, specs, out_path):
         raise DataError(problem)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=out_path.parent, prefix=f".{out_path.name}.")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for spec in parse_sources(sources):
+            for spec in specs:
                 written[spec.name], counts, produced = 0, {}, 0
                 for _, text in iter_records(spec, counts=counts):
                     produced += 1

@@ -635,12 +635,11 @@ def fetch_from_modelscope(model_args: ModelArguments, data_args: DataArguments, 
     if os.environ.get("USE_MODELSCOPE_HUB", "").strip().lower() in ("1", "true", "yes", "on"):
         for setting in settings:
             name = getattr(model_args, setting)
-            if (name and re.fullmatch(r"[\w.-]+/[\w.-]+", name) and not data_utils.looks_like_path(name)
-                    and not os.path.exists(os.path.expanduser(name))):  # a hub's OWNER/NAME, not a path
+            if name and data_utils.MODELSCOPE_ID.fullmatch(name) and not data_utils.looks_like_path(name):
                 setattr(model_args, setting, data_utils.MODELSCOPE + name)
-    models = {getattr(model_args, s) for s in settings if data_utils.modelscope_id(getattr(model_args, s))}
+    models = {getattr(model_args, s) for s in settings if data_utils.is_modelscope(getattr(model_args, s))}
     sources = data_args.sources if isinstance(data_args.sources, list) else [data_args.sources]
-    if not models and not any(isinstance(r, dict) and data_utils.modelscope_id(r.get("hub")) for r in sources):
+    if not models and not any(isinstance(r, dict) and data_utils.is_modelscope(r.get("hub")) for r in sources):
         return
 
     def fetch():
@@ -2289,6 +2288,9 @@ def check_checkpoint_code(checkpoint: str, training_args: PretrainingArguments) 
     checkpoint = Path(checkpoint)
     if training_args.trust_checkpoint or checkpoint_engine(checkpoint) != "DeepSpeed":
         return
+    if linked := next((p for p in checkpoint.rglob("*") if p.is_symlink()), None):  # rglob does not enter them
+        raise ConfigError(f"{linked} is a symbolic link: DeepSpeed would load files from outside the checkpoint, which "
+                          "are not checked. Resume from a checkpoint without links (or `--trust_checkpoint true`).")
     for name in ("latest", "latest_universal"):  # the folder DeepSpeed loads is the one these name
         tag = (checkpoint / name).read_text(encoding="utf-8").strip() if (checkpoint / name).is_file() else ""
         if tag and not (re.fullmatch(r"[\w.-]+", tag) and tag not in (".", "..") and (checkpoint / tag).is_dir()):
@@ -2613,7 +2615,7 @@ def earlier_checkpoints(training_args: PretrainingArguments, model_args: ModelAr
     out = Path(training_args.output_dir)
     found = checkpoints_newest_first(out)
     for setting in ("model_name_or_path", "tokenizer_name_or_path"):
-        base = os.path.expanduser(getattr(model_args, setting) or "")
+        base = getattr(model_args, setting)
         inside = [c for c in found if base and os.path.isdir(base) and Path(base).resolve().is_relative_to(c.resolve())]
         if inside:
             raise ConfigError(f"{setting} `{base}` is {inside[0].name} of output_dir `{out}`, which a fresh run there "
@@ -2945,7 +2947,8 @@ def write_legacy_rope_keys(directory: Path) -> None:
     """transformers 5 saves RoPE settings in `rope_parameters` only, with `rope_theta: null` beside them: readers
     built on transformers 4 (older vLLM, conversion scripts) then take the default base of 10,000 (Qwen2 uses
     1,000,000) and no scaling. The top-level `rope_theta` (and `rope_scaling` for a scaled RoPE) they read are
-    written too; transformers 5 reads the file as before."""
+    written too, as full copies: transformers 5 takes a top-level `rope_scaling` over `rope_parameters` and its
+    `rope_theta` from the top level, so it reads the same settings as before (tests/test_long_context.py)."""
     path = directory / "config.json"
     if not path.is_file():
         return  # a LoRA adapter's directory
@@ -3044,6 +3047,9 @@ def train(argv: list[str]) -> dict:
         deepspeed.init_distributed(dist_backend="gloo")
     resume, stale = start_decisions(argv, model_args, training_args)
     resumed_from = checkpoint_step(resume) if resume else 0  # read now: rotation may delete it during training
+    if resume:
+        with alike_on_every_rank():  # before anything long: a refused checkpoint should not cost the data preparation
+            check_checkpoint_code(resume, training_args)
     fetch_from_modelscope(model_args, data_args, training_args)
     tokenizer = on_every_rank(lambda: load_tokenizer(model_args, data_args, training_args, resume))
     model_args.torch_dtype = weight_dtype(model_args, training_args)
@@ -3065,7 +3071,6 @@ def train(argv: list[str]) -> dict:
         training_args.eval_strategy, training_args.eval_on_start = "no", False
     if resume:
         with alike_on_every_rank():
-            check_checkpoint_code(resume, training_args)
             keep_checkpoint_batch(resume, training_args, data_args.block_size, not hasattr(data.train, "__len__"))
             check_resume_data(resume, data_plan(data.report, training_args), training_args)
     tokens_per_step = batch_plan(training_args, data_args.block_size)["tokens_per_step"]
@@ -3235,8 +3240,8 @@ def no_restart_for_this() -> None:
 def raise_open_file_limit(wanted: int = 16384) -> None:
     """A source keeps about 8 memory-mapped files open for the whole run, and `per_file` makes every file in
     data/ a source: macOS's default of 256 open files ran out at about 30 files (Errno 24). The soft limit is
-    raised towards the hard one, as far as the system lets it (macOS caps it at kern.maxfilesperproc, often
-    10,240, even under an unlimited hard limit)."""
+    raised to `wanted` (within the hard limit), or to as much below it as the system allows (macOS caps it at
+    kern.maxfilesperproc, often 10,240, even under an unlimited hard limit)."""
     try:
         import resource
     except ImportError:  # Windows

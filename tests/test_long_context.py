@@ -71,6 +71,8 @@ def test_a_yarn_run_at_twice_the_context_saves_a_model_that_keeps_it(tmp_path, b
     rope = saved.config.rope_parameters
     assert (rope["rope_type"], rope["factor"], rope["rope_theta"]) == ("yarn", 2.0, 20000.0)
     assert saved.config.max_position_embeddings == 256
+    legacy = json.loads((out / "config.json").read_text())  # what readers on transformers 4 take
+    assert (legacy["rope_theta"], legacy["rope_scaling"]["type"], legacy["rope_scaling"]["factor"]) == (20000.0, "yarn", 2.0)
     check = json.loads((out / "metrics.json").read_text())["model"]["saved_model_check"]
     assert len(check["probe_input_ids"]) == 256 and check["max_abs_logit_diff"] <= check["tolerance"]
     # a resume must apply the same positions: the checkpoint's config says which

@@ -443,6 +443,14 @@ def test_the_deepspeed_tag_to_load_is_checked_wherever_it_points(tmp_path):
         (checkpoint / "latest").write_text(tag)
         with pytest.raises(pretrain.ConfigError, match="is not a folder of the checkpoint"):
             pretrain.check_checkpoint_code(str(checkpoint), args)
+    (checkpoint / "latest").write_text("global_step10")
+    shutil.rmtree(checkpoint / "evil")
+    (tmp_path / "payload").mkdir()
+    torch.save({"module": RunsCode()}, tmp_path / "payload" / "mp_rank_00_model_states.pt")
+    (checkpoint / "linked").symlink_to(tmp_path / "payload")  # rglob does not enter it
+    (checkpoint / "latest").write_text("linked")
+    with pytest.raises(pretrain.ConfigError, match="is a symbolic link"):
+        pretrain.check_checkpoint_code(str(checkpoint), args)
 
 
 def test_the_open_file_limit_steps_down_to_what_the_system_allows(monkeypatch):

@@ -323,7 +323,9 @@ def test_convert_refuses_to_overwrite_its_input_or_write_where_a_source_reads(tm
                                    "read as data by the next run"),  # a new file the glob would read
                                   ([{"hub": "json", "data_files": str(notes.parent / "notes.jsonl")}],
                                    notes.parent / "notes.jsonl", "is a file source `json` reads"),
-                                  ([{"path": str(notes.parent)}], notes.parent / "all.jsonl", "is inside")):
+                                  ([{"path": str(notes.parent)}], notes.parent / "all.jsonl", "is inside"),
+                                  ([{"path": str(notes.parent), "per_file": True}], notes.parent / "all.jsonl",
+                                   "is inside")):  # the default config's data/: each file a source by now
         with pytest.raises(data_utils.DataError, match=problem):
             data_utils.convert(sources, str(out))
     assert notes.read_text(encoding="utf-8") == "高血压患者应定期测量血压。\n"

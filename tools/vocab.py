@@ -394,14 +394,19 @@ def hub_download_hint(name: str) -> str:
             "(or through a mirror: HF_ENDPOINT=https://hf-mirror.com), and pass that directory")
 
 
+def local_model_dir(name: str, flag: str) -> str:
+    """A `modelscope:` id as its downloaded directory (the whole model: the run reads it next); else `name`."""
+    return data_utils.fetch_modelscope_model(name, None, flag, flag, DataError) if data_utils.is_modelscope(name) \
+        else name
+
+
 def load_tokenizer(name: str, flag: str):
     """AutoTokenizer for a tokenizer directory, a hub id or a modelscope: id, as pretrain.py loads one
     (data_utils.hub_access): a hub id that is neither reachable nor cached fails within seconds with the fixes, not
     after the hub client's retries (most of a minute) with an OSError traceback."""
     from transformers import AutoTokenizer
 
-    if data_utils.modelscope_id(name):  # the model it belongs to, downloaded whole: the run reads it next
-        name = data_utils.fetch_modelscope_model(name, None, flag, flag, DataError)
+    name = local_model_dir(name, flag)
     with data_utils.hub_access(name, flag, flag):
         try:
             return AutoTokenizer.from_pretrained(os.path.expanduser(name))
@@ -567,8 +572,7 @@ def main(argv: list[str]) -> int:
                 "character_coverage": args.character_coverage, "user_defined_symbols": symbols})
             print(f"wrote a {args.vocab_size}-token SentencePiece {args.model_type} tokenizer to {args.out}")
         elif args.command == "extend":
-            if data_utils.modelscope_id(args.base):  # the model it belongs to, downloaded whole: the run reads it next
-                args.base = data_utils.fetch_modelscope_model(args.base, None, "--base", "--base", DataError)
+            args.base = local_model_dir(args.base, "--base")
             result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out), args.overwrite)
             print(json.dumps(result, ensure_ascii=False))
             if result.get("terms_not_whole"):
