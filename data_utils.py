@@ -443,8 +443,13 @@ def hub_endpoint() -> str:
     return os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
 
 
+def env_flag(name: str) -> bool:
+    """An environment switch set on: 1, true, yes or on."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
 def hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    return env_flag("HF_HUB_OFFLINE")
 
 
 def hub_reachable(timeout: float = 3.0, endpoint: str | None = None) -> bool:
@@ -548,8 +553,7 @@ def modelscope_endpoints() -> list[str]:
     if url:
         return [(url if "://" in url else f"https://{url}").rstrip("/")]
     sites = ["https://modelscope.cn", "https://www.modelscope.ai"]
-    prefer_ai = os.environ.get("MODELSCOPE_PREFER_AI_SITE", "").strip().lower() in ("1", "true", "yes", "on")
-    return sites[::-1] if prefer_ai else sites
+    return sites[::-1] if env_flag("MODELSCOPE_PREFER_AI_SITE") else sites
 
 
 def modelscope_endpoint() -> str:
@@ -2515,9 +2519,11 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
     hit = (directory / "meta.json").exists()
     if directory.parent.is_dir():
         remove_obsolete_partial_stores(directory)
+    store = None
     if hit:
         try:
-            damage = TokenStore(directory).damage()
+            store = TokenStore(directory)
+            damage = store.damage()
         except (OSError, ValueError, KeyError) as e:  # a file missing, a size not whole values, meta.json cut
             damage = f"{type(e).__name__}: {e}"
         if damage:
@@ -2527,7 +2533,7 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
             with contextlib.suppress(FileNotFoundError):  # another process (a second job) moved it first
                 os.rename(directory, aside)
             shutil.rmtree(aside, ignore_errors=True)
-            hit = (directory / "meta.json").exists()  # that process may have rebuilt it since
+            hit, store = (directory / "meta.json").exists(), None  # that process may have rebuilt it since
     if not hit:
         logger.info("source `%s`: tokenizing %s into %s", spec.name, inputs.label, directory)
         try:
@@ -2541,7 +2547,7 @@ def load_or_build_store(spec: SourceConfig, inputs: SourceInput, info: Tokenizer
             raise DataError(f"source `{spec.name}`: no space left on device while writing its token store in "
                             f"{directory.parent} (about 2-4 bytes per token); {kept}. Free space, or set `cache_dir` "
                             "to a disk with room.") from None
-    store = TokenStore(directory)
+    store = store if store is not None else TokenStore(directory)
     if store.n_docs == 0:
         raise no_text_left(spec, inputs.label, store.meta["counts"])
     return store, hit
@@ -3876,15 +3882,14 @@ def preview(sources: Any, tokenizer, source_name: str | None, n: int) -> None:
 
 
 def source_patterns(spec: SourceConfig) -> list[str]:
-    """Every file, folder or glob a source reads: its `path` and `eval_path`, or a local hub folder and the
-    local `data_files` (relative to that folder, else to here)."""
+    """Every file, folder or glob a source reads: its `path` and `eval_path`, and a local hub folder or a
+    packaged builder's local `data_files`."""
     entries = [entry for entry in (spec.path, spec.eval_path) if entry]
     patterns = [p for entry in entries for p in ([entry] if isinstance(entry, str) else entry)]
-    if spec.hub:
+    if spec.hub:  # a local hub folder holds its data_files; a packaged builder's are paths from here
         folder = Path(os.path.expanduser(spec.hub))
-        patterns += [str(folder)] if folder.is_dir() else []
-        patterns += [str(folder / str(f)) if folder.is_dir() else str(f) for f in data_file_entries(spec.data_files)
-                     if "://" not in str(f)]
+        patterns += [str(folder)] if folder.is_dir() else [str(f) for f in data_file_entries(spec.data_files)
+                                                           if "://" not in str(f)]
     return patterns
 
 

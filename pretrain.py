@@ -632,7 +632,7 @@ def fetch_from_modelscope(model_args: ModelArguments, data_args: DataArguments, 
     others find it there), and read from its local directory for the rest of the run. `with_models` off: the
     sources only (`data_utils.py convert` loads no tokenizer)."""
     settings = ("model_name_or_path", "tokenizer_name_or_path") if with_models else ()
-    if os.environ.get("USE_MODELSCOPE_HUB", "").strip().lower() in ("1", "true", "yes", "on"):
+    if data_utils.env_flag("USE_MODELSCOPE_HUB"):
         for setting in settings:
             name = getattr(model_args, setting)
             if name and data_utils.MODELSCOPE_ID.fullmatch(name) and not data_utils.looks_like_path(name):
