@@ -105,7 +105,9 @@ class ModelArguments:
     lora_alpha: float | None = field(default=None, metadata={
         "help": "LoRA scale numerator; unset: 2 x lora_rank (scale 2 at any rank), with use_rslora 16 (scale "
                 "16 / sqrt(rank): 2 at rank 64, 1 at rank 256)."})
-    lora_dropout: float = field(default=0.05, metadata={"help": "Dropout on the LoRA input."})
+    lora_dropout: float | None = field(default=None, metadata={
+        "help": "Dropout on the LoRA input. Unset: 0.05, and 0 for mixture-of-experts models (peft adapts their "
+                "experts' weights as parameters, which takes no dropout)."})
     lora_target: str = field(default="all-linear", metadata={
         "help": "Layers that get adapters: all-linear (every linear layer but the output head) or comma-separated "
                 "module names, e.g. q_proj,k_proj,v_proj,o_proj."})
@@ -122,6 +124,10 @@ class ModelArguments:
     rope_theta: float | None = field(default=None, metadata={
         "help": "A new RoPE base frequency for the pretrained model (raised for long contexts: adjusted base "
                 "frequency, as Llama 3 and Qwen long-context training do). Unset: the model's own."})
+    moe_aux_loss_coef: float | None = field(default=None, metadata={
+        "help": "Mixture-of-experts models with a router load-balancing loss (Qwen2/3-MoE, Mixtral, OLMoE, ...): its "
+                "weight in the training loss (the logs show the loss itself as router_aux_loss). Unset: the model "
+                "config's router_aux_loss_coef; 0: off. Evaluation perplexity leaves it out."})
     quantization_bit: int | None = field(default=None, metadata={
         "help": "QLoRA (with finetuning lora): hold the frozen model's linear layers in 4 or 8 bits (bitsandbytes) "
                 "while the adapters train; the saved model is the base in torch_dtype with the adapters merged in."})
@@ -152,6 +158,8 @@ class ModelArguments:
             raise ConfigError(f"lora_rank must be at least 1, got {self.lora_rank}.")
         if self.rope_scaling not in (None, "linear", "yarn"):
             raise ConfigError(f"rope_scaling must be linear or yarn (or unset), got `{self.rope_scaling}`.")
+        if self.moe_aux_loss_coef is not None and not self.moe_aux_loss_coef >= 0:
+            raise ConfigError(f"moe_aux_loss_coef must be 0 (off) or more, got {self.moe_aux_loss_coef}.")
         if self.quantization_bit not in (None, 4, 8):
             raise ConfigError(f"quantization_bit must be 4 or 8 (or unset), got {self.quantization_bit}.")
         if self.expand_layers < 0 or self.expand_layers and (self.finetuning != "freeze" or not self.model_name_or_path):
@@ -978,21 +986,30 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
         if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
             tokens[module_names[model.get_output_embeddings()]] = new_token_ids
     alpha = model_args.lora_alpha or (16 if model_args.use_rslora else 2 * model_args.lora_rank)
+    experts = bool(expert_shares(model))  # all-linear: peft may adapt routed experts' fused weights as parameters
+    dropout = model_args.lora_dropout if model_args.lora_dropout is not None else 0.0 if experts else 0.05
     config = peft.LoraConfig(r=model_args.lora_rank, lora_alpha=alpha,
-                             lora_dropout=model_args.lora_dropout, target_modules=targets,
+                             lora_dropout=dropout, target_modules=targets,
                              use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
                              trainable_token_indices=tokens, task_type="CAUSAL_LM")
     try:
         model = peft.get_peft_model(model, config)
-    except ValueError as e:  # no module matches lora_target
+    except ValueError as e:
+        if "does not work with lora_dropout" in str(e):
+            raise ConfigError(f"lora_dropout {dropout}: peft adapts this mixture-of-experts model's experts as "
+                              "weights, not layers, and that takes no dropout. Leave lora_dropout unset (0 here), or "
+                              "name the layers to adapt in lora_target (the experts then stay frozen).") from None
         raise ConfigError(f"lora_target `{model_args.lora_target}`: {e} Name linear layers of this model, or use "
-                          "all-linear.") from None
+                          "all-linear.") from None  # no module matches lora_target
     if gradient_checkpointing:  # frozen embeddings give checkpointed layers inputs without grad
         model.enable_input_require_grads()
     total, trainable, _ = parameter_counts(model)  # peft counts the new-token rows twice
-    logger.info("finetuning lora: %s trainable parameters of %s (%.2f%%): rank %d on %s%s", f"{trainable:,}",
+    adapted = model.peft_config["default"].target_parameters
+    logger.info("finetuning lora: %s trainable parameters of %s (%.2f%%): rank %d on %s%s%s", f"{trainable:,}",
                 f"{total:,}", 100 * trainable / total, model_args.lora_rank, model_args.lora_target,
-                f", plus the rows of {len(new_token_ids)} new tokens" if new_token_ids else "")
+                f", plus the rows of {len(new_token_ids)} new tokens" if new_token_ids else "",
+                "" if not experts else f"; the routed experts' weights: adapted too ({', '.join(sorted(adapted))})"
+                if adapted else "; the routed experts' weights: frozen (peft adapts only their layers' linear ones)")
     return model
 
 
@@ -1057,6 +1074,33 @@ def extend_context(config, model_args: ModelArguments, block_size: int | None) -
                    config.max_position_embeddings)
 
 
+def set_router_loss(config, model_args: ModelArguments) -> None:
+    """A mixture-of-experts model trains with its router's load-balancing loss, weighted by moe_aux_loss_coef or
+    its config's router_aux_loss_coef: transformers computes it only under output_router_logits, off by default
+    (for inference), and without it the router sends most tokens to a few experts. Set before the weights load:
+    the models read the weight once, when built. Models balanced without an auxiliary loss (DeepSeek-V3's
+    per-expert bias) have no router_aux_loss_coef and are left as they are."""
+    text = config.get_text_config()
+    if not hasattr(text, "router_aux_loss_coef"):
+        if model_args.moe_aux_loss_coef is not None:
+            raise ConfigError(f"moe_aux_loss_coef {model_args.moe_aux_loss_coef}: the model ({text.model_type}) has "
+                              "no router load-balancing loss (router_aux_loss_coef in its config); it is for "
+                              "mixture-of-experts models such as Qwen2-MoE, Qwen3-MoE and Mixtral. Drop it.")
+        return
+    if model_args.moe_aux_loss_coef is not None:
+        text.router_aux_loss_coef = model_args.moe_aux_loss_coef
+    text.output_router_logits = text.router_aux_loss_coef > 0
+    if text.output_router_logits:
+        logger.info("mixture of experts: the router's load-balancing loss trains with weight %g (moe_aux_loss_coef)",
+                    text.router_aux_loss_coef)
+
+
+def router_loss_weight(model) -> float:
+    """The weight of the router's load-balancing loss in the model's loss: 0 unless set_router_loss turned it on."""
+    text = model.config.get_text_config()
+    return text.router_aux_loss_coef if getattr(text, "output_router_logits", False) else 0.0
+
+
 def check_model_directory(name: str) -> None:
     """A local directory without config.json holds no model: a LoRA adapter's, or the folder above the model's
     (transformers would say "Unrecognized model", with a traceback)."""
@@ -1097,15 +1141,15 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
         if model_args.quantization_bit:
             options = {"quantization_config": quantization_config(model_args, compute_dtype), "device_map": {"": device}}
         with hub_access(model_args.model_name_or_path, "model"):
+            config = AutoConfig.from_pretrained(model_args.model_name_or_path, revision=model_args.model_revision,
+                                                trust_remote_code=model_args.trust_remote_code)
             if model_args.rope_scaling or model_args.rope_theta:
-                options["config"] = AutoConfig.from_pretrained(
-                    model_args.model_name_or_path, revision=model_args.model_revision,
-                    trust_remote_code=model_args.trust_remote_code)
-                extend_context(options["config"], model_args, block_size)
+                extend_context(config, model_args, block_size)
+            set_router_loss(config, model_args)
             model = AutoModelForCausalLM.from_pretrained(
                 model_args.model_name_or_path, revision=model_args.model_revision, dtype=dtype,
                 attn_implementation=model_args.attn_implementation, trust_remote_code=model_args.trust_remote_code,
-                **options)
+                config=config, **options)
         if model_args.quantization_bit:
             for module in model.modules():  # see below
                 if hasattr(module, "support_avx512bf16_for_cpu"):
@@ -1141,6 +1185,7 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
                     pad_token_id=tokenizer.pad_token_id)
         spec = override_config(spec, model_type, model_args)
         config = AutoConfig.for_model(model_type, **spec)
+        set_router_loss(config, model_args)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=model_args.attn_implementation)
     return model, []
@@ -1347,7 +1392,8 @@ def flops_per_token(model, block_size: int, backward_to_embeddings: bool = False
     """Training FLOPs per token, PaLM's convention: 2 N forward + 2 N' for the gradients of the activations
     + 2 T for the gradients of the trainable weights, + 12 L H Q S for attention scores and values.
     N = parameters doing matmuls (all but the input embedding lookup; a tied embedding counts once, as the
-    output projection); T = the trainable ones among them; N' = those that activation gradients pass
+    output projection; of a mixture of experts' routed experts the top-k share, expert_shares); T = the
+    trainable ones among them; N' = those that activation gradients pass
     through: all (N' = N, so 6 N when all train, about 4 N under LoRA) unless the lowest trainable decoder
     layer is above the first (finetuning freeze: backward stops there, and attention's backward 8 of the 12
     runs in the layers above only; where only the head trains, none; `backward_to_embeddings`: it does not stop,
@@ -1368,16 +1414,39 @@ def flops_per_token(model, block_size: int, backward_to_embeddings: bool = False
     # is computed, they add no matmul of their own
     rows = {id(p) for name, p in named if "trainable_tokens_delta" in name and id(p) not in lookup}
     matmul = [(name, p) for name, p in named if id(p) not in lookup and id(p) not in rows]
-    n = sum(numel(p) for _, p in matmul)
-    trainable = sum(numel(p) for _, p in matmul if p.requires_grad) + sum(numel(p) for _, p in named if id(p) in rows)
-    backward = sum(numel(p) for name, p in matmul if (layer_of(name) if layer_of(name) is not None else layers) >= lowest)
+    shares = expert_shares(model)
+
+    def used(p) -> float:  # the weights one token computes with
+        return numel(p) * shares.get(id(p), 1)
+
+    n = sum(used(p) for _, p in matmul)
+    trainable = sum(used(p) for _, p in matmul if p.requires_grad) + sum(numel(p) for _, p in named if id(p) in rows)
+    backward = sum(used(p) for name, p in matmul if (layer_of(name) if layer_of(name) is not None else layers) >= lowest)
     if lowest == layers:  # only the head (and the final norm) train: no activation gradient runs below the head,
         head = {id(p) for p in model.get_output_embeddings().parameters()}  # and through it only to a norm that trains
         norm_trains = any(p.requires_grad for name, p in matmul if layer_of(name) is None and id(p) not in head)
-        backward = sum(numel(p) for _, p in matmul if id(p) in head) if norm_trains else 0
+        backward = sum(used(p) for _, p in matmul if id(p) in head) if norm_trains else 0
     heads = config.num_attention_heads
     width = heads * (getattr(config, "head_dim", None) or config.hidden_size // heads)
     return 2 * n + 2 * backward + 2 * trainable + (4 * layers + 8 * (layers - lowest)) * width * block_size
+
+
+def expert_shares(model) -> dict[int, float]:
+    """Mixture of experts: the share of each routed expert's weights that one token computes with, top-k over
+    the experts (its router picks k of them), by id of the parameter; shared experts and the rest count whole."""
+    text = model.config.get_text_config()
+    top_k = next((v for v in (getattr(text, n, None) for n in ("num_experts_per_tok", "top_k", "moe_topk"))
+                  if isinstance(v, int) and not isinstance(v, bool)), None)
+    shares = {}
+    for name, module in model.named_modules() if top_k else ():
+        if name.rsplit(".", 1)[-1] != "experts":
+            continue
+        params = list(module.parameters())  # (under LoRA also its adapters, for peft wraps the experts module)
+        shapes = [getattr(p, "ds_shape", p.shape) for p in params]  # (ZeRO-3 partitions the weights)
+        fused = next((shape[0] for shape in shapes if len(shape) == 3), None)  # experts x out x in
+        experts = len(module) if isinstance(module, torch.nn.ModuleList) else fused
+        shares.update({id(p): min(top_k / experts, 1.0) for p in params} if experts else {})
+    return shares
 
 
 def with_fp32_master_weights(optimizer_cls: type) -> type:
@@ -1672,6 +1741,8 @@ class PretrainTrainer(Trainer):
         self.first_nonfinite_step = None  # on the device (stop policy): the first step that went non-finite, or -1
         # read now: the directory it came from may be a checkpoint that rotation deletes later
         self.sentencepiece_model = sentencepiece_model_of(self.processing_class.name_or_path)
+        self.router_loss_weight = router_loss_weight(self.model)
+        self.router_losses = []  # MoE: the router's load-balancing loss of each micro-batch since the last log
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints and the final model also keep a SentencePiece tokenizer's `tokenizer.model` (save_pretrained
@@ -1719,6 +1790,25 @@ class PretrainTrainer(Trainer):
         bad = ~torch.isfinite(loss.detach()).all()  # stays on the device: no host sync per step
         self.nonfinite_loss = bad if self.nonfinite_loss is None else self.nonfinite_loss | bad
         return loss
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """MoE: the model adds weight x its router loss to a cross-entropy it divides by the tokens of the whole
+        optimizer step on every rank (num_items_in_batch), which the Trainer then multiplies by the number of
+        ranks and leaves undivided by the accumulation steps; the router loss, a mean over the micro-batch's own
+        tokens, would be scaled by that too (x accumulation steps x ranks: 16x its weight at 2 x 8). Here it is
+        brought back to weight x the router loss's mean over the step's micro-batches and ranks."""
+        loss, outputs = super().compute_loss(model, inputs, return_outputs=True, num_items_in_batch=num_items_in_batch)
+        router_loss = outputs.get("aux_loss") if self.router_loss_weight and model.training else None
+        if router_loss is not None:
+            takes_item_count = (self.model_accepts_loss_kwargs or self.compute_loss_func) and num_items_in_batch is not None
+            applied = 1  # the factor on the model's router term now, as Trainer.compute_loss scaled the loss
+            if self.args.average_tokens_across_devices and takes_item_count:
+                applied = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
+            # the factor it should have: 1 / accumulation steps where training_step leaves the loss undivided
+            wanted = 1 / self.current_gradient_accumulation_steps if takes_item_count else 1
+            loss = loss + (wanted - applied) * self.router_loss_weight * router_loss.to(loss.device)
+            self.router_losses.append(router_loss.detach().float())
+        return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("block_id", None)
@@ -1817,7 +1907,13 @@ class PretrainTrainer(Trainer):
         return True
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        text = self.model.config.get_text_config()
+        routed = getattr(text, "output_router_logits", False)
+        text.output_router_logits = False  # MoE: perplexity of the language model alone, without the router loss
+        try:
+            metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        finally:
+            text.output_router_logits = routed
         sets = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(sets, dict):  # token-weighted mean over the sources (also with one, for stable keys)
             sizes = {name: len(ds) for name, ds in sets.items()}
@@ -1833,6 +1929,10 @@ class PretrainTrainer(Trainer):
                 logs[f"{key[:-len('_loss')]}_ppl"] = math.exp(min(value, 30.0))
         if "loss" in logs:
             step = self.state.global_step
+            if self.router_losses:  # MoE: the mean over the window's micro-batches and the ranks (in `loss` x weight)
+                mean = torch.stack(self.router_losses).mean()
+                logs["router_aux_loss"] = round(float(self.accelerator.reduce(mean, "mean")), 4)
+                self.router_losses = []
             logs.update(self.meter.read(step))
             logs["tokens_seen"] = step * self.tokens_per_step
             consumed = self.blocks_read(step)
@@ -2943,6 +3043,13 @@ def unquantized_args(model_args: ModelArguments) -> ModelArguments:
     return dataclasses.replace(model_args, **quantization, attn_implementation="sdpa")
 
 
+def for_inference(config) -> None:
+    """The saved model's config is for inference: with the KV cache, without the MoE router loss."""
+    config.use_cache = True
+    if getattr(config.get_text_config(), "output_router_logits", False):
+        config.get_text_config().output_router_logits = False
+
+
 def write_legacy_rope_keys(directory: Path) -> None:
     """transformers 5 saves RoPE settings in `rope_parameters` only, with `rope_theta: null` beside them: readers
     built on transformers 4 (older vLLM, conversion scripts) then take the default base of 10,000 (Qwen2 uses
@@ -2981,7 +3088,7 @@ def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
 
                 trainer._save(str(staging / "adapter"))
                 merged = peft.PeftModel.from_pretrained(unquantized_base(), staging / "adapter").merge_and_unload()
-                merged.config.use_cache = True
+                for_inference(merged.config)
                 trained, trainer.model = trainer.model, merged
                 try:
                     trainer._save(str(staging))
@@ -3156,7 +3263,7 @@ def train(argv: list[str]) -> dict:
         final_eval = trainer.evaluate()
 
     probe = probe_logits(model, data) if training_args.verify_saved_model else None
-    model.config.use_cache = True  # the saved model is for inference
+    for_inference(model.config)
     merged = save_final_model(trainer, out,  # LoRA: + adapter/
                               lambda: create_model(unquantized_args(model_args), tokenizer,
                                                    block_size=data_args.block_size)[0])
