@@ -342,6 +342,10 @@ class PretrainingArguments(TrainingArguments):
     trust_checkpoint: bool = field(default=False, metadata={
         "help": "Resume a DeepSpeed checkpoint whose files name classes outside the few DeepSpeed writes (DeepSpeed "
                 "loads its files with pickle, which runs such code): only for a checkpoint you trust."})
+    eval_only: bool = field(default=False, metadata={
+        "help": "Evaluate `model_name_or_path` on the eval split and stop (run_clm's --do_eval without --do_train): "
+                "per-source loss and perplexity (and sample continuations) in output_dir/eval_results.json; no "
+                "training, no checkpoints, no model written."})
     record_block_ids: bool = field(default=False, metadata={
         "help": "Write the ids of the blocks each micro-batch trains on to output_dir/block_ids/rank<R>.jsonl, one "
                 "line per micro-batch ({\"step\": S, \"block_ids\": [...]}): an audit of what each rank trained on "
@@ -368,6 +372,10 @@ class PretrainingArguments(TrainingArguments):
         if self.logging_nan_inf_filter is None:
             self.logging_nan_inf_filter = self.on_nonfinite_loss == "skip"
         self.sample_prompts = [p for p in self.sample_prompts if p.strip()]  # `--sample_prompts ""`: none
+        if self.eval_only and self.resume_from_checkpoint not in (None, "", False):
+            raise ValueError(f"eval_only evaluates a model, not a checkpoint's training state: drop "
+                             f"resume_from_checkpoint ({self.resume_from_checkpoint}), and name the checkpoint "
+                             "directory as `model_name_or_path` to evaluate its weights.")
         if self.use_cpu or not torch.cuda.is_available():
             self.dataloader_pin_memory = False  # nothing to pin to
         check_deepspeed_config(self.deepspeed)
@@ -503,9 +511,10 @@ FOREIGN_OPTIONS = {
                                 "(modules outside them)",
     "additional_target": "`freeze_extra_modules` with `finetuning: freeze`; under lora, new tokens' rows train anyway",
     "stage": "nothing: this toolkit only pretrains (LLaMA-Factory's `stage: pt`)",
-    "do_train": "nothing: a run always trains",
+    "do_train": "nothing: a run always trains (`eval_only: true` evaluates a model without training it)",
     "do_eval": "nothing: a run evaluates before and after training (and every `eval_steps`) on its eval split; "
-               "`eval_fraction: 0` without `eval_path` turns evaluation off",
+               "`eval_fraction: 0` without `eval_path` turns evaluation off; `eval_only: true` evaluates a model "
+               "without training it",
     "do_predict": "nothing: a run ends with sample continuations of `sample_prompts`",
     "overwrite_cache": "nothing: token stores are keyed by the files' content and the settings, so a change "
                        "rebuilds them; delete `cache_dir` to force it",
@@ -622,12 +631,16 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
         for other in lengths - given:
             config.pop(other, None)  # a run length on the command line replaces the config file's
     try:
-        return parser.parse_args_into_dataclasses(args=config_to_argv(config, parser) + argv,
-                                                  look_for_args_file=False)
+        model_args, data_args, training_args = parser.parse_args_into_dataclasses(
+            args=config_to_argv(config, parser) + argv, look_for_args_file=False)
     except (ValueError, TypeError) as e:
         if isinstance(e, (ConfigError, DataError)):
             raise
         raise ConfigError(f"invalid setting: {e}") from None
+    if training_args.eval_only and not model_args.model_name_or_path:
+        raise ConfigError("eval_only evaluates a trained model: set `model_name_or_path` (a hub id, a directory such "
+                          "as a finished run's output_dir or one of its checkpoints).")
+    return model_args, data_args, training_args
 
 
 # --------------------------------------------------------------------------------------------
@@ -2831,8 +2844,9 @@ def check_output_dir_writable(training_args: PretrainingArguments, model_args: M
     out = Path(training_args.output_dir)
     base = model_args.model_name_or_path
     if base and os.path.isdir(base) and out.resolve() == Path(base).resolve():
-        raise ConfigError(f"output_dir `{out}` is the model being continued (model_name_or_path): the trained model "
-                          "would overwrite it. Choose another `output_dir`.")
+        raise ConfigError(f"output_dir `{out}` is the model being {'evaluated' if training_args.eval_only else 'continued'} "
+                          f"(model_name_or_path): {'its data report would be replaced' if training_args.eval_only else 'the trained model would overwrite it'}. "
+                          "Choose another `output_dir`.")
     if not training_args.should_save:
         return
     try:
@@ -2999,6 +3013,8 @@ def start_decisions(argv: list[str], model_args: ModelArguments,
                 marker.write_bytes(b"")
 
     def decide():
+        if training_args.eval_only:  # writes no checkpoint: none of output_dir's matter
+            return None, []
         resume = resolve_resume(training_args)
         return resume, [] if resume else earlier_checkpoints(training_args, model_args)
 
@@ -3171,6 +3187,8 @@ def train(argv: list[str]) -> dict:
     if training_args.chunked_loss:
         use_chunked_loss(model, training_args)
     data = load_data(data_args, training_args, tokenizer)
+    if training_args.eval_only:
+        return evaluate_only(model, tokenizer, data, model_args, data_args, training_args)
     out = Path(training_args.output_dir)
     if not data.eval and training_args.eval_strategy != "no":
         logger.warning("no eval split (eval_fraction 0 and no eval_path; a streamed source is evaluated only on "
@@ -3304,18 +3322,47 @@ def train(argv: list[str]) -> dict:
                   "block_size": data_args.block_size,
                   "saved_model_check": saved_check},
     }
-    zero3 = is_deepspeed_zero3_enabled()
-    if training_args.sample_prompts and (zero3 or trainer.is_world_process_zero()):
-        # ZeRO-3 partitions the weights: every rank must take part in each forward pass
-        metrics["samples"] = generate_samples(model, tokenizer,
-                                              training_args.sample_prompts, data.report["bos"],
-                                              training_args.sample_max_new_tokens, synced=zero3)
+    metrics.update(samples_of(model, tokenizer, data, trainer))
     if trainer.is_world_process_zero():
         atomic_write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=1))
         plot_loss_curve(history, out / "loss.png")
         logger.info("saved model, tokenizer, metrics.json and loss.png to %s", out)
     barrier()  # ranks leave together: one exiting mid-write of another can abort it
     return metrics
+
+
+def samples_of(model, tokenizer, data, trainer: Trainer) -> dict:
+    """{"samples": continuations of `sample_prompts`} on the first rank (on every rank under ZeRO-3, which
+    partitions the weights: each forward pass needs all of them); {} without prompts or on the other ranks."""
+    zero3 = is_deepspeed_zero3_enabled()
+    if not trainer.args.sample_prompts or not (zero3 or trainer.is_world_process_zero()):
+        return {}
+    return {"samples": generate_samples(model, tokenizer, trainer.args.sample_prompts, data.report["bos"],
+                                        trainer.args.sample_max_new_tokens, synced=zero3)}
+
+
+def evaluate_only(model, tokenizer, data, model_args: ModelArguments, data_args: DataArguments,
+                  training_args: PretrainingArguments) -> dict:
+    """eval_only: the model's loss and perplexity on each source's eval split, as a training run would report
+    them at its start (its step-0 baseline), and the sample continuations; written to eval_results.json."""
+    if not data.eval:
+        raise ConfigError("eval_only: there is no eval split to evaluate on. Give the sources one: `eval_fraction` "
+                          "above 0, a source's `eval_path` (files) or `eval_split` (hub).")
+    trainer = PretrainTrainer(model=model, args=training_args, eval_dataset=data.eval, data_collator=BlockCollator(),
+                              processing_class=tokenizer, tokens_per_step=0, block_size=data_args.block_size,
+                              meter=None, data_plan={})
+    metrics = trainer.evaluate()
+    results = {"model": model_args.model_name_or_path, "block_size": data_args.block_size,
+               "eval": loss_and_ppl(metrics), "eval_blocks": {name: len(blocks) for name, blocks in data.eval.items()},
+               "runtime_seconds": round(sum(v for k, v in metrics.items() if k.endswith("_runtime")), 3),
+               **samples_of(model, tokenizer, data, trainer)}
+    if trainer.is_world_process_zero():
+        atomic_write_text(Path(training_args.output_dir) / "eval_results.json",
+                          json.dumps(results, ensure_ascii=False, indent=1))
+        logger.info("eval_only: eval loss %.4f, perplexity %.2f; results in %s", metrics["eval_loss"],
+                    math.exp(min(metrics["eval_loss"], 30.0)), Path(training_args.output_dir) / "eval_results.json")
+    barrier()
+    return results
 
 
 def tell_the_launcher(message: str) -> None:

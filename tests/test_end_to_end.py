@@ -162,6 +162,28 @@ def test_continue_pretraining_from_the_saved_model(trained, tmp_path):
     assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(out).config.vocab_size
 
 
+def test_eval_only_reports_the_perplexity_the_run_ended_with(trained, tmp_path):
+    """run_clm's --do_eval without --do_train: the finished run's model evaluated on the same sources gives the
+    final evaluation of its run, per source, in eval_results.json; nothing is trained or saved."""
+    base, config, out, _ = trained
+    proc = run_pretrain([config, "--model_name_or_path", out, "--output_dir", tmp_path / "eval", "--eval_only", "true"])
+    results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
+    final = json.loads((out / "metrics.json").read_text())["eval"]["final"]
+    assert results["eval"].keys() == final.keys() and results["model"] == str(out)
+    for key, value in final.items():
+        assert results["eval"][key] == pytest.approx(value, rel=1e-5), key
+    assert results["samples"][0]["prompt"] == "高血压是" and "eval_only: eval loss" in proc.stderr
+    assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["data_report.json", "data_report.md",
+                                                                     "eval_results.json"]
+    for argv, message in ((["--model_name_or_path", out, "--output_dir", out], "is the model being evaluated"),
+                          ([], "eval_only evaluates a trained model: set `model_name_or_path`"),
+                          (["--model_name_or_path", out, "--resume_from_checkpoint", "auto"], "drop resume_from")):
+        proc = run_pretrain([config, "--eval_only", "true", *argv], check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
+    proc = run_pretrain([config, "--do_eval"], check=False)
+    assert proc.returncode == 2 and "`eval_only: true` evaluates a model without training it" in proc.stderr
+
+
 def test_resume_from_checkpoint_continues_the_same_run(trained, tmp_path):
     base, config, out, _ = trained
     resumed = tmp_path / "resumed"
