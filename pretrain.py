@@ -353,6 +353,7 @@ class PretrainingArguments(TrainingArguments):
 
     def __post_init__(self):
         self.report_to = [name.strip() for item in self.report_to for name in item.split(",") if name.strip()]
+        check_reporters(self.report_to)
         if self.mixed_precision == "auto" and (self.fp16 or self.bf16):  # the Trainer's own switches decide
             self.mixed_precision = "fp16" if self.fp16 else "bf16"
         if self.mixed_precision == "auto":
@@ -403,6 +404,28 @@ class PretrainingArguments(TrainingArguments):
     def low_precision(self) -> bool:
         """The matmuls run in bf16 or fp16 (autocast, or bf16 weights)."""
         return self.bf16 or self.fp16 or self.bf16_weights
+
+
+REPORTER_PACKAGES = {"azure_ml": "azureml-core", "comet_ml": "comet-ml", "flyte": "flytekit"}  # else its own name
+
+
+def check_reporters(report_to: list[str]) -> None:
+    """Each `report_to` logger's package is installed: the Trainer would find one missing only after the data
+    preparation, and stop with a traceback."""
+    from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
+
+    for name in report_to:
+        if name not in INTEGRATION_TO_CALLBACK and name not in ("none", "all"):
+            raise ValueError(f"report_to `{name}` is not a logger transformers knows.{closest_key_hint(name, INTEGRATION_TO_CALLBACK)} "
+                             f"Known: {', '.join(INTEGRATION_TO_CALLBACK)}; or none.")
+    missing = [name for name in report_to if name in INTEGRATION_TO_CALLBACK
+               and name not in get_available_reporting_integrations()]
+    if missing:
+        packages = " ".join(REPORTER_PACKAGES.get(name, name) for name in missing)
+        raise ValueError(f"report_to {', '.join(missing)}: not installed here. `pip install {packages}`, or drop "
+                         f"{'it' if len(missing) == 1 else 'them'} from report_to (tensorboard is installed with "
+                         "the requirements).")
 
 
 def check_deepspeed_config(deepspeed_config) -> None:

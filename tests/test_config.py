@@ -209,7 +209,7 @@ def test_a_resume_keeps_the_checkpoints_batch_or_says_what_would(tmp_path):
         pretrain.keep_checkpoint_batch(str(checkpoint), deepspeed, 32, streaming=False)
 
 
-def test_options_of_other_toolkits_name_their_counterparts(tmp_path):
+def test_options_of_other_toolkits_name_their_counterparts(tmp_path, monkeypatch):
     for option, counterpart in (("use_peft", "`finetuning: lora`"), ("cutoff_len", "`block_size`"),
                                 ("train_file_dir", "`sources`"), ("validation_split_percentage", "`eval_fraction`")):
         with pytest.raises(ConfigError, match=f"`--{option}`. This toolkit's counterpart: {counterpart}"):
@@ -221,7 +221,7 @@ def test_options_of_other_toolkits_name_their_counterparts(tmp_path):
     with pytest.raises(ConfigError, match=r"the command line: 4 unknown options:\n- option `--use_peft`\. This "
                                           r"toolkit's counterpart: `finetuning: lora`.*\n- option `--device_map`\. Not "
                                           r"needed here: .*; drop it\.\n- option `--do_train`\. Not needed here: a run "
-                                          r"always trains; drop it\.\n- option `--do_eval`\. .*`eval_fraction: 0`"):
+                                          r"always trains \(`eval_only: true` evaluates a model without training it\); drop it\.\n- option `--do_eval`\. .*`eval_fraction: 0`"):
         pretrain.parse_args(["--use_peft", "true", "--device_map", "auto", "--do_train", "--do_eval"])
     with pytest.raises(ConfigError, match=r"2 unknown options:\n- key `do_eval`\. .*\n- key `stage`\. Not needed "
                                           r"here: this toolkit only pretrains"):
@@ -235,6 +235,14 @@ def test_options_of_other_toolkits_name_their_counterparts(tmp_path):
     # report_to as a list (YAML) or comma-separated, as transformers takes it
     assert pretrain.parse_args([write_config(tmp_path, report_to=["tensorboard"])])[2].report_to == ["tensorboard"]
     assert pretrain.parse_args(["--report_to", "tensorboard,none"])[2].report_to == ["tensorboard", "none"]
+    # a logger that is not installed or not known stops at the start, not with a traceback after the data work
+    with pytest.raises(ConfigError, match=r"report_to `tensorbord` is not a logger transformers knows\. Did you mean "
+                                          r"`tensorboard`\?"):
+        pretrain.parse_args(["--report_to", "tensorbord"])
+    monkeypatch.setattr("transformers.integrations.get_available_reporting_integrations", lambda: ["tensorboard"])
+    with pytest.raises(ConfigError, match=r"report_to swanlab, comet_ml: not installed here\. `pip install swanlab "
+                                          r"comet-ml`, or drop them"):
+        pretrain.parse_args(["--report_to", "tensorboard,swanlab,comet_ml"])
     with pytest.raises(ConfigError, match=r"`sources` is replaced whole from the command line: `--sources '\[...\]'`"):
         pretrain.parse_args(["--sources.0.path", "x.txt"])
     with pytest.raises(pretrain.DataError, match=r"eval_fraction must be in \[0, 1\)"):
