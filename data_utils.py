@@ -165,7 +165,7 @@ class SourceConfig:
     min_chars: int = 1  # texts shorter than this (after cleaning) are dropped and counted
     max_document_chars: int = 10_000_000  # a longer text is a bad record (a file without line breaks?)
     collapse_spaces: bool = True  # runs of spaces/tabs -> one space
-    keep_newlines: bool = True  # False: line breaks inside a document become spaces
+    keep_newlines: bool = True  # False: line breaks inside a document become spaces (none beside CJK text)
     eval_fraction: float | None = None  # held-out share of documents; None: DataArguments.eval_fraction
     eval_path: str | list[str] | None = None  # explicit eval files instead of a held-out fraction
     on_error: str = "raise"  # raise: stop with a message | skip: count, report and go on
@@ -264,9 +264,12 @@ class SourceConfig:
 
     def text_settings(self) -> dict:
         """The settings that decide which text a record becomes (part of the cache key)."""
-        return {k: v for k, v in dataclasses.asdict(self).items()
-                if k not in ("path", "name", "eval_fraction", "eval_path", "eval_split", "weight", "streaming",
-                             "watch_forgetting") and not (k == "records_field" and v is None)}  # (keys kept)
+        settings = {k: v for k, v in dataclasses.asdict(self).items()
+                    if k not in ("path", "name", "eval_fraction", "eval_path", "eval_split", "weight", "streaming",
+                                 "watch_forgetting") and not (k == "records_field" and v is None)}  # (keys kept)
+        if not self.keep_newlines:  # stores built when every line break became a space are not reused
+            settings["line_breaks"] = "no space beside CJK"
+        return settings
 
 
 def hub_source_name(hub: str) -> str:
@@ -1857,15 +1860,19 @@ def checked_record(spec: SourceConfig, path: str, where: str, record: Any, encod
 
 
 _SPACES = re.compile(r"[ \t\f\v]+")
+# CJK ideographs, CJK punctuation and full-width forms: written without spaces between them
+_CJK_CHAR = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+_CJK_LINE_BREAK = re.compile(f"(?<=[{_CJK_CHAR}])[ \t]*\n\s*|\s*\n[ \t]*(?=[{_CJK_CHAR}])")
 _BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
 
 
 def clean_text(text: str, spec: SourceConfig) -> str:
-    """Normalise line endings, strip, collapse runs of spaces (optionally line breaks too)."""
+    """Normalise line endings, strip, collapse runs of spaces (optionally line breaks too: into a space, or
+    nothing beside CJK text)."""
     if "\r" in text:
         text = text.replace("\r\n", "\n").replace("\r", "\n")
-    if not spec.keep_newlines:
-        text = text.replace("\n", " ")
+    if not spec.keep_newlines:  # a break next to Chinese text joins without a space (第一行\n第二行: 第一行第二行)
+        text = _CJK_LINE_BREAK.sub("", text).replace("\n", " ")
     if spec.collapse_spaces:
         text = _SPACES.sub(" ", text)
         if "\n" in text:
