@@ -216,7 +216,7 @@ class SourceConfig:
             raise DataError(f"{where}: set either `path` (a file, a directory or a glob) or `hub` (a dataset id).")
         spec = cls(**raw)
         if not spec.name:
-            spec.name = (hub_source_name(spec.hub) if spec.hub else re.sub(r"\W+", "_", Path(
+            spec.name = (unnamed_hub_source_name(spec.hub, spec.data_files) if spec.hub else re.sub(r"\W+", "_", Path(
                 (spec.path if isinstance(spec.path, str) else spec.path[0]).rstrip("/*")).stem).strip("_"))
             spec.name = spec.name or f"source{index}"  # (kept as it was: the name prefixes stores and data plans)
         if spec.name.startswith(("/", "~")) or ".." in re.split(r"[/\\]", spec.name):
@@ -277,6 +277,19 @@ def hub_source_name(hub: str) -> str:
     -> OWNER_NAME. A local copy of it (hub_local_dir) keeps that name: it names the source's stores, data plan
     and eval_<name>_ppl, which must not change when the copy is downloaded."""
     return re.sub(r"\W+", "_", modelscope_id(hub) or hub).strip("_")
+
+
+def unnamed_hub_source_name(hub: str, data_files: Any) -> str:
+    """The name of a hub source without `name`: hub_source_name of its id; where it is a packaged loader (`hub:
+    json`, `text`, ...), of the repository its `hf://` data files come from, else of its first local data file
+    (`notes` for notes.txt; a glob's folder), not the loader's name that every such source would share."""
+    repo = hub_repo_id(hub, data_files)
+    entries = [str(entry) for entry in data_file_entries(data_files)] if hub in PACKAGED_BUILDERS else []
+    if repo != hub or not entries:
+        return hub_source_name(repo)
+    parts = Path(entries[0]).parts
+    plain = next((i for i, part in enumerate(parts) if globlib.has_magic(part)), len(parts))  # a glob: its folder
+    return source_stem(Path(parts[plain - 1])) if plain else hub_source_name(hub)
 
 
 def source_stem(path: Path) -> str:
@@ -756,6 +769,7 @@ def use_local_hub_copies(raw_sources: Any, hub_local_dir: str | None) -> tuple[A
                                    local)
                 return str(local / match.group(3))
             files = raw.get("data_files")
+            raw["name"] = raw.get("name") or unnamed_hub_source_name(hub, files)  # the copy's paths do not name it
             raw["data_files"] = ({k: [to_local(u) for u in v] if isinstance(v, list) else to_local(v)
                                   for k, v in files.items()} if isinstance(files, dict)
                                  else [to_local(u) for u in files] if isinstance(files, list) else to_local(files))
@@ -3488,7 +3502,9 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
     max_eval_tokens = getattr(data_args, "max_eval_tokens", None)
     max_eval_blocks = max(max_eval_tokens // block_size, 1) if max_eval_tokens else None
     streamed = [s for s in specs if s.streaming]
-    if streamed and specs[0].weight is None:
+    if streamed and specs[0].weight is None and len(specs) == 1:
+        specs[0].weight = 1.0  # a stream alone is all of the training tokens
+    elif streamed and specs[0].weight is None:
         raise DataError("a streaming source has no length to take a natural share from: give every source a "
                         "`weight` (its share of training tokens).")
     stored = []  # (spec, train store, cache hit, explicit eval store or None)

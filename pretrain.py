@@ -516,7 +516,7 @@ FOREIGN_OPTIONS = {
     "cutoff_len": "`block_size`", "max_seq_length": "`block_size`", "model_max_length": "`block_size`",
     "text_column_name": "a source's `text_field:`",
     "streaming": "a source's `streaming: true` (hub sources; local files as a stream: `{hub: text, data_files: "
-                 "FILES, streaming: true, weight: W}`)",
+                 "FILES, streaming: true}`, with `weight: W` beside other sources)",
     "template": "a source's `template:` (records -> text; chat templates do not apply to pretraining text)",
     "keep_linebreaks": "a source's `keep_newlines:` (line breaks inside a record; a text file is one document per "
                        "line, or per article with `group: wikitext_articles`)",

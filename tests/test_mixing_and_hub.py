@@ -491,10 +491,13 @@ def test_a_hub_path_that_does_not_exist_is_not_taken_for_a_hub_id(tmp_path, toke
             build(tmp_path, tokenizer, [{"name": "m", "hub": hub}])
 
 
-def test_streaming_needs_weights(tmp_path, tokenizer):
+def test_streaming_among_other_sources_needs_weights(tmp_path, tokenizer):
     hub = make_hub_fixture(tmp_path / "medical")
+    stream = {"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True}
     with pytest.raises(DataError, match="give every source a `weight`"):
-        build(tmp_path, tokenizer, [{"name": "med", "hub": str(hub), "hub_config": "pretrain", "streaming": True}])
+        build(tmp_path, tokenizer, [stream, {"name": "notes", "path": str(make_text_corpus(tmp_path))}])
+    alone = build(tmp_path, tokenizer, [stream], block_size=16)  # all of the training tokens: no weight to give
+    assert alone.report["sources"]["med"]["weight"] == 1.0 and next(iter(alone.train))["input_ids"].numel() == 16
 
 
 def test_preview_path_also_keys_local_hub_directories_by_content(tmp_path):
@@ -537,3 +540,21 @@ def test_a_local_hub_copy_keeps_the_source_name_of_its_hub_id(tmp_path):
     assert data_utils.parse_sources(sources)[0].name == before == "owner_medical"
     named, _ = data_utils.use_local_hub_copies([{"hub": "owner/medical", "name": "med"}], str(tmp_path / "hub"))
     assert data_utils.parse_sources(named)[0].name == "med"
+
+
+def test_an_unnamed_packaged_loader_source_is_named_by_its_files_not_the_loader(tmp_path):
+    """`hub: text` / `hub: json` sources without `name` were all called `text` / `json` (two of them collided, and
+    README's streamed local file was `text`): named by their first data file, a glob's folder, or the repository
+    of their hf:// files, also once those are read from a local copy."""
+    specs = data_utils.parse_sources([
+        {"hub": "text", "data_files": ["data/medical_zh.txt"]},
+        {"hub": "json", "data_files": {"train": "corpora/notes.jsonl.gz"}},
+        {"hub": "json", "data_files": "cases/**/*.jsonl"},
+        {"hub": "text", "data_files": "*.txt"}])
+    assert [s.name for s in specs] == ["medical_zh", "notes", "cases", "text"]
+    remote = {"hub": "json", "data_files": ["hf://datasets/owner/medical/pretrain/a.json"]}
+    assert data_utils.parse_sources([remote])[0].name == "owner_medical"
+    (tmp_path / "hub" / "owner" / "medical" / "pretrain").mkdir(parents=True)
+    (tmp_path / "hub" / "owner" / "medical" / "pretrain" / "a.json").write_text('[{"text": "x"}]')
+    copied, done = data_utils.use_local_hub_copies([remote], str(tmp_path / "hub"))
+    assert done and data_utils.parse_sources(copied)[0].name == "owner_medical"

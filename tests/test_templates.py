@@ -325,7 +325,7 @@ def test_convert_refuses_to_overwrite_its_input_or_write_where_a_source_reads(tm
                                   ([{"path": str(tmp_path / "data" / "*.jsonl")}], notes.parent / "all.jsonl",
                                    "read as data by the next run"),  # a new file the glob would read
                                   ([{"hub": "json", "data_files": str(notes.parent / "notes.jsonl")}],
-                                   notes.parent / "notes.jsonl", "is a file source `json` reads"),
+                                   notes.parent / "notes.jsonl", "is a file source `notes` reads"),
                                   ([{"path": str(notes.parent)}], notes.parent / "all.jsonl", "is inside"),
                                   ([{"path": str(notes.parent), "per_file": True}], notes.parent / "all.jsonl",
                                    "is inside")):  # the default config's data/: each file a source by now
