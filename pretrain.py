@@ -3371,6 +3371,8 @@ def evaluate_only(model, tokenizer, data, model_args: ModelArguments, data_args:
     if not data.eval:
         raise ConfigError("eval_only: there is no eval split to evaluate on. Give the sources one: `eval_fraction` "
                           "above 0, a source's `eval_path` (files) or `eval_split` (hub).")
+    training_args.report_to = []  # one evaluation, no curve (the Trainer's loggers, never started by training,
+    # would write TensorBoard files into the working directory)
     trainer = PretrainTrainer(model=model, args=training_args, eval_dataset=data.eval, data_collator=BlockCollator(),
                               processing_class=tokenizer, tokens_per_step=0, block_size=data_args.block_size,
                               meter=None, data_plan={})

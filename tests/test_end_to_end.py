@@ -166,7 +166,9 @@ def test_eval_only_reports_the_perplexity_the_run_ended_with(trained, tmp_path):
     """run_clm's --do_eval without --do_train: the finished run's model evaluated on the same sources gives the
     final evaluation of its run, per source, in eval_results.json; nothing is trained or saved."""
     base, config, out, _ = trained
+    logs_in_cwd = set((ROOT / "runs").glob("*"))
     proc = run_pretrain([config, "--model_name_or_path", out, "--output_dir", tmp_path / "eval", "--eval_only", "true"])
+    assert set((ROOT / "runs").glob("*")) == logs_in_cwd  # TensorBoard files went into the working directory
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     final = json.loads((out / "metrics.json").read_text())["eval"]["final"]
     assert results["eval"].keys() == final.keys() and results["model"] == str(out)
