@@ -527,10 +527,11 @@ def hub_access(name: str, what: str, option: str, error: type[Exception] | None 
             raise error(f"{what} directory `{name}` cannot be loaded: {e}") from None
         reason = "the hub is unreachable or HF_HUB_OFFLINE is set, and it is not in the local cache" if offline \
             else str(e).splitlines()[0]
+        modelscope = "" if option == "model_config" else f" (3) if it is on ModelScope, `{MODELSCOPE}{name}`;"
         raise error(f"{what} `{name}` cannot be loaded: {reason}. Fixes: (1) set HF_ENDPOINT to a reachable mirror, "
                     f"e.g. HF_ENDPOINT=https://hf-mirror.com; (2) download it first: `hf download {name} --local-dir "
-                    f"models/{name.split('/')[-1]}` and pass that directory as `{option}`; (3) if it is on ModelScope, "
-                    f"`{MODELSCOPE}{name}`; (4) check the id (no directory `{name}` under {os.getcwd()} either) and, "
+                    f"models/{name.split('/')[-1]}` and pass that directory as `{option}`;{modelscope} "
+                    f"({4 if modelscope else 3}) check the id (no directory `{name}` under {os.getcwd()} either) and, "
                     "for gated models, HF_TOKEN.") from None
 
 

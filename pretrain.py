@@ -60,7 +60,8 @@ class ModelArguments:
     model_name_or_path: str | None = field(default=None, metadata={
         "help": "Continue pretraining from this local directory or hub id. Unset: train from `model_config`."})
     model_config: str | None = field(default=None, metadata={
-        "help": "Architecture JSON for training from scratch, e.g. configs/model/tiny.json."})
+        "help": "The architecture to train from scratch: a JSON (configs/model/tiny.json), or a model directory or "
+                "hub id whose config.json it takes, without the weights (run_clm's --config_name)."})
     config_overrides: str | None = field(default=None, metadata={
         "help": "From scratch: settings that replace the model_config JSON's, as run_clm.py takes them: "
                 "num_hidden_layers=4,hidden_size=256 (or a mapping in the config file)."})
@@ -520,7 +521,7 @@ FOREIGN_OPTIONS = {
     "template": "a source's `template:` (records -> text; chat templates do not apply to pretraining text)",
     "keep_linebreaks": "a source's `keep_newlines:` (line breaks inside a record; a text file is one document per "
                        "line, or per article with `group: wikitext_articles`)",
-    "flash_attn": "`attn_implementation` (sdpa, eager or flash_attention_2)", "config_name": "`model_config` (a JSON)",
+    "flash_attn": "`attn_implementation` (sdpa, eager or flash_attention_2)", "config_name": "`model_config` (a JSON, a model directory or a hub id)",
     "model_type": "`model_type` inside the `model_config` JSON",
     "max_train_samples": "`max_train_tokens` (samples x block_size)",
     "max_samples": "a source's `max_records:` (its first N records)",
@@ -1201,11 +1202,7 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
         if model_args.rope_scaling or model_args.rope_theta:
             raise ConfigError("rope_scaling and rope_theta change a pretrained model's positions: from scratch, set "
                               f"max_position_embeddings and the RoPE settings in {model_args.model_config}.")
-        try:
-            spec = json.loads(Path(model_args.model_config).read_text(encoding="utf-8"))
-        except (OSError, ValueError) as e:
-            raise ConfigError(f"model_config `{model_args.model_config}` cannot be read as JSON: {e}"
-                              f"{data_utils.started_elsewhere_hint(model_args.model_config)}") from None
+        spec = model_config_settings(model_args)
         model_type = spec.pop("model_type", None)
         if not model_type:
             raise ConfigError(f"model_config `{model_args.model_config}` has no `model_type` (llama, qwen2, ...).")
@@ -1225,6 +1222,26 @@ def create_model(model_args: ModelArguments, tokenizer, compute_dtype: torch.dty
         model = AutoModelForCausalLM.from_config(config, dtype=dtype,
                                                  attn_implementation=model_args.attn_implementation)
     return model, []
+
+
+def model_config_settings(model_args: ModelArguments) -> dict:
+    """The settings of `model_config`: a JSON file, or (run_clm's --config_name) a model directory or hub id whose
+    config.json gives the architecture to train from scratch, without its weights."""
+    name = model_args.model_config
+    if not os.path.isfile(name) and (os.path.isdir(name) or re.fullmatch(r"[\w.-]+/[\w.-]+", name)
+                                     and not name.lower().endswith(".json")):
+        with data_utils.hub_access(name, "model_config", "model_config", ConfigError):
+            config = AutoConfig.from_pretrained(name, revision=model_args.model_revision,
+                                                trust_remote_code=model_args.trust_remote_code)
+        spec = config.to_dict()
+        for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
+            spec.pop(key, None)  # the saving library, the class and the dtype are the run's
+        return spec
+    try:
+        return json.loads(Path(name).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"model_config `{name}` cannot be read as JSON: {e} (a model directory or hub id gives "
+                          f"its config.json){data_utils.started_elsewhere_hint(name)}") from None
 
 
 SET_BY_THE_RUN = {  # config keys config_overrides may not set, with where they come from

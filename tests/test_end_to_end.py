@@ -162,6 +162,24 @@ def test_continue_pretraining_from_the_saved_model(trained, tmp_path):
     assert model.config.vocab_size == AutoModelForCausalLM.from_pretrained(out).config.vocab_size
 
 
+def test_model_config_takes_a_model_directory_or_hub_id_for_its_architecture(trained, tmp_path):
+    """run_clm's --config_name: a model's config.json as the architecture of a model trained from scratch."""
+    from safetensors.torch import load_file
+
+    base, config, out, _ = trained
+    run_pretrain([config, "--model_config", out, "--config_overrides", "num_hidden_layers=1", "--output_dir",
+                  tmp_path / "scratch", "--max_steps", 1, "--eval_strategy", "no", "--eval_on_start", "false"])
+    trained_config, new_config = (json.loads((d / "config.json").read_text()) for d in (out, tmp_path / "scratch"))
+    assert new_config["num_hidden_layers"] == 1 and trained_config["num_hidden_layers"] == 2
+    assert all(new_config[k] == trained_config[k] for k in ("model_type", "hidden_size", "vocab_size"))
+    trained_weights, new_weights = (load_file(d / "model.safetensors") for d in (out, tmp_path / "scratch"))
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert not torch.allclose(new_weights[name], trained_weights[name], atol=1e-3)  # its own start, not the weights
+    proc = run_pretrain([config, "--model_config", "someone/some-model"], check=False)
+    assert proc.returncode == 2 and "model_config `someone/some-model` cannot be loaded: the hub is unreachable" in \
+        proc.stderr and "pass that directory as `model_config`" in proc.stderr and "ModelScope" not in proc.stderr
+
+
 def test_eval_only_reports_the_perplexity_the_run_ended_with(trained, tmp_path):
     """run_clm's --do_eval without --do_train: the finished run's model evaluated on the same sources gives the
     final evaluation of its run, per source, in eval_results.json; nothing is trained or saved."""
