@@ -709,6 +709,18 @@ def fetch_modelscope_dataset(raw: dict, root: Path) -> tuple[dict, str]:
     return raw, f"{MODELSCOPE}{dataset_id} -> {local}"
 
 
+def modelscope_origin(spec: SourceConfig) -> dict:
+    """{"modelscope": {"dataset", "revision", "data_files"}} for a source read from a completed ModelScope download
+    (its record in the folder), so the data report names what was downloaded, not only the local folder."""
+    try:
+        record = json.loads((Path(spec.hub) / MODELSCOPE_FETCHED).read_text(encoding="utf-8")) if spec.hub else None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(record, dict) or not record.get("complete"):
+        return {}
+    return {"modelscope": {k: record.get(k) for k in ("dataset", "revision", "data_files")}}
+
+
 def fetch_modelscope_sources(raw_sources: Any, hub_local_dir: str | None) -> tuple[Any, list[str]]:
     """Every `hub: modelscope:OWNER/NAME` source fetched into HUB_LOCAL_DIR/OWNER/NAME (data/hub without one) and
     read from there. Returns the sources and a line per source fetched."""
@@ -3588,7 +3600,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
         tokens = train.n_tokens + (held_out.n_tokens if held_out is not None else 0)
         report_sources[spec.name] = {
             "files": store.meta["files"], "cache": "hit" if hit else "built", "store": str(store.dir),
-            **({"legacy_store": legacy_stores[spec.name]} if spec.name in legacy_stores else {}),
+            **modelscope_origin(spec), **({"legacy_store": legacy_stores[spec.name]} if spec.name in legacy_stores else {}),
             **_grouped_counts(store.meta["counts"]), "duplicates_removed": duplicates,
             "documents": documents, "characters": view.meta["train_chars"] + view.meta["eval_chars"],
             "tokens": tokens, "mean_tokens_per_document": round(tokens / max(documents, 1), 1),
@@ -3622,7 +3634,7 @@ def build_datasets(data_args, tokenizer, block_size: int, seed: int, batch_size:
             settings = {k: v for k, v in dataclasses.asdict(spec).items()  # what its training blocks depend on
                         if k not in ("name", "weight", "watch_forgetting", "eval_fraction")}
             report_sources[spec.name] = {"streaming": True, "weight": spec.weight, "settings": settings,
-                                         **probe_stream(spec, cache_dir)}
+                                         **modelscope_origin(spec), **probe_stream(spec, cache_dir)}
             if spec.eval_split or spec.eval_path:
                 eval_spec = dataclasses.replace(spec, streaming=False)
                 named = f"eval split `{spec.eval_split}`" if spec.eval_split else "eval files (`eval_path`)"
@@ -3753,7 +3765,10 @@ def data_report_markdown(report: dict) -> str:
             lines.append(f"- **{name}**: streamed (tokenized and packed on the fly), weight {s['weight']}; the first "
                          f"{s['probed_records']:,} records checked before training")
         else:
-            lines.append(f"- **{name}**: {_files_markdown(s['files'])}")
+            origin = s.get("modelscope")
+            fetched = (f"ModelScope dataset `{origin['dataset']}` (revision {origin['revision'] or 'default'}), "
+                       "downloaded: " if origin else "")
+            lines.append(f"- **{name}**: {fetched}{_files_markdown(s['files'])}")
             lines += _counts_markdown(s, "  ")
         if "eval_input" in s:
             lines.append(f"  - eval files: {_files_markdown(s['eval_input']['files'])}")

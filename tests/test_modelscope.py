@@ -130,6 +130,10 @@ def test_a_modelscope_model_and_dataset_train_and_a_rerun_reads_the_copy(tmp_pat
                                           "local_files_only": False}]  # main -> ModelScope's default branch
     report = json.loads((tmp_path / "out" / "data_report.json").read_text(encoding="utf-8"))
     assert list(report["sources"]) == ["acme_medical"]  # named by its id, not by the copy's path
+    assert report["sources"]["acme_medical"]["modelscope"] == {"dataset": "acme/medical", "revision": None,
+                                                               "data_files": ["data/*.jsonl"]}  # what was downloaded
+    assert "ModelScope dataset `acme/medical` (revision default), downloaded: `" in (
+        tmp_path / "out" / "data_report.md").read_text(encoding="utf-8")
     assert "eval_acme_medical_ppl" in json.loads((tmp_path / "out" / "metrics.json").read_text())["eval"]["final"]
     assert "modelscope:acme/medical ->" in proc.stderr
 
