@@ -3932,10 +3932,11 @@ def source_patterns(spec: SourceConfig) -> list[str]:
     return patterns
 
 
-def convert_target_problem(sources: Any, specs: list[SourceConfig], out: Path) -> str | None:
-    """`convert --out` must not replace a file a source reads (its text was lost), nor be a file a source's
-    folder or glob would read next time (trained on twice), a `per_file` folder's included (its files are
-    separate sources by now)."""
+def convert_target_problem(sources: Any, specs: list[SourceConfig], out: Path,
+                           written: str = "the converted file") -> str | None:
+    """`convert --out` (and tools/vocab.py's) must not replace a file a source reads (its text was lost), nor be a
+    file a source's folder or glob would read next time (trained on), a `per_file` folder's included (its files
+    are separate sources by now)."""
     target = out.resolve()
     folders = [SourceConfig(path=raw["path"], name=f"per_file {raw['path']}") for raw in
                (sources if isinstance(sources, list) else [sources]) if isinstance(raw, dict) and raw.get("per_file")]
@@ -3944,7 +3945,7 @@ def convert_target_problem(sources: Any, specs: list[SourceConfig], out: Path) -
             found = Path(os.path.expanduser(pattern))
             if found.is_dir() and target.is_relative_to(found.resolve()):
                 return (f"--out `{out}` is inside `{pattern}`, which source `{spec.name}` reads: the next run would "
-                        "train on the converted file too. Write it elsewhere.")
+                        f"train on {written} too. Write it elsewhere.")
             if fnmatch.fnmatch(str(target), os.path.abspath(os.path.expanduser(pattern))) or any(
                     target == Path(f).resolve() for f in globlib.glob(os.path.expanduser(pattern), recursive=True)):
                 return (f"--out `{out}` is a file source `{spec.name}` reads (`{pattern}`): it would be overwritten, "

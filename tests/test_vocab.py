@@ -496,7 +496,7 @@ def test_llama2_style_base_keeps_its_bos_and_pad(bases, tmp_path, pad):
         vocab.check_extension(before, without_bos)
 
 
-def test_out_never_replaces_inputs_or_files_the_tool_did_not_write(bases, tmp_path, monkeypatch):
+def test_out_never_replaces_inputs_or_files_the_tool_did_not_write(bases, tmp_path, monkeypatch, capsys):
     base_dir, families, chinese = bases
     model = tmp_path / "model"  # a base model directory: its weights must survive any --out
     shutil.copytree(families["byte-level BPE"], model)
@@ -538,6 +538,20 @@ def test_out_never_replaces_inputs_or_files_the_tool_did_not_write(bases, tmp_pa
         vocab.extend_tokenizer(model, chinese, out, overwrite=True)
     assert (out / "tokenizer.json").read_bytes() == tokenizer_json
     assert sorted(f.name for f in tmp_path.iterdir()) == ["ext", "model", "notes"]  # no temporary directories left
+
+    # a tokenizer written where the config's sources read (the default config's per_file data/) would be trained
+    # on by the next run: its tokenizer.json and other .json files are data files there
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "notes.txt").write_text("高血压患者应定期测量血压。\n" * 50, encoding="utf-8")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"sources": [{"path": f"{data}/", "per_file": True}],
+                                      "cache_dir": str(tmp_path / "cache")}))
+    for argv in (["extend", "--base", str(model), "--add", str(chinese), "--config", str(config)],
+                 ["train", str(config), "--vocab_size", "400"]):
+        assert vocab.main([*argv, "--out", str(data / "tok")]) == 2 and not (data / "tok").exists()
+        assert f"--out `{data / 'tok'}` is inside `{data}/`, which source `per_file {data}/` reads: the next run " \
+               "would train on the tokenizer's .json files too" in capsys.readouterr().err
 
 
 def test_a_models_own_tokenizer_larger_than_its_embeddings_gets_rows(tmp_path, micro_model_config, tokenizer_dir):

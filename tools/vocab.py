@@ -528,6 +528,14 @@ def load_sources(config: str, overrides: list[str]):
     return data_args
 
 
+def check_out_is_no_source(out: str, data_args) -> None:
+    """A tokenizer written where the config's sources read (its folder, `per_file` data/) would be trained on by
+    the next run: tokenizer.json and the other .json files are data files there."""
+    if problem := data_utils.convert_target_problem(data_args.sources, data_utils.parse_sources(data_args.sources),
+                                                    Path(out), "the tokenizer's .json files"):
+        raise DataError(f"{problem} (tokenizers/ is the usual place)")
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="tools/vocab.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -563,6 +571,7 @@ def main(argv: list[str]) -> int:
             symbols = (read_terms(Path(symbols), "--user_defined_symbols") if symbols and Path(symbols).is_file()
                        else [s for s in symbols.split(",") if s])
             data_args = load_sources(args.config, overrides)
+            check_out_is_no_source(args.out, data_args)
             check_output_dir(Path(args.out), [Path(data_args.cache_dir)], args.overwrite)  # before training, not after
             cached = data_utils.train_sentencepiece_tokenizer(
                 data_args.sources, data_args.cache_dir, args.vocab_size, args.model_type, args.character_coverage,
@@ -573,6 +582,9 @@ def main(argv: list[str]) -> int:
             print(f"wrote a {args.vocab_size}-token SentencePiece {args.model_type} tokenizer to {args.out}")
         elif args.command == "extend":
             args.base = local_model_dir(args.base, "--base")
+            data_args = load_sources(args.config, overrides) if args.config else None
+            if data_args is not None:
+                check_out_is_no_source(args.out, data_args)
             result = extend_tokenizer(Path(args.base), Path(args.add), Path(args.out), args.overwrite)
             print(json.dumps(result, ensure_ascii=False))
             if result.get("terms_not_whole"):
@@ -582,7 +594,7 @@ def main(argv: list[str]) -> int:
                       "joins their first characters with what comes before. To keep such terms whole, train a "
                       "tokenizer with them as --user_defined_symbols and extend with it.", file=sys.stderr)
             if args.config:
-                table = report(load_sources(args.config, overrides).sources, [args.base, args.out])
+                table = report(data_args.sources, [args.base, args.out])
                 print_report(table)
                 (Path(args.out) / "compression_report.json").write_text(json.dumps(table, indent=1))
         else:
