@@ -112,6 +112,10 @@ class ModelArguments:
     lora_target: str = field(default="all-linear", metadata={
         "help": "Layers that get adapters: all-linear (every linear layer but the output head) or comma-separated "
                 "module names, e.g. q_proj,k_proj,v_proj,o_proj."})
+    lora_extra_modules: str = field(default="", metadata={
+        "help": "finetuning lora: comma-separated modules outside the decoder layers that train whole beside the "
+                "adapters (peft modules_to_save), e.g. embed_tokens,lm_head: Chinese-LLaMA's LoRA stage after "
+                "extending the vocabulary. Without it new tokens' rows train anyway, the rest stays frozen."})
     use_rslora: bool = field(default=False, metadata={
         "help": "Rank-stabilised LoRA: scale the adapters by alpha / sqrt(rank), not alpha / rank, so high ranks "
                 "(64-256, as continued pretraining wants) still learn at a sane learning rate."})
@@ -136,7 +140,8 @@ class ModelArguments:
     double_quantization: bool = field(default=True, metadata={
         "help": "4-bit: quantize the quantization constants too (about 0.4 bits per weight less)."})
 
-    MODE_OPTIONS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "use_rslora", "use_dora"),
+    MODE_OPTIONS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "lora_extra_modules",
+                             "use_rslora", "use_dora"),
                     "freeze": ("freeze_trainable_layers", "freeze_extra_modules")}  # options of that finetuning only
     CHOICES = {"torch_dtype": ("float32", "bfloat16", "float16"), "tokenizer_model_type": ("bpe", "unigram"),
                "new_token_init": ("subword_mean", "mean"), "finetuning": ("full", "lora", "freeze"),
@@ -506,8 +511,7 @@ FOREIGN_OPTIONS = {
     "use_peft": "`finetuning: lora`", "finetuning_type": "`finetuning` (full, lora, freeze)",
     "qlora": "`quantization_bit: 4` with `finetuning: lora`", "load_in_4bit": "`quantization_bit: 4`",
     "load_in_8bit": "`quantization_bit: 8`", "target_modules": "`lora_target`", "lora_r": "`lora_rank`",
-    "modules_to_save": "nothing under finetuning lora: new tokens' rows train by themselves; whole matrices: "
-                       "`finetuning: freeze` with `freeze_extra_modules: embed_tokens,lm_head`",
+    "modules_to_save": "`lora_extra_modules` (with finetuning lora; new tokens' rows train without it)",
     "train_file_dir": "`sources` (a directory, file or glob: `--sources data/my_dir`, or a list in the config)",
     "train_file": "`sources`", "dataset": "`sources` (local files: `path:`, hub datasets: `hub:`)",
     "dataset_name": "a source's `hub:` (in `sources`)", "dataset_config_name": "a source's `hub_config:`",
@@ -533,7 +537,7 @@ FOREIGN_OPTIONS = {
     "num_expand": "`expand_layers`", "num_layer_trainable": "`freeze_trainable_layers`",
     "freeze_trainable_modules": "`freeze_trainable_layers` (the last N decoder layers) and `freeze_extra_modules` "
                                 "(modules outside them)",
-    "additional_target": "`freeze_extra_modules` with `finetuning: freeze`; under lora, new tokens' rows train anyway",
+    "additional_target": "`lora_extra_modules` with `finetuning: lora`, `freeze_extra_modules` with `finetuning: freeze`",
     "stage": "nothing: this toolkit only pretrains (LLaMA-Factory's `stage: pt`)",
     "do_train": "nothing: a run always trains (`eval_only: true` evaluates a model without training it)",
     "do_eval": "nothing: a run evaluates before and after training (and every `eval_steps`) on its eval split; "
@@ -1017,18 +1021,28 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
         raise ConfigError(f"lora_target `{model_args.lora_target}`: {', '.join(on_embeddings)}: {why}. Drop "
                           f"{'it' if len(on_embeddings) == 1 else 'them'} from lora_target; to train whole embedding "
                           "matrices use `finetuning: freeze` with `freeze_extra_modules`.")
+    extras = sorted({m.strip() for m in model_args.lora_extra_modules.split(",") if m.strip()})
+    outside = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and layer_of(name + ".") is None}
+    if set(extras) - outside:
+        raise ConfigError(f"lora_extra_modules: no module {', '.join(sorted(set(extras) - outside))} outside the "
+                          f"decoder layers of this model; it has {', '.join(sorted(outside))}.")
+    if set(extras) & embeddings and model.config.tie_word_embeddings:
+        raise ConfigError(f"lora_extra_modules {model_args.lora_extra_modules}: this model ties its output head to its "
+                          "input embeddings (one matrix), and peft trains a copy of a module, which would untie them. "
+                          "Train the matrix with `finetuning: freeze` and `freeze_extra_modules: "
+                          f"{next(iter(set(extras) & embeddings))}`, or drop it (new tokens' rows train anyway).")
     tokens = None
-    if new_token_ids:
-        tokens = {module_names[model.get_input_embeddings()]: new_token_ids}
-        if not model.config.tie_word_embeddings and model.get_output_embeddings() is not None:
-            tokens[module_names[model.get_output_embeddings()]] = new_token_ids
+    if new_token_ids:  # (rows of a matrix that trains whole need no rows of their own)
+        tokens = {module_names[m]: new_token_ids for m in (model.get_input_embeddings(), None if
+                  model.config.tie_word_embeddings else model.get_output_embeddings())
+                  if m is not None and module_names[m] not in extras} or None
     alpha = model_args.lora_alpha or (16 if model_args.use_rslora else 2 * model_args.lora_rank)
     experts = bool(expert_shares(model))  # all-linear: peft may adapt routed experts' fused weights as parameters
     dropout = model_args.lora_dropout if model_args.lora_dropout is not None else 0.0 if experts else 0.05
     config = peft.LoraConfig(r=model_args.lora_rank, lora_alpha=alpha,
                              lora_dropout=dropout, target_modules=targets,
                              use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
-                             trainable_token_indices=tokens, task_type="CAUSAL_LM")
+                             trainable_token_indices=tokens, modules_to_save=extras or None, task_type="CAUSAL_LM")
     try:
         model = peft.get_peft_model(model, config)
     except ValueError as e:
@@ -1042,9 +1056,10 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
         model.enable_input_require_grads()
     total, trainable, _ = parameter_counts(model)  # peft counts the new-token rows twice
     adapted = model.peft_config["default"].target_parameters
-    logger.info("finetuning lora: %s trainable parameters of %s (%.2f%%): rank %d on %s%s%s", f"{trainable:,}",
+    logger.info("finetuning lora: %s trainable parameters of %s (%.2f%%): rank %d on %s%s%s%s", f"{trainable:,}",
                 f"{total:,}", 100 * trainable / total, model_args.lora_rank, model_args.lora_target,
-                f", plus the rows of {len(new_token_ids)} new tokens" if new_token_ids else "",
+                f", {', '.join(extras)} whole" if extras else "",
+                f", plus the rows of {len(new_token_ids)} new tokens" if tokens else "",
                 "" if not experts else f"; the routed experts' weights: adapted too ({', '.join(sorted(adapted))})"
                 if adapted else "; the routed experts' weights: frozen (peft adapts only their layers' linear ones)")
     return model
@@ -1466,7 +1481,8 @@ def flops_per_token(model, block_size: int, backward_to_embeddings: bool = False
     # LoRA's new-token rows (peft trainable tokens) stand in for rows of a matrix already counted: their gradient
     # is computed, they add no matmul of their own
     rows = {id(p) for name, p in named if "trainable_tokens_delta" in name and id(p) not in lookup}
-    matmul = [(name, p) for name, p in named if id(p) not in lookup and id(p) not in rows]
+    matmul = [(name, p) for name, p in named if id(p) not in lookup and id(p) not in rows
+              and ".original_module." not in name]  # LoRA extra modules: their trained copy computes instead
     shares = expert_shares(model)
 
     def used(p) -> float:  # the weights one token computes with

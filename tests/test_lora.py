@@ -82,6 +82,44 @@ def test_new_tokens_train_their_rows_only(tmp_path, base_model):
         assert not torch.allclose(matrix[new], old[new]), name  # the new tokens learned
 
 
+def test_extra_modules_train_whole_beside_the_adapters_and_merge(tmp_path, base_model, micro_model_config):
+    """lora_extra_modules (MedicalGPT's modules_to_save, LLaMA-Factory's additional_target): Chinese-LLaMA's LoRA
+    stage with whole embedding matrices training; merged into the saved model; FLOPs as torch counts them."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    tokenizer, rows = with_new_tokens(base_model)
+    model = pretrain.build_model(lora_args(base_model, "--lora_extra_modules", "embed_tokens,lm_head",
+                                           "--attn_implementation", "eager"), tokenizer, 32)  # (matmuls torch counts)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert trainable == {"base_model.model.model.embed_tokens.modules_to_save.default.weight",
+                         "base_model.model.lm_head.modules_to_save.default.weight"}  # whole: no rows of their own
+    ids = torch.randint(3, len(tokenizer), (2, 32))
+    with FlopCounterMode(display=False) as counted:
+        model(input_ids=ids, labels=ids).loss.backward()
+    assert pretrain.flops_per_token(model, 32) == pytest.approx(counted.get_total_flops() / ids.numel(), rel=0.02)
+
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    out = tmp_path / "out"
+    run_pretrain(["--model_name_or_path", base_model, "--finetuning", "lora", "--lora_rank", 4, "--lora_extra_modules",
+                  "embed_tokens,lm_head", "--sources", json.dumps([{"name": "notes", "path": str(corpus)}]),
+                  "--block_size", 32, "--eval_fraction", 0.1, "--cache_dir", tmp_path / "cache", "--output_dir", out,
+                  "--max_steps", 3, "--learning_rate", 1e-2, "--report_to", "none", "--sample_prompts", "[]"])
+    check = json.loads((out / "metrics.json").read_text())["model"]["saved_model_check"]
+    assert check["max_abs_logit_diff"] <= check["tolerance"]
+    base, merged = (AutoModelForCausalLM.from_pretrained(d) for d in (base_model, out))
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):  # every row seen in training moved, not new ones only
+        changed = (merged.get_parameter(name) != base.get_parameter(name)).any(dim=1)
+        assert changed.sum() > 100, name
+    tied = pretrain.parse_args(["--model_config", str(micro_model_config)])[0]
+    tied_dir = tmp_path / "tied"
+    pretrain.build_model(tied, tokenizer, 32).save_pretrained(tied_dir)
+    tokenizer.save_pretrained(tied_dir)
+    with pytest.raises(pretrain.ConfigError, match="ties its output head to its input embeddings .* untie them"):
+        pretrain.build_model(lora_args(tied_dir, "--lora_extra_modules", "embed_tokens"), tokenizer, 32)
+    with pytest.raises(pretrain.ConfigError, match="lora_extra_modules: no module embeddings outside the decoder"):
+        pretrain.build_model(lora_args(base_model, "--lora_extra_modules", "embeddings"), tokenizer, 32)
+
+
 def test_flops_count_frozen_weights_without_their_gradients(base_model, tokenizer):
     full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
     lora = pretrain.build_model(lora_args(base_model), tokenizer, 32)
