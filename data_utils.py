@@ -388,7 +388,8 @@ def parse_sources(raw_sources: Any) -> list[SourceConfig]:
     names = [s.name for s in specs]
     for name in names:
         if names.count(name) > 1:
-            paths = [str(s.path or s.hub) for s in specs if s.name == name]
+            paths = [str(s.path or (f"{s.hub} {data_file_entries(s.data_files)}" if s.data_files else s.hub))
+                     for s in specs if s.name == name]
             raise DataError(f"Two sources are named `{name}` ({paths[0]}, {paths[1]}): give each source a unique "
                             "`name:` (a `per_file` entry names its files itself: name the other one).")
     weighted = [s.name for s in specs if s.weight is not None]
@@ -1887,8 +1888,10 @@ def checked_record(spec: SourceConfig, path: str, where: str, record: Any, encod
 
 
 _SPACES = re.compile(r"[ \t\f\v]+")
-# CJK ideographs, CJK punctuation and full-width forms: written without spaces between them
-_CJK_CHAR = "\u3000-\u303f\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff00-\uffef"
+# Written without spaces between them: CJK punctuation, kana, ideographs and full-width punctuation (not the
+# full-width letters and digits, U+FF10-FF19, FF21-FF3A, FF41-FF5A)
+_CJK_CHAR = ("\u3000-\u303f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+             "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65")
 _CJK_LINE_BREAK = re.compile(f"(?<=[{_CJK_CHAR}])[ \t]*\n\s*|\s*\n[ \t]*(?=[{_CJK_CHAR}])")
 _BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
 

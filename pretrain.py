@@ -107,8 +107,8 @@ class ModelArguments:
         "help": "LoRA scale numerator; unset: 2 x lora_rank (scale 2 at any rank), with use_rslora 16 (scale "
                 "16 / sqrt(rank): 2 at rank 64, 1 at rank 256)."})
     lora_dropout: float | None = field(default=None, metadata={
-        "help": "Dropout on the LoRA input. Unset: 0.05, and 0 for mixture-of-experts models (peft adapts their "
-                "experts' weights as parameters, which takes no dropout)."})
+        "help": "Dropout on the LoRA input. Unset: 0.05, and 0 for mixture-of-experts models under lora_target "
+                "all-linear (peft may adapt their experts' weights as parameters, which take no dropout)."})
     lora_target: str = field(default="all-linear", metadata={
         "help": "Layers that get adapters: all-linear (every linear layer but the output head) or comma-separated "
                 "module names, e.g. q_proj,k_proj,v_proj,o_proj."})
@@ -665,6 +665,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
         if isinstance(e, (ConfigError, DataError)):
             raise
         raise ConfigError(f"invalid setting: {e}") from None
+    if training_args.eval_only and training_args.deepspeed and not is_deepspeed_zero3_enabled():
+        raise ConfigError("eval_only with DeepSpeed ZeRO-1/2: evaluation needs no DeepSpeed there (every rank holds "
+                          "the whole model), and the Trainer evaluates through DeepSpeed only at ZeRO-3. Drop "
+                          "`deepspeed` (torchrun/run_torchrun.sh evaluates on several GPUs), or use a ZeRO-3 config.")
     if training_args.eval_only and not model_args.model_name_or_path:
         raise ConfigError("eval_only evaluates a trained model: set `model_name_or_path` (a hub id, a directory such "
                           "as a finished run's output_dir or one of its checkpoints).")
@@ -1038,7 +1042,8 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
                   if m is not None and module_names[m] not in extras} or None
     alpha = model_args.lora_alpha or (16 if model_args.use_rslora else 2 * model_args.lora_rank)
     experts = bool(expert_shares(model))  # all-linear: peft may adapt routed experts' fused weights as parameters
-    dropout = model_args.lora_dropout if model_args.lora_dropout is not None else 0.0 if experts else 0.05
+    no_dropout = experts and targets == "all-linear"
+    dropout = model_args.lora_dropout if model_args.lora_dropout is not None else 0.0 if no_dropout else 0.05
     config = peft.LoraConfig(r=model_args.lora_rank, lora_alpha=alpha,
                              lora_dropout=dropout, target_modules=targets,
                              use_rslora=model_args.use_rslora, use_dora=model_args.use_dora,
@@ -1147,6 +1152,20 @@ def set_router_loss(config, model_args: ModelArguments) -> None:
                     text.router_aux_loss_coef)
 
 
+@contextlib.contextmanager
+def without_router_loss(model):
+    """A MoE model computing (and a config saying) no router logits for the time of the `with`."""
+    text = model.config.get_text_config()
+    routed = getattr(text, "output_router_logits", False)
+    if routed:
+        text.output_router_logits = False
+    try:
+        yield
+    finally:
+        if routed:
+            text.output_router_logits = True
+
+
 def router_loss_weight(model) -> float:
     """The weight of the router's load-balancing loss in the model's loss: 0 unless set_router_loss turned it on."""
     text = model.config.get_text_config()
@@ -1248,6 +1267,11 @@ def model_config_settings(model_args: ModelArguments) -> dict:
         with data_utils.hub_access(name, "model_config", "model_config", ConfigError):
             config = AutoConfig.from_pretrained(name, revision=model_args.model_revision,
                                                 trust_remote_code=model_args.trust_remote_code)
+        if getattr(config, "auto_map", None):
+            raise ConfigError(f"model_config `{name}` is an architecture of remote code ({config.model_type}), which "
+                              "this toolkit builds only as a pretrained model: continue pretraining it "
+                              "(`model_name_or_path` with `trust_remote_code: true`), or give a JSON of a "
+                              "transformers architecture.")
         spec = config.to_dict()
         for key in ("transformers_version", "architectures", "_name_or_path", "dtype", "torch_dtype"):
             spec.pop(key, None)  # the saving library, the class and the dtype are the run's
@@ -1815,8 +1839,10 @@ class PretrainTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints and the final model also keep a SentencePiece tokenizer's `tokenizer.model` (save_pretrained
-        writes tokenizer.json only): the vocabulary can be extended later, also after a resume."""
-        super()._save(output_dir, state_dict)
+        writes tokenizer.json only): the vocabulary can be extended later, also after a resume. Their config.json
+        is for inference, as the final model's (MoE: without the router loss that trains)."""
+        with without_router_loss(self.model):
+            super()._save(output_dir, state_dict)
         directory = Path(output_dir or self.args.output_dir)
         if self.args.should_save and self.sentencepiece_model is not None:
             (directory / "tokenizer.model").write_bytes(self.sentencepiece_model)
@@ -1874,7 +1900,11 @@ class PretrainTrainer(Trainer):
             if self.args.average_tokens_across_devices and takes_item_count:
                 applied = self.accelerator.num_processes // self.get_tp_size() if self.args.n_gpu <= 1 else self.args.n_gpu
             # the factor it should have: 1 / accumulation steps where training_step leaves the loss undivided
-            wanted = 1 / self.current_gradient_accumulation_steps if takes_item_count else 1
+            scaled_for_accumulation = getattr(self, "loss_is_scaled_for_ga", None)
+            if scaled_for_accumulation is None:  # (Trainer.training_step's condition)
+                scaled_for_accumulation = (self.model_accepts_loss_kwargs and num_items_in_batch is not None
+                                           or self.compute_loss_func is not None)
+            wanted = 1 / self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
             loss = loss + (wanted - applied) * self.router_loss_weight * router_loss.to(loss.device)
             self.router_losses.append(router_loss.detach().float())
         return (loss, outputs) if return_outputs else loss
@@ -1976,13 +2006,8 @@ class PretrainTrainer(Trainer):
         return True
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
-        text = self.model.config.get_text_config()
-        routed = getattr(text, "output_router_logits", False)
-        text.output_router_logits = False  # MoE: perplexity of the language model alone, without the router loss
-        try:
+        with without_router_loss(self.model):  # MoE: perplexity of the language model alone
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        finally:
-            text.output_router_logits = routed
         sets = self.eval_dataset if eval_dataset is None else eval_dataset
         if isinstance(sets, dict):  # token-weighted mean over the sources (also with one, for stable keys)
             sizes = {name: len(ds) for name, ds in sets.items()}
@@ -2903,6 +2928,9 @@ def check_output_dir_writable(training_args: PretrainingArguments, model_args: M
         raise ConfigError(f"output_dir `{out}` is the model being {'evaluated' if training_args.eval_only else 'continued'} "
                           f"(model_name_or_path): {'its data report would be replaced' if training_args.eval_only else 'the trained model would overwrite it'}. "
                           "Choose another `output_dir`.")
+    if training_args.eval_only and ((out / "metrics.json").is_file() or checkpoints_newest_first(out)):
+        raise ConfigError(f"eval_only: output_dir `{out}` holds a training run (metrics.json or checkpoints), whose "
+                          "data report the evaluation would replace. Choose another `output_dir`.")
     if not training_args.should_save:
         return
     try:

@@ -166,6 +166,8 @@ def test_model_config_takes_a_model_directory_or_hub_id_for_its_architecture(tra
     """run_clm's --config_name: a model's config.json as the architecture of a model trained from scratch."""
     from safetensors.torch import load_file
 
+    import pretrain
+
     base, config, out, _ = trained
     run_pretrain([config, "--model_config", out, "--config_overrides", "num_hidden_layers=1", "--output_dir",
                   tmp_path / "scratch", "--max_steps", 1, "--eval_strategy", "no", "--eval_on_start", "false"])
@@ -175,6 +177,15 @@ def test_model_config_takes_a_model_directory_or_hub_id_for_its_architecture(tra
     trained_weights, new_weights = (load_file(d / "model.safetensors") for d in (out, tmp_path / "scratch"))
     name = "model.layers.0.mlp.down_proj.weight"
     assert not torch.allclose(new_weights[name], trained_weights[name], atol=1e-3)  # its own start, not the weights
+    remote = tmp_path / "remote"  # an architecture of remote code: refused with the fix, not a traceback
+    remote.mkdir()
+    (remote / "configuration_xllama.py").write_text(
+        "from transformers import LlamaConfig\n\nclass XLlamaConfig(LlamaConfig):\n    model_type = 'xllama'\n")
+    (remote / "config.json").write_text(json.dumps({**trained_config, "model_type": "xllama", "auto_map": {
+        "AutoConfig": "configuration_xllama.XLlamaConfig"}}))
+    with pytest.raises(pretrain.ConfigError, match="is an architecture of remote code .* continue pretraining it"):
+        pretrain.model_config_settings(pretrain.parse_args(["--model_config", str(remote), "--trust_remote_code",
+                                                            "true"])[0])
     proc = run_pretrain([config, "--model_config", "someone/some-model"], check=False)
     assert proc.returncode == 2 and "model_config `someone/some-model` cannot be loaded: the hub is unreachable" in \
         proc.stderr and "pass that directory as `model_config`" in proc.stderr and "ModelScope" not in proc.stderr
@@ -183,10 +194,12 @@ def test_model_config_takes_a_model_directory_or_hub_id_for_its_architecture(tra
 def test_eval_only_reports_the_perplexity_the_run_ended_with(trained, tmp_path):
     """run_clm's --do_eval without --do_train: the finished run's model evaluated on the same sources gives the
     final evaluation of its run, per source, in eval_results.json; nothing is trained or saved."""
+    import pretrain
+
     base, config, out, _ = trained
-    logs_in_cwd = set((ROOT / "runs").glob("*"))
     proc = run_pretrain([config, "--model_name_or_path", out, "--output_dir", tmp_path / "eval", "--eval_only", "true"])
-    assert set((ROOT / "runs").glob("*")) == logs_in_cwd  # TensorBoard files went into the working directory
+    # TensorBoard files of this process went into the working directory (the repository)
+    assert not [f for f in (ROOT / "runs").glob("*/*") if f".{os.getpid()}." in f.name]
     results = json.loads((tmp_path / "eval" / "eval_results.json").read_text())
     final = json.loads((out / "metrics.json").read_text())["eval"]["final"]
     assert results["eval"].keys() == final.keys() and results["model"] == str(out)
@@ -195,13 +208,19 @@ def test_eval_only_reports_the_perplexity_the_run_ended_with(trained, tmp_path):
     assert results["samples"][0]["prompt"] == "高血压是" and "eval_only: eval loss" in proc.stderr
     assert sorted(p.name for p in (tmp_path / "eval").iterdir()) == ["data_report.json", "data_report.md",
                                                                      "eval_results.json"]
+    assert "output_router_logits" not in json.loads((out / "config.json").read_text())  # (a MoE setting only)
     for argv, message in ((["--model_name_or_path", out, "--output_dir", out], "is the model being evaluated"),
+                          (["--model_name_or_path", out / "checkpoint-12", "--output_dir", out],
+                           "holds a training run (metrics.json or checkpoints), whose data report"),
                           ([], "eval_only evaluates a trained model: set `model_name_or_path`"),
                           (["--model_name_or_path", out, "--resume_from_checkpoint", "auto"], "drop resume_from")):
         proc = run_pretrain([config, "--eval_only", "true", *argv], check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
     proc = run_pretrain([config, "--do_eval"], check=False)
     assert proc.returncode == 2 and "`eval_only: true` evaluates a model without training it" in proc.stderr
+    with pytest.raises(pretrain.ConfigError, match="eval_only with DeepSpeed ZeRO-1/2: evaluation needs no DeepSpeed"):
+        pretrain.parse_args(["--model_name_or_path", str(out), "--eval_only", "true", "--use_cpu", "true",
+                             "--deepspeed", str(ROOT / "deepspeed" / "ds_zero2.json")])
 
 
 def test_resume_from_checkpoint_continues_the_same_run(trained, tmp_path):

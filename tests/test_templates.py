@@ -147,6 +147,7 @@ def test_cleaning_rules():
     # Chinese is written without spaces: a line break beside it joins without one, elsewhere it is a space
     assert data_utils.clean_text("第一行\n第二行 \n 第三行。\nfever\n38 ℃", flat) == "第一行第二行第三行。fever 38 ℃"
     assert data_utils.clean_text("Hypertension\n高血压\n\n\n降压 \n药", flat) == "Hypertension高血压降压药"
+    assert data_utils.clean_text("です\nはい\nＨｅｌｌｏ\nworld", flat) == "ですはいＨｅｌｌｏ world"  # kana; full-width Latin
     assert flat.text_settings()["line_breaks"] and "line_breaks" not in spec.text_settings()  # new stores only here
     raw = SourceConfig.from_dict({"path": "x", "collapse_spaces": False}, 0)
     assert data_utils.clean_text("a  b", raw) == "a  b"
