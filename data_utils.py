@@ -1892,7 +1892,7 @@ _SPACES = re.compile(r"[ \t\f\v]+")
 # full-width letters and digits, U+FF10-FF19, FF21-FF3A, FF41-FF5A)
 _CJK_CHAR = ("\u3000-\u303f\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
              "\uff01-\uff0f\uff1a-\uff20\uff3b-\uff40\uff5b-\uff65")
-_CJK_LINE_BREAK = re.compile(f"(?<=[{_CJK_CHAR}])[ \t]*\n\s*|\s*\n[ \t]*(?=[{_CJK_CHAR}])")
+_CJK_LINE_BREAK = re.compile(rf"(?<=[{_CJK_CHAR}])[ \t]*\n\s*|\s*\n[ \t]*(?=[{_CJK_CHAR}])")
 _BLANK_LINES = re.compile(r"\n\s*\n\s*\n+")
 
 

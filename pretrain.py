@@ -954,6 +954,17 @@ def layer_of(name: str) -> int | None:
     return int(found.group(1)) if found else None
 
 
+def modules_outside_layers(model, setting: str, value: str) -> list[str]:
+    """The module names of a comma-separated `setting` (freeze_extra_modules, lora_extra_modules), each checked to
+    name a module of the model outside its decoder layers."""
+    wanted = sorted({m.strip() for m in value.split(",") if m.strip()})
+    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and layer_of(name + ".") is None}
+    if set(wanted) - names:
+        raise ConfigError(f"{setting}: no module {', '.join(sorted(set(wanted) - names))} outside the decoder "
+                          f"layers of this model; it has {', '.join(sorted(names))}.")
+    return wanted
+
+
 def freeze(model, model_args: ModelArguments, new_token_ids: list[int], new_layers: list[int] | None = None) -> None:
     """finetuning freeze (LLaMA-Factory's): only the chosen decoder layers (or the layers block expansion added)
     and extra modules train; the rest keeps its weights, needs no gradients and no optimizer state. The saved
@@ -962,11 +973,7 @@ def freeze(model, model_args: ModelArguments, new_token_ids: list[int], new_laye
     if new_layers is None and abs(n) > layers:
         raise ConfigError(f"freeze_trainable_layers {n}: the model has {layers} decoder layers. Use -{layers}..{layers}.")
     chosen = set(new_layers) if new_layers is not None else set(range(layers - n, layers) if n > 0 else range(-n))
-    extras = {m.strip() for m in model_args.freeze_extra_modules.split(",") if m.strip()}
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and layer_of(name + ".") is None}
-    if extras - names:
-        raise ConfigError(f"freeze_extra_modules: no module {', '.join(sorted(extras - names))} outside the decoder "
-                          f"layers of this model; it has {', '.join(sorted(names))}.")
+    extras = set(modules_outside_layers(model, "freeze_extra_modules", model_args.freeze_extra_modules))
     for name, parameter in model.named_parameters():
         parameter.requires_grad = layer_of(name) in chosen
     for name, module in model.named_modules():
@@ -1025,11 +1032,7 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
         raise ConfigError(f"lora_target `{model_args.lora_target}`: {', '.join(on_embeddings)}: {why}. Drop "
                           f"{'it' if len(on_embeddings) == 1 else 'them'} from lora_target; to train whole embedding "
                           "matrices use `finetuning: freeze` with `freeze_extra_modules`.")
-    extras = sorted({m.strip() for m in model_args.lora_extra_modules.split(",") if m.strip()})
-    outside = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and layer_of(name + ".") is None}
-    if set(extras) - outside:
-        raise ConfigError(f"lora_extra_modules: no module {', '.join(sorted(set(extras) - outside))} outside the "
-                          f"decoder layers of this model; it has {', '.join(sorted(outside))}.")
+    extras = modules_outside_layers(model, "lora_extra_modules", model_args.lora_extra_modules)
     if set(extras) & embeddings and model.config.tie_word_embeddings:
         raise ConfigError(f"lora_extra_modules {model_args.lora_extra_modules}: this model ties its output head to its "
                           "input embeddings (one matrix), and peft trains a copy of a module, which would untie them. "
