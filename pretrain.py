@@ -112,6 +112,10 @@ class ModelArguments:
     lora_target: str = field(default="all-linear", metadata={
         "help": "Layers that get adapters: all-linear (every linear layer but the output head) or comma-separated "
                 "module names, e.g. q_proj,k_proj,v_proj,o_proj."})
+    adapter_name_or_path: str | None = field(default=None, metadata={
+        "help": "finetuning lora: go on training this LoRA adapter (a directory with adapter_config.json, such as a "
+                "LoRA run's output_dir/adapter) instead of starting new ones; its rank, alpha, targets and extra "
+                "modules are its own. The saved model has it merged into model_name_or_path."})
     lora_extra_modules: str = field(default="", metadata={
         "help": "finetuning lora: comma-separated modules outside the decoder layers that train whole beside the "
                 "adapters (peft modules_to_save), e.g. embed_tokens,lm_head: Chinese-LLaMA's LoRA stage after "
@@ -140,15 +144,16 @@ class ModelArguments:
     double_quantization: bool = field(default=True, metadata={
         "help": "4-bit: quantize the quantization constants too (about 0.4 bits per weight less)."})
 
-    MODE_OPTIONS = {"lora": ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "lora_extra_modules",
-                             "use_rslora", "use_dora"),
+    ADAPTER_SHAPE = ("lora_rank", "lora_alpha", "lora_dropout", "lora_target", "lora_extra_modules", "use_rslora",
+                     "use_dora")  # what a LoRA adapter itself holds
+    MODE_OPTIONS = {"lora": (*ADAPTER_SHAPE, "adapter_name_or_path"),
                     "freeze": ("freeze_trainable_layers", "freeze_extra_modules")}  # options of that finetuning only
     CHOICES = {"torch_dtype": ("float32", "bfloat16", "float16"), "tokenizer_model_type": ("bpe", "unigram"),
                "new_token_init": ("subword_mean", "mean"), "finetuning": ("full", "lora", "freeze"),
                "quantization_type": ("nf4", "fp4")}
 
     def __post_init__(self):
-        for name in ("model_name_or_path", "tokenizer_name_or_path", "model_config"):
+        for name in ("model_name_or_path", "tokenizer_name_or_path", "adapter_name_or_path", "model_config"):
             value = os.path.expanduser(getattr(self, name) or "")  # transformers takes ~/x for a bad hub id
             if value and (getattr(self, name).startswith("~") or name != "model_config" and os.path.isdir(value)):
                 # a directory absolute: a LoRA adapter names its base by it (a relative one, read from elsewhere,
@@ -186,6 +191,11 @@ class ModelArguments:
         if self.expand_layers and self.freeze_trainable_layers != defaults["freeze_trainable_layers"]:
             raise ConfigError("freeze_trainable_layers does not apply with expand_layers (only the new layers train, "
                               "with `freeze_extra_modules` if given): drop it.")
+        shaped = [name for name in self.ADAPTER_SHAPE if getattr(self, name) != defaults[name]]
+        if self.adapter_name_or_path and shaped:
+            raise ConfigError(f"{', '.join(shaped)}: the adapter `{self.adapter_name_or_path}` (adapter_name_or_path) "
+                              "trains on with its own shape; drop them, or start new adapters without "
+                              "adapter_name_or_path.")
         if self.config_overrides and self.model_name_or_path:
             raise ConfigError("config_overrides changes the architecture of a model trained from scratch "
                               "(`model_config`); a pretrained model keeps its own. Drop it (longer positions: "
@@ -505,8 +515,6 @@ def null_settings(config: dict, given: set[str], source: str) -> list[str]:
 
 # Options of MedicalGPT's pretraining.py, LLaMA-Factory's pt stage and run_clm.py that this toolkit spells
 # otherwise: an unknown option names its counterpart here instead of a look-alike ("use_peft" -> "use_cpu").
-NEW_ADAPTERS = ("nothing: a LoRA run starts new adapters (`resume_from_checkpoint` continues one; a finished LoRA "
-                "run's merged model is the next stage's `model_name_or_path`)")
 FOREIGN_OPTIONS = {
     "use_peft": "`finetuning: lora`", "finetuning_type": "`finetuning` (full, lora, freeze)",
     "qlora": "`quantization_bit: 4` with `finetuning: lora`", "load_in_4bit": "`quantization_bit: 4`",
@@ -557,7 +565,7 @@ FOREIGN_OPTIONS = {
     "low_cpu_mem_usage": "nothing", "train_from_scratch": "leave `model_name_or_path` unset and give "
     "`model_config` (a JSON)", "preprocessing_batch_size": "nothing: tokenizer processes take chunks of 2,048 "
     "records", "buffer_size": "nothing: streamed sources are mixed by their `weight:`", "group_by_length": "nothing: "
-    "every packed block has block_size tokens", "adapter_name_or_path": NEW_ADAPTERS, "peft_path": NEW_ADAPTERS,
+    "every packed block has block_size tokens", "peft_path": "`adapter_name_or_path` (with `finetuning: lora`)",
     "upcast_layernorm": "nothing: weights stay float32 masters",
     "use_unsloth": "nothing", "pissa_init": "nothing",
 }
@@ -1012,6 +1020,21 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
         import peft
     except ImportError:
         raise ConfigError("finetuning lora needs peft: pip install peft (it is in requirements.txt).") from None
+    model, shape = (saved_adapter if model_args.adapter_name_or_path else new_adapters)(model, model_args,
+                                                                                        new_token_ids, peft)
+    if gradient_checkpointing:  # frozen embeddings give checkpointed layers inputs without grad
+        model.enable_input_require_grads()
+    total, trainable, _ = parameter_counts(model)  # peft counts the new-token rows twice
+    experts, adapted = bool(expert_shares(model)), model.peft_config["default"].target_parameters
+    logger.info("finetuning lora: %s trainable parameters of %s (%.2f%%): %s%s", f"{trainable:,}", f"{total:,}",
+                100 * trainable / total, shape,
+                "" if not experts else f"; the routed experts' weights: adapted too ({', '.join(sorted(adapted))})"
+                if adapted else "; the routed experts' weights: frozen (peft adapts only their layers' linear ones)")
+    return model
+
+
+def new_adapters(model, model_args: ModelArguments, new_token_ids: list[int], peft) -> tuple:
+    """The model with new LoRA adapters of the run's shape, and that shape in words."""
     targets = ("all-linear" if model_args.lora_target in ("all-linear", "all")  # all: MedicalGPT's, LLaMA-Factory's
                else [t.strip() for t in model_args.lora_target.split(",") if t.strip()])
     module_names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
@@ -1060,17 +1083,35 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
                               "name the layers to adapt in lora_target (the experts then stay frozen).") from None
         raise ConfigError(f"lora_target `{model_args.lora_target}`: {e} Name linear layers of this model, or use "
                           "all-linear.") from None  # no module matches lora_target
-    if gradient_checkpointing:  # frozen embeddings give checkpointed layers inputs without grad
-        model.enable_input_require_grads()
-    total, trainable, _ = parameter_counts(model)  # peft counts the new-token rows twice
-    adapted = model.peft_config["default"].target_parameters
-    logger.info("finetuning lora: %s trainable parameters of %s (%.2f%%): rank %d on %s%s%s%s", f"{trainable:,}",
-                f"{total:,}", 100 * trainable / total, model_args.lora_rank, model_args.lora_target,
-                f", {', '.join(extras)} whole" if extras else "",
-                f", plus the rows of {len(new_token_ids)} new tokens" if tokens else "",
-                "" if not experts else f"; the routed experts' weights: adapted too ({', '.join(sorted(adapted))})"
-                if adapted else "; the routed experts' weights: frozen (peft adapts only their layers' linear ones)")
-    return model
+    whole = f", {', '.join(extras)} whole" if extras else ""
+    new_rows = f", plus the rows of {len(new_token_ids)} new tokens" if tokens else ""
+    return model, f"rank {model_args.lora_rank} on {model_args.lora_target}{whole}{new_rows}"
+
+
+def saved_adapter(model, model_args: ModelArguments, new_token_ids: list[int], peft) -> tuple:
+    """The model with the LoRA adapter of adapter_name_or_path, training on (its own shape), and that in words.
+    Rows of new tokens must be the adapter's own: they were trained with it."""
+    adapter = Path(model_args.adapter_name_or_path)
+    try:
+        saved = json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"adapter_name_or_path `{adapter}` holds no readable adapter_config.json ({e}): give a LoRA "
+                          "adapter directory, such as a LoRA run's output_dir/adapter.") from None
+    if saved.get("peft_type") != "LORA":
+        raise ConfigError(f"adapter_name_or_path `{adapter}` is a {saved.get('peft_type')} adapter, not LoRA.")
+    rows = saved.get("trainable_token_indices") or {}
+    rows = sorted({i for ids in (rows.values() if isinstance(rows, dict) else [rows]) for i in ids})
+    if rows != sorted(new_token_ids):
+        raise ConfigError(f"adapter_name_or_path `{adapter}` trained embedding rows for token ids "
+                          f"{rows[:3] or 'none'}{'...' if len(rows) > 3 else ''}, and this run's tokenizer adds "
+                          f"{len(new_token_ids)} tokens to the model ({new_token_ids[:3] or 'none'}...): give the "
+                          "tokenizer the adapter was trained with (its run's output_dir), or start new adapters.")
+    base = saved.get("base_model_name_or_path")
+    if base and os.path.abspath(os.path.expanduser(base)) != os.path.abspath(model_args.model_name_or_path):
+        logger.warning("adapter_name_or_path %s was trained on %s; this run loads it onto %s: check it is the same "
+                       "model", adapter, base, model_args.model_name_or_path)
+    model = peft.PeftModel.from_pretrained(model, adapter, is_trainable=True)
+    return model, f"adapter {adapter} (rank {saved.get('r')}) trained on"
 
 
 def is_lora(model) -> bool:

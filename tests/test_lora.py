@@ -120,6 +120,38 @@ def test_extra_modules_train_whole_beside_the_adapters_and_merge(tmp_path, base_
         pretrain.build_model(lora_args(base_model, "--lora_extra_modules", "embeddings"), tokenizer, 32)
 
 
+def test_a_saved_adapter_trains_on_from_where_its_run_ended(tmp_path, base_model):
+    """adapter_name_or_path (MedicalGPT's --peft_path, LLaMA-Factory's adapter_name_or_path): the next stage starts
+    from the adapter, not from new ones; its shape is its own; rows of new tokens must be the adapter's."""
+    corpus = make_text_corpus(tmp_path / "data", repeat=30)
+    args = ["--model_name_or_path", base_model, "--finetuning", "lora", "--sources",
+            json.dumps([{"name": "notes", "path": str(corpus)}]), "--block_size", 32, "--eval_fraction", 0.1,
+            "--cache_dir", tmp_path / "cache", "--max_steps", 2, "--learning_rate", 1e-2, "--report_to", "none",
+            "--sample_prompts", "[]"]
+    run_pretrain([*args, "--lora_rank", 4, "--output_dir", tmp_path / "one"])
+    run_pretrain([*args, "--adapter_name_or_path", tmp_path / "one" / "adapter", "--output_dir", tmp_path / "two"])
+    one, two = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("one", "two"))
+    assert one["eval"]["final"]["eval_loss"] < one["eval"]["before_training"]["eval_loss"]  # (new adapters: the base's)
+    assert two["eval"]["before_training"]["eval_loss"] == pytest.approx(one["eval"]["final"]["eval_loss"], rel=1e-5)
+    assert two["eval"]["final"]["eval_loss"] < two["eval"]["before_training"]["eval_loss"]
+    assert json.loads((tmp_path / "two" / "adapter" / "adapter_config.json").read_text())["r"] == 4  # its own rank
+    check = two["model"]["saved_model_check"]
+    assert check["max_abs_logit_diff"] <= check["tolerance"]
+    proc = run_pretrain([*args, "--adapter_name_or_path", tmp_path / "one" / "adapter", "--lora_rank", 8,
+                         "--output_dir", tmp_path / "three"], check=False)
+    assert proc.returncode == 2 and "lora_rank: the adapter" in proc.stderr and "trains on with its own shape" in proc.stderr
+    tokenizer, _ = with_new_tokens(base_model)
+    with pytest.raises(pretrain.ConfigError, match=r"trained embedding rows for token ids none, and this run's "
+                                                   r"tokenizer adds 3 tokens"):
+        pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model), "--finetuning", "lora",
+                                                  "--adapter_name_or_path", str(tmp_path / "one" / "adapter")])[0],
+                             tokenizer, 32)
+    with pytest.raises(pretrain.ConfigError, match="holds no readable adapter_config.json"):
+        pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model), "--finetuning", "lora",
+                                                  "--adapter_name_or_path", str(tmp_path / "one")])[0],
+                             AutoTokenizer.from_pretrained(base_model), 32)
+
+
 def test_flops_count_frozen_weights_without_their_gradients(base_model, tokenizer):
     full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
     lora = pretrain.build_model(lora_args(base_model), tokenizer, 32)
