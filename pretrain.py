@@ -3245,7 +3245,9 @@ def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
             if trainer.args.should_save:
                 trainer._save(str(staging))
         else:
-            trainer.save_model(str(staging))  # every rank takes part (ZeRO-3 gathers the weights)
+            # every rank takes part (ZeRO-3 gathers the weights); internal: no push of output_dir from here, before
+            # the model is in it (push_to_hub pushes it at the end, push_final_model)
+            trainer.save_model(str(staging), _internal_call=True)
     except Exception as e:
         if trainer.is_world_process_zero():
             shutil.rmtree(staging, ignore_errors=True)
@@ -3455,6 +3457,8 @@ def train(argv: list[str]) -> dict:
         atomic_write_text(out / "metrics.json", json.dumps(metrics, ensure_ascii=False, indent=1))
         plot_loss_curve(history, out / "loss.png")
         logger.info("saved model, tokenizer, metrics.json and loss.png to %s", out)
+        if training_args.push_to_hub:
+            push_final_model(trainer, out)
     barrier()  # ranks leave together: one exiting mid-write of another can abort it
     return metrics
 
@@ -3493,6 +3497,21 @@ def evaluate_only(model, tokenizer, data, model_args: ModelArguments, data_args:
                     math.exp(min(metrics["eval_loss"], 30.0)), Path(training_args.output_dir) / "eval_results.json")
     barrier()
     return results
+
+
+def push_final_model(trainer: Trainer, out: Path) -> None:
+    """push_to_hub: the Trainer pushes each checkpoint's model as it is saved; the final model (merged and
+    verified), its tokenizer, metrics, loss curve and data report are pushed here, without checkpoints and logs.
+    (Trainer.push_to_hub would first save trainer.model over it: under QLoRA the 4-bit model with adapters.)"""
+    from huggingface_hub import upload_folder
+
+    pending = getattr(trainer, "push_in_progress", None)
+    if pending is not None and not pending.is_done():
+        pending.wait_until_done()  # a checkpoint's push: the final model's commit comes after it
+    url = upload_folder(repo_id=trainer.hub_model_id, folder_path=str(out), commit_message="final model",
+                        token=trainer.args.hub_token, revision=trainer.args.hub_revision,
+                        ignore_patterns=["checkpoint-*", "runs/*", "block_ids/*", ".*"])
+    logger.info("pushed the final model to %s", url)
 
 
 def tell_the_launcher(message: str) -> None:

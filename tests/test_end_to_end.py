@@ -191,6 +191,28 @@ def test_model_config_takes_a_model_directory_or_hub_id_for_its_architecture(tra
         proc.stderr and "pass that directory as `model_config`" in proc.stderr and "ModelScope" not in proc.stderr
 
 
+def test_push_to_hub_pushes_the_final_model_without_checkpoints(trained, tmp_path, monkeypatch):
+    """The Trainer pushes checkpoints only; the final model went nowhere. It is pushed once written and checked
+    (a stand-in for the hub: no network in tests)."""
+    import huggingface_hub
+    import transformers
+
+    def fake_repo(trainer, *args, **kwargs):
+        trainer.hub_model_id, trainer.push_in_progress = "me/tiny-medical", None
+
+    pushed = []
+    monkeypatch.setattr(transformers.Trainer, "init_hf_repo", fake_repo)
+    monkeypatch.setattr(huggingface_hub, "upload_folder", lambda **kwargs: pushed.append(
+        {**kwargs, "files": sorted(p.name for p in Path(kwargs["folder_path"]).iterdir())}) or "https://hub/me")
+    base, config, out, _ = trained
+    run_pretrain([config, "--output_dir", tmp_path / "out", "--max_steps", 2, "--save_strategy", "no",
+                  "--push_to_hub", "true", "--eval_strategy", "no", "--eval_on_start", "false"])
+    [push] = pushed
+    assert push["repo_id"] == "me/tiny-medical" and push["folder_path"] == str(tmp_path / "out")
+    assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "loss.png"} <= set(push["files"])
+    assert {"checkpoint-*", "runs/*"} <= set(push["ignore_patterns"])
+
+
 def test_eval_only_reports_the_perplexity_the_run_ended_with(trained, tmp_path):
     """run_clm's --do_eval without --do_train: the finished run's model evaluated on the same sources gives the
     final evaluation of its run, per source, in eval_results.json; nothing is trained or saved."""
