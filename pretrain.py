@@ -966,7 +966,8 @@ def modules_outside_layers(model, setting: str, value: str) -> list[str]:
     """The module names of a comma-separated `setting` (freeze_extra_modules, lora_extra_modules), each checked to
     name a module of the model outside its decoder layers."""
     wanted = sorted({m.strip() for m in value.split(",") if m.strip()})
-    names = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules() if name and layer_of(name + ".") is None}
+    names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()  # holding weights: not `model`, `layers`
+             if name and layer_of(name + ".") is None and next(module.parameters(recurse=False), None) is not None}
     if set(wanted) - names:
         raise ConfigError(f"{setting}: no module {', '.join(sorted(set(wanted) - names))} outside the decoder "
                           f"layers of this model; it has {', '.join(sorted(names))}.")
@@ -1099,13 +1100,31 @@ def saved_adapter(model, model_args: ModelArguments, new_token_ids: list[int], p
                           "adapter directory, such as a LoRA run's output_dir/adapter.") from None
     if saved.get("peft_type") != "LORA":
         raise ConfigError(f"adapter_name_or_path `{adapter}` is a {saved.get('peft_type')} adapter, not LoRA.")
+    names = {module: name.rsplit(".", 1)[-1] for name, module in model.named_modules()}
+    embeddings = [names[m] for m in (model.get_input_embeddings(), None if model.config.tie_word_embeddings
+                                     else model.get_output_embeddings()) if m is not None]
+    whole = set(saved.get("modules_to_save") or []) & {*embeddings, names.get(model.get_output_embeddings())}
+    if whole and model.config.tie_word_embeddings:
+        raise ConfigError(f"adapter_name_or_path `{adapter}` trains {', '.join(sorted(whole))} whole, and this model "
+                          "ties its output head to its input embeddings (one matrix): merging would untie them.")
+    refit = "give the tokenizer the adapter was trained with (its run's output_dir), or start new adapters"
+    if whole:  # matrices trained whole (lora_extra_modules) hold the new tokens' rows: as many as the model has now
+        from safetensors import safe_open
+
+        with safe_open(str(adapter / "adapter_model.safetensors"), "pt") as f:
+            saved_rows = {f.get_slice(k).get_shape()[0] for k in f.keys() if ".modules_to_save." in k}
+        rows_now = model.get_input_embeddings().num_embeddings
+        if saved_rows - {rows_now}:
+            raise ConfigError(f"adapter_name_or_path `{adapter}` trains embedding matrices of "
+                              f"{', '.join(map(str, sorted(saved_rows)))} rows, and this run's model has {rows_now}: "
+                              f"{refit}.")
     rows = saved.get("trainable_token_indices") or {}
-    rows = sorted({i for ids in (rows.values() if isinstance(rows, dict) else [rows]) for i in ids})
-    if rows != sorted(new_token_ids):
+    rows = rows if isinstance(rows, dict) else {embeddings[0]: rows}
+    if any(sorted(rows.get(m, [])) != sorted(new_token_ids) for m in embeddings if m not in whole):
+        trained = sorted({i for ids in rows.values() for i in ids})
         raise ConfigError(f"adapter_name_or_path `{adapter}` trained embedding rows for token ids "
-                          f"{rows[:3] or 'none'}{'...' if len(rows) > 3 else ''}, and this run's tokenizer adds "
-                          f"{len(new_token_ids)} tokens to the model ({new_token_ids[:3] or 'none'}...): give the "
-                          "tokenizer the adapter was trained with (its run's output_dir), or start new adapters.")
+                          f"{trained[:3] or 'none'}{'...' if len(trained) > 3 else ''}, and this run's tokenizer adds "
+                          f"{len(new_token_ids)} tokens to the model ({new_token_ids[:3] or 'none'}...): {refit}.")
     base = saved.get("base_model_name_or_path")
     if base and os.path.abspath(os.path.expanduser(base)) != os.path.abspath(model_args.model_name_or_path):
         logger.warning("adapter_name_or_path %s was trained on %s; this run loads it onto %s: check it is the same "
@@ -1557,7 +1576,11 @@ def flops_per_token(model, block_size: int, backward_to_embeddings: bool = False
         return numel(p) * shares.get(id(p), 1)
 
     n = sum(used(p) for _, p in matmul)
-    trainable = sum(used(p) for _, p in matmul if p.requires_grad) + sum(numel(p) for _, p in named if id(p) in rows)
+    # trainable rows of an output head: peft computes the head with the whole matrix, rows put in, so the gradient
+    # of that matrix is one full matmul, of which only the rows are kept
+    head = {id(p) for p in model.get_output_embeddings().parameters()} if rows else set()
+    trainable = (sum(used(p) for _, p in matmul if p.requires_grad)
+                 + sum(numel(p) for _, p in matmul if id(p) in head and not p.requires_grad))
     backward = sum(used(p) for name, p in matmul if (layer_of(name) if layer_of(name) is not None else layers) >= lowest)
     if lowest == layers:  # only the head (and the final norm) train: no activation gradient runs below the head,
         head = {id(p) for p in model.get_output_embeddings().parameters()}  # and through it only to a norm that trains
@@ -2646,10 +2669,11 @@ def numel(parameter) -> int:
 
 def parameter_counts(model) -> tuple[int, int, int]:
     """(parameters, trainable parameters, bytes of the frozen ones as stored). LoRA's new-token rows (peft
-    trainable tokens) are trainable copies of rows the count already holds, not parameters of their own."""
+    trainable tokens) and whole extra modules (modules_to_save) are trainable copies of weights the count
+    already holds, not parameters of their own."""
     named = list(model.named_parameters())
     params = [p for _, p in named]
-    return (sum(numel(p) for name, p in named if "trainable_tokens_delta" not in name),
+    return (sum(numel(p) for name, p in named if "trainable_tokens_delta" not in name and ".modules_to_save." not in name),
             sum(numel(p) for p in params if p.requires_grad),
             sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in params if not p.requires_grad))
 

@@ -93,6 +93,9 @@ def test_extra_modules_train_whole_beside_the_adapters_and_merge(tmp_path, base_
     trainable = {n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
     assert trainable == {"base_model.model.model.embed_tokens.modules_to_save.default.weight",
                          "base_model.model.lm_head.modules_to_save.default.weight"}  # whole: no rows of their own
+    full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
+    adapters = sum(p.numel() for name, p in model.named_parameters() if "lora_" in name)
+    assert pretrain.parameter_counts(model)[0] == sum(p.numel() for p in full.parameters()) + adapters  # copies: none
     ids = torch.randint(3, len(tokenizer), (2, 32))
     with FlopCounterMode(display=False) as counted:
         model(input_ids=ids, labels=ids).loss.backward()
@@ -110,12 +113,21 @@ def test_extra_modules_train_whole_beside_the_adapters_and_merge(tmp_path, base_
     for name in ("model.embed_tokens.weight", "lm_head.weight"):  # every row seen in training moved, not new ones only
         changed = (merged.get_parameter(name) != base.get_parameter(name)).any(dim=1)
         assert changed.sum() > 100, name
+    import peft
+
     tied = pretrain.parse_args(["--model_config", str(micro_model_config)])[0]
     tied_dir = tmp_path / "tied"
-    pretrain.build_model(tied, tokenizer, 32).save_pretrained(tied_dir)
+    tied_model = pretrain.build_model(tied, tokenizer, 32)
+    tied_model.save_pretrained(tied_dir)
     tokenizer.save_pretrained(tied_dir)
     with pytest.raises(pretrain.ConfigError, match="ties its output head to its input embeddings .* untie them"):
         pretrain.build_model(lora_args(tied_dir, "--lora_extra_modules", "embed_tokens"), tokenizer, 32)
+    peft.get_peft_model(tied_model, peft.LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["embed_tokens"])
+                        ).save_pretrained(tmp_path / "tied_adapter")  # made elsewhere: refused the same way
+    with pytest.raises(pretrain.ConfigError, match="trains embed_tokens whole, and this model ties its output head"):
+        pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(tied_dir), "--finetuning", "lora",
+                                                  "--adapter_name_or_path", str(tmp_path / "tied_adapter")])[0],
+                             tokenizer, 32)
     with pytest.raises(pretrain.ConfigError, match="lora_extra_modules: no module embeddings outside the decoder"):
         pretrain.build_model(lora_args(base_model, "--lora_extra_modules", "embeddings"), tokenizer, 32)
 
@@ -146,6 +158,20 @@ def test_a_saved_adapter_trains_on_from_where_its_run_ended(tmp_path, base_model
         pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model), "--finetuning", "lora",
                                                   "--adapter_name_or_path", str(tmp_path / "one" / "adapter")])[0],
                              tokenizer, 32)
+    # an adapter that trained the embedding matrices whole (lora_extra_modules) on an extended vocabulary holds its
+    # new tokens' rows in them: it goes on with that vocabulary (its run's tokenizer), and not with another
+    with_rows = ["--model_name_or_path", str(base_model), "--finetuning", "lora"]
+    model = pretrain.build_model(pretrain.parse_args([*with_rows, "--lora_rank", "4", "--lora_extra_modules",
+                                                      "embed_tokens,lm_head"])[0], tokenizer, 32)
+    model.save_pretrained(tmp_path / "whole")
+    resumed = pretrain.build_model(pretrain.parse_args([*with_rows, "--adapter_name_or_path", str(tmp_path / "whole")])[0],
+                                   tokenizer, 32)
+    assert resumed.get_input_embeddings().modules_to_save["default"].weight.requires_grad
+    with pytest.raises(pretrain.ConfigError, match=r"trains embedding matrices of \d+ rows, and this run's model has"):
+        pretrain.build_model(pretrain.parse_args([*with_rows, "--adapter_name_or_path", str(tmp_path / "whole")])[0],
+                             AutoTokenizer.from_pretrained(base_model), 32)
+    with pytest.raises(pretrain.ConfigError, match="no module model outside the decoder layers"):  # (no weights of its own)
+        pretrain.build_model(lora_args(base_model, "--lora_extra_modules", "model"), tokenizer, 32)
     with pytest.raises(pretrain.ConfigError, match="holds no readable adapter_config.json"):
         pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model), "--finetuning", "lora",
                                                   "--adapter_name_or_path", str(tmp_path / "one")])[0],
@@ -166,11 +192,21 @@ def test_flops_count_frozen_weights_without_their_gradients(base_model, tokenize
     full = pretrain.build_model(pretrain.parse_args(["--model_name_or_path", str(base_model)])[0], tokenizer, 32)
     lora = pretrain.build_model(lora_args(base_model), tokenizer, 32)
     n = sum(p.numel() for p in full.parameters()) - full.get_input_embeddings().weight.numel()
-    new_rows = 3 * full.config.hidden_size  # the output head's: the input lookup does no matmul
-    assert pretrain.flops_per_token(lora, 32) == 4 * (n + adapters) + 2 * (adapters + new_rows) + attention
+    # the output head's rows: peft computes the head with the whole matrix, so its gradient is a full matmul (the
+    # input lookup does no matmul)
+    head = full.get_output_embeddings().weight.numel()
+    assert pretrain.flops_per_token(lora, 32) == 4 * (n + adapters) + 2 * (adapters + head) + attention
     total, trainable, _ = pretrain.parameter_counts(lora)
     assert total == sum(p.numel() for p in full.parameters()) + adapters  # the rows' copies are no new parameters
-    assert trainable == adapters + 2 * new_rows
+    assert trainable == adapters + 2 * 3 * full.config.hidden_size
+    from torch.utils.flop_counter import FlopCounterMode
+
+    eager = pretrain.build_model(lora_args(base_model, "--attn_implementation", "eager"), tokenizer, 32)
+    ids = torch.randint(3, len(tokenizer), (2, 32))
+    with FlopCounterMode(display=False) as counted:
+        eager(input_ids=ids, labels=ids).loss.backward()
+    # (the formula counts activation gradients into the lowest layer's frozen q/k/v that do not run: +4% here)
+    assert pretrain.flops_per_token(eager, 32) == pytest.approx(counted.get_total_flops() / ids.numel(), rel=0.05)
 
 
 def test_lora_settings_that_cannot_work_are_refused(tmp_path, base_model, micro_model_config, tokenizer):
