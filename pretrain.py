@@ -1439,7 +1439,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     (upstream gradient / token count) is applied last, in backward, so fp16's loss scaling keeps its effect."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, denominator, needs_grad: bool):
+    def forward(ctx, hidden, weight, labels, denominator, needs_grad: bool, hits=None):
+        """`hits` (evaluation): a bool per token, set where the most likely next token is the label."""
         chunk = max(1, CHUNK_LOGITS_BYTES // (4 * weight.shape[0]))
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
@@ -1450,6 +1451,8 @@ class ChunkedCrossEntropy(torch.autograd.Function):
             valid = y != -100
             target = y.clamp(min=0)
             lse = torch.logsumexp(logits, dim=-1)
+            if hits is not None:
+                hits[start:start + chunk] = logits.argmax(-1) == y
             total += ((lse - logits.gather(1, target[:, None]).squeeze(1)) * valid).sum()
             if needs_grad:  # d (summed loss) / d logits = softmax - one_hot, zero for ignored tokens
                 probs = logits.sub_(lse[:, None]).exp_()
@@ -1465,7 +1468,7 @@ class ChunkedCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad_output):
         grad_hidden, grad_weight, denominator = ctx.saved_tensors
         scale = grad_output / denominator
-        return grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None, None
+        return grad_hidden * scale.to(grad_hidden.dtype), (grad_weight * scale).to(ctx.weight_dtype), None, None, None, None
 
 
 def chunked_loss_forward(self, *args, labels=None, num_items_in_batch=None, shift_labels=None, **kwargs):
@@ -1487,9 +1490,29 @@ def chunked_loss_forward(self, *args, labels=None, num_items_in_batch=None, shif
     targets = shift_labels.to(hidden.device).reshape(-1)
     denominator = num_items_in_batch if num_items_in_batch is not None else (targets != -100).sum()
     needs_grad = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)  # not in evaluation
+    hits = None if needs_grad else torch.zeros(targets.shape, dtype=torch.bool, device=hidden.device)
     loss = ChunkedCrossEntropy.apply(hidden.reshape(-1, hidden.shape[-1]), weight, targets,
-                                     torch.as_tensor(denominator, device=hidden.device), needs_grad)
-    return CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+                                     torch.as_tensor(denominator, device=hidden.device), needs_grad, hits)
+    output = CausalLMOutputWithPast(loss=loss, hidden_states=outputs.hidden_states, attentions=outputs.attentions)
+    if hits is not None:  # no logits to read next-token accuracy from
+        valid = targets.view(hidden.shape[:-1]) != -100
+        output["next_token_hits"] = torch.stack([(hits.view(valid.shape) & valid).sum(-1), valid.sum(-1)], -1)
+    return output
+
+
+def next_token_hits(outputs, labels: torch.Tensor) -> torch.Tensor | None:
+    """Per block of a batch: [tokens whose most likely next token (argmax) is the label, tokens with a label],
+    as run_clm.py's eval accuracy counts them; None when the model returned no logits (Liger's fused loss)."""
+    hits = outputs.get("next_token_hits")
+    if hits is not None:
+        return hits
+    logits = outputs.get("logits")
+    if logits is None:
+        return None
+    predicted = logits[:, :-1].argmax(-1)
+    targets = labels[:, 1:].to(predicted.device)
+    valid = targets != -100
+    return torch.stack([((predicted == targets) & valid).sum(-1), valid.sum(-1)], -1)
 
 
 def use_chunked_loss(model, training_args: PretrainingArguments) -> None:
@@ -1903,6 +1926,8 @@ class PretrainTrainer(Trainer):
         self.sentencepiece_model = sentencepiece_model_of(self.processing_class.name_or_path)
         self.router_loss_weight = router_loss_weight(self.model)
         self.router_losses = []  # MoE: the router's load-balancing loss of each micro-batch since the last log
+        # evaluation's next-token accuracy: the hits of the current batch's blocks, of the split so far, per split
+        self.block_hits, self.hit_counts, self.split_hits = None, None, {}
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         """Checkpoints and the final model also keep a SentencePiece tokenizer's `tokenizer.model` (save_pretrained
@@ -1974,16 +1999,38 @@ class PretrainTrainer(Trainer):
             wanted = 1 / self.current_gradient_accumulation_steps if scaled_for_accumulation else 1
             loss = loss + (wanted - applied) * self.router_loss_weight * router_loss.to(loss.device)
             self.router_losses.append(router_loss.detach().float())
+        if self.block_hits is not None and not model.training:
+            hits = next_token_hits(outputs, inputs["labels"])
+            if hits is not None:
+                self.block_hits.append(hits)
         return (loss, outputs) if return_outputs else loss
 
     def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
         inputs.pop("block_id", None)
-        state = self.accelerator.gradient_state
-        if prediction_loss_only and self.args.world_size > 1 and state.end_of_dataloader and state.remainder > 0:
-            loss = self.padded_batch_loss(model, self._prepare_inputs(inputs))
-            if loss is not None:
-                return loss, None, None
-        return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+        self.block_hits = []  # compute_loss adds each block's next-token hits
+        try:
+            state = self.accelerator.gradient_state
+            padded = prediction_loss_only and self.args.world_size > 1 and state.end_of_dataloader and state.remainder > 0
+            loss = self.padded_batch_loss(model, self._prepare_inputs(inputs)) if padded else None
+            result = (loss, None, None) if loss is not None else super().prediction_step(
+                model, inputs, prediction_loss_only, ignore_keys=ignore_keys)
+            if self.block_hits:  # the copies padding the last batch dropped, as for the loss
+                hits = self.accelerator.gather_for_metrics(torch.cat(self.block_hits)).sum(0)
+                self.hit_counts = hits if self.hit_counts is None else self.hit_counts + hits
+            return result
+        finally:
+            self.block_hits = None
+
+    def evaluation_loop(self, dataloader, description, prediction_loss_only=None, ignore_keys=None,
+                        metric_key_prefix="eval"):
+        """Adds `<prefix>_accuracy`, the next-token accuracy, to a split's metrics before the Trainer logs them."""
+        self.hit_counts = None
+        output = super().evaluation_loop(dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix)
+        if self.hit_counts is not None:
+            correct, counted = self.hit_counts.tolist()
+            self.split_hits[metric_key_prefix] = (correct, counted)
+            output.metrics[f"{metric_key_prefix}_accuracy"] = correct / max(counted, 1)
+        return output
 
     def padded_batch_loss(self, model, inputs) -> torch.Tensor | None:
         """The last eval batch of a split whose blocks do not fill every rank's batch is padded with copies of
@@ -2073,13 +2120,18 @@ class PretrainTrainer(Trainer):
         return True
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        sets = self.eval_dataset if eval_dataset is None else eval_dataset
+        if isinstance(sets, dict):
+            self.split_hits = {}
         with without_router_loss(self.model):  # MoE: perplexity of the language model alone
             metrics = super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
-        sets = self.eval_dataset if eval_dataset is None else eval_dataset
-        if isinstance(sets, dict):  # token-weighted mean over the sources (also with one, for stable keys)
+        if isinstance(sets, dict):  # token-weighted means over the sources (also with one, for stable keys)
             sizes = {name: len(ds) for name, ds in sets.items()}
             loss = sum(metrics[f"{metric_key_prefix}_{n}_loss"] * s for n, s in sizes.items()) / sum(sizes.values())
             overall = {f"{metric_key_prefix}_loss": loss}
+            hits = [self.split_hits.get(f"{metric_key_prefix}_{name}") for name in sets]
+            if all(hits):
+                overall[f"{metric_key_prefix}_accuracy"] = sum(h[0] for h in hits) / max(sum(h[1] for h in hits), 1)
             self.log(overall)
             metrics.update(overall)
         return metrics
@@ -2405,8 +2457,8 @@ def verify_saved_model(probe: tuple[torch.Tensor, torch.Tensor], dtype: torch.dt
     return check
 
 
-def loss_and_ppl(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k.startswith("eval") and k.endswith(("_loss", "_ppl"))}
+def eval_scores(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k.startswith("eval") and k.endswith(("_loss", "_ppl", "_accuracy"))}
 
 
 def eval_at_step(history: list[dict], step: int) -> dict:
@@ -2414,7 +2466,7 @@ def eval_at_step(history: list[dict], step: int) -> dict:
     found = {}
     for h in history:
         if h.get("step") == step:
-            found.update(loss_and_ppl(h))
+            found.update(eval_scores(h))
     return found
 
 
@@ -3468,7 +3520,7 @@ def train(argv: list[str]) -> dict:
             "skipped_nonfinite_steps": trainer.skipped_steps,
             "peak_flops_per_device": meter.peak_flops,
         },
-        "eval": {"before_training": eval_at_step(history, 0), "final": loss_and_ppl(final_eval),
+        "eval": {"before_training": eval_at_step(history, 0), "final": eval_scores(final_eval),
                  "ppl_change_pct_over_baseline": forgetting.changes},
         "mixture": {"planned": {n: s["share_of_training_tokens"] for n, s in data.report["sources"].items()},
                     "achieved": data.train.shares(trainer.blocks_read(trainer.state.global_step))},
@@ -3511,7 +3563,7 @@ def evaluate_only(model, tokenizer, data, model_args: ModelArguments, data_args:
                               meter=None, data_plan={})
     metrics = trainer.evaluate()
     results = {"model": model_args.model_name_or_path, "block_size": data_args.block_size,
-               "eval": loss_and_ppl(metrics), "eval_blocks": {name: len(blocks) for name, blocks in data.eval.items()},
+               "eval": eval_scores(metrics), "eval_blocks": {name: len(blocks) for name, blocks in data.eval.items()},
                "runtime_seconds": round(sum(v for k, v in metrics.items() if k.endswith("_runtime")), 3),
                **samples_of(model, tokenizer, data, trainer)}
     if trainer.is_world_process_zero():

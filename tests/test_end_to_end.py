@@ -100,6 +100,9 @@ def test_from_scratch_outputs_load_and_perplexity_falls(trained):
     for name in ("notes", "records"):
         assert after[f"eval_{name}_ppl"] < before[f"eval_{name}_ppl"], name
     assert after["eval_ppl"] < 0.7 * before["eval_ppl"]
+    assert after["eval_accuracy"] > before["eval_accuracy"]
+    assert min(after["eval_notes_accuracy"], after["eval_records_accuracy"]) <= after["eval_accuracy"] <= max(
+        after["eval_notes_accuracy"], after["eval_records_accuracy"])
     assert metrics["train"]["steps"] == 12
     assert metrics["train"]["tokens"] == 12 * 4 * 32
     assert metrics["train"]["tokens_per_second"] > 0
@@ -211,6 +214,40 @@ def test_push_to_hub_pushes_the_final_model_without_checkpoints(trained, tmp_pat
     assert push["repo_id"] == "me/tiny-medical" and push["folder_path"] == str(tmp_path / "out")
     assert {"model.safetensors", "config.json", "tokenizer.json", "metrics.json", "loss.png"} <= set(push["files"])
     assert {"checkpoint-*", "runs/*"} <= set(push["ignore_patterns"])
+
+
+def test_evaluation_reports_each_sources_next_token_accuracy_and_their_token_weighted_mean(micro_model_config,
+                                                                                          tokenizer, tmp_path):
+    """run_clm.py's eval_accuracy: the share of labelled tokens whose argmax prediction is the next token, per
+    source and over all (also where a batch is not full and a block has ignored labels)."""
+    from datasets import Dataset
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import pretrain
+
+    spec = json.loads(micro_model_config.read_text())
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec)).eval()
+    ids = torch.randint(0, 40, (7, 16))  # a small alphabet: the untrained model hits some tokens
+    labels = ids.clone()
+    labels[2, :5] = -100
+    sets = {"a": Dataset.from_dict({"input_ids": ids[:3].tolist(), "labels": labels[:3].tolist()}),
+            "b": Dataset.from_dict({"input_ids": ids[3:].tolist(), "labels": labels[3:].tolist()})}
+    args = pretrain.parse_args(["--output_dir", str(tmp_path), "--use_cpu", "true", "--per_device_eval_batch_size",
+                                "2", "--report_to", "none"])[2]
+    trainer = pretrain.PretrainTrainer(model=model, args=args, eval_dataset=sets, data_collator=pretrain.BlockCollator(),
+                                       processing_class=tokenizer, tokens_per_step=0, block_size=16, meter=None, data_plan={})
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        predicted = model(ids).logits[:, :-1].argmax(-1)
+    valid = labels[:, 1:] != -100
+    hits = (predicted == labels[:, 1:]) & valid
+    for name, rows in (("a", slice(0, 3)), ("b", slice(3, 7))):
+        assert metrics[f"eval_{name}_accuracy"] == pytest.approx(hits[rows].sum().item() / valid[rows].sum().item())
+    assert metrics["eval_accuracy"] == pytest.approx(hits.sum().item() / valid.sum().item())
+    assert 0 < metrics["eval_accuracy"] < 1
+    logged = {key for entry in trainer.state.log_history for key in entry}  # TensorBoard's too
+    assert {"eval_a_accuracy", "eval_b_accuracy", "eval_accuracy"} <= logged
 
 
 def test_eval_only_reports_the_perplexity_the_run_ended_with(trained, tmp_path):

@@ -260,7 +260,10 @@ def test_chunked_loss_model_matches_the_plain_loss(micro_model_config, autocast)
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
     with torch.no_grad():
         again = chunked(input_ids=ids, shift_labels=shifted, num_items_in_batch=torch.tensor(250)).loss
+        # evaluation's next-token accuracy, without logits: the plain model's counts
+        hits = [pretrain.next_token_hits(model(**inputs), labels) for model in (plain, chunked)]
     torch.testing.assert_close(again, chunked(**inputs).loss.detach())
+    assert hits[1].tolist() == hits[0].tolist() and hits[0][:, 1].tolist() == [23, 39, 29]
 
 
 def test_chunked_loss_run_logs_the_losses_of_the_plain_run(tmp_path, micro_model_config, tokenizer_dir, monkeypatch,
@@ -274,7 +277,8 @@ def test_chunked_loss_run_logs_the_losses_of_the_plain_run(tmp_path, micro_model
                      gradient_accumulation_steps=2, eval_strategy="steps", eval_steps=3)
         assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
         metrics = json.loads((tmp_path / str(chunked) / "out" / "metrics.json").read_text())
-        losses[chunked] = [metrics["train"]["loss"], metrics["eval"]["final"]["eval_loss"]]
+        final = metrics["eval"]["final"]
+        losses[chunked] = [metrics["train"]["loss"], final["eval_loss"], final["eval_accuracy"]]
     assert losses[True] == pytest.approx(losses[False], rel=1e-5)
 
 
