@@ -677,6 +677,10 @@ def parse_args(argv: list[str]) -> tuple[ModelArguments, DataArguments, Pretrain
         raise ConfigError("eval_only with DeepSpeed ZeRO-1/2: evaluation needs no DeepSpeed there (every rank holds "
                           "the whole model), and the Trainer evaluates through DeepSpeed only at ZeRO-3. Drop "
                           "`deepspeed` (torchrun/run_torchrun.sh evaluates on several GPUs), or use a ZeRO-3 config.")
+    if model_args.quantization_bit and training_args.deepspeed and is_deepspeed_zero3_enabled():
+        raise ConfigError("quantization_bit (QLoRA) under DeepSpeed ZeRO-3: the 4/8-bit weights load whole on each "
+                          "device and cannot be partitioned. Use deepspeed/ds_zero2.json (the quantized base is "
+                          "small), or ZeRO-3 with LoRA on the unquantized base (drop quantization_bit).")
     if training_args.eval_only and not model_args.model_name_or_path:
         raise ConfigError("eval_only evaluates a trained model: set `model_name_or_path` (a hub id, a directory such "
                           "as a finished run's output_dir or one of its checkpoints).")
@@ -1002,17 +1006,14 @@ def freeze(model, model_args: ModelArguments, new_token_ids: list[int], new_laye
                 sorted(chosen) or "none", ", ".join(sorted(extras)) or "none")
 
 
-LORA_UNSHARDED = ("finetuning lora runs with one process, DDP or DeepSpeed ZeRO-1/2: its optimizer state is small, "
-                  "and merging the adapters into ZeRO-3/FSDP-sharded weights at the end is not supported. Use "
-                  "deepspeed/ds_zero2.json or plain torchrun.")
-
-
 def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradient_checkpointing: bool):
     """finetuning lora: the model frozen, LoRA adapters on `lora_target`, and the embedding rows of the new
     tokens trainable (peft trainable tokens: those rows only, not the whole matrix; with an untied output
     head its rows too), so an extended vocabulary still learns its tokens."""
-    if is_deepspeed_zero3_enabled():  # before peft meets partitioned weights
-        raise ConfigError(LORA_UNSHARDED)
+    if is_deepspeed_zero3_enabled() and new_token_ids and not torch.cuda.is_available():
+        raise ConfigError(f"finetuning lora with {len(new_token_ids)} new tokens under DeepSpeed ZeRO-3 on the CPU: "
+                          "peft gathers the partitioned rows of new tokens on CUDA devices only. Run it on GPUs, or "
+                          "use deepspeed/ds_zero2.json here.")
     if not model_args.model_name_or_path:
         raise ConfigError(f"finetuning lora{' with quantization_bit' if model_args.quantization_bit else ''} adapts a "
                           "pretrained model: set `model_name_or_path`, or train a model from scratch with "
@@ -2401,17 +2402,24 @@ def generate_samples(model, tokenizer, prompts: list[str], bos_id: int | None, m
     return samples
 
 
-def load_plain_model(directory: str, dtype: torch.dtype = torch.float32):
-    """from_pretrained as a user would call it: whole weights in this process, even inside a ZeRO-3 run
-    (whose global config would otherwise partition the model while loading)."""
+@contextlib.contextmanager
+def whole_weights():
+    """Models loaded inside get whole weights in this process, even inside a ZeRO-3 run (whose global config
+    would otherwise partition them while loading, a collective step the other ranks do not take)."""
     import transformers.integrations.deepspeed as hf_deepspeed
 
     ref = hf_deepspeed._hf_deepspeed_config_weak_ref
     hf_deepspeed.unset_hf_deepspeed_config()
     try:
-        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
+        yield
     finally:
         hf_deepspeed._hf_deepspeed_config_weak_ref = ref
+
+
+def load_plain_model(directory: str, dtype: torch.dtype = torch.float32):
+    """from_pretrained as a user would call it: whole weights in this process, also inside a ZeRO-3 run."""
+    with whole_weights():
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).eval()
 
 
 @torch.no_grad()
@@ -2736,7 +2744,9 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
         raise ConfigError("loraplus_lr_ratio speeds up LoRA's B matrices: set `finetuning: lora`, or drop it.")
     if is_lora(model):
         if training_args.fsdp:
-            raise ConfigError(LORA_UNSHARDED)
+            raise ConfigError("finetuning lora under FSDP: merging the adapters into FSDP-sharded weights at the end "
+                              "is not supported. Shard the base model with DeepSpeed ZeRO-3 (deepspeed/ds_zero3.json) "
+                              "instead, or use ZeRO-2 or plain torchrun where each GPU holds the whole model.")
         if training_args.use_liger_kernel and not plain_output_head(model):
             raise ConfigError("Liger's fused loss reads the output projection's weight directly, which finetuning "
                               "lora wraps here (new tokens' rows, or lm_head in lora_target): drop use_liger_kernel.")
@@ -3256,7 +3266,7 @@ def start_decisions(argv: list[str], model_args: ModelArguments,
 
 
 def unquantized_args(model_args: ModelArguments) -> ModelArguments:
-    """The QLoRA run's model settings for loading its base again unquantized, on the CPU for the merge (where
+    """The LoRA run's model settings for loading its base again whole, on the CPU for the merge (where
     flash attention has no kernels; the saved config does not keep the attention implementation)."""
     quantization = {f.name: f.default for f in dataclasses.fields(ModelArguments)
                     if f.name in ("quantization_bit", "quantization_type", "double_quantization")}
@@ -3289,25 +3299,28 @@ def write_legacy_rope_keys(directory: Path) -> None:
     atomic_write_text(path, json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def save_final_model(trainer: Trainer, out: Path, unquantized_base=None):
+def save_final_model(trainer: Trainer, out: Path, whole_base=None):
     """The final model goes to a temporary directory first and each file is then renamed into output_dir,
     the weights last: a crash leaves either no new weights or complete ones, never a half-written file.
     Under finetuning lora the adapters are merged into trainer.model first (and saved alone in adapter/).
-    Under QLoRA they are merged into the base model loaded again unquantized (`unquantized_base()`, on the
-    CPU of the main process), not into rounded 4-bit weights, and that merged model is returned (None on the
-    other ranks, and without QLoRA); trainer.model stays the model that trained."""
+    Under QLoRA and ZeRO-3 they are merged into the base model loaded again whole (`whole_base()`: unquantized,
+    unpartitioned, on the CPU of the main process), not into rounded 4-bit weights or partitions, and that merged
+    model is returned (None on the other ranks, and otherwise); trainer.model stays the model that trained."""
     staging = out / ".final-model.tmp"
     merged = None
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)
     barrier()  # no rank writes into the staging directory before it is empty
     try:
-        if is_lora(trainer.model) and is_quantized(trainer.model):
+        if is_lora(trainer.model) and (is_quantized(trainer.model) or is_deepspeed_zero3_enabled()):
+            if is_deepspeed_zero3_enabled():  # every rank takes part: ZeRO-3 gathers the adapter's partitions
+                trainer.save_model(str(staging / "adapter"), _internal_call=True)
+            elif trainer.args.should_save:
+                trainer._save(str(staging / "adapter"))
             if trainer.args.should_save:
                 import peft
 
-                trainer._save(str(staging / "adapter"))
-                merged = peft.PeftModel.from_pretrained(unquantized_base(), staging / "adapter").merge_and_unload()
+                merged = peft.PeftModel.from_pretrained(whole_base(), staging / "adapter").merge_and_unload()
                 for_inference(merged.config)
                 trained, trainer.model = trainer.model, merged
                 try:
@@ -3488,13 +3501,15 @@ def train(argv: list[str]) -> dict:
 
     probe = probe_logits(model, data) if training_args.verify_saved_model else None
     for_inference(model.config)
-    merged = save_final_model(trainer, out,  # LoRA: + adapter/
-                              lambda: create_model(unquantized_args(model_args), tokenizer,
-                                                   block_size=data_args.block_size)[0])
+    def whole_base():  # LoRA under QLoRA or ZeRO-3: its base again, unquantized and unpartitioned, for the merge
+        with whole_weights():
+            return create_model(unquantized_args(model_args), tokenizer, block_size=data_args.block_size)[0]
+
+    merged = save_final_model(trainer, out, whole_base)  # LoRA: + adapter/
     model = trainer.model
     saved_dtype = next((merged or model).parameters()).dtype
     quantization_gap = None
-    if merged is not None and probe is not None:  # QLoRA: the saved model computes with unquantized weights
+    if merged is not None and probe is not None and is_quantized(model):  # the saved model computes unquantized
         quantized_probe, probe = probe, probe_logits(merged, data)
         quantization_gap = {"probe_loss_quantized": probe_loss(quantized_probe), "probe_loss_saved": probe_loss(probe)}
         logger.info("QLoRA: on a held-out block the saved model (adapters merged into the unquantized weights) has "

@@ -41,6 +41,8 @@ LAUNCHERS = {  # name: (launcher script, its environment, what torchrun is given
     "ddp": ("torchrun/run_torchrun.sh", {"NPROC_PER_NODE": "2"}, []),
     "zero2": ("deepspeed/run_deepspeed.sh", {"DS_CONFIG": "deepspeed/ds_zero2.json", "NUM_GPUS": "2"},
               ["--deepspeed", "deepspeed/ds_zero2.json"]),
+    "zero3": ("deepspeed/run_deepspeed.sh", {"DS_CONFIG": "deepspeed/ds_zero3.json", "NUM_GPUS": "2"},
+              ["--deepspeed", "deepspeed/ds_zero3.json"]),
 }
 
 
@@ -282,6 +284,44 @@ def test_lora_with_new_tokens_two_processes(name, setup, lora_flags, lora_single
     assert metrics(two)["model"]["saved_model_check"]["max_abs_logit_diff"] < 1e-4
     weight = AutoModelForCausalLM.from_pretrained(two).get_input_embeddings().weight
     assert torch.isfinite(weight).all() and (two / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_lora_under_deepspeed_zero3_matches_one_process(setup, single):
+    """The base partitioned across the ranks (LoRA on a model too large for one GPU's memory): the adapter
+    trains as in one process, is gathered, and is merged into the base loaded whole in the main process."""
+    from safetensors.torch import load_file
+
+    flags = ["--model_name_or_path", single[0], "--finetuning", "lora", "--lora_rank", 4, "--max_steps", 4,
+             "--save_steps", 2, "--save_total_limit", 1, "--lora_dropout", 0]  # (dropout masks differ by rank)
+    one, _ = launch(setup, "lora-zero3-single", "pretrain.py", extra=flags)
+    two, proc = launch(setup, "lora-zero3", *LAUNCHERS["zero3"][:2], extra=flags)
+    assert metrics(two)["train"]["world_size"] == 2 and metrics(two)["model"]["finetuning"] == "lora"
+    assert metrics(two)["train"]["final_logged_loss"] == pytest.approx(
+        metrics(one)["train"]["final_logged_loss"], rel=2e-3)
+    assert metrics(two)["model"]["saved_model_check"]["max_abs_logit_diff"] < 1e-4
+    merged, merged_one = load_file(two / "model.safetensors"), load_file(one / "model.safetensors")
+    assert merged.keys() == merged_one.keys() and not any("lora" in key for key in merged)
+    for key in merged:
+        torch.testing.assert_close(merged[key], merged_one[key], rtol=1e-4, atol=1e-5)
+    adapter, adapter_one = (load_file(out / "adapter" / "adapter_model.safetensors") for out in (two, one))
+    assert adapter.keys() == adapter_one.keys() and all(t.numel() for t in adapter.values())
+    assert (two / "checkpoint-4" / "adapter_model.safetensors").is_file()
+    # every rank killed after checkpoint-2, then resumed: the uninterrupted run's model
+    base, config = setup
+    killed = base / "lora-zero3-killed"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(ROOT / "tests" / "kill_after_checkpoint.py"), str(config), "--output_dir", str(killed), "--cache_dir",
+         str(base / "cache-lora-zero3"), "--per_device_train_batch_size", str(PER_DEVICE), "--use_cpu", "true",
+         *LAUNCHERS["zero3"][2], *map(str, flags)],
+        cwd=ROOT, capture_output=True, text=True, timeout=600,
+        env=dict(os.environ, KILL_AFTER_CHECKPOINT="2", CUDA_VISIBLE_DEVICES=""))
+    assert proc.returncode != 0 and (killed / "checkpoint-2" / "trainer_state.json").is_file(), proc.stderr[-3000:]
+    launch(setup, "lora-zero3-killed", *LAUNCHERS["zero3"][:2], extra=[*flags, "--resume_from_checkpoint", "auto"])
+    assert metrics(killed)["train"]["resumed_from_step"] == 2
+    resumed = load_file(killed / "model.safetensors")
+    for key in merged:
+        torch.testing.assert_close(resumed[key], merged[key], rtol=1e-5, atol=1e-6)
 
 
 def test_qlora_under_deepspeed_zero2_matches_one_process(setup, tmp_path):

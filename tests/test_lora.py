@@ -260,14 +260,10 @@ def test_lora_on_embedding_matrices_is_refused_where_it_cannot_be_merged_or_wrap
     assert any("lm_head.lora_A" in name for name, _ in untied.named_parameters())
 
 
-def test_lora_refuses_sharded_weights_and_fused_losses_that_miss_its_rows(base_model, monkeypatch):
-    with monkeypatch.context() as patched:
-        patched.setattr(pretrain, "is_deepspeed_zero3_enabled", lambda: True)
-        with pytest.raises(pretrain.ConfigError, match="ZeRO-1/2"):
-            pretrain.build_model(lora_args(base_model), AutoTokenizer.from_pretrained(base_model), 32)
+def test_lora_refuses_fsdp_and_fused_losses_that_miss_its_rows(base_model):
     model = pretrain.build_model(lora_args(base_model), with_new_tokens(base_model)[0], 32)  # untied head: wrapped
     settings = dict(deepspeed=None, fsdp="", use_liger_kernel=False, loraplus_lr_ratio=None)
-    with pytest.raises(pretrain.ConfigError, match="ZeRO-1/2"):
+    with pytest.raises(pretrain.ConfigError, match="lora under FSDP.*ds_zero3.json"):
         pretrain.preflight(types.SimpleNamespace(**{**settings, "fsdp": "full_shard"}), None, model, 0)
     with pytest.raises(pretrain.ConfigError, match="drop use_liger_kernel"):
         pretrain.preflight(types.SimpleNamespace(**{**settings, "use_liger_kernel": True}), None, model, 0)
@@ -454,3 +450,21 @@ def test_loraplus_gives_the_b_matrices_their_own_faster_groups_through_a_run(tmp
     with pytest.raises(pretrain.ConfigError, match="loraplus_lr_ratio speeds up LoRA's B matrices"):
         run_args = pretrain.parse_args(["--output_dir", str(tmp_path), "--loraplus_lr_ratio", "16"])[2]
         pretrain.preflight(run_args, None, AutoModelForCausalLM.from_pretrained(base_model), 0)
+
+
+def test_lora_under_zero3_refuses_quantized_bases_and_new_tokens_on_the_cpu(base_model, monkeypatch):
+    """ZeRO-3 partitions the base model: 4-bit weights cannot be partitioned, and peft gathers new tokens'
+    partitioned rows on CUDA devices only (the rest of LoRA under ZeRO-3 is tested on 2 processes)."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    try:
+        with pytest.raises(pretrain.ConfigError, match=r"quantization_bit \(QLoRA\) under DeepSpeed ZeRO-3.*ds_zero2"):
+            pretrain.parse_args(["--model_name_or_path", str(base_model), "--finetuning", "lora", "--quantization_bit",
+                                 "4", "--deepspeed", "deepspeed/ds_zero3.json", "--use_cpu", "true"])
+    finally:
+        hf_deepspeed.unset_hf_deepspeed_config()
+    assert not pretrain.is_deepspeed_zero3_enabled()
+    monkeypatch.setattr(pretrain, "is_deepspeed_zero3_enabled", lambda: True)
+    model = AutoModelForCausalLM.from_pretrained(base_model)
+    with pytest.raises(pretrain.ConfigError, match="lora with 2 new tokens under DeepSpeed ZeRO-3 on the CPU"):
+        pretrain.add_lora(model, lora_args(base_model), [600, 601], gradient_checkpointing=False)
