@@ -128,8 +128,8 @@ class ModelArguments:
                 "parameters per layer and slower steps; merged at the end like LoRA)."})
     rope_scaling: str | None = field(default=None, metadata={
         "help": "Continue pretraining at a block_size beyond the model's max_position_embeddings: linear (position "
-                "interpolation) | yarn. The factor is block_size / max_position_embeddings rounded up; the saved "
-                "config keeps it, so the model runs at the new length."})
+                "interpolation) | yarn | llama3 (Llama 3.1's). The factor is block_size / max_position_embeddings "
+                "rounded up; the saved config keeps it, so the model runs at the new length."})
     rope_theta: float | None = field(default=None, metadata={
         "help": "A new RoPE base frequency for the pretrained model (raised for long contexts: adjusted base "
                 "frequency, as Llama 3 and Qwen long-context training do). Unset: the model's own."})
@@ -167,8 +167,14 @@ class ModelArguments:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}, got `{getattr(self, name)}`{auto}.")
         if self.finetuning == "lora" and self.lora_rank < 1:
             raise ConfigError(f"lora_rank must be at least 1, got {self.lora_rank}.")
-        if self.rope_scaling not in (None, "linear", "yarn"):
-            raise ConfigError(f"rope_scaling must be linear or yarn (or unset), got `{self.rope_scaling}`.")
+        if self.rope_scaling == "dynamic":
+            raise ConfigError("rope_scaling dynamic (dynamic NTK) rescales the rotary frequencies by each batch's "
+                              "longest sequence at run time, so the model would train on frequencies that change "
+                              "from batch to batch (with packing and document attention, by its longest document). "
+                              "Train with yarn, linear or llama3; dynamic can still be set in config.json for "
+                              "inference.")
+        if self.rope_scaling not in (None, "linear", "yarn", "llama3"):
+            raise ConfigError(f"rope_scaling must be linear, yarn or llama3 (or unset), got `{self.rope_scaling}`.")
         if self.moe_aux_loss_coef is not None and not self.moe_aux_loss_coef >= 0:
             raise ConfigError(f"moe_aux_loss_coef must be 0 (off) or more, got {self.moe_aux_loss_coef}.")
         if self.quantization_bit not in (None, 4, 8):
@@ -1184,8 +1190,10 @@ def extend_context(config, model_args: ModelArguments, block_size: int | None) -
                               "rope_scaling, or edit its rope_parameters in config.json.")
         factor = float(math.ceil(block_size / original))
         rope.update(rope_type=model_args.rope_scaling, factor=factor)
-        if model_args.rope_scaling == "yarn":
+        if model_args.rope_scaling in ("yarn", "llama3"):
             rope["original_max_position_embeddings"] = original
+        if model_args.rope_scaling == "llama3":  # Llama 3.1's: wavelengths beyond original/1 scaled, below /4 kept
+            rope.update(low_freq_factor=1.0, high_freq_factor=4.0)
         config.max_position_embeddings = int(original * factor)
     elif model_args.rope_theta and block_size is not None and block_size > original:
         config.max_position_embeddings = block_size  # adjusted base frequency alone: positions up to the block

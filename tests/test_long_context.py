@@ -1,4 +1,4 @@
-"""Continued pretraining beyond the base model's context: rope_scaling (linear, yarn) and rope_theta change
+"""Continued pretraining beyond the base model's context: rope_scaling (linear, yarn, llama3) and rope_theta change
 the rotary embeddings before the weights load, and the saved model keeps them."""
 import json
 
@@ -36,6 +36,16 @@ def test_rope_settings_change_the_rotary_frequencies(base_model, tokenizer):
     assert torch.equal(yarn.model.rotary_emb.inv_freq[0], frequencies[0])  # fast dimensions kept
     assert yarn.model.rotary_emb.inv_freq[-1] < frequencies[-1]  # slow ones interpolated
 
+    llama3 = build(base_model, tokenizer, 512, "--rope_scaling", "llama3")  # Llama 3.1's, from 128 to 512
+    rope = llama3.config.rope_parameters
+    assert (rope["rope_type"], rope["factor"], rope["original_max_position_embeddings"], rope["low_freq_factor"],
+            rope["high_freq_factor"], llama3.config.max_position_embeddings) == ("llama3", 4.0, 128, 1.0, 4.0, 512)
+    wavelengths = 2 * torch.pi / frequencies
+    kept, scaled = wavelengths < 128 / 4, wavelengths > 128  # fast dimensions kept, slow ones / factor
+    assert kept.any() and scaled.any()
+    assert torch.equal(llama3.model.rotary_emb.inv_freq[kept], frequencies[kept])
+    assert torch.allclose(llama3.model.rotary_emb.inv_freq[scaled], frequencies[scaled] / 4)
+
     theta = build(base_model, tokenizer, 128, "--rope_theta", "500000")
     assert theta.config.rope_parameters["rope_theta"] == 500000.0
     assert theta.model.rotary_emb.inv_freq[-1] < frequencies[-1]
@@ -48,7 +58,9 @@ def test_rope_settings_change_the_rotary_frequencies(base_model, tokenizer):
     with pytest.raises(pretrain.ConfigError, match="already scales its positions"):
         linear.save_pretrained(base_model.parent / "scaled")
         build(base_model.parent / "scaled", tokenizer, 1024, "--rope_scaling", "yarn")
-    with pytest.raises(pretrain.ConfigError, match="rope_scaling must be linear or yarn"):
+    with pytest.raises(pretrain.ConfigError, match="rope_scaling must be linear, yarn or llama3"):
+        pretrain.parse_args(["--rope_scaling", "ntk"])
+    with pytest.raises(pretrain.ConfigError, match="frequencies that change from batch to batch.*yarn, linear or llama3"):
         pretrain.parse_args(["--rope_scaling", "dynamic"])
 
 
