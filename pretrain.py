@@ -361,6 +361,11 @@ class PretrainingArguments(TrainingArguments):
     loraplus_lr_ratio: float | None = field(default=None, metadata={
         "help": "finetuning lora: LoRA+ (Hayou et al., 2024): the adapters' B matrices learn this many times faster "
                 "than the rest (16 is the paper's default), which reaches a given loss in fewer steps."})
+    use_muon: bool = field(default=False, metadata={
+        "help": "Muon (torch.optim.Muon: momentum orthogonalized by Newton-Schulz) for the weight matrices inside "
+                "the model, the configured AdamW for embeddings, output head, norms and biases; one learning rate "
+                "and weight decay for both (Muon's update scaled to AdamW's RMS, as Moonlight does). One process "
+                "or DDP."})
     trust_checkpoint: bool = field(default=False, metadata={
         "help": "Resume a DeepSpeed checkpoint whose files name classes outside the few DeepSpeed writes (DeepSpeed "
                 "loads its files with pickle, which runs such code): only for a checkpoint you trust."})
@@ -1778,14 +1783,75 @@ def master_weights_optimizer(training_args: PretrainingArguments, model=None) ->
     return with_fp32_master_weights(optimizer_cls), kwargs
 
 
+def muon_matrices(model) -> list[torch.nn.Parameter]:
+    """use_muon: the trainable 2-D weights inside the model (attention, MLP, routers), which Muon updates; the
+    embeddings and output head are lookups and a classifier, not hidden transforms, and stay with AdamW (as in
+    Keller Jordan's and Moonlight's recipes), as do norms, biases and 3-D fused expert weights."""
+    outside = {id(model.get_input_embeddings().weight)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        outside.add(id(head.weight))
+    return [p for p in model.parameters() if p.requires_grad and p.ndim == 2 and id(p) not in outside]
+
+
+def with_muon(optimizer_cls: type, model) -> type:
+    """An optimizer that updates `muon_matrices` with torch.optim.Muon and every other parameter with
+    `optimizer_cls` (the configured AdamW), over the Trainer's parameter groups (weight decay or not). Its
+    param_groups are the two optimizers' own, so the LR schedule drives both; the state holds both."""
+    matrices = {id(p) for p in muon_matrices(model)}
+    if not matrices:
+        raise ConfigError("use_muon: the model has no trainable weight matrices for Muon (finetuning freeze with "
+                          "only embeddings or norms training?): drop use_muon.")
+
+    class MuonWithAdamW(torch.optim.Optimizer):
+        def __init__(self, params, **kwargs):
+            split = {True: [], False: []}
+            for group in params:
+                for is_matrix in (True, False):
+                    chosen = [p for p in group["params"] if (id(p) in matrices) == is_matrix]
+                    if chosen:
+                        split[is_matrix].append({**group, "params": chosen})
+            self.muon = torch.optim.Muon(split[True], lr=kwargs["lr"], adjust_lr_fn="match_rms_adamw")
+            self.other = optimizer_cls(split[False], **kwargs) if split[False] else None
+            self.parts = [o for o in (self.muon, self.other) if o is not None]
+            super().__init__([g for o in self.parts for g in o.param_groups], {})  # the same group dicts
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            if closure is not None:
+                raise ValueError("use_muon does not support an optimizer closure")
+            for optimizer in self.parts:
+                optimizer.step()
+
+        def zero_grad(self, set_to_none: bool = True):
+            for optimizer in self.parts:
+                optimizer.zero_grad(set_to_none)
+
+        def state_dict(self):
+            return {"muon": self.muon.state_dict(), "other": self.other and self.other.state_dict()}
+
+        def load_state_dict(self, state_dict):
+            if "muon" not in state_dict:
+                raise ValueError("this optimizer state was not saved with use_muon")
+            self.muon.load_state_dict(state_dict["muon"])
+            if self.other is not None:
+                self.other.load_state_dict(state_dict["other"])
+
+    return MuonWithAdamW
+
+
 def optimizer_of(training_args: PretrainingArguments, model) -> tuple[type, dict] | None:
-    """The optimizer class and arguments when bf16_weights or LoRA+ change the Trainer's own; None otherwise."""
-    if not (training_args.bf16_weights or training_args.loraplus_lr_ratio):
+    """The optimizer class and arguments when bf16_weights, LoRA+ or Muon change the Trainer's own; None
+    otherwise."""
+    if not (training_args.bf16_weights or training_args.loraplus_lr_ratio or training_args.use_muon):
         return None
+    feature = "use_muon" if training_args.use_muon else "loraplus_lr_ratio"
     optimizer_cls, kwargs = (master_weights_optimizer(training_args, model) if training_args.bf16_weights else
-                             plain_optimizer(training_args, model, "loraplus_lr_ratio", "Drop loraplus_lr_ratio."))
+                             plain_optimizer(training_args, model, feature, f"Drop {feature}."))
     if training_args.loraplus_lr_ratio:
         optimizer_cls = with_lora_plus(optimizer_cls, training_args.loraplus_lr_ratio, model)
+    if training_args.use_muon:
+        optimizer_cls = with_muon(optimizer_cls, model)
     return optimizer_cls, kwargs
 
 
@@ -1954,6 +2020,7 @@ class PretrainTrainer(Trainer):
             atomic_write_text(directory / BATCH_PLAN, json.dumps({**batch_plan(self.args, self.block_size),
                                                                   "run_id": self.run_id,
                                                                   "loraplus_lr_ratio": self.args.loraplus_lr_ratio,
+                                                                  "use_muon": self.args.use_muon,
                                                                   "skipped_nonfinite_steps": self.skipped_steps,
                                                                   "consecutive_skips": self.consecutive_skips}))
             atomic_write_text(directory / TRAINABLE, json.dumps(trainable_names(self.model)))
@@ -2661,6 +2728,10 @@ def keep_checkpoint_batch(checkpoint: str, training_args: PretrainingArguments, 
                           f"{training_args.loraplus_lr_ratio}: its optimizer state holds the parameter groups and "
                           "learning rates of the first. Resume with the same loraplus_lr_ratio, or start fresh in "
                           "another `output_dir`.")
+    if saved.get("use_muon", False) != training_args.use_muon:
+        raise ConfigError(f"{checkpoint} trained with use_muon {saved.get('use_muon', False)}, this run with "
+                          f"{training_args.use_muon}: its optimizer state belongs to the other optimizer. Resume with "
+                          "the same use_muon, or start fresh in another `output_dir`.")
     if saved["block_size"] != block_size:
         raise ConfigError(f"{checkpoint} trained blocks of {saved['block_size']} tokens, this run {block_size}: blocks "
                           f"are cut differently, so its data position means nothing here. Resume with block_size "
@@ -2750,6 +2821,18 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
     """Before the first step: say what the run will do, and stop on settings that cannot work together."""
     if training_args.loraplus_lr_ratio and not is_lora(model):
         raise ConfigError("loraplus_lr_ratio speeds up LoRA's B matrices: set `finetuning: lora`, or drop it.")
+    if training_args.use_muon:
+        sharded = "DeepSpeed" if training_args.deepspeed else "FSDP" if training_args.fsdp else None
+        if sharded:  # their flat or sharded parameters are not the weight matrices Muon orthogonalizes
+            raise ConfigError(f"use_muon under {sharded}: the optimizer there sees flattened or sharded parameters, "
+                              "not whole weight matrices, so Muon cannot orthogonalize its updates. Use one process "
+                              "or DDP (torchrun/run_torchrun.sh), or drop use_muon.")
+        if is_lora(model):
+            raise ConfigError("use_muon with finetuning lora: Muon orthogonalizes updates of whole weight matrices, "
+                              "and LoRA trains low-rank factors; drop use_muon (or train `full` or `freeze`).")
+        if training_args.bf16_weights:
+            raise ConfigError("use_muon with mixed_precision bf16_weights: the fp32 master weights wrap one "
+                              "optimizer class; use mixed_precision bf16 with Muon.")
     if is_lora(model):
         if training_args.fsdp:
             raise ConfigError("finetuning lora under FSDP: merging the adapters into FSDP-sharded weights at the end "
