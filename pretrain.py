@@ -1021,10 +1021,6 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
     """finetuning lora: the model frozen, LoRA adapters on `lora_target`, and the embedding rows of the new
     tokens trainable (peft trainable tokens: those rows only, not the whole matrix; with an untied output
     head its rows too), so an extended vocabulary still learns its tokens."""
-    if is_deepspeed_zero3_enabled() and new_token_ids and not torch.cuda.is_available():
-        raise ConfigError(f"finetuning lora with {len(new_token_ids)} new tokens under DeepSpeed ZeRO-3 on the CPU: "
-                          "peft gathers the partitioned rows of new tokens on CUDA devices only. Run it on GPUs, or "
-                          "use deepspeed/ds_zero2.json here.")
     if not model_args.model_name_or_path:
         raise ConfigError(f"finetuning lora{' with quantization_bit' if model_args.quantization_bit else ''} adapts a "
                           "pretrained model: set `model_name_or_path`, or train a model from scratch with "
@@ -1044,6 +1040,19 @@ def add_lora(model, model_args: ModelArguments, new_token_ids: list[int], gradie
                 "" if not experts else f"; the routed experts' weights: adapted too ({', '.join(sorted(adapted))})"
                 if adapted else "; the routed experts' weights: frozen (peft adapts only their layers' linear ones)")
     return model
+
+
+def check_token_rows_gather(new_token_ids: list[int]) -> None:
+    """peft trains new tokens' rows (trainable tokens) under ZeRO-3 by gathering the partitioned embedding on a
+    CUDA device; elsewhere it fails with an assertion."""
+    if new_token_ids and is_deepspeed_zero3_enabled():
+        from deepspeed.accelerator import get_accelerator
+
+        if get_accelerator().device_name() != "cuda":
+            raise ConfigError(f"finetuning lora with {len(new_token_ids)} new tokens under DeepSpeed ZeRO-3 on "
+                              f"{get_accelerator().device_name()}: peft gathers the partitioned rows of new tokens on "
+                              "CUDA devices only. Run it on GPUs, use deepspeed/ds_zero2.json, or train the embedding "
+                              "matrices whole (`lora_extra_modules: embed_tokens,lm_head`).")
 
 
 def new_adapters(model, model_args: ModelArguments, new_token_ids: list[int], peft) -> tuple:
@@ -1079,6 +1088,7 @@ def new_adapters(model, model_args: ModelArguments, new_token_ids: list[int], pe
         tokens = {module_names[m]: new_token_ids for m in (model.get_input_embeddings(), None if
                   model.config.tie_word_embeddings else model.get_output_embeddings())
                   if m is not None and module_names[m] not in extras} or None
+        check_token_rows_gather(new_token_ids if tokens else [])
     alpha = model_args.lora_alpha or (16 if model_args.use_rslora else 2 * model_args.lora_rank)
     experts = bool(expert_shares(model))  # all-linear: peft may adapt routed experts' fused weights as parameters
     no_dropout = experts and targets == "all-linear"
@@ -1137,6 +1147,7 @@ def saved_adapter(model, model_args: ModelArguments, new_token_ids: list[int], p
         raise ConfigError(f"adapter_name_or_path `{adapter}` trained embedding rows for token ids "
                           f"{trained[:3] or 'none'}{'...' if len(trained) > 3 else ''}, and this run's tokenizer adds "
                           f"{len(new_token_ids)} tokens to the model ({new_token_ids[:3] or 'none'}...): {refit}.")
+    check_token_rows_gather(new_token_ids if any(rows.values()) else [])
     base = saved.get("base_model_name_or_path")
     if base and os.path.abspath(os.path.expanduser(base)) != os.path.abspath(model_args.model_name_or_path):
         logger.warning("adapter_name_or_path %s was trained on %s; this run loads it onto %s: check it is the same "
@@ -2821,6 +2832,10 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
     """Before the first step: say what the run will do, and stop on settings that cannot work together."""
     if training_args.loraplus_lr_ratio and not is_lora(model):
         raise ConfigError("loraplus_lr_ratio speeds up LoRA's B matrices: set `finetuning: lora`, or drop it.")
+    if training_args.use_liger_kernel and (training_args.metric_for_best_model or "").endswith("accuracy"):
+        raise ConfigError(f"metric_for_best_model {training_args.metric_for_best_model} with use_liger_kernel: Liger's "
+                          "fused loss returns no logits in evaluation, so no accuracy is measured. Choose the best "
+                          "model by `loss`, or drop use_liger_kernel.")
     if training_args.use_muon:
         sharded = "DeepSpeed" if training_args.deepspeed else "FSDP" if training_args.fsdp else None
         if sharded:  # their flat or sharded parameters are not the weight matrices Muon orthogonalizes

@@ -250,6 +250,21 @@ def test_evaluation_reports_each_sources_next_token_accuracy_and_their_token_wei
     assert {"eval_a_accuracy", "eval_b_accuracy", "eval_accuracy"} <= logged
 
 
+def test_choosing_the_best_model_by_an_accuracy_liger_does_not_measure_is_refused(micro_model_config):
+    """Liger's fused loss returns no logits in evaluation: the Trainer would fail on the missing key mid-run."""
+    import types
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    import pretrain
+
+    spec = json.loads(micro_model_config.read_text())
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(spec.pop("model_type"), **spec))
+    settings = types.SimpleNamespace(use_liger_kernel=True, metric_for_best_model="eval_accuracy", loraplus_lr_ratio=None)
+    with pytest.raises(pretrain.ConfigError, match="no accuracy is measured. Choose the best model by `loss`"):
+        pretrain.preflight(settings, None, model, 0)
+
+
 def test_eval_only_reports_the_perplexity_the_run_ended_with(trained, tmp_path):
     """run_clm's --do_eval without --do_train: the finished run's model evaluated on the same sources gives the
     final evaluation of its run, per source, in eval_results.json; nothing is trained or saved."""

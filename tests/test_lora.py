@@ -262,7 +262,8 @@ def test_lora_on_embedding_matrices_is_refused_where_it_cannot_be_merged_or_wrap
 
 def test_lora_refuses_fsdp_and_fused_losses_that_miss_its_rows(base_model):
     model = pretrain.build_model(lora_args(base_model), with_new_tokens(base_model)[0], 32)  # untied head: wrapped
-    settings = dict(deepspeed=None, fsdp="", use_liger_kernel=False, loraplus_lr_ratio=None)
+    settings = dict(deepspeed=None, fsdp="", use_liger_kernel=False, loraplus_lr_ratio=None, use_muon=False,
+                    metric_for_best_model=None)
     with pytest.raises(pretrain.ConfigError, match="lora under FSDP.*ds_zero3.json"):
         pretrain.preflight(types.SimpleNamespace(**{**settings, "fsdp": "full_shard"}), None, model, 0)
     with pytest.raises(pretrain.ConfigError, match="drop use_liger_kernel"):
@@ -466,5 +467,9 @@ def test_lora_under_zero3_refuses_quantized_bases_and_new_tokens_on_the_cpu(base
     assert not pretrain.is_deepspeed_zero3_enabled()
     monkeypatch.setattr(pretrain, "is_deepspeed_zero3_enabled", lambda: True)
     model = AutoModelForCausalLM.from_pretrained(base_model)
-    with pytest.raises(pretrain.ConfigError, match="lora with 2 new tokens under DeepSpeed ZeRO-3 on the CPU"):
+    with pytest.raises(pretrain.ConfigError, match="lora with 2 new tokens under DeepSpeed ZeRO-3 on cpu"):
         pretrain.add_lora(model, lora_args(base_model), [600, 601], gradient_checkpointing=False)
+    # matrices that train whole hold the new tokens' rows: no rows of their own to gather
+    whole = pretrain.add_lora(model, lora_args(base_model, "--lora_extra_modules", "embed_tokens,lm_head"), [598, 599],
+                              gradient_checkpointing=False)
+    assert not whole.peft_config["default"].trainable_token_indices

@@ -98,7 +98,7 @@ def test_a_muon_run_trains_and_resumes_exactly(tmp_path, micro_model_config, tok
 def test_muon_is_refused_where_its_updates_would_be_wrong(micro_model_config):
     model = micro_model(micro_model_config)
     settings = dict(deepspeed=None, fsdp="", use_liger_kernel=False, loraplus_lr_ratio=None, use_muon=True,
-                    bf16_weights=False)
+                    bf16_weights=False, metric_for_best_model=None)
     for extra, message in (({"deepspeed": "ds.json"}, "use_muon under DeepSpeed"),
                            ({"fsdp": "full_shard"}, "use_muon under FSDP"),
                            ({"bf16_weights": True}, "use_muon with mixed_precision bf16_weights")):
