@@ -324,7 +324,8 @@ def sources_per_file(raw: Any, index: int, named: set[Path] = frozenset()) -> li
     """A `per_file: true` directory source -> one source per data file directly in the directory and per folder
     in it (all data files below), named by it, each with the entry's other settings: files dropped into data/
     train under the default config, each with its own eval perplexity. Left out: dot-files, a `hub` folder
-    (where hub datasets are downloaded, read through `hub:` sources), and what other entries name (`named`:
+    (where hub datasets are downloaded, read through `hub:` sources), a `benchmarks` folder (questions the
+    evaluations score, never trained on), and what other entries name (`named`:
     a file given its own settings, another source's eval files), which would otherwise be read twice."""
     if not isinstance(raw, dict) or "per_file" not in raw:
         return [raw]
@@ -343,7 +344,7 @@ def sources_per_file(raw: Any, index: int, named: set[Path] = frozenset()) -> li
                         f"to {os.getcwd()}).{started_elsewhere_hint(raw.get('path', ''))}")
     entries, names, others = [], set(), []
     for entry in sorted(directory.iterdir()):
-        if entry.name.startswith(".") or entry.is_dir() and entry.name == "hub" or entry.resolve() in named:
+        if entry.name.startswith(".") or entry.is_dir() and entry.name in ("hub", "benchmarks") or entry.resolve() in named:
             continue
         inside = sorted(str(p) for p in named if entry.is_dir() and p.is_relative_to(entry.resolve()))
         if inside:
@@ -3808,6 +3809,206 @@ def _counts_markdown(s: dict, indent: str) -> list[str]:
 def write_data_report(report: dict, output_dir: str | Path) -> None:
     atomic_write_text(Path(output_dir) / "data_report.json", json.dumps(report, ensure_ascii=False, indent=1))
     atomic_write_text(Path(output_dir) / "data_report.md", data_report_markdown(report))
+
+
+# --------------------------------------------------------------------------------------------
+# Multiple-choice benchmarks: files of questions that every evaluation scores (pretrain.py)
+# --------------------------------------------------------------------------------------------
+CHOICE_LETTERS = "ABCDEFGHIJ"
+QUESTION_FIELDS = ("question", "Question", "问题", "题目")
+ANSWER_FIELDS = ("answer", "Answer", "answer_idx", "label", "答案")
+CHOICES_FIELDS = ("choices", "options", "Options", "选项")  # a list, a {letter: text} mapping or "A. ...\nB. ..."
+OPTION_LINE = re.compile(r"^\s*[(（]?([A-J])(?:[)）.．、:：]\s*|\s+)(.*)$")
+
+
+@dataclass
+class BenchmarkConfig:
+    """One entry of `benchmarks:`: a file (or files) of single-answer multiple-choice questions."""
+
+    path: str | list[str] | None = None
+    name: str = ""  # names the metric bench_<name>_accuracy
+    shots: int = 0  # worked examples before each question: the first of `dev_path`, else of `path` (then not scored)
+    dev_path: str | list[str] | None = None  # C-Eval's / CMMLU's dev split, for the shots
+    max_questions: int | None = 500  # per evaluation: that many, spread evenly over the file(s)
+    instruction: str = "以下是单项选择题，请选出正确答案。"  # first line of every prompt ("" for none)
+    answer_prefix: str = "答案："  # after the options; the model's next token is scored ("Answer:" in English)
+    question_field: str | None = None  # unset: the first of QUESTION_FIELDS a record has
+    answer_field: str | None = None  # unset: the first of ANSWER_FIELDS
+    choices_field: str | None = None  # unset: columns A, B, ..., else the first of CHOICES_FIELDS
+    format: str = "auto"
+    encoding: str = "auto"
+    columns: list[str] | None = None  # csv/tsv without a header row
+    records_field: str | None = None  # json: the field holding the records
+    on_error: str = "raise"  # skip: count and report questions that cannot be read
+
+    @classmethod
+    def from_dict(cls, raw: Any, index: int) -> "BenchmarkConfig":
+        where = f"benchmarks[{index}]"
+        if isinstance(raw, str):
+            raw = {"path": raw}
+        if not isinstance(raw, dict) or not raw.get("path"):
+            raise DataError(f"{where} must be a mapping with a `path`, such as {{name: cmb, path: "
+                            f"data/benchmarks/cmb.jsonl}}, got {raw!r}.")
+        valid = {f.name for f in dataclasses.fields(cls)}
+        for key in raw:
+            if key not in valid:
+                raise DataError(f"{where}: unknown key `{key}`.{closest_key_hint(key, valid)} "
+                                f"Valid keys: {', '.join(sorted(valid))}.")
+        bench = cls(**raw)
+        bench.name = bench.name or re.sub(r"\W+", "_", Path(str(bench.path if isinstance(bench.path, str) else
+                                                              bench.path[0]).rstrip("/*")).stem).strip("_")
+        where = f"{where} ({bench.name})"
+        if not isinstance(bench.shots, int) or bench.shots < 0:
+            raise DataError(f"{where}: shots must be 0 or more worked examples, got {bench.shots!r}.")
+        if bench.max_questions is not None and (not isinstance(bench.max_questions, int) or bench.max_questions < 1):
+            raise DataError(f"{where}: max_questions must be at least 1 (or null: all), got {bench.max_questions!r}.")
+        if bench.dev_path and not bench.shots:
+            raise DataError(f"{where}: dev_path holds the worked examples of `shots`, which is 0: set shots (5, "
+                            "as C-Eval and CMMLU report), or drop dev_path.")
+        if bench.on_error not in ("raise", "skip"):
+            raise DataError(f"{where}: on_error must be `raise` or `skip`, got `{bench.on_error}`.")
+        bench.source(bench.path)  # the reading options checked now, not at the first evaluation
+        return bench
+
+    def source(self, path: Any) -> SourceConfig:
+        """The reading side (files, format, encoding) as a source's, so benchmarks read as data does."""
+        return SourceConfig.from_dict({"path": path, "name": self.name, "format": self.format,
+                                       "encoding": self.encoding, "columns": self.columns,
+                                       "records_field": self.records_field, "on_error": self.on_error}, 0)
+
+
+@dataclass
+class ChoiceQuestion:
+    question: str
+    choices: list[str]
+    answer: int  # index into choices
+    where: str  # FILE line N / record N
+
+    def text(self, answer_prefix: str) -> str:
+        options = "".join(f"{letter}. {choice}\n" for letter, choice in zip(CHOICE_LETTERS, self.choices))
+        return f"{self.question}\n{options}{answer_prefix}"
+
+
+def parse_benchmarks(raw: Any) -> list[BenchmarkConfig]:
+    benchmarks = [BenchmarkConfig.from_dict(item, i) for i, item in enumerate(raw if isinstance(raw, list) else [raw])]
+    names = [b.name for b in benchmarks]
+    for name in names:
+        if names.count(name) > 1:
+            raise DataError(f"Two benchmarks are named `{name}`: give each a unique `name:` (it names "
+                            f"bench_{name}_accuracy).")
+    return benchmarks
+
+
+def _first_field(obj: dict, given: str | None, candidates: tuple[str, ...], what: str, option: str) -> Any:
+    names = (given,) if given else candidates
+    for name in names:
+        if obj.get(name) not in (None, ""):
+            return obj[name]
+    raise RecordError(f"has no {what} (looked for {', '.join(f'`{n}`' for n in names)}; fields: "
+                      f"{', '.join(map(str, list(obj)[:12]))}). Set `{option}` for this benchmark.", "missing_field")
+
+
+def record_choices(obj: dict, given: str | None) -> list[str]:
+    """C-Eval / CMMLU columns A, B, C, D, ...; else a choices list, a {letter: text} mapping or option lines."""
+    lettered = [str(obj[letter]) for letter in itertools.takewhile(lambda k: obj.get(k) not in (None, ""),
+                                                                    CHOICE_LETTERS)]
+    if lettered and not given:
+        after = [letter for letter in CHOICE_LETTERS[len(lettered) + 1:] if obj.get(letter) not in (None, "")]
+        if after:
+            raise RecordError(f"has choice {after[0]} but no choice {CHOICE_LETTERS[len(lettered)]} (empty or "
+                              "missing): fill it, or drop the question.", "bad_choices")
+        return lettered
+    value = _first_field(obj, given, CHOICES_FIELDS, "choices (columns A, B, ... or a choices list)", "choices_field")
+    if isinstance(value, dict):
+        keys = sorted(value, key=lambda k: str(k).strip().upper())
+        if [str(k).strip().upper() for k in keys] != list(CHOICE_LETTERS[:len(keys)]):
+            raise RecordError(f"has choices keyed {', '.join(map(str, keys))}: key them A, B, C, ...", "bad_choices")
+        return [str(value[k]) for k in keys]
+    if isinstance(value, str):
+        lines = [OPTION_LINE.match(line) for line in value.splitlines() if line.strip()]
+        if not all(lines) or [m.group(1) for m in lines] != list(CHOICE_LETTERS[:len(lines)]):
+            raise RecordError(f"has choices {snippet(value)!r} that are not lines `A. ...`, `B. ...` in order.",
+                              "bad_choices")
+        return [m.group(2).strip() for m in lines]
+    if isinstance(value, list):
+        return [str(v) for v in value]
+    raise RecordError(f"has choices of type {a_kind(value)}: give a list, a mapping of letters or lines `A. ...`.",
+                      "bad_choices")
+
+
+def choice_question(obj: Any, bench: BenchmarkConfig, where: str) -> ChoiceQuestion:
+    if not isinstance(obj, dict):
+        raise RecordError(f"is {a_kind(obj)}, not a record with a question, choices and an answer.", "not_an_object")
+    question = str(_first_field(obj, bench.question_field, QUESTION_FIELDS, "question", "question_field")).strip()
+    choices = record_choices(obj, bench.choices_field)
+    if not 2 <= len(choices) <= len(CHOICE_LETTERS):
+        raise RecordError(f"has {len(choices)} choices: a question needs 2 to {len(CHOICE_LETTERS)}.", "bad_choices")
+    answer = _first_field(obj, bench.answer_field, ANSWER_FIELDS, "answer", "answer_field")
+    if isinstance(answer, int) and not isinstance(answer, bool):
+        index = answer  # an index into the choices, from 0 (MMLU's)
+    else:
+        letters = re.sub(r"[\s.．、,，]", "", str(answer)).upper()
+        if len(letters) > 1 and set(letters) <= set(CHOICE_LETTERS):
+            raise RecordError(f"has several answers ({letters}): only single-answer questions are scored.",
+                              "multiple_answers")
+        index = CHOICE_LETTERS.find(letters) if len(letters) == 1 else -1
+    if not 0 <= index < len(choices):
+        raise RecordError(f"has answer {answer!r}, which names none of its {len(choices)} choices "
+                          f"(A-{CHOICE_LETTERS[len(choices) - 1]}, or an index from 0).", "bad_answer")
+    return ChoiceQuestion(question, choices, index, where)
+
+
+def read_choice_questions(bench: BenchmarkConfig, path: Any) -> tuple[list[ChoiceQuestion], dict[str, int],
+                                                                      list[Path]]:
+    """Every question of the files at `path`, in order, the count of those skipped by reason (`on_error:
+    skip`; otherwise the first bad one stops with its file, line and field), and the files."""
+    spec = bench.source(path)
+    questions, skipped, inputs = [], {}, SourceInput.open(spec)
+    for chunk in read_chunks(inputs, spec):
+        for i in range(len(chunk.records)):
+            number, obj = _parse_record(spec, chunk, i)
+            if obj is None:
+                continue
+            where = f"{chunk.path} {record_unit(chunk.fmt)} {number}"
+            try:
+                if isinstance(obj, RecordError):
+                    raise obj
+                questions.append(choice_question(obj, bench, where))
+            except RecordError as e:
+                if bench.on_error != "skip":
+                    raise DataError(f"benchmark `{bench.name}`: `{chunk.path}` {record_unit(chunk.fmt)} {number} {e} "
+                                    "If only some questions are like "
+                                    "this, `on_error: skip` counts and reports them instead.") from None
+                _count(skipped, e.reason)
+    return questions, skipped, inputs.files
+
+
+def load_benchmark(bench: BenchmarkConfig) -> tuple[list[ChoiceQuestion], list[ChoiceQuestion], dict]:
+    """(questions to score, worked examples for the shots, a report entry). Without dev_path the shots are
+    the file's first questions, left out of the score; max_questions keeps that many spread evenly."""
+    questions, skipped, files = read_choice_questions(bench, bench.path)
+    if bench.dev_path:
+        shots, dev_skipped, _ = read_choice_questions(bench, bench.dev_path)
+        for reason, n in dev_skipped.items():
+            _count(skipped, f"dev:{reason}", n)
+        shots = shots[:bench.shots]
+    else:
+        shots, questions = questions[:bench.shots], questions[bench.shots:]
+    if len(shots) < bench.shots:
+        raise DataError(f"benchmark `{bench.name}`: shots {bench.shots}, but {bench.dev_path or bench.path} holds "
+                        f"only {len(shots)} usable worked examples. Lower `shots`.")
+    if not questions:
+        raise DataError(f"benchmark `{bench.name}`: no question left to score in {bench.path}"
+                        f"{' after its first ' + str(bench.shots) + ' became the shots' if not bench.dev_path else ''}.")
+    available = len(questions)
+    if bench.max_questions and available > bench.max_questions:
+        keep = np.unique(np.linspace(0, available - 1, bench.max_questions).round().astype(int))
+        questions = [questions[i] for i in keep]
+    report = {"files": [str(f) for f in files], "questions": len(questions), "questions_available": available,
+              "shots": len(shots),
+              "chance_accuracy": round(sum(1 / len(q.choices) for q in questions) / len(questions), 4),
+              "skipped": skipped}
+    return questions, shots, report
 
 
 # --------------------------------------------------------------------------------------------

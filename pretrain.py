@@ -8,6 +8,7 @@ arguments -> tokenizer -> model -> data (data_utils) -> Trainer -> evaluate, sav
 """
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import datetime
@@ -247,6 +248,9 @@ class DataArguments:
     max_eval_tokens: int | None = field(default=1_048_576, metadata={
         "help": "Evaluate at most this many tokens per source, blocks spread evenly over its held-out split "
                 "(a large split would take longer than the training between evaluations). 0: all of it."})
+    benchmarks: str | None = field(default=None, metadata={
+        "help": "Multiple-choice benchmarks scored at every evaluation (see README): in YAML a list of mappings "
+                "such as {name: cmb, path: data/benchmarks/cmb.jsonl, shots: 0}; logged as bench_<name>_accuracy."})
     max_train_tokens: int | None = field(default=None, metadata={
         "help": "Token budget: sets max_steps to ceil(budget / tokens per step)."})
     hub_local_dir: str | None = field(default="data/hub", metadata={
@@ -280,6 +284,13 @@ class DataArguments:
             except yaml.YAMLError as e:
                 raise DataError(f"`sources` is not valid YAML/JSON: {e}") from None
         self.sources, self.local_hub_copies = data_utils.use_local_hub_copies(self.sources, self.hub_local_dir)
+        if isinstance(self.benchmarks, str):
+            try:
+                self.benchmarks = yaml.safe_load(self.benchmarks)
+            except yaml.YAMLError as e:
+                raise DataError(f"`benchmarks` is not valid YAML/JSON: {e}") from None
+        if self.benchmarks:
+            data_utils.parse_benchmarks(self.benchmarks)  # checked now, read after the data
         if self.attention not in ("causal", "document"):
             raise DataError(f"attention must be causal or document, got `{self.attention}`.")
         if self.block_size < 2:
@@ -1989,6 +2000,77 @@ def sentencepiece_model_of(name_or_path: str, **hub_options) -> bytes | None:
     return Path(found).read_bytes() if found else None
 
 
+@dataclasses.dataclass
+class ChoiceItem:
+    """One forward pass of a benchmark question: its prompt's tokens (and, for answer letters of several tokens,
+    one letter's), and for each choice the (position, token) pairs whose log-likelihood scores it."""
+    question: int
+    ids: list[int]
+    targets: dict[int, list[tuple[int, int]]]
+
+
+@dataclasses.dataclass
+class ChoiceBenchmark:
+    name: str
+    items: list[ChoiceItem]
+    choice_counts: list[int]
+    answers: list[int]
+    report: dict
+
+
+def choice_items(question: int, prompt: str, n_choices: int, tokenizer, bos: int | None,
+                 max_tokens: int) -> list[ChoiceItem]:
+    """The prompt tokenized as training text is (BOS by the run's add_bos), each answer letter as the tokens
+    that follow the prompt when prompt and letter are encoded together; prompts longer than the block lose
+    their start (the instruction, the first shots)."""
+    context = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    letters = []
+    for letter in data_utils.CHOICE_LETTERS[:n_choices]:
+        whole = tokenizer(prompt + letter, add_special_tokens=False)["input_ids"]
+        letters.append(whole[len(context):] if whole[:len(context)] == context and len(whole) > len(context) else
+                       tokenizer(letter, add_special_tokens=False)["input_ids"])
+    context = ([bos] if bos is not None else []) + context
+    longest = max(map(len, letters))
+    context = context[-(max_tokens - longest + 1):]
+    if longest == 1:  # one pass: every letter is the token after the prompt
+        return [ChoiceItem(question, context, {c: [(len(context) - 1, t[0])] for c, t in enumerate(letters)})]
+    return [ChoiceItem(question, context + t[:-1], {c: [(len(context) - 1 + j, tok) for j, tok in enumerate(t)]})
+            for c, t in enumerate(letters)]
+
+
+def prepare_benchmarks(data_args: DataArguments, tokenizer, data) -> list[ChoiceBenchmark]:
+    """`benchmarks`: each file's questions as prompts (instruction, worked examples, question, options,
+    answer prefix) ready to score at every evaluation. A benchmark file a source trains on is refused."""
+    if not data_args.benchmarks:
+        return []
+    if not data.eval:
+        raise ConfigError("benchmarks are scored at every evaluation, and this run has no eval split: give the "
+                          "sources one (`eval_fraction` above 0, `eval_path`, or a hub `eval_split`).")
+    bos = data_utils.resolve_bos(tokenizer, data_args.add_bos)
+    prepared = []
+    for bench in data_utils.parse_benchmarks(data_args.benchmarks):
+        questions, shots, report = data_utils.load_benchmark(bench)
+        trained = {Path(f["path"]).resolve(): name for name, source in data.report["sources"].items()
+                   for f in source["files"] if f["format"] != "hub"}
+        for path in map(Path, report["files"]):
+            if path.resolve() in trained:
+                raise DataError(f"benchmark `{bench.name}`: {path} is also training data (source "
+                                f"`{trained[path.resolve()]}`): the model would learn the answers. Move it out of the "
+                                "sources (a `benchmarks` folder inside a per_file directory is not read for training).")
+        header = (f"{bench.instruction}\n\n" if bench.instruction else "") + "".join(
+            f"{s.text(bench.answer_prefix)}{data_utils.CHOICE_LETTERS[s.answer]}\n\n" for s in shots)
+        items = [item for i, q in enumerate(questions) for item in choice_items(
+            i, header + q.text(bench.answer_prefix), len(q.choices), tokenizer, bos, data_args.block_size)]
+        report["prompt_tokens_max"] = max(len(item.ids) for item in items)
+        prepared.append(ChoiceBenchmark(bench.name, items, [len(q.choices) for q in questions],
+                                        [q.answer for q in questions], report))
+        skipped = f", {sum(report['skipped'].values())} skipped ({report['skipped']})" if report["skipped"] else ""
+        logger.info("benchmark %s: %d of %d questions, %d-shot, chance accuracy %.1f%%%s", bench.name,
+                    report["questions"], report["questions_available"], report["shots"],
+                    100 * report["chance_accuracy"], skipped)
+    return prepared
+
+
 class PretrainTrainer(Trainer):
     """Adds `*_ppl` next to every eval loss, an overall eval loss over all sources, throughput and MFU
     (ThroughputMeter) and the achieved data mixture to every training log; carries out `on_nonfinite_loss`
@@ -1996,8 +2078,10 @@ class PretrainTrainer(Trainer):
     builds the fp32-master optimizer of `mixed_precision: bf16_weights`."""
 
     def __init__(self, *args, tokens_per_step: int, block_size: int, meter: ThroughputMeter, data_plan: dict,
-                 resume: str | None = None, block_record: Path | None = None, **kwargs):
+                 resume: str | None = None, block_record: Path | None = None,
+                 benchmarks: list["ChoiceBenchmark"] = (), **kwargs):
         super().__init__(*args, **kwargs)
+        self.benchmarks = benchmarks
         self.tokens_per_step, self.block_size, self.meter, self.data_plan = tokens_per_step, block_size, meter, data_plan
         self.run_id, self.block_record = run_id_of(resume), block_record
         # steps whose update was skipped for a non-finite loss or gradient, and the current run of them: kept in
@@ -2219,9 +2303,55 @@ class PretrainTrainer(Trainer):
             hits = [self.split_hits.get(f"{metric_key_prefix}_{name}") for name in sets]
             if all(hits):
                 overall[f"{metric_key_prefix}_accuracy"] = sum(h[0] for h in hits) / max(sum(h[1] for h in hits), 1)
+            for bench in self.benchmarks:
+                overall[f"bench_{bench.name}_accuracy"] = self.benchmark_accuracy(bench)
             self.log(overall)
             metrics.update(overall)
         return metrics
+
+    @torch.no_grad()
+    def benchmark_accuracy(self, bench: "ChoiceBenchmark") -> float:
+        """The share of a benchmark's questions whose most likely answer letter is the right one. Each rank scores
+        every world_size-th question, in as many forward passes as the busiest rank (ZeRO-3 and FSDP gather
+        weights in every forward, on every rank together)."""
+        model, rank, world = self.model, self.args.process_index, self.args.world_size
+        was_training = model.training
+        model.eval()
+        device = next(model.parameters()).device
+        items = [item for item in bench.items if item.question % world == rank]
+        size = self.args.per_device_eval_batch_size
+        batches = [items[i:i + size] for i in range(0, len(items), size)]
+        count = torch.tensor(len(batches), device=device)
+        if distributed():
+            torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+        scores = collections.defaultdict(float)  # (question, choice) -> log-likelihood of its letter
+        for i in range(int(count)):
+            batch = batches[i] if i < len(batches) else bench.items[:1]  # an idle rank's pass: ignored
+            width = max(len(item.ids) for item in batch)
+            ids = torch.zeros((len(batch), width), dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for row, item in enumerate(batch):  # left padding: every sequence ends at the last position
+                ids[row, width - len(item.ids):], mask[row, width - len(item.ids):] = torch.tensor(item.ids), 1
+            # logits only where a letter is predicted: the last position, or a few for letters of several tokens
+            keep = max(len(item.ids) - min(p for t in item.targets.values() for p, _ in t) for item in batch)
+            with self.compute_loss_context_manager(), without_router_loss(model):
+                logits = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                               position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(device),
+                               logits_to_keep=keep).logits.float()
+            if i >= len(batches):
+                continue
+            logprobs = logits.log_softmax(-1).cpu()
+            for row, item in enumerate(batch):
+                offset = keep - len(item.ids)  # an item's position -> its index among the kept logits
+                for choice, targets in item.targets.items():
+                    scores[item.question, choice] += sum(logprobs[row, offset + p, t].item() for p, t in targets)
+        mine = {item.question for item in items}
+        correct = sum(max(range(bench.choice_counts[q]), key=lambda c: scores[q, c]) == bench.answers[q] for q in mine)
+        counts = torch.tensor([correct, len(mine)], device=device)
+        if distributed():
+            torch.distributed.all_reduce(counts)
+        model.train(was_training)
+        return counts[0].item() / max(counts[1].item(), 1)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         for key, value in list(logs.items()):
@@ -2552,7 +2682,8 @@ def verify_saved_model(probe: tuple[torch.Tensor, torch.Tensor], dtype: torch.dt
 
 
 def eval_scores(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items() if k.startswith("eval") and k.endswith(("_loss", "_ppl", "_accuracy"))}
+    return {k: v for k, v in metrics.items()
+            if k.startswith("eval") and k.endswith(("_loss", "_ppl", "_accuracy")) or k.startswith("bench_")}
 
 
 def eval_at_step(history: list[dict], step: int) -> dict:
@@ -3512,8 +3643,9 @@ def train(argv: list[str]) -> dict:
     if training_args.chunked_loss:
         use_chunked_loss(model, training_args)
     data = load_data(data_args, training_args, tokenizer)
+    benchmarks = on_every_rank(lambda: prepare_benchmarks(data_args, tokenizer, data))
     if training_args.eval_only:
-        return evaluate_only(model, tokenizer, data, model_args, data_args, training_args)
+        return evaluate_only(model, tokenizer, data, benchmarks, model_args, data_args, training_args)
     out = Path(training_args.output_dir)
     if not data.eval and training_args.eval_strategy != "no":
         logger.warning("no eval split (eval_fraction 0 and no eval_path; a streamed source is evaluated only on "
@@ -3576,7 +3708,7 @@ def train(argv: list[str]) -> dict:
         tokens_per_step=tokens_per_step,
         block_size=data_args.block_size, meter=meter, data_plan={**data_plan(data.report, training_args),
                                                                  "data_start_step": data_start},
-        resume=resume, block_record=start_block_record(training_args, resume))
+        resume=resume, block_record=start_block_record(training_args, resume), benchmarks=benchmarks)
     if training_args.torch_compile:  # read when train() prepares the model: compile each layer, or the whole
         trainer.accelerator.state.dynamo_plugin.use_regional_compilation = training_args.torch_compile_scope == "blocks"
     remove_checkpoints(stale, training_args)  # only now: a run that fails to start leaves them where they were
@@ -3642,7 +3774,8 @@ def train(argv: list[str]) -> dict:
             "peak_flops_per_device": meter.peak_flops,
         },
         "eval": {"before_training": eval_at_step(history, 0), "final": eval_scores(final_eval),
-                 "ppl_change_pct_over_baseline": forgetting.changes},
+                 "ppl_change_pct_over_baseline": forgetting.changes,
+                 "benchmarks": {bench.name: bench.report for bench in benchmarks}},
         "mixture": {"planned": {n: s["share_of_training_tokens"] for n, s in data.report["sources"].items()},
                     "achieved": data.train.shares(trainer.blocks_read(trainer.state.global_step))},
         "model": {"parameters": n_params, "trainable_parameters": n_trainable, "finetuning": model_args.finetuning, "vocab_size": model.config.vocab_size,
@@ -3670,8 +3803,8 @@ def samples_of(model, tokenizer, data, trainer: Trainer) -> dict:
                                         trainer.args.sample_max_new_tokens, synced=zero3)}
 
 
-def evaluate_only(model, tokenizer, data, model_args: ModelArguments, data_args: DataArguments,
-                  training_args: PretrainingArguments) -> dict:
+def evaluate_only(model, tokenizer, data, benchmarks: list[ChoiceBenchmark], model_args: ModelArguments,
+                  data_args: DataArguments, training_args: PretrainingArguments) -> dict:
     """eval_only: the model's loss and perplexity on each source's eval split, as a training run would report
     them at its start (its step-0 baseline), and the sample continuations; written to eval_results.json."""
     if not data.eval:
@@ -3681,10 +3814,11 @@ def evaluate_only(model, tokenizer, data, model_args: ModelArguments, data_args:
     # would write TensorBoard files into the working directory)
     trainer = PretrainTrainer(model=model, args=training_args, eval_dataset=data.eval, data_collator=BlockCollator(),
                               processing_class=tokenizer, tokens_per_step=0, block_size=data_args.block_size,
-                              meter=None, data_plan={})
+                              meter=None, data_plan={}, benchmarks=benchmarks)
     metrics = trainer.evaluate()
     results = {"model": model_args.model_name_or_path, "block_size": data_args.block_size,
                "eval": eval_scores(metrics), "eval_blocks": {name: len(blocks) for name, blocks in data.eval.items()},
+               "benchmarks": {bench.name: bench.report for bench in benchmarks},
                "runtime_seconds": round(sum(v for k, v in metrics.items() if k.endswith("_runtime")), 3),
                **samples_of(model, tokenizer, data, trainer)}
     if trainer.is_world_process_zero():

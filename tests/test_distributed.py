@@ -23,10 +23,15 @@ STEPS, PER_DEVICE, BLOCK = 6, 4, 32
 def setup(tmp_path_factory, micro_model_config, tokenizer_dir):
     base = tmp_path_factory.mktemp("dist")
     text, jsonl = make_text_corpus(base, repeat=30), make_jsonl_corpus(base, repeat=30)
+    questions = base / "questions.jsonl"  # 9 questions in eval batches of 4: the ranks run 2 and 1 batches
+    questions.write_text("".join(json.dumps({"question": f"第{i}题：发热的常见原因有", "A": "感染", "B": "中暑" * (i + 1),
+                                             "C": "外伤", "answer": "ABC"[i % 3]}, ensure_ascii=False) + "\n"
+                                 for i in range(9)), encoding="utf-8")
     config = base / "run.yaml"
     config.write_text(yaml.safe_dump({
         "model_config": str(micro_model_config), "tokenizer_name_or_path": str(tokenizer_dir),
         "sources": [{"name": "notes", "path": str(text)}, {"name": "records", "path": str(jsonl)}],
+        "benchmarks": [{"name": "quiz", "path": str(questions)}], "per_device_eval_batch_size": 4,
         "block_size": BLOCK, "eval_fraction": 0.1, "max_steps": STEPS, "learning_rate": 3.0e-3,
         "logging_steps": 1, "eval_strategy": "no", "eval_on_start": False, "save_steps": 3, "report_to": "none",
         "seed": 11, "record_block_ids": True,
@@ -112,7 +117,7 @@ def test_ddp_two_processes(ddp, single):
     # each source's eval loss as in one process, also where its blocks do not fill the last batch of every rank
     # (accelerate pads that batch with copies; averaging them in is off by about 1e-3 here, float order 1e-5)
     final, single_final = metrics(ddp[0])["eval"]["final"], metrics(single[0])["eval"]["final"]
-    assert final.keys() == single_final.keys() and final
+    assert final.keys() == single_final.keys() and "bench_quiz_accuracy" in final  # questions split over the ranks
     for key in final:
         assert final[key] == pytest.approx(single_final[key], rel=1e-4), key
 
@@ -229,6 +234,9 @@ def test_deepspeed_zero3_saves_a_model_with_the_engine_outputs(setup, single):
     assert (out / "model.safetensors").is_file()
     check = metrics(out)["model"]["saved_model_check"]  # the run's own check: reloaded == engine logits
     assert check["max_abs_logit_diff"] < 1e-4
+    # the benchmark's forward passes in step on both ranks (ZeRO-3 gathers weights in each): one process's score
+    bench = metrics(out)["eval"]["final"]["bench_quiz_accuracy"]
+    assert bench == pytest.approx(metrics(single[0])["eval"]["final"]["bench_quiz_accuracy"])
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # and ours, against the engine's logits
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([check["probe_input_ids"]])).logits[0, -1, :8]
