@@ -3816,7 +3816,7 @@ def write_data_report(report: dict, output_dir: str | Path) -> None:
 # --------------------------------------------------------------------------------------------
 CHOICE_LETTERS = "ABCDEFGHIJ"
 QUESTION_FIELDS = ("question", "Question", "问题", "题目")
-ANSWER_FIELDS = ("answer", "Answer", "answer_idx", "label", "答案")
+ANSWER_FIELDS = ("answer_idx", "answer", "Answer", "label", "答案")  # MedQA: answer_idx the letter, answer the text
 CHOICES_FIELDS = ("choices", "options", "Options", "选项")  # a list, a {letter: text} mapping or "A. ...\nB. ..."
 OPTION_LINE = re.compile(r"^\s*[(（]?([A-J])(?:[)）.．、:：]\s*|\s+)(.*)$")
 
@@ -3826,7 +3826,7 @@ class BenchmarkConfig:
     """One entry of `benchmarks:`: a file (or files) of single-answer multiple-choice questions."""
 
     path: str | list[str] | None = None
-    name: str = ""  # names the metric bench_<name>_accuracy
+    name: str = ""  # names the metric eval_bench_<name>_accuracy
     shots: int = 0  # worked examples before each question: the first of `dev_path`, else of `path` (then not scored)
     dev_path: str | list[str] | None = None  # C-Eval's / CMMLU's dev split, for the shots
     max_questions: int | None = 500  # per evaluation: that many, spread evenly over the file(s)
@@ -3895,7 +3895,7 @@ def parse_benchmarks(raw: Any) -> list[BenchmarkConfig]:
     for name in names:
         if names.count(name) > 1:
             raise DataError(f"Two benchmarks are named `{name}`: give each a unique `name:` (it names "
-                            f"bench_{name}_accuracy).")
+                            f"eval_bench_{name}_accuracy).")
     return benchmarks
 
 
@@ -3944,18 +3944,31 @@ def choice_question(obj: Any, bench: BenchmarkConfig, where: str) -> ChoiceQuest
     if not 2 <= len(choices) <= len(CHOICE_LETTERS):
         raise RecordError(f"has {len(choices)} choices: a question needs 2 to {len(CHOICE_LETTERS)}.", "bad_choices")
     answer = _first_field(obj, bench.answer_field, ANSWER_FIELDS, "answer", "answer_field")
-    if isinstance(answer, int) and not isinstance(answer, bool):
-        index = answer  # an index into the choices, from 0 (MMLU's)
+    return ChoiceQuestion(question, choices, answer_index(answer, choices), where)
+
+
+def answer_index(answer: Any, choices: list[str]) -> int:
+    """A letter (`B`, `b`, `B.`, `(B)`, `答案：B`), an index from 0 (MMLU's; also `1` or `1.0` as read from a
+    csv), or the text of one choice."""
+    if isinstance(answer, float) and answer.is_integer():
+        answer = int(answer)
+    text = str(answer).strip()
+    letters = re.sub(r"^答案[:：]?|[\s.．、,，()（）]", "", text).upper()
+    if isinstance(answer, int) and not isinstance(answer, bool) or text.isdigit():
+        index = int(text)
+    elif len(letters) == 1 and letters in CHOICE_LETTERS:
+        index = CHOICE_LETTERS.find(letters)
+    elif choices.count(text) == 1:
+        index = choices.index(text)
+    elif len(letters) > 1 and set(letters) <= set(CHOICE_LETTERS):
+        raise RecordError(f"has several answers ({letters}): only single-answer questions are scored.",
+                          "multiple_answers")
     else:
-        letters = re.sub(r"[\s.．、,，]", "", str(answer)).upper()
-        if len(letters) > 1 and set(letters) <= set(CHOICE_LETTERS):
-            raise RecordError(f"has several answers ({letters}): only single-answer questions are scored.",
-                              "multiple_answers")
-        index = CHOICE_LETTERS.find(letters) if len(letters) == 1 else -1
+        index = -1
     if not 0 <= index < len(choices):
         raise RecordError(f"has answer {answer!r}, which names none of its {len(choices)} choices "
-                          f"(A-{CHOICE_LETTERS[len(choices) - 1]}, or an index from 0).", "bad_answer")
-    return ChoiceQuestion(question, choices, index, where)
+                          f"(A-{CHOICE_LETTERS[len(choices) - 1]}, an index from 0, or a choice's text).", "bad_answer")
+    return index
 
 
 def read_choice_questions(bench: BenchmarkConfig, path: Any) -> tuple[list[ChoiceQuestion], dict[str, int],

@@ -250,7 +250,7 @@ class DataArguments:
                 "(a large split would take longer than the training between evaluations). 0: all of it."})
     benchmarks: str | None = field(default=None, metadata={
         "help": "Multiple-choice benchmarks scored at every evaluation (see README): in YAML a list of mappings "
-                "such as {name: cmb, path: data/benchmarks/cmb.jsonl, shots: 0}; logged as bench_<name>_accuracy."})
+                "such as {name: cmb, path: data/benchmarks/cmb.jsonl, shots: 0}; logged as eval_bench_<name>_accuracy."})
     max_train_tokens: int | None = field(default=None, metadata={
         "help": "Token budget: sets max_steps to ceil(budget / tokens per step)."})
     hub_local_dir: str | None = field(default="data/hub", metadata={
@@ -1858,6 +1858,9 @@ def with_muon(optimizer_cls: type, model) -> type:
             self.muon.load_state_dict(state_dict["muon"])
             if self.other is not None:
                 self.other.load_state_dict(state_dict["other"])
+            # loading replaces the parts' group dicts (accelerate reloads every optimizer's state at the start):
+            # the schedule must set the learning rate in the new ones
+            self.param_groups = [g for o in self.parts for g in o.param_groups]
 
     return MuonWithAdamW
 
@@ -2304,7 +2307,7 @@ class PretrainTrainer(Trainer):
             if all(hits):
                 overall[f"{metric_key_prefix}_accuracy"] = sum(h[0] for h in hits) / max(sum(h[1] for h in hits), 1)
             for bench in self.benchmarks:
-                overall[f"bench_{bench.name}_accuracy"] = self.benchmark_accuracy(bench)
+                overall[f"{metric_key_prefix}_bench_{bench.name}_accuracy"] = self.benchmark_accuracy(bench)
             self.log(overall)
             metrics.update(overall)
         return metrics
@@ -2682,8 +2685,7 @@ def verify_saved_model(probe: tuple[torch.Tensor, torch.Tensor], dtype: torch.dt
 
 
 def eval_scores(metrics: dict) -> dict:
-    return {k: v for k, v in metrics.items()
-            if k.startswith("eval") and k.endswith(("_loss", "_ppl", "_accuracy")) or k.startswith("bench_")}
+    return {k: v for k, v in metrics.items() if k.startswith("eval") and k.endswith(("_loss", "_ppl", "_accuracy"))}
 
 
 def eval_at_step(history: list[dict], step: int) -> dict:
@@ -2963,7 +2965,8 @@ def preflight(training_args: PretrainingArguments, data, model, tokens_per_step:
     """Before the first step: say what the run will do, and stop on settings that cannot work together."""
     if training_args.loraplus_lr_ratio and not is_lora(model):
         raise ConfigError("loraplus_lr_ratio speeds up LoRA's B matrices: set `finetuning: lora`, or drop it.")
-    if training_args.use_liger_kernel and (training_args.metric_for_best_model or "").endswith("accuracy"):
+    best = training_args.metric_for_best_model or ""
+    if training_args.use_liger_kernel and best.endswith("accuracy") and "bench_" not in best:
         raise ConfigError(f"metric_for_best_model {training_args.metric_for_best_model} with use_liger_kernel: Liger's "
                           "fused loss returns no logits in evaluation, so no accuracy is measured. Choose the best "
                           "model by `loss`, or drop use_liger_kernel.")

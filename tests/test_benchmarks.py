@@ -28,8 +28,9 @@ def test_the_common_question_formats_read_alike(tmp_path):
     assert [(q.question, q.choices, q.answer) for q in ceval] == [
         ("胰岛素由哪个器官分泌？", ["肝脏", "胰腺", "肾脏", "脾脏"], 1), ("人体最大的器官是", ["皮肤", "肝脏", "大脑", "肺"], 0)]
     assert not skipped and ceval[1].where.endswith("ceval_val.csv line 3")
-    medqa = json.dumps({"question": "胰岛素由哪个器官分泌？", "options": {"B": "胰腺", "A": "肝脏", "C": "肾脏", "D": "脾脏"},
-                        "answer_idx": "B"}, ensure_ascii=False)
+    medqa = json.dumps({"question": "胰岛素由哪个器官分泌？", "answer": "胰腺",  # MedQA: the text, and the letter
+                        "options": {"B": "胰腺", "A": "肝脏", "C": "肾脏", "D": "脾脏"}, "answer_idx": "B"},
+                       ensure_ascii=False)
     mmlu = json.dumps({"question": "胰岛素由哪个器官分泌？", "choices": ["肝脏", "胰腺", "肾脏", "脾脏"], "answer": 1},
                       ensure_ascii=False)
     cmexam = json.dumps({"Question": "胰岛素由哪个器官分泌？", "Options": "A 肝脏\nB 胰腺\nC 肾脏\nD 脾脏", "Answer": "B"},
@@ -38,6 +39,12 @@ def test_the_common_question_formats_read_alike(tmp_path):
         (q,), _, _ = questions_of(tmp_path, f"{name}.jsonl", line + "\n")
         assert (q.question, q.choices, q.answer) == (ceval[0].question, ceval[0].choices, 1), name
     assert ceval[0].text("答案：") == "胰岛素由哪个器官分泌？\nA. 肝脏\nB. 胰腺\nC. 肾脏\nD. 脾脏\n答案："
+
+
+@pytest.mark.parametrize("answer", ["B", "b", " B. ", "(B)", "答案：B", 1, "1", 1.0, "胰腺"])
+def test_an_answer_is_a_letter_an_index_from_0_or_a_choices_text(answer):
+    assert data_utils.answer_index(answer, ["肝脏", "胰腺", "肾脏", "D"]) == 1
+    assert data_utils.answer_index("D", ["肝脏", "胰腺", "肾脏", "D"]) == 3  # a letter before a choice's text
 
 
 def test_a_question_that_cannot_be_scored_is_named_or_counted(tmp_path):
@@ -169,3 +176,17 @@ def test_a_prompt_longer_than_the_block_loses_its_start(tokenizer):
     (item,) = pretrain.choice_items(0, prompt, 2, tokenizer, None, max_tokens=48)
     assert len(full) > 48 and item.ids == full[-48:]
     assert [targets[0][0] for targets in item.targets.values()] == [47, 47]
+
+
+def test_the_best_checkpoint_can_be_chosen_by_a_benchmark(tmp_path, micro_model_config, tokenizer_dir, capsys):
+    from conftest import ROOT
+    from test_reliability import config
+
+    run = config(tmp_path, micro_model_config, tokenizer_dir, max_steps=4, eval_strategy="steps", eval_steps=2,
+                 save_steps=2, load_best_model_at_end=True, metric_for_best_model="bench_medical_choice_accuracy",
+                 benchmarks=[{"path": str(ROOT / "data" / "benchmarks" / "medical_choice.jsonl")}])
+    assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
+    state = json.loads((tmp_path / "out" / "checkpoint-4" / "trainer_state.json").read_text())
+    scores = [h["eval_bench_medical_choice_accuracy"] for h in state["log_history"]
+              if "eval_bench_medical_choice_accuracy" in h]
+    assert len(scores) == 2 and state["best_metric"] == max(scores)

@@ -117,7 +117,7 @@ def test_ddp_two_processes(ddp, single):
     # each source's eval loss as in one process, also where its blocks do not fill the last batch of every rank
     # (accelerate pads that batch with copies; averaging them in is off by about 1e-3 here, float order 1e-5)
     final, single_final = metrics(ddp[0])["eval"]["final"], metrics(single[0])["eval"]["final"]
-    assert final.keys() == single_final.keys() and "bench_quiz_accuracy" in final  # questions split over the ranks
+    assert final.keys() == single_final.keys() and "eval_bench_quiz_accuracy" in final  # questions split over the ranks
     for key in final:
         assert final[key] == pytest.approx(single_final[key], rel=1e-4), key
 
@@ -235,8 +235,8 @@ def test_deepspeed_zero3_saves_a_model_with_the_engine_outputs(setup, single):
     check = metrics(out)["model"]["saved_model_check"]  # the run's own check: reloaded == engine logits
     assert check["max_abs_logit_diff"] < 1e-4
     # the benchmark's forward passes in step on both ranks (ZeRO-3 gathers weights in each): one process's score
-    bench = metrics(out)["eval"]["final"]["bench_quiz_accuracy"]
-    assert bench == pytest.approx(metrics(single[0])["eval"]["final"]["bench_quiz_accuracy"])
+    bench = metrics(out)["eval"]["final"]["eval_bench_quiz_accuracy"]
+    assert bench == pytest.approx(metrics(single[0])["eval"]["final"]["eval_bench_quiz_accuracy"])
     model = AutoModelForCausalLM.from_pretrained(out).eval()  # and ours, against the engine's logits
     with torch.no_grad():
         logits = model(input_ids=torch.tensor([check["probe_input_ids"]])).logits[0, -1, :8]

@@ -102,7 +102,7 @@ def test_from_scratch_outputs_load_and_perplexity_falls(trained):
         assert after[f"eval_{name}_ppl"] < before[f"eval_{name}_ppl"], name
     assert after["eval_ppl"] < 0.7 * before["eval_ppl"]
     assert after["eval_accuracy"] > before["eval_accuracy"]
-    assert 0 <= before["bench_medical_choice_accuracy"] <= 1 and "bench_medical_choice_accuracy" in after
+    assert 0 <= before["eval_bench_medical_choice_accuracy"] <= 1 and "eval_bench_medical_choice_accuracy" in after
     assert metrics["eval"]["benchmarks"]["medical_choice"]["questions"] == 30
     assert "benchmark medical_choice: 30 of 30 questions, 0-shot, chance accuracy 25.0%" in proc.stderr
     assert min(after["eval_notes_accuracy"], after["eval_records_accuracy"]) <= after["eval_accuracy"] <= max(

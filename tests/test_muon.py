@@ -70,17 +70,27 @@ def test_muon_updates_the_matrices_and_adamw_the_rest_under_one_schedule(micro_m
     fresh.load_state_dict(optimizer.state_dict())
     assert torch.equal(fresh.muon.state_dict()["state"][0]["momentum_buffer"],
                        optimizer.muon.state_dict()["state"][0]["momentum_buffer"])
+    for group in fresh.param_groups:  # the loaded parts' groups: what a schedule sets reaches them
+        group["lr"] = 0.5
+    assert all(g["lr"] == 0.5 for part in fresh.parts for g in part.param_groups)
 
 
-def test_a_muon_run_trains_and_resumes_exactly(tmp_path, micro_model_config, tokenizer_dir, capsys):
+def test_a_muon_run_trains_and_resumes_exactly(tmp_path, micro_model_config, tokenizer_dir, capsys, monkeypatch):
     run = reliability_config(tmp_path, micro_model_config, tokenizer_dir, max_steps=6, save_steps=3,
-                             learning_rate=3.0e-3, use_muon=True)
+                             learning_rate=3.0e-3, warmup_steps=2, use_muon=True)
+    used = []  # the learning rate each part steps with (accelerate reloads the state as it wraps the optimizer)
+    for part in (torch.optim.Muon, torch.optim.AdamW):
+        monkeypatch.setattr(part, "step", lambda self, *a, step=part.step, **k: (
+            used.append((type(self).__name__, self.param_groups[0]["lr"])), step(self, *a, **k))[1])
     assert pretrain.main([str(run)]) == 0, capsys.readouterr().err[-3000:]
     out = tmp_path / "out"
     metrics = json.loads((out / "metrics.json").read_text())
-    losses = [h["loss"] for h in json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
-              if "loss" in h]
+    history = json.loads((out / "checkpoint-6" / "trainer_state.json").read_text())["log_history"]
+    losses = [h["loss"] for h in history if "loss" in h]
     assert losses[-1] < losses[0]
+    logged = [h["learning_rate"] for h in history if "learning_rate" in h]  # warmup, then the cosine decay
+    assert [lr for name, lr in used if name == "Muon"] == [lr for name, lr in used if name == "AdamW"] == \
+        pytest.approx(logged) and logged[0] < logged[2] > logged[-1]
     assert "muon" in torch.load(out / "checkpoint-3" / "optimizer.pt", weights_only=True)
     resumed = tmp_path / "resumed"
     shutil.copytree(out / "checkpoint-3", resumed / "checkpoint-3")
