@@ -3840,6 +3840,7 @@ class BenchmarkConfig:
     columns: list[str] | None = None  # csv/tsv without a header row
     records_field: str | None = None  # json: the field holding the records
     on_error: str = "raise"  # skip: count and report questions that cannot be read
+    watch_forgetting: bool = False  # warn when its accuracy falls forgetting_threshold_pct below its baseline
 
     @classmethod
     def from_dict(cls, raw: Any, index: int) -> "BenchmarkConfig":
@@ -3867,6 +3868,8 @@ class BenchmarkConfig:
                             "as C-Eval and CMMLU report), or drop dev_path.")
         if bench.on_error not in ("raise", "skip"):
             raise DataError(f"{where}: on_error must be `raise` or `skip`, got `{bench.on_error}`.")
+        if not isinstance(bench.watch_forgetting, bool):
+            raise DataError(f"{where}: watch_forgetting must be true or false, got {bench.watch_forgetting!r}.")
         bench.source(bench.path)  # the reading options checked now, not at the first evaluation
         return bench
 

@@ -2047,8 +2047,10 @@ def prepare_benchmarks(data_args: DataArguments, tokenizer, data) -> list[Choice
     if not data_args.benchmarks:
         return []
     if not data.eval:
-        raise ConfigError("benchmarks are scored at every evaluation, and this run has no eval split: give the "
-                          "sources one (`eval_fraction` above 0, `eval_path`, or a hub `eval_split`).")
+        logger.warning("benchmarks are scored at every evaluation, and this run has no eval split (so no "
+                       "evaluation): they are not scored. Give the sources one (`eval_fraction` above 0, "
+                       "`eval_path`, or a hub `eval_split`) to score them.")
+        return []
     bos = data_utils.resolve_bos(tokenizer, data_args.add_bos)
     prepared = []
     for bench in data_utils.parse_benchmarks(data_args.benchmarks):
@@ -2533,31 +2535,40 @@ class LossCurveCallback(TrainerCallback):
 
 
 class ForgettingCallback(TrainerCallback):
-    """Warns when a watched source's eval perplexity rises more than `threshold_pct` over its first
-    (step-0) value: the sign that domain training is costing general ability."""
+    """Warns when a watched source's eval perplexity rises, or a watched benchmark's accuracy falls, more than
+    `threshold_pct` of its first (step-0) value: the sign that domain training is costing general ability."""
 
-    def __init__(self, sources: list[str], threshold_pct: float):
-        self.sources, self.threshold_pct, self.baseline = sources, threshold_pct, {}
-        self.changes: dict[str, float] = {}
+    def __init__(self, sources: list[str], benchmarks: list[str], threshold_pct: float):
+        self.threshold_pct, self.baseline = threshold_pct, {}
+        # metric -> +1 where a rise is forgetting (perplexity), -1 where a fall is (accuracy)
+        self.watched = {**{f"eval_{n}_ppl": 1 for n in sources}, **{f"eval_bench_{n}_accuracy": -1 for n in benchmarks}}
+        self.changes: dict[str, float] = {}  # source name -> % change of its perplexity
+        self.benchmark_changes: dict[str, float] = {}  # benchmark name -> % change of its accuracy
 
     def on_train_begin(self, args, state, control, **kwargs):
         """A resumed run takes its baselines from the checkpoint's history, not from its first evaluation."""
         for entry in state.log_history:
-            for name in self.sources:
-                if f"eval_{name}_ppl" in entry:
-                    self.baseline.setdefault(name, entry[f"eval_{name}_ppl"])
+            for key in self.watched:
+                if key in entry:
+                    self.baseline.setdefault(key, entry[key])
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        for name in self.sources:
-            ppl = (metrics or {}).get(f"eval_{name}_ppl")
-            if ppl is None:
+        for key, worse in self.watched.items():
+            value = (metrics or {}).get(key)
+            if value is None:
                 continue
-            base = self.baseline.setdefault(name, ppl)
-            self.changes[name] = round(100 * (ppl / base - 1), 2)
-            if self.changes[name] > self.threshold_pct and state.is_world_process_zero:
-                logger.warning("forgetting: eval_%s_ppl %.2f is %.1f%% above its baseline %.2f (threshold %s%%) at "
-                               "step %d. Raise this source's weight (replay) or lower the learning rate.", name,
-                               ppl, self.changes[name], base, self.threshold_pct, state.global_step)
+            base = self.baseline.setdefault(key, value)
+            change = round(100 * (value / base - 1), 2) if base else 0.0
+            if key.endswith("_ppl"):
+                self.changes[key[len("eval_"):-len("_ppl")]] = change
+            else:
+                self.benchmark_changes[key[len("eval_bench_"):-len("_accuracy")]] = change
+            if worse * change > self.threshold_pct and state.is_world_process_zero:
+                fix = ("Raise this source's weight (replay)" if worse > 0 else
+                       "Add general-domain text (replay) or raise its weight")
+                logger.warning("forgetting: %s %.4g is %.1f%% %s its baseline %.4g (threshold %s%%) at step %d. %s, "
+                               "or lower the learning rate.", key, value, abs(change), "above" if worse > 0 else
+                               "below", base, self.threshold_pct, state.global_step, fix)
 
 
 CJK_FONTS = ("Noto Sans CJK SC", "Noto Sans SC", "Source Han Sans SC", "WenQuanYi Micro Hei", "WenQuanYi Zen Hei",
@@ -2578,7 +2589,9 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
     # Chinese source names need a CJK font; without one installed they show as boxes, warned about at every glyph
     with plt.rc_context({"font.sans-serif": fonts}), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
-        fig, (ax_loss, ax_ppl) = plt.subplots(1, 2, figsize=(11, 4))
+        benchmarks = sorted({k for h in history for k in h if k.startswith("eval_bench_")})
+        fig, axes = plt.subplots(1, 3 if benchmarks else 2, figsize=(16 if benchmarks else 11, 4))
+        ax_loss, ax_ppl = axes[:2]
         train = [(h["step"], h["loss"]) for h in history if "loss" in h]
         if train:
             ax_loss.plot(*zip(*train), label="train loss")
@@ -2591,7 +2604,12 @@ def plot_loss_curve(history: list[dict], path: Path) -> None:
             points = [(h["step"], h[name]) for h in history if name in h]
             ax_ppl.plot(*zip(*points), marker="o", label=name)
         ax_ppl.set(xlabel="step", ylabel="perplexity", title="eval perplexity", yscale="log")
-        for ax in (ax_loss, ax_ppl):
+        for name in benchmarks:
+            points = [(h["step"], h[name]) for h in history if name in h]
+            axes[2].plot(*zip(*points), marker="o", label=name[len("eval_bench_"):-len("_accuracy")])
+        if benchmarks:
+            axes[2].set(xlabel="step", ylabel="accuracy", title="benchmark accuracy")
+        for ax in axes:
             ax.grid(alpha=0.3)
             if ax.get_legend_handles_labels()[0]:
                 ax.legend()
@@ -3695,7 +3713,8 @@ def train(argv: list[str]) -> dict:
                         "`watch_forgetting` needs eval data, and there is none. Give it `eval_split` (hub), "
                         "`eval_path`, or an `eval_fraction` above 0 (not applied to streams), or drop "
                         "watch_forgetting.")
-    forgetting = ForgettingCallback(watched, data_args.forgetting_threshold_pct)
+    forgetting = ForgettingCallback(watched, [b.name for b in data_utils.parse_benchmarks(data_args.benchmarks or [])
+                                              if b.watch_forgetting], data_args.forgetting_threshold_pct)
     with alike_on_every_rank():
         preflight(training_args, data, model, tokens_per_step)
     preemption = PreemptionCallback()
@@ -3778,6 +3797,7 @@ def train(argv: list[str]) -> dict:
         },
         "eval": {"before_training": eval_at_step(history, 0), "final": eval_scores(final_eval),
                  "ppl_change_pct_over_baseline": forgetting.changes,
+                 "benchmark_accuracy_change_pct_over_baseline": forgetting.benchmark_changes,
                  "benchmarks": {bench.name: bench.report for bench in benchmarks}},
         "mixture": {"planned": {n: s["share_of_training_tokens"] for n, s in data.report["sources"].items()},
                     "achieved": data.train.shares(trainer.blocks_read(trainer.state.global_step))},

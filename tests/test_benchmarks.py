@@ -152,7 +152,7 @@ def test_accuracy_equals_scoring_each_letter_on_its_own(tmp_path, tokenizer, mic
     assert model.training is False and len(set(predicted)) > 1
 
 
-def test_a_benchmark_a_source_trains_on_is_refused_and_per_file_leaves_the_folder_out(tmp_path, tokenizer):
+def test_a_benchmark_a_source_trains_on_is_refused_and_per_file_leaves_the_folder_out(tmp_path, tokenizer, caplog):
     (tmp_path / "data" / "benchmarks").mkdir(parents=True)
     (tmp_path / "data" / "notes.txt").write_text("高血压是常见病。\n", encoding="utf-8")
     questions = tmp_path / "data" / "benchmarks" / "q.csv"
@@ -165,9 +165,9 @@ def test_a_benchmark_a_source_trains_on_is_refused_and_per_file_leaves_the_folde
     with pytest.raises(DataError, match=r"benchmark `q`: .*q.csv is also training data \(source `notes`\): the model "
                                         "would learn the answers"):
         pretrain.prepare_benchmarks(data_args, tokenizer, data)
-    with pytest.raises(pretrain.ConfigError, match="benchmarks are scored at every evaluation, and this run has no "
-                                                   "eval split"):
-        pretrain.prepare_benchmarks(data_args, tokenizer, types.SimpleNamespace(eval={}, report={}))
+    with caplog.at_level("WARNING", logger="pretrain"):  # eval_fraction 0 on a config with benchmarks: not an error
+        assert pretrain.prepare_benchmarks(data_args, tokenizer, types.SimpleNamespace(eval={}, report={})) == []
+    assert "this run has no eval split (so no evaluation): they are not scored" in caplog.text
 
 
 def test_a_prompt_longer_than_the_block_loses_its_start(tokenizer):
@@ -190,3 +190,22 @@ def test_the_best_checkpoint_can_be_chosen_by_a_benchmark(tmp_path, micro_model_
     scores = [h["eval_bench_medical_choice_accuracy"] for h in state["log_history"]
               if "eval_bench_medical_choice_accuracy" in h]
     assert len(scores) == 2 and state["best_metric"] == max(scores)
+
+
+def test_a_watched_benchmark_warns_when_its_accuracy_falls_and_the_curve_shows_it(tmp_path, caplog):
+    state = types.SimpleNamespace(is_world_process_zero=True, global_step=0, log_history=[
+        {"step": 0, "eval_bench_ceval_accuracy": 0.5, "eval_general_ppl": 20.0}])  # a resumed run's baseline
+    watch = pretrain.ForgettingCallback(["general"], ["ceval"], threshold_pct=10)
+    watch.on_train_begin(None, state, None)
+    state.global_step = 100
+    with caplog.at_level("WARNING", logger="pretrain"):
+        watch.on_evaluate(None, state, None, metrics={"eval_bench_ceval_accuracy": 0.47, "eval_general_ppl": 21.0})
+        assert not caplog.records  # 6% and 5%: within the threshold
+        watch.on_evaluate(None, state, None, metrics={"eval_bench_ceval_accuracy": 0.40, "eval_general_ppl": 20.0})
+    assert watch.benchmark_changes == {"ceval": -20.0} and watch.changes == {"general": 0.0}
+    assert "forgetting: eval_bench_ceval_accuracy 0.4 is 20.0% below its baseline 0.5" in caplog.text
+    history = [*state.log_history, {"step": 100, "loss": 3.0}, {"step": 100, "eval_bench_ceval_accuracy": 0.4}]
+    pretrain.plot_loss_curve(history, tmp_path / "loss.png")
+    from PIL import Image
+
+    assert Image.open(tmp_path / "loss.png").size == (1600, 400)  # a third panel: the benchmarks
