@@ -2019,6 +2019,7 @@ class ChoiceBenchmark:
     choice_counts: list[int]
     answers: list[int]
     report: dict
+    watch_forgetting: bool = False
 
 
 def choice_items(question: int, prompt: str, n_choices: int, tokenizer, bos: int | None,
@@ -2052,11 +2053,11 @@ def prepare_benchmarks(data_args: DataArguments, tokenizer, data) -> list[Choice
                        "`eval_path`, or a hub `eval_split`) to score them.")
         return []
     bos = data_utils.resolve_bos(tokenizer, data_args.add_bos)
+    trained = {Path(f["path"]).resolve(): name for name, source in data.report["sources"].items()
+               for f in source["files"] if f["format"] != "hub"}
     prepared = []
     for bench in data_utils.parse_benchmarks(data_args.benchmarks):
         questions, shots, report = data_utils.load_benchmark(bench)
-        trained = {Path(f["path"]).resolve(): name for name, source in data.report["sources"].items()
-                   for f in source["files"] if f["format"] != "hub"}
         for path in map(Path, report["files"]):
             if path.resolve() in trained:
                 raise DataError(f"benchmark `{bench.name}`: {path} is also training data (source "
@@ -2068,7 +2069,7 @@ def prepare_benchmarks(data_args: DataArguments, tokenizer, data) -> list[Choice
             i, header + q.text(bench.answer_prefix), len(q.choices), tokenizer, bos, data_args.block_size)]
         report["prompt_tokens_max"] = max(len(item.ids) for item in items)
         prepared.append(ChoiceBenchmark(bench.name, items, [len(q.choices) for q in questions],
-                                        [q.answer for q in questions], report))
+                                        [q.answer for q in questions], report, bench.watch_forgetting))
         skipped = f", {sum(report['skipped'].values())} skipped ({report['skipped']})" if report["skipped"] else ""
         logger.info("benchmark %s: %d of %d questions, %d-shot, chance accuracy %.1f%%%s", bench.name,
                     report["questions"], report["questions_available"], report["shots"],
@@ -2527,11 +2528,13 @@ class LossCurveCallback(TrainerCallback):
     def __init__(self, output_dir: str):
         self.path = Path(output_dir) / "loss.png"
 
-    def on_evaluate(self, args, state, control, **kwargs):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if "eval_loss" in (logs or {}):  # an evaluation's last log: every source's, then the overall and benchmarks
+            self.on_train_end(args, state, control)
+
+    def on_train_end(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             plot_loss_curve(state.log_history, self.path)
-
-    on_train_end = on_evaluate
 
 
 class ForgettingCallback(TrainerCallback):
@@ -2552,9 +2555,10 @@ class ForgettingCallback(TrainerCallback):
                 if key in entry:
                     self.baseline.setdefault(key, entry[key])
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """(Each source's evaluation is logged on its own, the benchmarks with the overall loss after them.)"""
         for key, worse in self.watched.items():
-            value = (metrics or {}).get(key)
+            value = (logs or {}).get(key)
             if value is None:
                 continue
             base = self.baseline.setdefault(key, value)
@@ -3713,8 +3717,8 @@ def train(argv: list[str]) -> dict:
                         "`watch_forgetting` needs eval data, and there is none. Give it `eval_split` (hub), "
                         "`eval_path`, or an `eval_fraction` above 0 (not applied to streams), or drop "
                         "watch_forgetting.")
-    forgetting = ForgettingCallback(watched, [b.name for b in data_utils.parse_benchmarks(data_args.benchmarks or [])
-                                              if b.watch_forgetting], data_args.forgetting_threshold_pct)
+    forgetting = ForgettingCallback(watched, [b.name for b in benchmarks if b.watch_forgetting],
+                                    data_args.forgetting_threshold_pct)
     with alike_on_every_rank():
         preflight(training_args, data, model, tokens_per_step)
     preemption = PreemptionCallback()

@@ -199,9 +199,9 @@ def test_a_watched_benchmark_warns_when_its_accuracy_falls_and_the_curve_shows_i
     watch.on_train_begin(None, state, None)
     state.global_step = 100
     with caplog.at_level("WARNING", logger="pretrain"):
-        watch.on_evaluate(None, state, None, metrics={"eval_bench_ceval_accuracy": 0.47, "eval_general_ppl": 21.0})
+        watch.on_log(None, state, None, logs={"eval_bench_ceval_accuracy": 0.47, "eval_general_ppl": 21.0})
         assert not caplog.records  # 6% and 5%: within the threshold
-        watch.on_evaluate(None, state, None, metrics={"eval_bench_ceval_accuracy": 0.40, "eval_general_ppl": 20.0})
+        watch.on_log(None, state, None, logs={"eval_bench_ceval_accuracy": 0.40, "eval_general_ppl": 20.0})
     assert watch.benchmark_changes == {"ceval": -20.0} and watch.changes == {"general": 0.0}
     assert "forgetting: eval_bench_ceval_accuracy 0.4 is 20.0% below its baseline 0.5" in caplog.text
     history = [*state.log_history, {"step": 100, "loss": 3.0}, {"step": 100, "eval_bench_ceval_accuracy": 0.4}]

@@ -76,7 +76,8 @@ def trained(tmp_path_factory, corpus, micro_model_config):
     """One from-scratch run shared by the tests below."""
     base = tmp_path_factory.mktemp("scratch")
     config = write_config(base / "run.yaml", corpus, micro_model_config, base / "out",
-                          benchmarks=[{"path": str(ROOT / "data" / "benchmarks" / "medical_choice.jsonl")}])
+                          benchmarks=[{"path": str(ROOT / "data" / "benchmarks" / "medical_choice.jsonl"),
+                                       "watch_forgetting": True}])
     proc = run_pretrain([config])
     return base, config, base / "out", proc
 
@@ -104,6 +105,7 @@ def test_from_scratch_outputs_load_and_perplexity_falls(trained):
     assert after["eval_accuracy"] > before["eval_accuracy"]
     assert 0 <= before["eval_bench_medical_choice_accuracy"] <= 1 and "eval_bench_medical_choice_accuracy" in after
     assert metrics["eval"]["benchmarks"]["medical_choice"]["questions"] == 30
+    assert list(metrics["eval"]["benchmark_accuracy_change_pct_over_baseline"]) == ["medical_choice"]  # watched
     assert "benchmark medical_choice: 30 of 30 questions, 0-shot, chance accuracy 25.0%" in proc.stderr
     assert min(after["eval_notes_accuracy"], after["eval_records_accuracy"]) <= after["eval_accuracy"] <= max(
         after["eval_notes_accuracy"], after["eval_records_accuracy"])

@@ -59,7 +59,7 @@ def test_offline_fails_fast_with_the_fixes(tmp_path, micro_model_config, tokeniz
                          *common_overrides(tmp_path, micro_model_config, tokenizer_dir)],
                         script="run_pretrain2.sh", check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
-    assert time.time() - start < 30
+    assert time.time() - start < 90  # no minutes of retries; (30 s failed on this 2-core machine under load)
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")][0]
     assert "hub dataset `Salesforce/wikitext` cannot be loaded" in error
     assert "HF_ENDPOINT" in error and "hf download --repo-type dataset Salesforce/wikitext" in error
