@@ -3907,8 +3907,8 @@ def _first_field(obj: dict, given: str | None, candidates: tuple[str, ...], what
     for name in names:
         if obj.get(name) not in (None, ""):
             return obj[name]
-    raise RecordError(f"has no {what} (looked for {', '.join(f'`{n}`' for n in names)}; fields: "
-                      f"{', '.join(map(str, list(obj)[:12]))}). Set `{option}` for this benchmark.", "missing_field")
+    raise RecordError(f"has no {what} (looked for {', '.join(f'`{n}`' for n in names)}; its fields are "
+                      f"{_fields_present(obj)}). Set `{option}` for this benchmark.", "missing_field")
 
 
 def record_choices(obj: dict, given: str | None) -> list[str]:

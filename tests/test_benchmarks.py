@@ -62,8 +62,8 @@ def test_a_question_that_cannot_be_scored_is_named_or_counted(tmp_path):
     assert skipped == {"multiple_answers": 1, "bad_answer": 1, "missing_field": 1, "bad_choices": 1}
     with pytest.raises(DataError, match="line 1 has choice C but no choice B"):
         questions_of(tmp_path, "e.jsonl", lines[3] + "\n")
-    with pytest.raises(DataError, match=r"line 1 has no question \(looked for `question`, .*; fields: stem, A, B, "
-                                        r"answer\)\. Set `question_field`"):
+    with pytest.raises(DataError, match=r"line 1 has no question \(looked for `question`, .*; its fields are `stem`, `A`, "
+                                        r"`B`, `answer`\)\. Set `question_field`"):
         questions_of(tmp_path, "c.jsonl", lines[2] + "\n")
     (q,), _, _ = questions_of(tmp_path, "d.jsonl", lines[2] + "\n", question_field="stem")
     assert q.question == "题干"
